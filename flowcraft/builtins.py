@@ -1,0 +1,237 @@
+"""The built-in node types behind the builder's primitives, usable from raw JSON by their `uses` key.
+
+Built-ins need more than a `NodeContext` (the evaluator, the loop's lap count, the runtime for a
+subflow), so each is called as `builtin(ctx, engine)` with an `Engine` the driver provides.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import re
+from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Union
+
+from .errors import FlowcraftError
+from .node import NodeContext, NodeResult
+
+LOOP_CONTROLLER = "loop-controller"
+BATCH_SCATTER = "batch-scatter"
+BATCH_GATHER = "batch-gather"
+WAIT = "wait"
+SLEEP = "sleep"
+SUBFLOW = "subflow"
+
+
+class LoopLimitError(FlowcraftError):
+    """A loop ran more than its `maxIterations`."""
+
+
+class SubflowError(FlowcraftError):
+    """A subflow's child run failed; the message carries the child's errors."""
+
+
+class Await:
+    """Returned by a built-in to pause its node: the run awaits until the node is resumed."""
+
+    __slots__ = ("details",)
+
+    def __init__(self, details: Dict[str, Any]) -> None:
+        self.details = details
+
+
+class Engine(Protocol):
+    """What a driver offers built-ins."""
+
+    evaluator: Any
+    wait_timers: bool
+
+    def laps(self, node_id: str) -> int: ...
+
+    def exit_conditions(self, node_id: str) -> List[Callable[[Mapping[str, Any]], Any]]: ...
+
+    def context_names(self) -> Mapping[str, Any]: ...
+
+    def run_child(self, blueprint_id: str, context: Dict[str, Any], parent_node_id: str) -> Any: ...
+
+    def resume_child(self, details: Dict[str, Any], output: Any, action: Optional[str]) -> Any: ...
+
+
+def utc_now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+_UNITS = {"ms": 0.001, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|sec|m|min|h|d)?\s*$")
+
+
+def parse_duration(value: Union[int, float, str]) -> float:
+    """Seconds from a number of seconds or a string such as "500ms", "30s", "5m", "2h", "1d"."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"a duration cannot be negative: {value!r}")
+        return float(value)
+    match = _DURATION.match(value) if isinstance(value, str) else None
+    if not match:
+        raise ValueError(f"bad duration {value!r}: use seconds or a string like '30s', '5m', '2h', '1d'")
+    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+
+
+def sleep_seconds(params: Mapping[str, Any]) -> float:
+    """A sleep node's duration: `params.duration` is milliseconds when a number (the TS wire form)."""
+    duration = params.get("duration")
+    if isinstance(duration, (int, float)) and not isinstance(duration, bool):
+        return parse_duration(duration / 1000)
+    return parse_duration(duration if duration is not None else 0)
+
+
+# --- the built-ins --------------------------------------------------------------------------------
+
+
+def loop_controller(ctx: NodeContext, engine: Engine) -> NodeResult:
+    """`continue` while `params.condition` holds (exit edges with a true condition win), else `break`."""
+    names = engine.context_names()
+    for condition in engine.exit_conditions(ctx.node_id):
+        if condition(_WithResult(names, ctx.input)):
+            return NodeResult(output=ctx.input, action="break")
+    source = ctx.params.get("condition")
+    keep_going = bool(engine.evaluator.compile(source)(_WithContext(names))) if source else False
+    if not keep_going:
+        return NodeResult(output=ctx.input, action="break")
+    limit = int(ctx.params.get("maxIterations", 1000))
+    if engine.laps(ctx.node_id) + 1 >= limit:
+        raise LoopLimitError(f"loop {ctx.node_id!r} reached maxIterations={limit} and its condition still holds")
+    return NodeResult(output=ctx.input, action="continue")
+
+
+def batch_scatter(ctx: NodeContext, engine: Engine) -> NodeResult:
+    """One dynamic worker node per item of the list at `params.inputKey`."""
+    key = ctx.params.get("inputKey")
+    items = ctx.context.get(key) if key else ctx.input
+    if not isinstance(items, (list, tuple)):
+        raise TypeError(f"batch {ctx.node_id!r}: context key {key!r} must hold a list, not {type(items).__name__}")
+    worker = ctx.params.get("workerUsesKey")
+    if not worker:
+        raise ValueError(f"batch {ctx.node_id!r}: params.workerUsesKey is missing")
+    worker_params = ctx.params.get("workerParams")
+    return NodeResult(output=None, dynamic_nodes=[
+        {"id": f"{ctx.node_id}.{i}", "uses": worker, "input": item, "params": worker_params} for i, item in enumerate(items)
+    ])
+
+
+def batch_gather(ctx: NodeContext, engine: Engine) -> Any:
+    """Store the workers' results (in item order) at `params.outputKey`; they are also its output."""
+    key = ctx.params.get("outputKey")
+    if key:
+        ctx.context.set(key, ctx.input)
+    return ctx.input
+
+
+def wait(ctx: NodeContext, engine: Engine) -> Await:
+    details = {"type": "wait"}
+    details.update({k: v for k, v in ctx.params.items() if k != "type"})
+    return Await(details)
+
+
+def sleep(ctx: NodeContext, engine: Engine) -> Any:
+    seconds = sleep_seconds(ctx.params)
+    if engine.wait_timers:
+        if ctx.cancel.wait(seconds):
+            ctx.cancel.raise_if_cancelled()
+        return ctx.input
+    wake_at = utc_now() + _dt.timedelta(seconds=seconds)
+    return Await({"type": "sleep", "wake_at": wake_at.isoformat(), "duration": seconds})
+
+
+def subflow(ctx: NodeContext, engine: Engine) -> Any:
+    """Run the blueprint `params.blueprintId` as a child run, mapping inputs in and outputs out."""
+    blueprint_id = ctx.params.get("blueprintId")
+    if not blueprint_id:
+        raise ValueError(f"subflow {ctx.node_id!r}: params.blueprintId is missing")
+    inputs = ctx.params.get("inputs") or {}
+    child_context = {child: ctx.context.get(parent) for child, parent in inputs.items()}
+    if not inputs and isinstance(ctx.input, Mapping):
+        child_context = dict(ctx.input)
+    return finish_subflow(ctx, engine.run_child(blueprint_id, child_context, ctx.node_id))
+
+
+def finish_subflow(ctx: NodeContext, child: Any) -> Any:
+    """Turn a child run's result into the subflow node's outcome."""
+    if child.status == "awaiting":
+        return Await({
+            "type": "subflow", "blueprintId": ctx.params.get("blueprintId"), "childRunId": child.run_id,
+            "childAwaiting": list(child.awaiting), "childContext": child.serialized_context,
+        })
+    if child.status != "completed":
+        reasons = "; ".join(f"{e.node_id}: {e.message}" for e in child.errors) or child.status
+        raise SubflowError(f"subflow {ctx.node_id!r} ({ctx.params.get('blueprintId')!r}) {child.status}: {reasons}")
+    outputs = ctx.params.get("outputs") or {}
+    for parent_key, child_key in outputs.items():
+        ctx.context.set(parent_key, child.context.get(child_key))
+    if outputs:
+        return {parent_key: child.context.get(child_key) for parent_key, child_key in outputs.items()}
+    return {k: v for k, v in child.context.items() if not k.startswith("_")}
+
+
+class _WithContext(Mapping):
+    """Context names where `context` itself also names the context (the TS spelling `context.i < 5`)."""
+
+    def __init__(self, names: Mapping[str, Any]) -> None:
+        self.names = names
+
+    def __getitem__(self, key: str) -> Any:
+        if key == "context" and key not in self.names:
+            return self.names
+        return self.names[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key == "context" and key not in self.names:
+            return self.names
+        return self.names.get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        return key == "context" or key in self.names
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+class _WithResult(Mapping):
+    """Context names plus `result` (the controller's input), for exit-edge conditions."""
+
+    def __init__(self, names: Mapping[str, Any], output: Any) -> None:
+        self.names = names
+        self.result = {"output": output, "action": None}
+
+    def __getitem__(self, key: str) -> Any:
+        if key == "result":
+            return self.result
+        if key == "context" and key not in self.names:
+            return self.names
+        return self.names[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key == "result":
+            return self.result
+        if key == "context" and key not in self.names:
+            return self.names
+        return self.names.get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        return key == "result" or key in self.names
+
+    def __iter__(self):
+        return iter(["result", *self.names])
+
+    def __len__(self) -> int:
+        return len(self.names) + 1
+
+
+BUILTINS: Dict[str, Callable[[NodeContext, Engine], Any]] = {
+    LOOP_CONTROLLER: loop_controller,
+    BATCH_SCATTER: batch_scatter,
+    BATCH_GATHER: batch_gather,
+    WAIT: wait,
+    SLEEP: sleep,
+    SUBFLOW: subflow,
+}

@@ -1,0 +1,952 @@
+"""The distributed driver: workers that execute one node per job, over the ports of `ports.py`.
+
+All orchestration lives here; adapters only implement the ports. One job is handled as:
+
+1. parse it (a malformed job is dead-lettered, and its run failed, if it names one);
+2. load the run's record, the node's state and its successors' states, and the node's input;
+3. skip it if the node is not ready at the job's iteration (a duplicate, or stale after a loop lap);
+4. run the node code (the only step that may run twice, after a crash);
+5. derive the routing decisions and the traversal transition with `graph.Traversal`, and commit
+   context patch, node states, outstanding count, status and successor jobs in ONE version-checked
+   `Commit`; on a version conflict, reload and derive again (the node code is not run again);
+6. publish any outbox, then acknowledge the delivery.
+
+A crash anywhere before 5 redelivers the job and the node runs again; after 5 the redelivered job
+finds the node done and only acknowledges. A join fires exactly once because its readiness is part
+of the same versioned state; a run completes when its outstanding count reaches zero.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, MutableMapping, Optional, Set, Tuple
+
+import attrs
+
+from .builtins import Await
+from .cancel import CancelToken
+from .context import DictContext
+from .errors import FlowcraftError, SerializationError
+from .execution import FallbackResult, NodeFailure, NodeRunner, RetryLater, item_failure, resolve_impl
+from .graph import READY, SKIPPED, Activation, CompiledGraph, GraphNode, NodeState, RoutingError, Traversal
+from .node import NodeContext, NodeResult
+from .ports import Commit, CoordinationStore, Delivery, Job, JobQueue, RunRecord, RunSnapshot, RunStatus, RunStore, item_field
+from .result import AWAITING, CANCELLED, COMPLETED, FAILED, RUNNING, STALLED, WorkflowError, WorkflowResult
+from .runtime import AWAITING_DETAILS_KEY, AWAITING_IDS_KEY, FlowRuntime, new_run_id
+from .serializer import check_json
+
+logger = logging.getLogger("flowcraft.distributed")
+
+_FINAL = (COMPLETED, FAILED, CANCELLED, STALLED)
+_MAX_CONFLICTS = 1000
+
+
+class WorkerCrash(BaseException):
+    """Raised by fault injection to simulate a worker dying at a given point (tests only)."""
+
+
+@attrs.frozen
+class ReconcileStats:
+    scanned: int = 0
+    stalled: int = 0
+    reconciled: int = 0
+    failed: int = 0
+
+
+def _spec_field(parent: str, iteration: int) -> str:
+    return f"spec:{parent}:{iteration}"
+
+
+class DistributedAdapter:
+    """A worker and a client over a job queue, a run store and a coordination store."""
+
+    def __init__(
+        self,
+        runtime: FlowRuntime,
+        queue: JobQueue,
+        store: RunStore,
+        coordination: CoordinationStore,
+        *,
+        retry_mode: str = "in-process",
+        version_mismatch_ttl: float = 86400.0,
+        version_mismatch_delay: float = 5.0,
+        fetch_batch: int = 1,
+        poll_timeout: float = 1.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if retry_mode not in ("in-process", "queue"):
+            raise ValueError(f"retry_mode must be 'in-process' or 'queue', not {retry_mode!r}")
+        self.runtime = runtime
+        self.queue = queue
+        self.store = store
+        self.coordination = coordination
+        self.retry_mode = retry_mode
+        self.version_mismatch_ttl = version_mismatch_ttl
+        self.version_mismatch_delay = version_mismatch_delay
+        self.fetch_batch = max(1, fetch_batch)
+        self.poll_timeout = poll_timeout
+        self.clock = clock
+        self.runner = NodeRunner(runtime.middleware, None)
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._busy = threading.Lock()
+
+    # === worker ==================================================================================
+
+    def work(self, burst: bool = False, max_jobs: Optional[int] = None) -> int:
+        """Process jobs until stopped (or, with `burst`, until the queue is empty); return how many."""
+        processed = 0
+        backoff = 0.0
+        self._stop.clear()
+        while not self._stop.is_set():
+            want = self.fetch_batch if max_jobs is None else min(self.fetch_batch, max_jobs - processed)
+            try:
+                deliveries = self.queue.fetch(want, timeout=0.0 if burst else self.poll_timeout)
+                if not deliveries:
+                    if burst:
+                        break
+                    continue
+                with self._busy:
+                    for delivery in deliveries:
+                        self.handle(delivery)
+                        processed += 1
+                backoff = 0.0
+            except (ConnectionError, OSError) as error:
+                # a service is down: the unacknowledged job comes back; wait and go on
+                backoff = min(max(backoff * 2, 0.1), 30.0)
+                logger.warning("worker: %s; retrying in %.1fs", error, backoff)
+                if self._stop.wait(backoff):
+                    break
+                try:
+                    self.after_outage()
+                except (ConnectionError, OSError):
+                    continue
+            if max_jobs is not None and processed >= max_jobs:
+                break
+        return processed
+
+    def start(self) -> None:
+        """Run `work()` in a background thread."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self.work, name="flowcraft-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: Optional[float] = None) -> None:
+        """Finish (and acknowledge) the job in hand, then stop the worker."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def handle(self, delivery: Delivery) -> None:
+        """Process one delivery; errors in node code never escape, infrastructure errors do."""
+        try:
+            self._process(delivery)
+        except (WorkerCrash, ConnectionError, OSError):
+            raise
+        except Exception as error:  # a bug or an unreadable run: never retried forever
+            logger.exception("job %s failed in the worker", delivery.job.key if delivery.job else delivery.body[:80])
+            run_id = delivery.job.run_id if delivery.job else delivery.run_id_hint()
+            self._reject(delivery, f"worker error: {type(error).__name__}: {error}", run_id)
+
+    def after_outage(self) -> None:
+        """Called once a worker loop retries after a connection error (adapters give back the jobs
+        they held, for instance); may raise `ConnectionError` again."""
+
+    def _fault(self, point: str) -> None:
+        """A hook for fault injection; does nothing here."""
+
+    # === one job =================================================================================
+
+    def _process(self, delivery: Delivery) -> None:
+        job = delivery.job
+        if job is None:
+            return self._reject(delivery, f"malformed job: {delivery.error}", delivery.run_id_hint())
+        blueprint = self.runtime.blueprints.get(job.blueprint_id)
+        if blueprint is None:
+            return self._reject(delivery, f"unknown blueprint {job.blueprint_id!r}", job.run_id)
+        graph = self.runtime.graph(blueprint)
+        node_id = job.parent if job.kind == "item" else job.node_id
+        node = graph.nodes.get(node_id)
+        if node is None:
+            return self._reject(delivery, f"unknown node {node_id!r} in blueprint {job.blueprint_id!r}", job.run_id)
+        snap = self._load(job, graph, node)
+        if snap is None:
+            return self._reject(delivery, f"unknown run {job.run_id!r}", None)
+        if snap.record.version == 0:
+            snap = self._adopt(job, graph, node, snap)
+        record = snap.record
+        if record.blueprint_id != graph.blueprint.id or record.blueprint_version != graph.blueprint.version:
+            return self._version_mismatch(delivery, job, record, graph)
+        if record.status not in (RUNNING, AWAITING) or not self._executable(job, graph, node, snap):
+            self.store.publish_outbox(job.run_id, self.queue)  # a crash may have left committed jobs unpublished
+            return self.queue.ack([delivery])
+        self._fault("before_execute")
+        outcome = self._execute(job, graph, node, snap)
+        self._fault("after_execute")
+        if type(outcome) is RetryLater:
+            self.queue.enqueue([job.with_(attempt=job.attempt + 1)], outcome.delay)
+            return self.queue.ack([delivery])
+        self._commit_outcome(job, graph, node, snap, outcome, delivery)
+        self._fault("after_commit")
+        self.store.publish_outbox(job.run_id, self.queue)
+        self._fault("after_publish")
+        self._fault("before_ack")
+        self.queue.ack([delivery])
+
+    @staticmethod
+    def _wanted(node: GraphNode) -> Tuple[List[str], List[str]]:
+        """The node states and context keys a job for `node` needs: read in one load."""
+        node_ids = [node.id] + [e.target for e in node.outgoing]
+        keys = ["blueprintId", "blueprintVersion"]
+        if node.inputs is None:
+            keys.append(node.inputs_key)
+        elif isinstance(node.inputs, str):
+            keys.append(node.inputs)
+        else:
+            keys.extend(node.inputs.values())
+        return node_ids, keys
+
+    def _load(self, job: Job, graph: CompiledGraph, node: GraphNode) -> Optional[RunSnapshot]:
+        node_ids, keys = self._wanted(node)
+        return self.store.load(job.run_id, node_ids, keys)
+
+    def _adopt(self, job: Job, graph: CompiledGraph, node: GraphNode, snap: RunSnapshot) -> RunSnapshot:
+        """A run started by a seed client (context only): initialise its traversal, adopting this
+        worker's blueprint id and version unless the context recorded its own."""
+        record = snap.record
+        traversal = Traversal(graph, {})
+        traversal.start()  # the seed client already published the start jobs
+        new = attrs.evolve(
+            record, blueprint_id=snap.context.get("blueprintId", graph.blueprint.id),
+            blueprint_version=snap.context.get("blueprintVersion", graph.blueprint.version),
+            status=RUNNING, outstanding=traversal.outstanding, updated_at=self.clock(),
+        )
+        states = {k: v.to_dict() for k, v in traversal.states.items()}
+        self.store.commit(Commit(job.run_id, 0, new, states=states))  # losing this race is fine: someone adopted
+        return self._load(job, graph, node) or snap
+
+    def _executable(self, job: Job, graph: CompiledGraph, node: GraphNode, snap: RunSnapshot) -> bool:
+        state = NodeState.from_dict(snap.states[node.id]) if node.id in snap.states else NodeState()
+        if state.iteration != job.iteration or state.status != READY:
+            return False
+        parked = snap.record.awaiting.get(node.id)
+        if job.kind == "item":
+            return state.pending > 0 and self.store.read_items(job.run_id, [item_field(node.id, job.iteration, job.index)])[0] is None
+        if job.kind == "timer":
+            return parked is not None and parked.get("type") == "sleep"
+        if parked is not None and parked.get("type") in ("wait", "sleep"):
+            return False  # only a resume (wait) or its timer (sleep) finishes it
+        return state.pending == 0  # an expanded node finishes with its last item, not by running again
+
+    def _version_mismatch(self, delivery: Delivery, job: Job, record: RunRecord, graph: CompiledGraph) -> None:
+        now = self.clock()
+        first_seen = job.first_seen if job.first_seen is not None else now
+        theirs = f"{record.blueprint_id}@{record.blueprint_version}"
+        ours = f"{graph.blueprint.id}@{graph.blueprint.version}"
+        if now - first_seen >= self.version_mismatch_ttl:
+            reason = f"version mismatch: run {job.run_id} needs {theirs}, no worker with it took the job in {self.version_mismatch_ttl:g}s"
+            return self._reject(delivery, reason, job.run_id)  # the job is gone: the run cannot finish
+        logger.warning("job %s needs blueprint %s, this worker has %s: put back", job.key, theirs, ours)
+        self.queue.enqueue([job.with_(first_seen=first_seen)], self.version_mismatch_delay)
+        self.queue.ack([delivery])
+
+    def _reject(self, delivery: Delivery, reason: str, run_id: Optional[str]) -> None:
+        """Dead-letter a job that can never succeed, and fail its run if there is one."""
+        logger.error("dead-lettering a job: %s", reason)
+        self.queue.dead_letter(delivery, reason)
+        if run_id:
+            self._fail_run(run_id, WorkflowError(delivery.job.node_id if delivery.job else None, reason, "InvalidJob"))
+
+    # === executing ===============================================================================
+
+    def _execute(self, job: Job, graph: CompiledGraph, node: GraphNode, snap: RunSnapshot) -> Any:
+        if job.kind == "timer":
+            return NodeResult(output=snap.context.get(node.inputs_key))
+        context = StoreContext(self.store, job.run_id, snap.context, absent=set(self._wanted(node)[1]) - set(snap.context))
+        if job.kind == "item":
+            spec = {"id": job.node_id, "uses": job.extra.get("uses"), "params": job.extra.get("params")}
+            run_node = GraphNode(_item_definition(job.node_id, spec))
+            node_input = job.input
+        else:
+            run_node = node
+            node_input = self._input(node, snap.context)
+        engine = _Engine(self, job, graph, context, snap)
+        impl = self._impl(run_node, engine)
+        if impl is None:
+            return NodeFailure(run_node.id, FlowcraftError(f"node {run_node.id!r} uses {run_node.uses!r}, which is not in the registry"))
+        ctx = NodeContext(
+            context, node_input, run_node.params, self.runtime.dependencies, run_node.id, job.run_id, job.attempt,
+            job.key, CancelToken(), graph.blueprint.id, job.iteration,
+        )
+        fallback = graph.nodes.get(node.config.fallback) if node.config.fallback and job.kind != "item" else None
+        fallback_impl = self._impl(fallback, engine) if fallback is not None else None
+        queue_retry = self.retry_mode == "queue"
+        try:
+            outcome = self.runner.run_or_fall_back(run_node, impl, ctx, fallback, fallback_impl, queue_retry=queue_retry)
+        except RetryLater as retry:
+            return retry
+        if type(outcome) is not NodeFailure:
+            outcome = _WithDelta(outcome, context)
+        return outcome
+
+    def _impl(self, node: GraphNode, engine: "_Engine") -> Any:
+        return resolve_impl(self.runtime.registry, node, engine)
+
+    @staticmethod
+    def _input(node: GraphNode, context: Mapping[str, Any]) -> Any:
+        if node.inputs is None:
+            return context.get(node.inputs_key)
+        if isinstance(node.inputs, str):
+            return context.get(node.inputs)
+        return {name: context.get(key) for name, key in node.inputs.items()}
+
+    # === committing ==============================================================================
+
+    def _commit_outcome(self, job: Job, graph: CompiledGraph, node: GraphNode, snap: RunSnapshot, outcome: Any, delivery: Optional[Delivery]) -> Set[str]:
+        """Derive the commit for an outcome from the loaded state and apply it; on a version
+        conflict reload and derive again. Returns the ids of the nodes whose jobs it enqueued."""
+        for _ in range(_MAX_CONFLICTS):
+            if snap is None or snap.record.status not in (RUNNING, AWAITING):
+                return set()  # the run ended meanwhile (cancelled, failed): nothing more is written
+            plan = _Plan(self, job, graph, snap)
+            plan.apply(node, outcome)
+            if plan.commit is None:
+                return set()
+            if delivery is not None:
+                plan.commit.ack.append(delivery)
+            if self.store.commit(plan.commit):
+                return {j.node_id if j.kind != "item" else j.parent for j in plan.commit.jobs}
+            snap = self._load(job, graph, node)
+            if snap is None or snap.record.status not in (RUNNING, AWAITING) or not self._still_applicable(job, graph, node, snap):
+                return set()
+        raise RuntimeError(f"run {job.run_id}: could not commit after {_MAX_CONFLICTS} version conflicts")
+
+    def _still_applicable(self, job: Job, graph: CompiledGraph, node: GraphNode, snap: RunSnapshot) -> bool:
+        if job.kind == "resume":
+            return node.id in snap.record.awaiting
+        return self._executable(job, graph, node, snap)
+
+    def _fail_run(self, run_id: str, error: WorkflowError) -> None:
+        for _ in range(_MAX_CONFLICTS):
+            record = self.store.get_record(run_id)
+            if record is None or record.status in _FINAL:
+                return
+            new = attrs.evolve(record, status=FAILED, errors=record.errors + [error.to_dict()], updated_at=self.clock())
+            new.result = self._final_result(run_id, new, {}, ()).to_dict()
+            if self.store.commit(Commit(run_id, record.version, new, jobs=self._parent_jobs(new))):
+                self.store.publish_outbox(run_id, self.queue)
+                return
+
+    def _final_result(self, run_id: str, record: RunRecord, delta: Mapping[str, Any], deleted: Iterable[str],
+                      states: Optional[Mapping[str, NodeState]] = None, graph: Optional[CompiledGraph] = None) -> WorkflowResult:
+        context = self.store.read_all_context(run_id)
+        context.update(delta)
+        for key in deleted:
+            context.pop(key, None)
+        for key in ("blueprintId", "blueprintVersion"):
+            context.pop(key, None)
+        skipped: List[str] = []
+        stalled: List[str] = []
+        if states is not None and graph is not None:
+            skipped = [n for n, s in states.items() if s.status == SKIPPED]
+            if record.status == STALLED:
+                stalled = Traversal(graph, dict(states)).unfinished()
+        if record.status == AWAITING:
+            context[AWAITING_IDS_KEY] = sorted(record.awaiting)
+            context[AWAITING_DETAILS_KEY] = record.awaiting
+        return WorkflowResult(
+            status=record.status, context=context, errors=[WorkflowError.from_dict(e) for e in record.errors],
+            run_id=run_id, awaiting=sorted(record.awaiting) if record.status == AWAITING else [], skipped=skipped, stalled=stalled,
+        )
+
+    @staticmethod
+    def _parent_jobs(record: RunRecord) -> List[Job]:
+        """A subflow's child tells its parent node when it finishes or starts to await."""
+        parent = record.parent
+        if not parent:
+            return []
+        return [Job(parent["runId"], parent["blueprintId"], parent["nodeId"], int(parent.get("iteration", 0)), kind="child")]
+
+    # === client ==================================================================================
+
+    def start_workflow(self, blueprint_or_id: Any, initial_context: Optional[Mapping[str, Any]] = None,
+                       run_id: Optional[str] = None, *, parent: Optional[Dict[str, Any]] = None) -> str:
+        """Create a run and enqueue its start nodes; return its id."""
+        blueprint = self.runtime.blueprint(blueprint_or_id)
+        if blueprint.id not in self.runtime.blueprints:
+            self.runtime.add_blueprint(blueprint)
+        graph = self.runtime.graph(blueprint)
+        run_id = run_id or new_run_id()
+        context = dict(initial_context or {})
+        for key, value in context.items():
+            check_json(value, key)
+        traversal = Traversal(graph, {})
+        jobs = [Job(run_id, blueprint.id, a.node_id, a.iteration) for a in traversal.start()]
+        record = RunRecord(run_id, blueprint.id, blueprint.version, RUNNING, 1, traversal.outstanding,
+                           parent=parent, updated_at=self.clock())
+        states = {k: v.to_dict() for k, v in traversal.states.items()}
+        if not jobs:
+            record.status = COMPLETED
+            record.outstanding = 0
+        if not self.store.create_run(record, context, states, jobs):
+            self.store.publish_outbox(run_id, self.queue)  # it exists (a retried start): make sure its jobs went out
+            return run_id
+        if record.status == COMPLETED:
+            record.result = WorkflowResult(COMPLETED, context, run_id=run_id).to_dict()
+            self.store.commit(Commit(run_id, 1, attrs.evolve(record), jobs=self._parent_jobs(record)))
+        self.store.publish_outbox(run_id, self.queue)
+        return run_id
+
+    def get_status(self, run_id: str) -> Optional[RunStatus]:
+        record = self.store.get_record(run_id)
+        if record is None:
+            return None
+        return RunStatus(run_id, record.status, record.updated_at, record.result)
+
+    def wait_for_result(self, run_id: str, timeout: Optional[float] = None, poll_interval: float = 0.01) -> WorkflowResult:
+        """Block until the run is completed, failed, cancelled, stalled or awaiting."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = poll_interval
+        while True:
+            record = self.store.get_record(run_id)
+            if record is None:
+                raise KeyError(f"unknown run {run_id!r}")
+            if record.status in _FINAL and record.result is not None:
+                return WorkflowResult.from_dict(record.result)
+            if record.status == AWAITING:
+                return self._final_result(run_id, record, {}, ())
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"run {run_id} still {record.status} after {timeout}s")
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.25)
+
+    def resume_with_action(self, run_id: str, action: Optional[str], output: Any = None, node_id: Optional[str] = None) -> Set[str]:
+        """Complete an awaiting `wait` node with `action`/`output`; return the ids of the nodes enqueued."""
+        record = self.store.get_record(run_id)
+        if record is None:
+            raise KeyError(f"unknown run {run_id!r}")
+        if record.status not in (RUNNING, AWAITING):
+            raise ValueError(f"run {run_id} is {record.status}: there is nothing to resume")
+        waiting = {n: d for n, d in record.awaiting.items() if d.get("type") in ("wait", "subflow")}
+        if node_id is None:
+            if len(waiting) != 1:
+                raise ValueError(f"run {run_id} has {len(waiting)} awaiting nodes {sorted(waiting)}: say which with node_id=")
+            node_id = next(iter(waiting))
+        details = waiting.get(node_id)
+        if details is None:
+            raise ValueError(f"node {node_id!r} of run {run_id} is not awaiting (awaiting: {sorted(waiting)})")
+        if details.get("type") == "subflow":
+            return self.resume_with_action(details["childRunId"], action, output)
+        graph = self.runtime.graph(self.runtime.blueprint(record.blueprint_id))
+        node = graph.nodes[node_id]
+        job = Job(run_id, graph.blueprint.id, node_id, int(details.get("iteration", 0)), kind="resume")
+        snap = self._load(job, graph, node)
+        enqueued = self._commit_outcome(job, graph, node, snap, NodeResult(output=output, action=action), None)
+        self.store.publish_outbox(run_id, self.queue)
+        return enqueued
+
+    def cancel(self, run_id: str) -> None:
+        """Cancel a run: it ends `cancelled` and workers drop its remaining jobs."""
+        for _ in range(_MAX_CONFLICTS):
+            record = self.store.get_record(run_id)
+            if record is None:
+                raise KeyError(f"unknown run {run_id!r}")
+            if record.status in _FINAL:
+                return
+            new = attrs.evolve(record, status=CANCELLED, updated_at=self.clock())
+            new.result = self._final_result(run_id, new, {}, ()).to_dict()
+            if self.store.commit(Commit(run_id, record.version, new, jobs=self._parent_jobs(new))):
+                self.store.publish_outbox(run_id, self.queue)
+                return
+
+    def reconcile(self, run_id: str) -> Set[str]:
+        """Re-enqueue the frontier of a running run (ready nodes, due timers, unfinished batch items).
+
+        Safe at any time: a job for work already done or queued is dropped by the worker that takes
+        it, and no completion is ever committed twice."""
+        record = self.store.get_record(run_id)
+        if record is None or record.status != RUNNING or record.version == 0:
+            return set()  # unknown, finished, or started by a seed client and not yet adopted by a worker
+        self.store.publish_outbox(run_id, self.queue)
+        graph = self.runtime.graph(self.runtime.blueprint(record.blueprint_id))
+        states = {k: NodeState.from_dict(v) for k, v in self.store.read_all_states(run_id).items()}
+        jobs: List[Tuple[Job, float]] = []
+        for node_id, state in states.items():
+            if state.status != READY or node_id not in graph.nodes:
+                continue
+            parked = record.awaiting.get(node_id) or {}
+            kind = parked.get("type")
+            if kind == "wait":
+                continue
+            if kind == "sleep":
+                jobs.append((Job(run_id, graph.blueprint.id, node_id, state.iteration, kind="timer"), self._remaining(parked)))
+            elif state.pending > 0:
+                jobs.extend((j, 0.0) for j in self._missing_items(run_id, graph, node_id, state.iteration))
+            else:
+                jobs.append((Job(run_id, graph.blueprint.id, node_id, state.iteration), 0.0))
+        for job, delay in jobs:
+            self.queue.enqueue([job], delay)
+        self.store.touch(run_id, self.clock())
+        return {j.parent if j.kind == "item" else j.node_id for j, _ in jobs}
+
+    def _missing_items(self, run_id: str, graph: CompiledGraph, parent: str, iteration: int) -> List[Job]:
+        specs = self.store.read_items(run_id, [_spec_field(parent, iteration)])[0] or []
+        done = self.store.read_items(run_id, [item_field(parent, iteration, i) for i in range(len(specs))])
+        return [_item_job(run_id, graph.blueprint.id, parent, iteration, i, spec)
+                for i, (spec, result) in enumerate(zip(specs, done)) if result is None]
+
+    def _remaining(self, details: Mapping[str, Any]) -> float:
+        import datetime as _dt
+
+        wake_at = details.get("wake_at")
+        if not wake_at:
+            return 0.0
+        return max(0.0, _dt.datetime.fromisoformat(wake_at).timestamp() - self.clock())
+
+
+class Reconciler:
+    """Finds runs idle past a threshold and re-enqueues their frontier (`DistributedAdapter.reconcile`).
+
+    Adapters build one with their store's notion of idleness (`RunStore.idle_runs`, based on the
+    `updated_at` every commit refreshes)."""
+
+    def __init__(self, adapter: DistributedAdapter, stalled_threshold_seconds: float = 300.0, limit: int = 1000) -> None:
+        self.adapter = adapter
+        self.stalled_threshold_seconds = stalled_threshold_seconds
+        self.limit = limit
+
+    def run(self) -> ReconcileStats:
+        scanned, idle = self.adapter.store.idle_runs(self.stalled_threshold_seconds, self.limit)
+        reconciled = failed = 0
+        for run_id in idle:
+            try:
+                if self.adapter.reconcile(run_id):
+                    reconciled += 1
+            except Exception:
+                logger.exception("reconciling run %s failed", run_id)
+                failed += 1
+        return ReconcileStats(scanned=scanned, stalled=len(idle), reconciled=reconciled, failed=failed)
+
+
+# === deriving a commit =============================================================================
+
+
+class _Plan:
+    """Turns one outcome into one `Commit`, using the pure traversal over lazily loaded states."""
+
+    def __init__(self, adapter: DistributedAdapter, job: Job, graph: CompiledGraph, snap: RunSnapshot) -> None:
+        self.adapter = adapter
+        self.job = job
+        self.graph = graph
+        self.snap = snap
+        self.record = attrs.evolve(snap.record, awaiting=dict(snap.record.awaiting), errors=list(snap.record.errors))
+        wanted_states, wanted_keys = adapter._wanted(graph.nodes[job.parent if job.kind == "item" else job.node_id])
+        self.states = _LazyStates(snap.states, functools.partial(adapter.store.read_states, job.run_id),
+                                  absent=set(wanted_states) - set(snap.states))
+        self.traversal = Traversal(graph, self.states, snap.record.outstanding)
+        self.context = _LazyContext(adapter.store, job.run_id, snap.context, absent=set(wanted_keys) - set(snap.context))
+        self._stored_states: Optional[Dict[str, NodeState]] = None
+        self.items: Dict[str, Any] = {}
+        self.jobs: List[Job] = []
+        self.delayed: List[Tuple[Job, float]] = []
+        self.commit: Optional[Commit] = None
+
+    def apply(self, node: GraphNode, outcome: Any) -> None:
+        delta: Dict[str, Any] = {}
+        deleted: List[str] = []
+        if type(outcome) is _WithDelta:
+            delta, deleted = outcome.delta, outcome.deleted
+            outcome = outcome.outcome
+        self.context.overlay(delta, deleted)
+        job = self.job
+        if type(outcome) is NodeFailure and job.kind == "item":
+            self.traversal.item_done(node.id)
+            self._failed(node, item_failure(job.index, job.node_id, outcome.cause))
+        elif type(outcome) is NodeFailure:
+            self._failed(node, outcome.cause)
+        elif job.kind == "item":
+            self._item_done(node, outcome)
+        elif type(outcome) is not FallbackResult and type(outcome.output) is Await:
+            self._park(node, outcome.output.details)
+        elif type(outcome) is not FallbackResult and outcome.dynamic_nodes is not None:
+            self._expand(node, outcome.dynamic_nodes)
+        else:
+            self.record.awaiting.pop(node.id, None)
+            try:
+                self._complete(node, job.iteration, outcome)
+            except (SerializationError, RoutingError) as error:
+                self._failed(node, error)
+        self._finish()
+
+    # --- transitions ---------------------------------------------------------------------------
+
+    def _complete(self, node: GraphNode, iteration: int, outcome: Any) -> None:
+        fallback = None
+        if type(outcome) is FallbackResult:
+            fallback, outcome = outcome.node, outcome.result
+        self._record_output(node, outcome)
+        ready, _ = self.traversal.complete(node.id, iteration, self.graph.route(node.id, outcome, self.context))
+        if fallback is not None:
+            self._record_output(fallback, outcome)
+            more, _ = self.traversal.complete(fallback.id, self.traversal.state(fallback.id).iteration,
+                                              self.graph.route(fallback.id, outcome, self.context), counted=False)
+            ready += more
+        self._schedule(ready)
+
+    def _record_output(self, node: GraphNode, result: NodeResult) -> None:
+        check_json(result.output, node.outputs_key)
+        self.context.set(node.outputs_key, result.output)
+        self.context.set(node.id, result.output)
+
+    def _schedule(self, ready: List[Activation]) -> None:
+        blueprint_id = self.graph.blueprint.id
+        for activation in ready:
+            target = self.graph.nodes[activation.node_id]
+            if activation.has_input and target.inputs is None:
+                self.context.set(target.inputs_key, activation.input)
+            self.jobs.append(Job(self.job.run_id, blueprint_id, activation.node_id, activation.iteration))
+
+    def _failed(self, node: GraphNode, error: BaseException) -> None:
+        self.traversal.fail(node.id)
+        self.record.status = FAILED
+        self.record.errors.append(WorkflowError.from_exception(node.id, error).to_dict())
+
+    def _park(self, node: GraphNode, details: Dict[str, Any]) -> None:
+        kind = details.get("type")
+        self.record.awaiting[node.id] = dict(details, iteration=self.job.iteration)
+        if kind == "sleep":
+            job = Job(self.job.run_id, self.graph.blueprint.id, node.id, self.job.iteration, kind="timer")
+            self.delayed.append((job, float(details.get("duration") or 0)))
+
+    def _expand(self, node: GraphNode, specs: List[Dict[str, Any]]) -> None:
+        if not specs:
+            return self._complete(node, self.job.iteration, NodeResult(output=[]))
+        iteration = self.job.iteration
+        self.traversal.expand(node.id, len(specs))
+        clean = [{"uses": s.get("uses"), "params": s.get("params"), "input": s.get("input"), "id": s.get("id")} for s in specs]
+        for spec in clean:
+            check_json(spec["input"], f"{node.id} item input")
+        self.items[_spec_field(node.id, iteration)] = clean
+        self.jobs.extend(_item_job(self.job.run_id, self.graph.blueprint.id, node.id, iteration, i, s) for i, s in enumerate(clean))
+
+    def _item_done(self, parent: GraphNode, outcome: Any) -> None:
+        job = self.job
+        try:
+            check_json(outcome.output, job.node_id)
+        except SerializationError as error:
+            return self._failed(parent, error)
+        field = item_field(parent.id, job.iteration, job.index)
+        self.items[field] = {"v": outcome.output}
+        if not self.traversal.item_done(parent.id):
+            return
+        specs = self.adapter.store.read_items(job.run_id, [_spec_field(parent.id, job.iteration)])[0] or []
+        fields = [item_field(parent.id, job.iteration, i) for i in range(len(specs))]
+        stored = self.adapter.store.read_items(job.run_id, fields)
+        results = [(self.items.get(f) or stored[i] or {}).get("v") for i, f in enumerate(fields)]
+        self._complete(parent, job.iteration, NodeResult(output=results))
+
+    # --- the commit ----------------------------------------------------------------------------
+
+    def _finish(self) -> None:
+        record = self.record
+        record.outstanding = self.traversal.outstanding
+        record.updated_at = self.adapter.clock()
+        if record.status == RUNNING or record.status == AWAITING:
+            blocking = [n for n, d in record.awaiting.items() if d.get("type") == "wait" or d.get("childAwaiting")]
+            if record.outstanding <= 0 and not record.awaiting and self.graph.fallback_only_ids:
+                ready, _ = self.traversal.settle()
+                self._schedule(ready)
+                record.outstanding = self.traversal.outstanding
+            if record.outstanding <= 0 and not record.awaiting:
+                all_states = self._all_states()
+                record.status = STALLED if Traversal(self.graph, dict(all_states)).unfinished() else COMPLETED
+            elif blocking and record.outstanding == len(blocking) and len(blocking) == len(record.awaiting):
+                record.status = AWAITING
+            else:
+                record.status = RUNNING
+        changed_states = self.states.changed()
+        if record.status in _FINAL:
+            all_states = self._all_states()
+            result = self.adapter._final_result(self.job.run_id, record, self.context.delta, self.context.deleted,
+                                                all_states, self.graph)
+            record.result = result.to_dict()
+            self.jobs.extend(self.adapter._parent_jobs(record))
+        elif record.status == AWAITING and self.snap.record.status != AWAITING:
+            self.jobs.extend(self.adapter._parent_jobs(record))
+        self.commit = Commit(
+            self.job.run_id, self.snap.record.version, record, context_set=dict(self.context.delta),
+            context_delete=list(self.context.deleted), states=changed_states, items=self.items,
+            jobs=self.jobs, delayed=self.delayed,
+        )
+
+    def _all_states(self) -> Dict[str, NodeState]:
+        if self._stored_states is None:  # read once per commit: only a run's last commit needs them
+            self._stored_states = {
+                k: NodeState.from_dict(v) for k, v in self.adapter.store.read_all_states(self.job.run_id).items()
+            }
+        merged = dict(self._stored_states)
+        merged.update(self.states.current())
+        return merged
+
+
+def _item_definition(node_id: str, spec: Mapping[str, Any]) -> Any:
+    from .blueprint import NodeDefinition
+
+    return NodeDefinition(id=node_id, uses=spec.get("uses") or "", params=spec.get("params"))
+
+
+def _item_job(run_id: str, blueprint_id: str, parent: str, iteration: int, index: int, spec: Mapping[str, Any]) -> Job:
+    extra = {"uses": spec.get("uses")}
+    if spec.get("params") is not None:
+        extra["params"] = spec.get("params")
+    return Job(run_id, blueprint_id, spec.get("id") or f"{parent}.{index}", iteration, kind="item", parent=parent,
+               index=index, input=spec.get("input"), extra=extra)
+
+
+class _WithDelta:
+    """An outcome together with the context changes node code made while producing it."""
+
+    __slots__ = ("outcome", "delta", "deleted")
+
+    def __init__(self, outcome: Any, context: "StoreContext") -> None:
+        self.outcome = outcome
+        self.delta, deleted = context.take_delta()
+        self.deleted = list(deleted)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.outcome, name)
+
+
+class _LazyStates(MutableMapping):
+    """Node states loaded on first use; remembers which ones the transition changed."""
+
+    def __init__(self, loaded: Mapping[str, Dict[str, Any]], loader: Callable[[List[str]], Dict[str, Dict[str, Any]]],
+                 absent: Iterable[str] = ()) -> None:
+        self._original: Dict[str, Optional[Dict[str, Any]]] = dict(loaded)
+        self._states: Dict[str, Optional[NodeState]] = {k: NodeState.from_dict(v) for k, v in loaded.items()}
+        for key in absent:  # asked for and not stored: known to be pending, no need to ask again
+            self._original[key] = None
+            self._states[key] = None
+        self._loader = loader
+
+    def _fetch(self, key: str) -> Optional[NodeState]:
+        if key not in self._states:
+            found = self._loader([key]).get(key)
+            self._original[key] = found
+            self._states[key] = NodeState.from_dict(found) if found is not None else None
+        return self._states[key]
+
+    def __getitem__(self, key: str) -> NodeState:
+        state = self._fetch(key)
+        if state is None:
+            raise KeyError(key)
+        return state
+
+    def get(self, key: str, default: Any = None) -> Any:
+        state = self._fetch(key)
+        return default if state is None else state
+
+    def __setitem__(self, key: str, value: NodeState) -> None:
+        self._fetch(key)
+        self._states[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        self._states[key] = None
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k, v in self._states.items() if v is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for v in self._states.values() if v is not None)
+
+    def changed(self) -> Dict[str, Dict[str, Any]]:
+        out = {}
+        for key, state in self._states.items():
+            if state is None:
+                continue
+            now = state.to_dict()
+            if now != self._original.get(key):
+                out[key] = now
+        return out
+
+    def current(self) -> Dict[str, NodeState]:
+        return {k: v for k, v in self._states.items() if v is not None}
+
+
+class _LazyContext(Mapping):
+    """The run's context as conditions see it: loaded keys, this commit's changes, then the store."""
+
+    def __init__(self, store: RunStore, run_id: str, loaded: Mapping[str, Any], absent: Iterable[str] = ()) -> None:
+        self._store = store
+        self._run_id = run_id
+        self._cache: Dict[str, Any] = dict(loaded)
+        self._absent: Set[str] = set(absent)
+        self.delta: Dict[str, Any] = {}
+        self.deleted: Set[str] = set()
+
+    def overlay(self, delta: Mapping[str, Any], deleted: Iterable[str]) -> None:
+        for key in deleted:
+            self.delete(key)
+        for key, value in delta.items():
+            self.set(key, value)
+
+    def set(self, key: str, value: Any) -> None:
+        self.delta[key] = value
+        self.deleted.discard(key)
+
+    def delete(self, key: str) -> None:
+        self.delta.pop(key, None)
+        self.deleted.add(key)
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self.delta:
+            return self.delta[key]
+        if key in self.deleted or key in self._absent:
+            raise KeyError(key)
+        if key not in self._cache:
+            found = self._store.read_context(self._run_id, [key])
+            if key not in found:
+                self._absent.add(key)
+                raise KeyError(key)
+            self._cache[key] = found[key]
+        return self._cache[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    def _all(self) -> Dict[str, Any]:
+        data = self._store.read_all_context(self._run_id)
+        data.update(self.delta)
+        for key in self.deleted:
+            data.pop(key, None)
+        return data
+
+
+class StoreContext(DictContext):
+    """The `Context` node code sees in a worker: reads go to the store (once per key), writes are
+    kept as a delta and committed with the node's completion."""
+
+    def __init__(self, store: RunStore, run_id: str, loaded: Mapping[str, Any], absent: Iterable[str] = ()) -> None:
+        super().__init__(dict(loaded), track=True)
+        self._store = store
+        self._run_id = run_id
+        self._absent: Set[str] = set(absent)
+        self._complete = False
+
+    def _load(self, key: str) -> None:
+        if key in self.data or key in self._absent or key in self._deleted or self._complete:
+            return
+        found = self._store.read_context(self._run_id, [key])
+        if key in found:
+            self.data[key] = found[key]
+        else:
+            self._absent.add(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self._load(key)
+        return self.data.get(key, default)
+
+    def has(self, key: str) -> bool:
+        self._load(key)
+        return key in self.data
+
+    def __getitem__(self, key: str) -> Any:
+        self._load(key)
+        return self.data[key]
+
+    def __contains__(self, key: object) -> bool:
+        return self.has(key)  # type: ignore[arg-type]
+
+    def to_dict(self) -> Dict[str, Any]:
+        if not self._complete:
+            stored = self._store.read_all_context(self._run_id)
+            stored.update({k: v for k, v in self.data.items() if k in self._changed or k not in stored})
+            for key in self._deleted:
+                stored.pop(key, None)
+            self.data = stored
+            self._complete = True
+        return dict(self.data)
+
+
+class _Engine:
+    """What built-ins see when they run in a worker."""
+
+    wait_timers = False
+
+    def __init__(self, adapter: DistributedAdapter, job: Job, graph: CompiledGraph, context: StoreContext, snap: RunSnapshot) -> None:
+        self.adapter = adapter
+        self.job = job
+        self.graph = graph
+        self.context = context
+        self.snap = snap
+        self.evaluator = adapter.runtime.evaluator
+
+    def laps(self, node_id: str) -> int:
+        state = self.snap.states.get(node_id)
+        return NodeState.from_dict(state).laps if state else 0
+
+    def exit_conditions(self, node_id: str) -> List[Callable[[Mapping[str, Any]], Any]]:
+        return self.graph.exit_conditions(node_id)
+
+    def context_names(self) -> Mapping[str, Any]:
+        return _ContextNames(self.context)
+
+    def run_child(self, blueprint_id: str, context: Dict[str, Any], parent_node_id: str) -> Any:
+        """Start the child run (once) and report its state: finished, awaiting or still running."""
+        child_id = f"{self.job.run_id}.{parent_node_id}.{self.job.iteration}"
+        parent = {"runId": self.job.run_id, "blueprintId": self.graph.blueprint.id, "nodeId": parent_node_id,
+                  "iteration": self.job.iteration}
+        record = self.adapter.store.get_record(child_id)
+        if record is None:
+            self.adapter.start_workflow(blueprint_id, context, child_id, parent=parent)
+            record = self.adapter.store.get_record(child_id)
+        if record is not None and record.status in _FINAL and record.result is not None:
+            return WorkflowResult.from_dict(record.result)
+        awaiting = record is not None and record.status == AWAITING
+        return _ChildRunning(child_id, awaiting, sorted(record.awaiting) if awaiting else [])
+
+
+class _ChildRunning:
+    """A child run that has not finished: the subflow node parks until it does."""
+
+    def __init__(self, run_id: str, awaiting: bool, awaiting_ids: List[str]) -> None:
+        self.run_id = run_id
+        self.status = "awaiting"  # finish_subflow parks the node on this
+        self.awaiting = awaiting_ids
+        self.child_awaiting = awaiting
+        self.serialized_context = None
+
+
+class _ContextNames(Mapping):
+    """A `StoreContext` seen as a read-only mapping (for a loop condition)."""
+
+    def __init__(self, context: StoreContext) -> None:
+        self.context = context
+
+    def __getitem__(self, key: str) -> Any:
+        if not self.context.has(key):
+            raise KeyError(key)
+        return self.context.get(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.context.get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        return self.context.has(key)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.context.to_dict())
+
+    def __len__(self) -> int:
+        return len(self.context.to_dict())
+
+
+__all__ = ["DistributedAdapter", "ReconcileStats", "Reconciler", "StoreContext", "WorkerCrash"]

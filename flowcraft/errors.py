@@ -1,0 +1,56 @@
+"""Exceptions raised by Flowcraft. Every one derives from `FlowcraftError`."""
+from __future__ import annotations
+
+from typing import Iterable, List
+
+
+class FlowcraftError(Exception):
+    """Base class of every Flowcraft exception."""
+
+
+class BlueprintError(FlowcraftError, ValueError):
+    """A blueprint is invalid; `problems` lists every problem found, not just the first."""
+
+    def __init__(self, problems: Iterable[str], blueprint_id: object = None) -> None:
+        self.problems: List[str] = list(problems) or ["invalid blueprint"]
+        self.blueprint_id = blueprint_id
+        where = f"blueprint {blueprint_id!r}" if blueprint_id else "blueprint"
+        if len(self.problems) == 1:
+            message = f"invalid {where}: {self.problems[0]}"
+        else:
+            listed = "\n".join(f"  - {p}" for p in self.problems)
+            message = f"invalid {where} ({len(self.problems)} problems):\n{listed}"
+        super().__init__(message)
+
+
+class ExpressionError(FlowcraftError, ValueError):
+    """An expression could not be parsed, or failed while evaluated."""
+
+
+class NodeExecutionError(FlowcraftError):
+    """A node failed; carries the node id and the original exception as `__cause__`."""
+
+    def __init__(self, message: str, node_id: str = "", error_type: str = "") -> None:
+        super().__init__(message)
+        self.node_id = node_id
+        self.error_type = error_type or type(self).__name__
+
+
+class NodeTimeoutError(FlowcraftError, TimeoutError):
+    """One attempt of a node ran longer than its `timeout`."""
+
+
+class CancelledError(FlowcraftError):
+    """The run was cancelled; raised by `CancelToken.raise_if_cancelled()`."""
+
+
+class SerializationError(FlowcraftError, TypeError):
+    """A value is not JSON-serialisable; the message names the key at fault."""
+
+
+class UnknownNodeError(FlowcraftError, LookupError):
+    """A node's `uses` key is not in the registry."""
+
+
+class ServiceUnavailable(FlowcraftError, ConnectionError):
+    """A store or queue cannot be reached. Never a node's fault: workers back off and retry."""

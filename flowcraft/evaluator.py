@@ -1,0 +1,852 @@
+"""A safe evaluator for the expressions carried by blueprint edges (conditions and transforms).
+
+Blueprints may come from untrusted sources, so their expressions are never handed to `eval` or
+`exec` and no code object is ever executed. `SafeEvaluator.compile` parses a source string with
+`ast.parse(..., mode="eval")`, checks every node against a strict whitelist, and turns the tree
+into nested Python closures once; the returned callable takes a mapping of names and runs in a
+few microseconds without walking the tree again.
+
+Evaluator protocol
+------------------
+The runtime accepts *any* object with a method ``compile(source: str) -> callable`` whose result,
+called with a mapping of names (``fn(names)``), returns the expression's value. ``compile``
+should raise `ExpressionError` for sources it refuses, and the callable should raise
+`ExpressionError` when evaluation fails. `SafeEvaluator` is the default implementation and
+`Evaluator` is the matching `typing.Protocol`.
+
+Language
+--------
+* Literals: ints, floats, strings, ``True``/``False``/``None``, lists, tuples, dicts. JavaScript
+  spellings are accepted too: ``===``/``!==`` (same as ``==``/``!=``), ``&&``, ``||``, prefix
+  ``!`` and ``true``/``false``/``null``/``undefined``. ``!`` binds like JavaScript's (tighter
+  than comparisons: ``!a == b`` is ``(not a) == b``); Python's ``not`` keeps Python's precedence.
+  String literals are never rewritten.
+* Names resolve in the mapping given to the compiled callable; a missing name is ``None``.
+  An attribute chain ``a.b.c`` whose head ``a`` is not a key tries the dotted keys ``"a.b.c"``,
+  then ``"a.b"`` (followed by ``.c``), and is ``None`` when none exists.
+* ``x.y`` reads ``x.get(y)`` of a mapping; ``.length`` of a list, tuple or string is its length;
+  anything else is ``None``. Attributes of other objects are never read.
+* ``x[k]`` reads ``x.get(k)`` of a mapping, the item (or ``None`` when out of range) of a list,
+  tuple or string with an int index; slices of lists, tuples and strings are allowed; anything
+  else is ``None``.
+* Comparisons (``== != < <= > >= in not in is is not``, chained as in Python); an ordering
+  comparison with ``None`` or between incomparable values is ``False`` rather than an error;
+  ``in`` against a value that does not support it (``None``, a number) is ``False``.
+* ``and``/``or``/``not`` (returning operands, as in Python and JavaScript), unary ``-``/``+``,
+  ``+ - * / // % **``, ``x if cond else y``.
+* Calls only to whitelisted functions by bare name (default: ``len str int float bool abs min
+  max round``; see `SafeEvaluator`'s ``functions``). No method calls, lambdas, comprehensions,
+  f-strings, ``:=``, ``*``/``**`` unpacking, sets, bitwise operators or string ``%`` formatting.
+  Names, attributes and literal subscript keys starting with ``__`` are refused.
+
+Cost is bounded: sources longer than ``max_length`` and trees deeper than ``max_depth`` are refused
+when compiled; at run time ``**``, ``*``, ``+`` and ``round`` refuse results that would be huge.
+Every failure raises `ExpressionError` naming the expression.
+"""
+from __future__ import annotations
+
+import ast
+import operator
+import threading
+import warnings
+from collections.abc import Mapping
+from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple, runtime_checkable
+
+from .errors import ExpressionError
+
+__all__ = [
+    "DEFAULT_FUNCTIONS",
+    "Evaluator",
+    "SafeEvaluator",
+    "default_evaluator",
+]
+
+Names = Mapping[str, Any]
+CompiledExpression = Callable[[Names], Any]
+
+# Run-time limits.
+MAX_EXPONENT = 10_000  # largest int exponent of an int base
+MAX_INT_BITS = 100_000  # largest int produced by ** or *
+MAX_REPEAT_ITEMS = 100_000  # largest str/list/tuple produced by *
+MAX_CONCAT_ITEMS = 1_000_000  # largest str/list/tuple produced by +
+MAX_ROUND_DIGITS = 10_000  # largest |ndigits| accepted by round()
+CACHE_SIZE = 1024
+
+_JS_CONSTANTS = {"true": True, "false": False, "null": None, "undefined": None}
+_SEQUENCES = (list, tuple, str)
+_MISSING = object()
+
+
+@runtime_checkable
+class Evaluator(Protocol):
+    """What the runtime needs of an evaluator: ``compile(source)`` returning ``fn(names)``."""
+
+    def compile(self, source: str) -> CompiledExpression:  # pragma: no cover - protocol
+        ...
+
+
+class _Refused(Exception):
+    """A run-time limit was hit; turned into `ExpressionError` by the compiled callable."""
+
+
+# --------------------------------------------------------------------------------------------
+# Whitelisted functions
+# --------------------------------------------------------------------------------------------
+def _safe_min(*args: Any, **kwargs: Any) -> Any:
+    if set(kwargs) - {"default"}:
+        raise _Refused("min() accepts only the keyword argument 'default'")
+    return min(*args, **kwargs)
+
+
+def _safe_max(*args: Any, **kwargs: Any) -> Any:
+    if set(kwargs) - {"default"}:
+        raise _Refused("max() accepts only the keyword argument 'default'")
+    return max(*args, **kwargs)
+
+
+def _safe_round(number: Any, ndigits: Any = None) -> Any:
+    if isinstance(ndigits, int) and abs(ndigits) > MAX_ROUND_DIGITS:
+        raise _Refused(f"round() ndigits is limited to {MAX_ROUND_DIGITS} in absolute value")
+    return round(number) if ndigits is None else round(number, ndigits)
+
+
+def _safe_str(*args: Any, **kwargs: Any) -> str:
+    if args and isinstance(args[0], int) and args[0].bit_length() > MAX_INT_BITS:
+        raise _Refused("str() of an integer this large is refused")
+    return str(*args, **kwargs)
+
+
+_safe_min.__name__, _safe_max.__name__, _safe_round.__name__, _safe_str.__name__ = (
+    "min", "max", "round", "str",
+)
+
+#: The default whitelist of callable functions, by the bare name used in expressions.
+DEFAULT_FUNCTIONS: Mapping[str, Callable[..., Any]] = {
+    "len": len,
+    "str": _safe_str,
+    "int": int,
+    "float": float,
+    "bool": bool,
+    "abs": abs,
+    "min": _safe_min,
+    "max": _safe_max,
+    "round": _safe_round,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Run-time helpers (the closures call these; keep them small)
+# --------------------------------------------------------------------------------------------
+def _get_attr(value: Any, name: str) -> Any:
+    if value.__class__ is dict or isinstance(value, Mapping):
+        return value.get(name)
+    if name == "length" and isinstance(value, _SEQUENCES):
+        return len(value)
+    return None
+
+
+def _get_item(value: Any, key: Any) -> Any:
+    if value.__class__ is dict or isinstance(value, Mapping):
+        try:
+            return value.get(key)
+        except TypeError:  # unhashable key
+            return None
+    if isinstance(value, _SEQUENCES):
+        if isinstance(key, int):
+            try:
+                return value[key]
+            except IndexError:
+                return None
+        if isinstance(key, slice):
+            return value[key]
+    return None
+
+
+def _ordering(op: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    def compare(a: Any, b: Any) -> Any:
+        if a is None or b is None:
+            return False
+        try:
+            return op(a, b)
+        except TypeError:
+            return False
+
+    compare.__name__ = op.__name__
+    return compare
+
+
+def _contains(a: Any, b: Any) -> bool:
+    if b is None:
+        return False
+    try:
+        return a in b
+    except TypeError:
+        return False
+
+
+def _not_contains(a: Any, b: Any) -> bool:
+    return not _contains(a, b)
+
+
+def _check_size(kind: str, size: int, limit: int) -> None:
+    if size > limit:
+        raise _Refused(f"{kind} would produce {size} items (limit {limit})")
+
+
+def _add(a: Any, b: Any) -> Any:
+    if isinstance(a, _SEQUENCES) and isinstance(b, _SEQUENCES):
+        _check_size("'+'", len(a) + len(b), MAX_CONCAT_ITEMS)
+    return a + b
+
+
+def _mul(a: Any, b: Any) -> Any:
+    if isinstance(a, int):
+        if isinstance(b, int):
+            if a.bit_length() + b.bit_length() > MAX_INT_BITS:
+                raise _Refused(f"'*' would produce an integer larger than {MAX_INT_BITS} bits")
+        elif isinstance(b, _SEQUENCES):
+            _check_size("'*'", len(b) * a, MAX_REPEAT_ITEMS)
+    elif isinstance(a, _SEQUENCES) and isinstance(b, int):
+        _check_size("'*'", len(a) * b, MAX_REPEAT_ITEMS)
+    return a * b
+
+
+def _pow(a: Any, b: Any) -> Any:
+    if isinstance(a, int) and isinstance(b, int) and b > 0:
+        if b > MAX_EXPONENT:
+            raise _Refused(f"exponent {b} is larger than {MAX_EXPONENT}")
+        if abs(a).bit_length() * b > MAX_INT_BITS:
+            raise _Refused(f"'**' would produce an integer larger than {MAX_INT_BITS} bits")
+    return a ** b
+
+
+def _mod(a: Any, b: Any) -> Any:
+    if isinstance(a, (str, bytes)):
+        raise _Refused("string formatting with '%' is not allowed")
+    return a % b
+
+
+def _logical_not(a: Any) -> bool:
+    return not a
+
+
+_BINOPS: Dict[type, Tuple[str, Callable[[Any, Any], Any]]] = {
+    ast.Add: ("+", _add),
+    ast.Sub: ("-", operator.sub),
+    ast.Mult: ("*", _mul),
+    ast.Div: ("/", operator.truediv),
+    ast.FloorDiv: ("//", operator.floordiv),
+    ast.Mod: ("%", _mod),
+    ast.Pow: ("**", _pow),
+}
+_FORBIDDEN_BINOPS = {
+    ast.BitAnd: "&", ast.BitOr: "|", ast.BitXor: "^", ast.LShift: "<<", ast.RShift: ">>",
+    ast.MatMult: "@",
+}
+_UNARYOPS: Dict[type, Callable[[Any], Any]] = {
+    ast.Not: _logical_not,
+    ast.Invert: _logical_not,  # the JavaScript '!' is rewritten to '~' (see _translate)
+    ast.USub: operator.neg,
+    ast.UAdd: operator.pos,
+}
+_ORDERING = {ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge}
+_COMPARE: Dict[type, Callable[[Any, Any], Any]] = {
+    ast.Eq: operator.eq,
+    ast.NotEq: operator.ne,
+    ast.Is: operator.is_,
+    ast.IsNot: operator.is_not,
+    ast.In: _contains,
+    ast.NotIn: _not_contains,
+    **{kind: _ordering(op) for kind, op in _ORDERING.items()},
+}
+_FORBIDDEN_NODES = {
+    "Lambda": "lambda",
+    "ListComp": "list comprehension",
+    "SetComp": "set comprehension",
+    "DictComp": "dict comprehension",
+    "GeneratorExp": "generator expression",
+    "JoinedStr": "f-string",
+    "FormattedValue": "f-string",
+    "NamedExpr": "assignment expression ':='",
+    "Starred": "unpacking with '*'",
+    "Set": "set literal",
+    "Await": "await",
+    "Yield": "yield",
+    "YieldFrom": "yield",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Source translation (JavaScript spellings)
+# --------------------------------------------------------------------------------------------
+def _translate(source: str) -> str:
+    """Rewrite JavaScript operators outside string literals.
+
+    ``===``/``!==`` become ``==``/``!=``, ``&&``/``||`` become ``and``/``or``, and a prefix
+    ``!`` becomes ``~``, which the compiler reads as a logical *not* with JavaScript's binding
+    (a user-written ``~`` is refused here, so the two cannot be confused). Newlines outside
+    strings become spaces and comments are dropped, so expressions may span lines.
+    """
+    out: List[str] = []
+    i, n = 0, len(source)
+    while i < n:
+        c = source[i]
+        if c == "'" or c == '"':
+            quote = c * 3 if source.startswith(c * 3, i) else c
+            j = i + len(quote)
+            while j < n:
+                if source[j] == "\\":
+                    j += 2
+                elif source.startswith(quote, j):
+                    j += len(quote)
+                    break
+                elif len(quote) == 1 and source[j] == "\n":
+                    break  # unterminated: the parser reports it
+                else:
+                    j += 1
+            out.append(source[i:j])
+            i = j
+            continue
+        if c == "=" and source.startswith("===", i):
+            out.append("==")
+            i += 3
+        elif c == "!":
+            if source.startswith("!==", i):
+                out.append("!=")
+                i += 3
+            elif source.startswith("!=", i):
+                out.append("!=")
+                i += 2
+            else:
+                out.append(" ~")
+                i += 1
+        elif c == "~":
+            raise ExpressionError(f"operator '~' is not allowed in expression {source!r}")
+        elif c == "&" and source.startswith("&&", i):
+            out.append(" and ")
+            i += 2
+        elif c == "|" and source.startswith("||", i):
+            out.append(" or ")
+            i += 2
+        elif c == "#":
+            end = source.find("\n", i)
+            out.append(" ")
+            i = n if end < 0 else end
+        elif c == "\\" and source.startswith("\n", i + 1):
+            out.append(" ")
+            i += 2
+        elif c in "\r\n":
+            out.append(" ")
+            i += 1
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out).strip()
+
+
+# --------------------------------------------------------------------------------------------
+# Compiler: validated AST -> closures
+# --------------------------------------------------------------------------------------------
+class _Node:
+    """A compiled sub-expression: its closure, and its value when known at compile time."""
+
+    __slots__ = ("fn", "const", "value")
+
+    def __init__(self, fn: CompiledExpression, const: bool = False, value: Any = None) -> None:
+        self.fn = fn
+        self.const = const
+        self.value = value
+
+
+def _constant(value: Any) -> _Node:
+    return _Node(lambda names: value, True, value)
+
+
+_FOLDABLE = (int, float, str, bool, type(None), tuple)
+
+
+def _fold(node: _Node, children: List[_Node]) -> _Node:
+    """Replace `node` by its value when every child is a constant and evaluation succeeds."""
+    if not all(child.const for child in children):
+        return node
+    try:
+        value = node.fn({})
+    except Exception:  # let the error happen at run time, where it is reported
+        return node
+    if isinstance(value, _FOLDABLE) and (not isinstance(value, tuple) or _frozen(value)):
+        return _constant(value)
+    return node
+
+
+def _frozen(value: tuple) -> bool:
+    return all(isinstance(v, _FOLDABLE) and (not isinstance(v, tuple) or _frozen(v)) for v in value)
+
+
+class _Compiler:
+    def __init__(self, source: str, functions: Mapping[str, Callable[..., Any]]) -> None:
+        self.source = source
+        self.functions = functions
+
+    def fail(self, what: str) -> ExpressionError:
+        return ExpressionError(f"{what} is not allowed in expression {self.source!r}")
+
+    def check_name(self, name: str, kind: str) -> None:
+        if name.startswith("__"):
+            raise self.fail(f"{kind} {name!r} (names starting with '__' are reserved)")
+
+    def compile(self, node: ast.AST) -> _Node:
+        kind = type(node).__name__
+        method = _Compiler.__dict__.get("c_" + kind)
+        if method is None:
+            raise self.fail(_FORBIDDEN_NODES.get(kind, f"construct {kind}"))
+        return method(self, node)
+
+    # --- leaves ------------------------------------------------------------------------------
+    def c_Constant(self, node: ast.Constant) -> _Node:
+        value = node.value
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return _constant(value)
+        raise self.fail(f"literal {value!r} of type {type(value).__name__}")
+
+    def c_Name(self, node: ast.Name) -> _Node:
+        name = node.id
+        if name in _JS_CONSTANTS:
+            return _constant(_JS_CONSTANTS[name])
+        self.check_name(name, "name")
+        return _Node(lambda names: names.get(name))
+
+    # --- attributes and subscripts -----------------------------------------------------------
+    def c_Attribute(self, node: ast.Attribute) -> _Node:
+        chain: List[str] = []
+        base: ast.AST = node
+        while isinstance(base, ast.Attribute):
+            self.check_name(base.attr, "attribute")
+            chain.append(base.attr)
+            base = base.value
+        chain.reverse()
+        if isinstance(base, ast.Name) and base.id not in _JS_CONSTANTS:
+            self.check_name(base.id, "name")
+            return self._dotted_chain(base.id, chain)
+        inner = self.compile(base)
+        get = inner.fn
+        attrs = tuple(chain)
+
+        def attribute(names: Names) -> Any:
+            value = get(names)
+            for attr in attrs:
+                value = _get_attr(value, attr)
+            return value
+
+        return _fold(_Node(attribute), [inner])
+
+    def _dotted_chain(self, head: str, chain: List[str]) -> _Node:
+        parts = [head, *chain]
+        # Fallback keys, longest first: ("a.b.c", ()), ("a.b", ("c",)).
+        fallbacks = tuple(
+            (".".join(parts[:k]), tuple(parts[k:])) for k in range(len(parts), 1, -1)
+        )
+
+        def fallback(names: Names) -> Any:
+            for key, rest in fallbacks:
+                value = names.get(key, _MISSING)
+                if value is not _MISSING:
+                    for attr in rest:
+                        value = _get_attr(value, attr)
+                    return value
+            return None
+
+        if len(chain) == 1:
+            attr = chain[0]
+
+            def attribute1(names: Names) -> Any:
+                value = names.get(head, _MISSING)
+                if value is _MISSING:
+                    return fallback(names)
+                if value.__class__ is dict:
+                    return value.get(attr)
+                return _get_attr(value, attr)
+
+            return _Node(attribute1)
+        attrs = tuple(chain)
+
+        def attribute_chain(names: Names) -> Any:
+            value = names.get(head, _MISSING)
+            if value is _MISSING:
+                return fallback(names)
+            for attr in attrs:
+                value = value.get(attr) if value.__class__ is dict else _get_attr(value, attr)
+            return value
+
+        return _Node(attribute_chain)
+
+    def c_Subscript(self, node: ast.Subscript) -> _Node:
+        key_node = node.slice
+        if isinstance(key_node, ast.Constant) and isinstance(key_node.value, str):
+            self.check_name(key_node.value, "key")
+        inner = self.compile(node.value)
+        key = self.compile(key_node)
+        get, get_key = inner.fn, key.fn
+        if key.const:
+            k = key.value
+
+            def subscript_const(names: Names) -> Any:
+                value = get(names)
+                if value.__class__ is dict:
+                    try:
+                        return value.get(k)
+                    except TypeError:
+                        return None
+                return _get_item(value, k)
+
+            return _fold(_Node(subscript_const), [inner, key])
+
+        def subscript(names: Names) -> Any:
+            return _get_item(get(names), get_key(names))
+
+        return _fold(_Node(subscript), [inner, key])
+
+    def c_Slice(self, node: ast.Slice) -> _Node:
+        parts = [None if p is None else self.compile(p) for p in (node.lower, node.upper, node.step)]
+        fns = [(lambda names: None) if p is None else p.fn for p in parts]
+        lower, upper, step = fns
+
+        def make_slice(names: Names) -> slice:
+            return slice(lower(names), upper(names), step(names))
+
+        # A slice object is not foldable into a constant (not in _FOLDABLE); that is fine.
+        return _Node(make_slice)
+
+    # --- operators ---------------------------------------------------------------------------
+    def c_BinOp(self, node: ast.BinOp) -> _Node:
+        kind = type(node.op)
+        if kind not in _BINOPS:
+            raise self.fail(f"operator {_FORBIDDEN_BINOPS.get(kind, kind.__name__)!r}")
+        _, op = _BINOPS[kind]
+        left, right = self.compile(node.left), self.compile(node.right)
+        lf, rf = left.fn, right.fn
+        if right.const:
+            k = right.value
+
+            def binop_const(names: Names) -> Any:
+                return op(lf(names), k)
+
+            return _fold(_Node(binop_const), [left, right])
+
+        def binop(names: Names) -> Any:
+            return op(lf(names), rf(names))
+
+        return _fold(_Node(binop), [left, right])
+
+    def c_UnaryOp(self, node: ast.UnaryOp) -> _Node:
+        op = _UNARYOPS[type(node.op)]
+        operand = self.compile(node.operand)
+        f = operand.fn
+        if op is _logical_not:
+
+            def logical_not(names: Names) -> bool:
+                return not f(names)
+
+            return _fold(_Node(logical_not), [operand])
+
+        def unary(names: Names) -> Any:
+            return op(f(names))
+
+        return _fold(_Node(unary), [operand])
+
+    def c_BoolOp(self, node: ast.BoolOp) -> _Node:
+        values = [self.compile(v) for v in node.values]
+        fns = tuple(v.fn for v in values)
+        is_and = isinstance(node.op, ast.And)
+        if len(fns) == 2:
+            a, b = fns
+            if is_and:
+
+                def and2(names: Names) -> Any:
+                    return a(names) and b(names)
+
+                return _fold(_Node(and2), values)
+
+            def or2(names: Names) -> Any:
+                return a(names) or b(names)
+
+            return _fold(_Node(or2), values)
+
+        def boolop(names: Names) -> Any:
+            result = None
+            for f in fns:
+                result = f(names)
+                if (not result) if is_and else result:
+                    return result
+            return result
+
+        return _fold(_Node(boolop), values)
+
+    def c_Compare(self, node: ast.Compare) -> _Node:
+        left = self.compile(node.left)
+        comparators = [self.compile(c) for c in node.comparators]
+        ops = [_COMPARE[type(op)] for op in node.ops]
+        children = [left, *comparators]
+        lf = left.fn
+        if len(ops) == 1:
+            right = comparators[0]
+            kind = type(node.ops[0])
+            if right.const and kind in _ORDERING:
+                k, raw = right.value, _ORDERING[kind]
+
+                def ordering_const(names: Names) -> Any:
+                    a = lf(names)
+                    if a is None or k is None:
+                        return False
+                    try:
+                        return raw(a, k)
+                    except TypeError:
+                        return False
+
+                return _fold(_Node(ordering_const), children)
+            op = ops[0]
+            if right.const:
+                k = right.value
+
+                def compare_const(names: Names) -> Any:
+                    return op(lf(names), k)
+
+                return _fold(_Node(compare_const), children)
+            rf = right.fn
+
+            def compare(names: Names) -> Any:
+                return op(lf(names), rf(names))
+
+            return _fold(_Node(compare), children)
+        pairs = tuple(zip(ops, (c.fn for c in comparators)))
+
+        def compare_chain(names: Names) -> Any:
+            a = lf(names)
+            result: Any = True
+            for op, f in pairs:
+                b = f(names)
+                result = op(a, b)
+                if not result:
+                    return result
+                a = b
+            return result
+
+        return _fold(_Node(compare_chain), children)
+
+    def c_IfExp(self, node: ast.IfExp) -> _Node:
+        test, body, orelse = (self.compile(n) for n in (node.test, node.body, node.orelse))
+        if test.const:
+            return body if test.value else orelse
+        t, b, o = test.fn, body.fn, orelse.fn
+
+        def if_exp(names: Names) -> Any:
+            return b(names) if t(names) else o(names)
+
+        return _Node(if_exp)
+
+    # --- containers --------------------------------------------------------------------------
+    def c_List(self, node: ast.List) -> _Node:
+        fns = tuple(self.compile(e).fn for e in node.elts)
+        return _Node(lambda names: [f(names) for f in fns])
+
+    def c_Tuple(self, node: ast.Tuple) -> _Node:
+        items = [self.compile(e) for e in node.elts]
+        fns = tuple(i.fn for i in items)
+        return _fold(_Node(lambda names: tuple(f(names) for f in fns)), items)
+
+    def c_Dict(self, node: ast.Dict) -> _Node:
+        if any(k is None for k in node.keys):
+            raise self.fail("unpacking with '**'")
+        pairs = tuple((self.compile(k).fn, self.compile(v).fn) for k, v in zip(node.keys, node.values))
+        return _Node(lambda names: {k(names): v(names) for k, v in pairs})
+
+    # --- calls -------------------------------------------------------------------------------
+    def c_Call(self, node: ast.Call) -> _Node:
+        func = node.func
+        if isinstance(func, ast.Attribute):
+            self.check_name(func.attr, "attribute")
+            raise self.fail(f"method call '.{func.attr}()'")
+        if not isinstance(func, ast.Name):
+            raise self.fail("calling a computed value")
+        name = func.id
+        self.check_name(name, "name")
+        target = self.functions.get(name)
+        if target is None:
+            allowed = ", ".join(sorted(self.functions)) or "none"
+            raise self.fail(f"call to {name!r} (allowed functions: {allowed})")
+        for kw in node.keywords:
+            if kw.arg is None:
+                raise self.fail("unpacking with '**'")
+            self.check_name(kw.arg, "keyword argument")
+        args = tuple(self.compile(a).fn for a in node.args)
+        keywords = tuple((kw.arg, self.compile(kw.value).fn) for kw in node.keywords)
+        if keywords:
+
+            def call_kw(names: Names) -> Any:
+                return target(*[a(names) for a in args], **{k: v(names) for k, v in keywords})
+
+            return _Node(call_kw)
+        if len(args) == 1:
+            (a,) = args
+
+            def call1(names: Names) -> Any:
+                return target(a(names))
+
+            return _Node(call1)
+
+        def call(names: Names) -> Any:
+            return target(*[a(names) for a in args])
+
+        return _Node(call)
+
+
+def _depth_exceeds(node: ast.AST, limit: int) -> bool:
+    """True when the expression tree is deeper than `limit` (recursion bounded by `limit`)."""
+    if limit < 0:
+        return True
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, (ast.expr_context, ast.operator, ast.unaryop, ast.boolop, ast.cmpop)):
+            continue
+        if _depth_exceeds(child, limit - 1):
+            return True
+    return False
+
+
+def _runtime_error(source: str, exc: Exception) -> ExpressionError:
+    if isinstance(exc, (_Refused, ExpressionError)):
+        detail = str(exc)
+    else:
+        detail = f"{type(exc).__name__}: {exc}"
+    return ExpressionError(f"cannot evaluate {source!r}: {detail}")
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+class SafeEvaluator:
+    """Compiles blueprint expressions into fast callables, refusing anything unsafe.
+
+    ``functions`` extends the default whitelist (`DEFAULT_FUNCTIONS`): its entries are added or
+    replace the default of the same name; an entry whose value is ``None`` removes that name.
+    Compiled expressions (and refusals) are cached per source string, up to 1024 entries.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_length: int = 1000,
+        max_depth: int = 50,
+        functions: Optional[Mapping[str, Optional[Callable[..., Any]]]] = None,
+    ) -> None:
+        self.max_length = max_length
+        self.max_depth = max_depth
+        merged: Dict[str, Callable[..., Any]] = dict(DEFAULT_FUNCTIONS)
+        for name, fn in (functions or {}).items():
+            if not isinstance(name, str) or not name.isidentifier():
+                raise ValueError(f"function name must be an identifier, not {name!r}")
+            if fn is None:
+                merged.pop(name, None)
+            elif not callable(fn):
+                raise TypeError(f"function {name!r} is not callable")
+            else:
+                merged[name] = fn
+        self._functions = merged
+        self._cache: Dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def functions(self) -> Mapping[str, Callable[..., Any]]:
+        """The whitelisted functions (a copy)."""
+        return dict(self._functions)
+
+    def __repr__(self) -> str:
+        return (
+            f"SafeEvaluator(max_length={self.max_length}, max_depth={self.max_depth}, "
+            f"functions={sorted(self._functions)})"
+        )
+
+    def compile(self, source: str) -> CompiledExpression:
+        """Parse and validate `source` once; return ``fn(names) -> value``.
+
+        Raises `ExpressionError` when the source cannot be parsed or uses a forbidden construct;
+        the message names the construct.
+        """
+        try:
+            entry = self._cache.get(source)
+        except TypeError:  # unhashable, so certainly not a string
+            entry = None
+        if entry is not None:
+            if entry.__class__ is str:
+                raise ExpressionError(entry)
+            return entry
+        try:
+            entry = self._build(source)
+        except ExpressionError as exc:
+            if isinstance(source, str):
+                self._remember(source, str(exc))
+            raise
+        self._remember(source, entry)
+        return entry
+
+    def evaluate(self, source: str, names: Names) -> Any:
+        """Compile (cached) and evaluate `source` with `names`."""
+        return self.compile(source)(names)
+
+    # --- internals ---------------------------------------------------------------------------
+    def _remember(self, source: str, entry: Any) -> None:
+        with self._lock:
+            cache = self._cache
+            if source not in cache and len(cache) >= CACHE_SIZE:
+                cache.pop(next(iter(cache)), None)  # oldest first
+            cache[source] = entry
+
+    def _build(self, source: Any) -> CompiledExpression:
+        if not isinstance(source, str):
+            raise ExpressionError(f"an expression must be a string, not {type(source).__name__}")
+        if len(source) > self.max_length:
+            raise ExpressionError(
+                f"expression is {len(source)} characters long (limit {self.max_length}): "
+                f"{source[:60]!r}..."
+            )
+        text = _translate(source)
+        if not text:
+            raise ExpressionError("empty expression")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                tree = ast.parse(text, mode="eval")
+        except SyntaxError as exc:
+            raise ExpressionError(f"cannot parse expression {source!r}: {exc.msg}") from None
+        except (ValueError, RecursionError, MemoryError, OverflowError) as exc:
+            raise ExpressionError(
+                f"cannot parse expression {source!r}: {type(exc).__name__}: {exc}"
+            ) from None
+        if _depth_exceeds(tree.body, self.max_depth - 1):
+            raise ExpressionError(
+                f"expression is nested more than {self.max_depth} levels deep: {source[:60]!r}"
+            )
+        try:
+            node = _Compiler(source, self._functions).compile(tree.body)
+        except RecursionError:
+            raise ExpressionError(f"expression is nested too deeply: {source[:60]!r}") from None
+        return _finish(source, node)
+
+
+def _finish(source: str, node: _Node) -> CompiledExpression:
+    fn = node.fn
+
+    def compiled(names: Names) -> Any:
+        try:
+            return fn(names)
+        except Exception as exc:
+            if names is None:
+                return compiled({})
+            raise _runtime_error(source, exc) from exc
+
+    compiled.source = source  # type: ignore[attr-defined]
+    compiled.__qualname__ = compiled.__name__ = "compiled_expression"
+    return compiled
+
+
+def default_evaluator() -> SafeEvaluator:
+    """A new `SafeEvaluator` with the default settings."""
+    return SafeEvaluator()

@@ -1,0 +1,550 @@
+"""The compiled graph of a blueprint and the pure traversal state of one run.
+
+`CompiledGraph` is built once per blueprint: adjacency, join sizes, start nodes, back edges (the
+edges that close a cycle, such as a loop's `continue`) and the body each back edge re-runs, plus the
+compiled edge expressions. It also decides routing: which outgoing edges a result takes.
+
+`Traversal` is the state machine of one run, with no I/O: which edges have arrived at each node,
+which nodes are ready, done or skipped, and how many activations are outstanding. The in-memory
+runtime drives it for a whole run; the distributed driver loads the few node states a completion
+touches, applies the same transition, and commits what changed. Node states are plain data
+(`NodeState.to_dict`) so they can be persisted.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Mapping, MutableMapping, Optional, Set, Tuple
+
+from .blueprint import EdgeDefinition, NodeConfig, NodeDefinition, WorkflowBlueprint
+from .errors import BlueprintError, ExpressionError
+from .node import NodeResult
+
+PENDING, READY, DONE, SKIPPED = "pending", "ready", "done", "skipped"
+LOOP_CONTROLLER = "loop-controller"
+
+
+class _Dead:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "DEAD"
+
+
+DEAD: Any = _Dead()  # the value an arrival records for an edge that was not taken
+
+
+class RoutingError(ExpressionError):
+    """An edge's condition or transform failed while routing a node's result."""
+
+
+class Edge:
+    __slots__ = ("index", "source", "target", "action", "condition", "transform", "definition", "back")
+
+    def __init__(self, index: int, definition: EdgeDefinition, evaluator: Any) -> None:
+        self.index = index
+        self.definition = definition
+        self.source = definition.source
+        self.target = definition.target
+        self.action = definition.action
+        self.condition: Optional[Callable[[Mapping[str, Any]], Any]] = (
+            evaluator.compile(definition.condition) if definition.condition is not None else None
+        )
+        self.transform: Optional[Callable[[Mapping[str, Any]], Any]] = (
+            evaluator.compile(definition.transform) if definition.transform is not None else None
+        )
+        self.back = False
+
+    def __repr__(self) -> str:
+        return f"Edge({self.source!r} -> {self.target!r})"
+
+
+class GraphNode:
+    __slots__ = (
+        "id", "definition", "uses", "params", "inputs", "config", "join_any", "incoming", "in_count",
+        "outgoing", "by_action", "default_edges", "simple_edge", "outputs_key", "inputs_key",
+        "back_edges_out", "plain",
+    )
+
+    def __init__(self, definition: NodeDefinition) -> None:
+        self.id = definition.id
+        self.definition = definition
+        self.uses = definition.uses
+        self.params: Dict[str, Any] = dict(definition.params or {})
+        self.inputs = definition.inputs
+        self.config: NodeConfig = definition.settings
+        self.join_any = self.config.join == "any"
+        self.plain = self.config.max_retries is None and self.config.timeout is None  # one attempt, no timer
+        self.incoming: Tuple[Edge, ...] = ()  # forward edges only
+        self.in_count = 0
+        self.outgoing: Tuple[Edge, ...] = ()  # every outgoing edge, in blueprint order
+        self.by_action: Dict[str, Tuple[Edge, ...]] = {}
+        self.default_edges: Tuple[Edge, ...] = ()
+        self.simple_edge: Optional[Edge] = None  # the only edge, unconditional: the fast path
+        self.back_edges_out: Tuple[Edge, ...] = ()
+        self.outputs_key = "_outputs." + self.id
+        self.inputs_key = "_inputs." + self.id
+
+
+class Activation:
+    """A node made ready: run `node_id` at `iteration` with `input` (when `has_input`).
+
+    A dynamic node (a batch item) has `parent` set: the node that spawned it, and its `index`.
+    """
+
+    __slots__ = ("node_id", "iteration", "input", "has_input", "parent", "index", "definition")
+
+    def __init__(
+        self, node_id: str, iteration: int = 0, input: Any = None, has_input: bool = False,
+        parent: Optional[str] = None, index: int = 0, definition: Optional[Mapping[str, Any]] = None,
+    ) -> None:
+        self.node_id = node_id
+        self.iteration = iteration
+        self.input = input
+        self.has_input = has_input
+        self.parent = parent
+        self.index = index
+        self.definition = definition
+
+    def to_dict(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"nodeId": self.node_id, "iteration": self.iteration}
+        if self.has_input:
+            out["input"] = self.input
+        return out
+
+    def __repr__(self) -> str:
+        return f"Activation({self.node_id!r}, iteration={self.iteration})"
+
+
+Decision = Tuple[Edge, bool, Any]  # (edge, taken, value carried)
+
+
+class _ConditionNames(Mapping):
+    """The names a condition sees: the context's keys plus `result`, without copying the context."""
+
+    __slots__ = ("context", "result")
+
+    def __init__(self, context: Mapping[str, Any], result: Dict[str, Any]) -> None:
+        self.context = context
+        self.result = result
+
+    def __getitem__(self, key: str) -> Any:
+        if key == "result":
+            return self.result
+        if key == "context" and key not in self.context:
+            return self.context  # the TS spelling `context.total > 0`
+        return self.context[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in ("result", "context") or key in self.context
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key == "result":
+            return self.result
+        if key == "context" and key not in self.context:
+            return self.context
+        return self.context.get(key, default)
+
+    def __iter__(self):
+        yield "result"
+        yield from (k for k in self.context if k != "result")
+
+    def __len__(self) -> int:
+        return len(self.context) + (0 if "result" in self.context else 1)
+
+
+def start_node_ids(blueprint: WorkflowBlueprint) -> Tuple[str, ...]:
+    """The nodes a run starts with: no incoming edge (a loop's `continue` edge does not count), and
+    not a node that only serves as another node's fallback."""
+    uses = {n.id: n.uses for n in blueprint.nodes}
+    entered: Set[str] = set()
+    targeted: Set[str] = set()
+    for edge in blueprint.edges:
+        targeted.add(edge.target)
+        if not (uses.get(edge.source) == LOOP_CONTROLLER and edge.action == "continue"):
+            entered.add(edge.target)
+    fallbacks = {n.settings.fallback for n in blueprint.nodes if n.settings.fallback}
+    return tuple(
+        n.id for n in blueprint.nodes
+        if n.id not in entered and not (n.id in fallbacks and n.id not in targeted)
+    )
+
+
+class CompiledGraph:
+    """A blueprint prepared for execution. Build once per blueprint and reuse for every run."""
+
+    def __init__(self, blueprint: WorkflowBlueprint, evaluator: Any = None, *, strict: bool = False) -> None:
+        if evaluator is None:
+            from .evaluator import default_evaluator
+
+            evaluator = default_evaluator()
+        blueprint.validate(evaluator)
+        self.blueprint = blueprint
+        self.evaluator = evaluator
+        self.nodes: Dict[str, GraphNode] = {n.id: GraphNode(n) for n in blueprint.nodes}
+        self.edges: Tuple[Edge, ...] = tuple(Edge(i, e, evaluator) for i, e in enumerate(blueprint.edges))
+        self.fallback_ids: FrozenSet[str] = frozenset(
+            n.config.fallback for n in self.nodes.values() if n.config.fallback
+        )
+        self._link()
+        self.start_ids: Tuple[str, ...] = self._find_start_ids()
+        targeted = {e.target for e in self.edges}
+        self.fallback_only_ids: Tuple[str, ...] = tuple(n for n in self.nodes if n in self.fallback_ids and n not in targeted)
+        self._mark_back_edges()
+        self._index_edges()
+        self.cycle_bodies: Dict[int, FrozenSet[str]] = {
+            e.index: self._cycle_body(e) for e in self.edges if e.back
+        }
+        if strict:
+            cycles = [e for e in self.edges if e.back and self.nodes[e.source].uses != LOOP_CONTROLLER]
+            if cycles:
+                raise BlueprintError(
+                    [f"strict mode: edge {e.source!r} -> {e.target!r} closes a cycle" for e in cycles],
+                    blueprint.id,
+                )
+
+    # --- compilation ---------------------------------------------------------------------------
+
+    def _link(self) -> None:
+        outgoing: Dict[str, List[Edge]] = {n: [] for n in self.nodes}
+        for edge in self.edges:
+            outgoing[edge.source].append(edge)
+        for node_id, edges in outgoing.items():
+            self.nodes[node_id].outgoing = tuple(edges)
+
+    def _find_start_ids(self) -> Tuple[str, ...]:
+        return start_node_ids(self.blueprint)
+
+    def _mark_back_edges(self) -> None:
+        """Depth-first from the start nodes (then any unreached node): an edge to a node on the stack is a back edge."""
+        state: Dict[str, int] = {}  # 1 on stack, 2 finished
+        roots = list(self.start_ids) + [n for n in self.nodes if n not in self.start_ids]
+        for root in roots:
+            if root in state:
+                continue
+            state[root] = 1
+            stack = [(root, iter(self.nodes[root].outgoing))]
+            while stack:
+                node_id, edges = stack[-1]
+                for edge in edges:
+                    seen = state.get(edge.target)
+                    if seen == 1:
+                        edge.back = True
+                    elif seen is None:
+                        state[edge.target] = 1
+                        stack.append((edge.target, iter(self.nodes[edge.target].outgoing)))
+                        break
+                else:
+                    state[node_id] = 2
+                    stack.pop()
+
+    def _index_edges(self) -> None:
+        incoming: Dict[str, List[Edge]] = {n: [] for n in self.nodes}
+        for edge in self.edges:
+            if not edge.back:
+                incoming[edge.target].append(edge)
+        for node in self.nodes.values():
+            node.incoming = tuple(incoming[node.id])
+            node.in_count = len(node.incoming)
+            by_action: Dict[str, List[Edge]] = {}
+            defaults = []
+            for edge in node.outgoing:
+                if edge.action is None:
+                    defaults.append(edge)
+                else:
+                    by_action.setdefault(edge.action, []).append(edge)
+            node.by_action = {a: tuple(es) for a, es in by_action.items()}
+            node.default_edges = tuple(defaults)
+            node.back_edges_out = tuple(e for e in node.outgoing if e.back)
+            only = node.outgoing[0] if len(node.outgoing) == 1 else None
+            if only is not None and only.action is None and only.condition is None and only.transform is None:
+                node.simple_edge = only
+
+    def _cycle_body(self, back: Edge) -> FrozenSet[str]:
+        """The nodes on forward paths from the back edge's target to its source (both included)."""
+        forward = self._reach(back.target, lambda n: (e.target for e in self.nodes[n].outgoing if not e.back))
+        backward = self._reach(back.source, lambda n: (e.source for e in self.nodes[n].incoming))
+        return frozenset((forward & backward) | {back.target, back.source})
+
+    @staticmethod
+    def _reach(start: str, step: Callable[[str], Iterable[str]]) -> Set[str]:
+        seen = {start}
+        todo = [start]
+        while todo:
+            for nxt in step(todo.pop()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+
+    # --- routing -------------------------------------------------------------------------------
+
+    def route(self, node_id: str, result: NodeResult, context: Mapping[str, Any]) -> List[Decision]:
+        """Decide, for every outgoing edge of `node_id`, whether `result` takes it, and what it carries."""
+        node = self.nodes[node_id]
+        action = result.action
+        if node.simple_edge is not None and action is None:
+            return [(node.simple_edge, True, result.output)]
+        if not node.outgoing:
+            return []
+        candidates = node.by_action.get(action) if action is not None else None
+        if candidates is None:
+            candidates = node.default_edges
+        decisions: List[Decision] = []
+        names: Optional[_ConditionNames] = None
+        for edge in node.outgoing:
+            taken = False
+            if any(edge is c for c in candidates):
+                taken = True
+                if edge.condition is not None:
+                    if names is None:
+                        names = _ConditionNames(context, {"output": result.output, "action": action, "error": result.error})
+                    taken = bool(self._evaluate(edge, "condition", edge.condition, names))
+            value = result.output
+            if taken and edge.transform is not None:
+                value = self._evaluate(edge, "transform", edge.transform, {"input": result.output, "context": context})
+            decisions.append((edge, taken, value if taken else None))
+        return decisions
+
+    def exit_conditions(self, node_id: str) -> List[Callable[[Mapping[str, Any]], Any]]:
+        """The compiled conditions of a loop controller's exit edges (evaluated before its own)."""
+        return [e.condition for e in self.nodes[node_id].outgoing if e.action != "continue" and e.condition is not None]
+
+    @staticmethod
+    def _evaluate(edge: Edge, kind: str, compiled: Callable[[Mapping[str, Any]], Any], names: Mapping[str, Any]) -> Any:
+        try:
+            return compiled(names)
+        except ExpressionError as exc:
+            source = getattr(edge.definition, kind)
+            raise RoutingError(f"edge {edge.source!r} -> {edge.target!r}: {kind} {source!r} failed: {exc}") from exc
+
+
+class NodeState:
+    """One node's traversal state at its current iteration."""
+
+    __slots__ = ("iteration", "status", "arrivals", "laps", "pending")
+
+    def __init__(
+        self, iteration: int = 0, status: str = PENDING, arrivals: Optional[Dict[int, Any]] = None,
+        laps: int = 0, pending: int = 0,
+    ) -> None:
+        self.iteration = iteration
+        self.status = status
+        self.arrivals = arrivals  # edge index -> carried value, or DEAD
+        self.laps = laps  # times this node took a back edge since its loop was (re-)entered
+        self.pending = pending  # dynamic nodes (batch items) it still waits for
+
+    def to_dict(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"it": self.iteration, "st": self.status}
+        if self.arrivals:
+            out["arr"] = [[i, v is not DEAD, None if v is DEAD else v] for i, v in self.arrivals.items()]
+        if self.laps:
+            out["laps"] = self.laps
+        if self.pending:
+            out["pending"] = self.pending
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "NodeState":
+        arrivals = {int(i): (v if taken else DEAD) for i, taken, v in data.get("arr", ())} or None
+        return cls(
+            int(data.get("it", 0)), data.get("st", PENDING), arrivals, int(data.get("laps", 0)), int(data.get("pending", 0))
+        )
+
+    def __repr__(self) -> str:
+        return f"NodeState(iteration={self.iteration}, status={self.status!r}, arrivals={self.arrivals!r})"
+
+
+class Traversal:
+    """The pure state machine of one run over a `CompiledGraph`.
+
+    `states` may be any mutable mapping of node id -> `NodeState`; a node missing from it is pending
+    at iteration 0. `outstanding` counts activations handed out and not yet completed: the run has
+    no more work when it reaches zero.
+    """
+
+    __slots__ = ("graph", "states", "outstanding")
+
+    def __init__(self, graph: CompiledGraph, states: Optional[MutableMapping[str, NodeState]] = None, outstanding: int = 0) -> None:
+        self.graph = graph
+        self.states: MutableMapping[str, NodeState] = states if states is not None else {}
+        self.outstanding = outstanding
+
+    def state(self, node_id: str) -> NodeState:
+        st = self.states.get(node_id)
+        if st is None:
+            st = self.states[node_id] = NodeState()
+        return st
+
+    def start(self) -> List[Activation]:
+        """Activate the start nodes."""
+        ready = []
+        for node_id in self.graph.start_ids:
+            st = self.state(node_id)
+            st.status = READY
+            ready.append(Activation(node_id, st.iteration))
+        self.outstanding += len(ready)
+        return ready
+
+    def activate(self, node_id: str, input: Any = None, has_input: bool = False) -> Activation:
+        """Make a node ready outside the normal flow (a fallback node, a resumed node)."""
+        st = self.state(node_id)
+        st.status = READY
+        self.outstanding += 1
+        return Activation(node_id, st.iteration, input, has_input)
+
+    def is_current(self, node_id: str, iteration: int) -> bool:
+        st = self.states.get(node_id)
+        return (st.iteration if st is not None else 0) == iteration
+
+    def complete(
+        self, node_id: str, iteration: int, decisions: List[Decision], *, counted: bool = True
+    ) -> Tuple[List[Activation], List[str]]:
+        """Record that `node_id` finished with these routing decisions; return (newly ready, newly skipped)."""
+        if counted:
+            self.outstanding -= 1
+        st = self.state(node_id)
+        ready: List[Activation] = []
+        skipped: List[str] = []
+        if st.iteration != iteration or st.status == DONE:
+            return ready, skipped  # a stale or repeated completion changes nothing
+        st.status = DONE
+        if not self.graph.nodes[node_id].back_edges_out:
+            nodes, states = self.graph.nodes, self.states
+            for edge, taken, value in decisions:
+                target = nodes[edge.target]
+                if taken and (target.in_count == 1 or target.join_any):  # inline: the common case
+                    tst = states.get(target.id)
+                    if tst is None:
+                        tst = states[target.id] = NodeState()
+                    elif tst.status != PENDING:
+                        continue
+                    tst.status = READY
+                    ready.append(Activation(target.id, tst.iteration, value, True))
+                else:
+                    self._arrive(edge, taken, value, ready, skipped)
+        else:
+            self._complete_with_back_edges(decisions, ready, skipped)
+        self.outstanding += len(ready)
+        return ready, skipped
+
+    def _complete_with_back_edges(self, decisions: List[Decision], ready: List[Activation], skipped: List[str]) -> None:
+        took_back = any(taken for edge, taken, _ in decisions if edge.back)
+        for edge, taken, value in decisions:
+            if edge.back or (took_back and not taken):
+                continue  # a node that loops back decides its other edges on its next lap
+            self._arrive(edge, taken, value, ready, skipped)
+        for edge, taken, value in decisions:
+            if edge.back and taken:
+                self._reenter(edge, value, ready)
+
+    def expand(self, node_id: str, count: int) -> None:
+        """`node_id` spawned `count` dynamic nodes; it completes once they all have."""
+        self.state(node_id).pending = count
+        self.outstanding += count
+
+    def item_done(self, node_id: str) -> bool:
+        """One dynamic node of `node_id` finished; True when it was the last."""
+        self.outstanding -= 1
+        st = self.state(node_id)
+        st.pending -= 1
+        return st.pending == 0
+
+    def snapshot(self) -> Dict[str, Any]:
+        """The whole state as JSON data (for a paused run)."""
+        return {"states": {k: v.to_dict() for k, v in self.states.items()}, "outstanding": self.outstanding}
+
+    @classmethod
+    def restore(cls, graph: CompiledGraph, data: Mapping[str, Any]) -> "Traversal":
+        states = {k: NodeState.from_dict(v) for k, v in (data.get("states") or {}).items()}
+        unknown = [k for k in states if k not in graph.nodes]
+        if unknown:
+            raise BlueprintError([f"the saved run state names unknown node(s) {unknown}"], graph.blueprint.id)
+        return cls(graph, states, int(data.get("outstanding", 0)))
+
+    def fail(self, node_id: str, *, counted: bool = True) -> None:
+        if counted:
+            self.outstanding -= 1
+        self.state(node_id).status = DONE
+
+    def _arrive(self, edge: Edge, taken: bool, value: Any, ready: List[Activation], skipped: List[str]) -> None:
+        nodes = self.graph.nodes
+        target = nodes[edge.target]
+        if taken and (target.in_count == 1 or target.join_any):  # the common case, without the work list
+            st = self.states.get(target.id)
+            if st is None:
+                st = self.states[target.id] = NodeState()
+            elif st.status != PENDING:
+                return
+            st.status = READY
+            ready.append(Activation(target.id, st.iteration, value, True))
+            return
+        work = [(edge, taken, value)]
+        while work:
+            edge, taken, value = work.pop()
+            target = nodes[edge.target]
+            st = self.states.get(target.id)
+            if st is None:
+                st = self.states[target.id] = NodeState()
+            elif st.status != PENDING:
+                continue
+            if taken and (target.in_count == 1 or target.join_any):
+                st.status = READY
+                ready.append(Activation(target.id, st.iteration, value, True))
+                continue
+            if st.arrivals is None:
+                st.arrivals = {}
+            st.arrivals[edge.index] = value if taken else DEAD
+            if len(st.arrivals) < target.in_count:
+                continue
+            taken_values = sorted((i, v) for i, v in st.arrivals.items() if v is not DEAD) if not target.join_any else ()
+            if taken_values:
+                st.status = READY
+                if len(taken_values) == 1:
+                    joined = taken_values[0][1]
+                else:
+                    edges = self.graph.edges
+                    joined = {edges[i].source: v for i, v in taken_values}
+                ready.append(Activation(target.id, st.iteration, joined, True))
+            else:
+                st.status = SKIPPED
+                skipped.append(target.id)
+                work.extend((e, False, None) for e in reversed(target.outgoing) if not e.back)
+
+    def _reenter(self, edge: Edge, value: Any, ready: List[Activation]) -> None:
+        """A back edge was taken: reset its cycle body to a fresh iteration and run its target again."""
+        laps = self.state(edge.source).laps + 1
+        for node_id in self.graph.cycle_bodies[edge.index]:  # inner loops start over: their laps reset too
+            old = self.states.get(node_id)
+            self.states[node_id] = NodeState(iteration=(old.iteration + 1) if old is not None else 1)
+        self.state(edge.source).laps = laps
+        target = self.state(edge.target)
+        target.status = READY
+        ready.append(Activation(edge.target, target.iteration, value, True))
+
+    def settle(self) -> Tuple[List[Activation], List[str]]:
+        """Called when nothing is outstanding: fallback-only nodes that were never needed are
+        skipped, so their own successors resolve too. Returns what became ready and skipped."""
+        ready: List[Activation] = []
+        skipped: List[str] = []
+        for node_id in self.graph.fallback_only_ids:
+            st = self.state(node_id)
+            if st.status != PENDING:
+                continue
+            st.status = SKIPPED  # not reported: an unused fallback is not part of the flow
+            for edge in self.graph.nodes[node_id].outgoing:
+                if not edge.back:
+                    self._arrive(edge, False, None, ready, skipped)
+        self.outstanding += len(ready)
+        return ready, skipped
+
+    def unfinished(self) -> List[str]:
+        """Nodes neither done nor skipped (ignoring fallback-only nodes that never had to run)."""
+        stuck = []
+        for node_id, node in self.graph.nodes.items():
+            st = self.states.get(node_id)
+            status = st.status if st is not None else PENDING
+            if status in (DONE, SKIPPED):
+                continue
+            if status == PENDING and node_id in self.graph.fallback_ids and node.in_count == 0:
+                continue
+            stuck.append(node_id)
+        return stuck

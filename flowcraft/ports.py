@@ -1,0 +1,260 @@
+"""The ports the distributed driver needs; adapters implement them for one technology each.
+
+- `JobQueue`: at-least-once delivery of `Job`s, acknowledged after the commit, with delays and a
+  dead-letter queue.
+- `RunStore`: a run's context, its traversal state and its status, changed only by atomic,
+  version-checked `Commit`s. Every orchestration decision is made by the core; the store applies
+  what it is told, all or nothing.
+- `CoordinationStore`: small shared counters and markers with a TTL (the Flowcraft TS methods).
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence, Tuple
+
+import attrs
+
+_MISSING = object()
+_JOB_FIELDS = {"runId", "blueprintId", "nodeId", "iteration", "attempt", "input", "parent", "index", "kind", "firstSeen"}
+
+
+class MalformedJob(ValueError):
+    """A queue message that is not a valid job; the message says what is wrong."""
+
+
+@attrs.frozen
+class Job:
+    """One unit of work: execute (or finish) node `node_id` of run `run_id` at `iteration`.
+
+    `kind` is "node" (execute), "timer" (a sleep's wake-up), "child" (a subflow's child finished)
+    or "item" (a batch item: `parent` and `index` name it, `input` carries the item).
+    """
+
+    run_id: str
+    blueprint_id: str
+    node_id: str
+    iteration: int = 0
+    attempt: int = 1
+    kind: str = "node"
+    parent: Optional[str] = None
+    index: Optional[int] = None
+    input: Any = None
+    first_seen: Optional[float] = None  # when a worker first had to put it back (version mismatch)
+    extra: Dict[str, Any] = attrs.field(factory=dict)
+
+    @property
+    def key(self) -> str:
+        """The identity of the node execution this job is for (the same for every redelivery)."""
+        base = f"{self.run_id}:{self.node_id}:{self.iteration}"
+        return base if self.index is None else f"{base}:{self.index}"
+
+    def to_dict(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"runId": self.run_id, "blueprintId": self.blueprint_id, "nodeId": self.node_id}
+        if self.iteration:
+            out["iteration"] = self.iteration
+        if self.attempt != 1:
+            out["attempt"] = self.attempt
+        if self.kind != "node":
+            out["kind"] = self.kind
+        if self.parent is not None:
+            out["parent"] = self.parent
+            out["index"] = self.index
+            out["input"] = self.input
+        if self.first_seen is not None:
+            out["firstSeen"] = self.first_seen
+        out.update(self.extra)
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, body: Any) -> "Job":
+        """Parse a queue message; raise `MalformedJob` saying exactly what is wrong."""
+        try:
+            data = json.loads(body)
+        except (ValueError, TypeError, UnicodeDecodeError) as exc:
+            raise MalformedJob(f"not valid JSON: {exc}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Job":
+        if not isinstance(data, Mapping):
+            raise MalformedJob(f"a job must be a JSON object, not {type(data).__name__}")
+        missing = [k for k in ("runId", "blueprintId", "nodeId") if not isinstance(data.get(k), str) or not data.get(k)]
+        if missing:
+            raise MalformedJob(f"missing or empty field(s) {missing}")
+        iteration, attempt, index = data.get("iteration", 0), data.get("attempt", 1), data.get("index")
+        for name, value in (("iteration", iteration), ("attempt", attempt)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise MalformedJob(f"field {name!r} must be a non-negative whole number, not {value!r}")
+        kind = data.get("kind", "node")
+        if kind not in ("node", "timer", "child", "item"):
+            raise MalformedJob(f"unknown job kind {kind!r}")
+        if kind == "item" and (not isinstance(data.get("parent"), str) or not isinstance(index, int)):
+            raise MalformedJob("an item job needs 'parent' and a whole-number 'index'")
+        return cls(
+            run_id=data["runId"], blueprint_id=data["blueprintId"], node_id=data["nodeId"], iteration=iteration,
+            attempt=max(1, attempt), kind=kind, parent=data.get("parent"), index=index, input=data.get("input"),
+            first_seen=data.get("firstSeen"), extra={k: v for k, v in data.items() if k not in _JOB_FIELDS},
+        )
+
+    def with_(self, **changes: Any) -> "Job":
+        return attrs.evolve(self, **changes)
+
+
+@attrs.define
+class Delivery:
+    """A message taken from the queue: its `job`, or the `error` that made it unreadable."""
+
+    body: bytes
+    tag: Any
+    job: Optional[Job] = None
+    error: Optional[str] = None
+    redelivered: bool = False
+
+    @classmethod
+    def parse(cls, body: Any, tag: Any, redelivered: bool = False) -> "Delivery":
+        raw = body if isinstance(body, bytes) else str(body).encode()
+        try:
+            return cls(raw, tag, Job.from_json(raw), None, redelivered)
+        except MalformedJob as exc:
+            return cls(raw, tag, None, str(exc), redelivered)
+
+    def run_id_hint(self) -> Optional[str]:
+        """The run id of an unreadable message, when one can still be read out of it."""
+        try:
+            data = json.loads(self.body)
+        except (ValueError, TypeError, UnicodeDecodeError):
+            return None
+        run_id = data.get("runId") if isinstance(data, dict) else None
+        return run_id if isinstance(run_id, str) and run_id else None
+
+
+class JobQueue(Protocol):
+    def enqueue(self, jobs: Sequence[Job], delay: float = 0.0) -> None:
+        """Make jobs deliverable now, or after `delay` seconds. Durable once it returns."""
+
+    def fetch(self, max_jobs: int = 1, timeout: float = 1.0) -> List[Delivery]:
+        """Take up to `max_jobs` deliveries, waiting up to `timeout` seconds for the first."""
+
+    def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """The deliveries are done with; they are never delivered again."""
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Move a delivery to the dead-letter queue with the reason (and ack it)."""
+
+    def close(self) -> None: ...
+
+
+# --- the run store --------------------------------------------------------------------------
+
+
+@attrs.define
+class RunRecord:
+    """A run's metadata and traversal bookkeeping (everything but its context)."""
+
+    run_id: str
+    blueprint_id: Optional[str] = None
+    blueprint_version: Optional[str] = None
+    status: str = "running"
+    version: int = 0  # bumped by every commit; 0 = never initialised by a worker
+    outstanding: int = 0
+    awaiting: Dict[str, Any] = attrs.field(factory=dict)
+    errors: List[Dict[str, Any]] = attrs.field(factory=list)
+    parent: Optional[Dict[str, Any]] = None  # for a subflow's child run: the parent's run, node, iteration
+    updated_at: float = 0.0
+    result: Optional[Dict[str, Any]] = None
+
+
+@attrs.define
+class RunSnapshot:
+    """What a worker loaded for one decision: the record, some node states, some context keys."""
+
+    record: RunRecord
+    states: Dict[str, Dict[str, Any]] = attrs.field(factory=dict)
+    context: Dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.define
+class Commit:
+    """Everything one decision changes in a run, applied atomically iff the run's version is still
+    `expected_version`. `jobs` become durable with the commit (in the queue, or an outbox the
+    driver publishes from right after)."""
+
+    run_id: str
+    expected_version: int
+    record: RunRecord  # the new record (status, outstanding, awaiting, errors, result...)
+    context_set: Dict[str, Any] = attrs.field(factory=dict)
+    context_delete: List[str] = attrs.field(factory=list)
+    states: Dict[str, Dict[str, Any]] = attrs.field(factory=dict)
+    items: Dict[str, Any] = attrs.field(factory=dict)  # batch item results and inputs, by field name
+    jobs: List[Job] = attrs.field(factory=list)
+    delayed: List[Tuple[Job, float]] = attrs.field(factory=list)
+    ack: List[Delivery] = attrs.field(factory=list)  # deliveries a store may ack within the commit
+
+
+class RunStore(Protocol):
+    def create_run(self, record: RunRecord, context: Mapping[str, Any], states: Mapping[str, Dict[str, Any]], jobs: Sequence[Job]) -> bool:
+        """Create a run with its first jobs; False (and nothing written) if the run exists."""
+
+    def load(self, run_id: str, node_ids: Iterable[str], context_keys: Iterable[str]) -> Optional[RunSnapshot]:
+        """The run's record with the given node states and context keys; None for an unknown run.
+
+        A run whose context exists but was never initialised (started by a seed client) comes back
+        with `record.version == 0`."""
+
+    def read_states(self, run_id: str, node_ids: Iterable[str]) -> Dict[str, Dict[str, Any]]: ...
+
+    def read_all_states(self, run_id: str) -> Dict[str, Dict[str, Any]]: ...
+
+    def read_context(self, run_id: str, keys: Iterable[str]) -> Dict[str, Any]: ...
+
+    def read_all_context(self, run_id: str) -> Dict[str, Any]: ...
+
+    def read_items(self, run_id: str, fields: Sequence[str]) -> List[Any]:
+        """Item fields in the order asked (None where missing)."""
+
+    def commit(self, commit: Commit) -> bool:
+        """Apply atomically iff the version matches; False otherwise (nothing written)."""
+
+    def publish_outbox(self, run_id: str, queue: JobQueue) -> int:
+        """Publish jobs committed but not yet in the queue; return how many (0 where the store
+        enqueues within the commit)."""
+
+    def get_record(self, run_id: str) -> Optional[RunRecord]: ...
+
+    def touch(self, run_id: str, updated_at: float) -> None:
+        """Refresh a `running` run's `updated_at` without a new version, so that bookkeeping such
+        as reconciling never makes a worker's commit conflict."""
+
+    def idle_runs(self, idle_seconds: float, limit: int = 1000) -> Tuple[int, List[str]]:
+        """(how many runs were looked at, the ids of those still `running` whose record was not
+        updated for `idle_seconds`)."""
+
+
+class CoordinationStore(Protocol):
+    """The Flowcraft TS coordination methods."""
+
+    def increment(self, key: str, ttl: float) -> int: ...
+
+    def set_if_not_exist(self, key: str, value: str, ttl: float) -> bool: ...
+
+    def extend_ttl(self, key: str, ttl: float) -> bool: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def get(self, key: str) -> Optional[str]: ...
+
+
+@attrs.frozen
+class RunStatus:
+    run_id: str
+    status: str
+    updated_at: float
+    result: Optional[Dict[str, Any]] = None
+
+
+def item_field(parent: str, iteration: int, index: int) -> str:
+    """The store field of batch item `index` of `parent` at `iteration`."""
+    return f"item:{parent}:{iteration}:{index}"

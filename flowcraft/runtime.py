@@ -1,0 +1,521 @@
+"""The in-memory runtime: runs a blueprint inside this process, serially or on a thread pool."""
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+from .blueprint import NodeDefinition, WorkflowBlueprint
+from .builtins import Await, finish_subflow, utc_now
+from .cancel import CancelToken
+from .context import DictContext
+from .errors import BlueprintError, FlowcraftError, SerializationError, UnknownNodeError
+from .events import Event
+from .execution import FallbackResult, NodeFailure, NodeRunner, item_failure, resolve_impl
+from .graph import Activation, CompiledGraph, GraphNode, RoutingError, Traversal
+from .node import NodeContext, NodeResult, to_result
+from .result import AWAITING, CANCELLED, COMPLETED, FAILED, STALLED, WorkflowError, WorkflowResult
+from .serializer import JsonSerializer, check_json
+
+logger = logging.getLogger("flowcraft.runtime")
+
+BlueprintRef = Union[WorkflowBlueprint, Mapping[str, Any], str]
+TRAVERSAL_KEY = "_traversal"
+_SCALARS = frozenset((int, float, str, bool, type(None)))
+AWAITING_IDS_KEY = "_awaitingNodeIds"
+AWAITING_DETAILS_KEY = "_awaitingDetails"
+
+
+def new_run_id() -> str:
+    return os.urandom(16).hex()
+_GRAPH_CACHE_SIZE = 256
+
+
+class FlowRuntime:
+    """Runs blueprints in memory. Holds the node registry, known blueprints, and run options."""
+
+    def __init__(
+        self,
+        registry: Optional[Mapping[str, Any]] = None,
+        blueprints: Optional[Union[Mapping[str, Any], Sequence[Any]]] = None,
+        dependencies: Optional[Mapping[str, Any]] = None,
+        event_bus: Any = None,
+        middleware: Sequence[Any] = (),
+        evaluator: Any = None,
+        serializer: Any = None,
+    ) -> None:
+        if evaluator is None:
+            from .evaluator import default_evaluator
+
+            evaluator = default_evaluator()
+        self.registry: Dict[str, Any] = dict(registry or {})
+        self.dependencies: Dict[str, Any] = dict(dependencies or {})
+        self.event_bus = event_bus
+        self.middleware = tuple(middleware)
+        self.evaluator = evaluator
+        self.serializer = serializer if serializer is not None else JsonSerializer()
+        self.blueprints: Dict[str, WorkflowBlueprint] = {}
+        for item in (blueprints.values() if isinstance(blueprints, Mapping) else blueprints or ()):
+            self.add_blueprint(item)
+        self._graphs: Dict[Tuple[int, bool], Tuple[WorkflowBlueprint, CompiledGraph]] = {}
+        self._runner = NodeRunner(self.middleware, None)
+
+    # --- blueprints ----------------------------------------------------------------------------
+
+    def add_blueprint(self, blueprint: Any) -> WorkflowBlueprint:
+        """Register a blueprint (or a `Flow`, whose registry is merged in) under its id."""
+        if hasattr(blueprint, "to_blueprint") and hasattr(blueprint, "registry"):
+            self.registry.update(blueprint.registry)
+            blueprint = blueprint.to_blueprint()
+        bp = self._as_blueprint(blueprint)
+        self.blueprints[bp.id] = bp
+        return bp
+
+    def blueprint(self, ref: BlueprintRef) -> WorkflowBlueprint:
+        """A blueprint from a `WorkflowBlueprint`, its dict form, a `Flow`, or the id of a known one."""
+        if isinstance(ref, str):
+            found = self.blueprints.get(ref)
+            if found is None:
+                raise BlueprintError([f"unknown blueprint id {ref!r} (known: {sorted(self.blueprints)})"], ref)
+            return found
+        return self._as_blueprint(ref)
+
+    @staticmethod
+    def _as_blueprint(ref: Any) -> WorkflowBlueprint:
+        if isinstance(ref, WorkflowBlueprint):
+            return ref
+        if hasattr(ref, "to_blueprint"):
+            return ref.to_blueprint()
+        return WorkflowBlueprint.from_dict(ref)
+
+    def graph(self, blueprint: BlueprintRef, *, strict: bool = False) -> CompiledGraph:
+        """The compiled graph of a blueprint, built once and cached."""
+        bp = self.blueprint(blueprint)
+        key = (id(bp), strict)
+        cached = self._graphs.get(key)
+        if cached is not None and cached[0] is bp:
+            return cached[1]
+        graph = CompiledGraph(bp, self.evaluator, strict=strict)
+        if len(self._graphs) >= _GRAPH_CACHE_SIZE:
+            self._graphs.pop(next(iter(self._graphs)))
+        self._graphs[key] = (bp, graph)
+        return graph
+
+    # --- running -------------------------------------------------------------------------------
+
+    def run(
+        self,
+        blueprint: BlueprintRef,
+        initial_context: Optional[Mapping[str, Any]] = None,
+        *,
+        registry: Optional[Mapping[str, Any]] = None,
+        concurrency: int = 1,
+        cancel: Optional[CancelToken] = None,
+        strict: bool = False,
+        run_id: Optional[str] = None,
+        wait_timers: bool = False,
+    ) -> WorkflowResult:
+        """Run a blueprint to its end (or until it awaits) and return the `WorkflowResult`."""
+        cached = self._graphs.get((id(blueprint), strict))
+        graph = cached[1] if cached is not None and cached[0] is blueprint else self.graph(blueprint, strict=strict)
+        if initial_context is not None and type(initial_context) is not dict and not isinstance(initial_context, Mapping):
+            raise TypeError(f"initial_context must be a mapping, not {type(initial_context).__name__}")
+        data = dict(initial_context) if initial_context else {}
+        run = _Run(self, graph, data, self._registry_for(registry), run_id or new_run_id(), cancel, concurrency, wait_timers)
+        if run.emit is not None:
+            run.emit("workflow:start", {"initial_context": dict(data)})
+        return run.execute(run.traversal.start())
+
+    def resume(
+        self,
+        blueprint: BlueprintRef,
+        serialized_context: Union[str, Mapping[str, Any]],
+        *,
+        output: Any = None,
+        action: Optional[str] = None,
+        node_id: Optional[str] = None,
+        registry: Optional[Mapping[str, Any]] = None,
+        concurrency: int = 1,
+        cancel: Optional[CancelToken] = None,
+        run_id: Optional[str] = None,
+        wait_timers: bool = False,
+        strict: bool = False,
+    ) -> WorkflowResult:
+        """Complete an awaiting node of a paused run with `output`/`action`, and run on from there."""
+        graph = self.graph(blueprint, strict=strict)
+        data = self.serializer.loads(serialized_context) if not isinstance(serialized_context, Mapping) else dict(serialized_context)
+        snapshot = data.pop(TRAVERSAL_KEY, None)
+        awaiting = dict(data.get(AWAITING_DETAILS_KEY) or {})
+        if snapshot is None or not awaiting:
+            raise ValueError("this context is not that of an awaiting run (no awaiting nodes recorded)")
+        if node_id is None:
+            if len(awaiting) > 1:
+                raise ValueError(f"several nodes await {sorted(awaiting)}: say which with node_id=")
+            node_id = next(iter(awaiting))
+        if node_id not in awaiting:
+            raise ValueError(f"node {node_id!r} is not awaiting (awaiting: {sorted(awaiting)})")
+        run = _Run(self, graph, data, self._registry_for(registry), run_id or snapshot.get("runId") or new_run_id(),
+                   cancel, concurrency, wait_timers)
+        run.traversal = Traversal.restore(graph, snapshot)
+        run.awaiting = awaiting
+        run.emit_event("workflow:resume", {"node_id": node_id})
+        return run.execute(run.resume_node(node_id, output, action))
+
+    def replay(self, blueprint: BlueprintRef, events: Any) -> WorkflowResult:
+        """Rebuild the final context of a recorded run from its events, running no node code."""
+        from .replay import replay_events
+
+        self.blueprint(blueprint)  # a replay must name a blueprint this runtime can load
+        return replay_events(events)
+
+    def _registry_for(self, registry: Optional[Mapping[str, Any]]) -> Mapping[str, Any]:
+        if not registry:
+            return self.registry
+        if not self.registry:
+            return registry
+        merged = dict(self.registry)
+        merged.update(registry)
+        return merged
+
+    def _emitter(self, run_id: str, blueprint_id: str) -> Optional[Callable[[str, Dict[str, Any]], None]]:
+        bus = self.event_bus
+        if bus is None:
+            return None
+
+        def emit(kind: str, payload: Dict[str, Any]) -> None:
+            bus.emit(Event(kind, {"run_id": run_id, "blueprint_id": blueprint_id, **payload}))
+
+        return emit
+
+
+class _Run:
+    """One execution of a blueprint in memory: the context, the traversal, the errors."""
+
+    __slots__ = (
+        "runtime", "evaluator", "wait_timers", "awaiting", "batches", "graph", "data", "context", "registry",
+        "run_id", "blueprint_id", "cancel", "concurrency", "traversal", "errors", "skipped", "emit", "runner",
+        "dependencies",
+    )
+
+    def __init__(
+        self,
+        runtime: FlowRuntime,
+        graph: CompiledGraph,
+        data: Dict[str, Any],
+        registry: Mapping[str, Any],
+        run_id: str,
+        cancel: Optional[CancelToken],
+        concurrency: int,
+        wait_timers: bool = False,
+    ) -> None:
+        self.runtime = runtime
+        self.dependencies = runtime.dependencies
+        self.evaluator = runtime.evaluator
+        self.wait_timers = wait_timers
+        self.awaiting: Dict[str, Dict[str, Any]] = {}  # node id -> details (with its iteration)
+        self.batches: Dict[str, List[Any]] = {}  # parent node id -> its dynamic nodes' outputs
+        self.graph = graph
+        self.data = data
+        self.context = DictContext(data)
+        self.registry = registry
+        self.run_id = run_id
+        self.blueprint_id = graph.blueprint.id
+        self.cancel = cancel if cancel is not None else CancelToken()
+        self.concurrency = max(1, int(concurrency))
+        self.traversal = Traversal(graph)
+        self.errors: List[WorkflowError] = []
+        self.skipped: List[str] = []
+        self.emit = runtime._emitter(run_id, self.blueprint_id)
+        self.runner = NodeRunner(runtime.middleware, self.emit) if self.emit is not None else runtime._runner
+        if self.emit is not None:
+            emit = self.emit
+            self.context.on_change = lambda key, value, deleted: emit(
+                "context:change", {"key": key, "value": value, "op": "delete" if deleted else "set"}
+            )
+
+    def emit_event(self, kind: str, payload: Dict[str, Any]) -> None:
+        if self.emit is not None:
+            self.emit(kind, payload)
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def execute(self, activations: List[Activation]) -> WorkflowResult:
+        ready: Deque[Activation] = deque(activations)
+        if self.concurrency == 1:
+            self._run_serial(ready)
+        else:
+            self._run_pool(ready)
+        return self._result()
+
+    def _stopping(self) -> bool:
+        return bool(self.errors) or self.cancel.cancelled
+
+    def _run_serial(self, ready: Deque[Activation]) -> None:
+        execute, finish = self._execute, self._finish
+        while True:
+            while ready and not self.errors and not self.cancel.cancelled:
+                activation = ready.popleft()
+                finish(activation, execute(activation), ready)
+            if not self._settle(ready):
+                return
+
+    def _settle(self, ready: Deque[Activation]) -> bool:
+        """Nothing left to run: skip unused fallback nodes; True if that made more work."""
+        if ready or self._stopping() or self.traversal.outstanding != len(self.awaiting) or not self.graph.fallback_only_ids:
+            return False
+        newly_ready, skipped = self.traversal.settle()
+        self.skipped.extend(skipped)
+        ready.extend(newly_ready)
+        return bool(newly_ready)
+
+    def _run_pool(self, ready: Deque[Activation]) -> None:
+        running: Dict[Future, Activation] = {}
+        with ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"flowcraft-{self.run_id[:8]}") as pool:
+            while ready or running:
+                while ready and len(running) < self.concurrency and not self._stopping():
+                    activation = ready.popleft()
+                    running[pool.submit(self._execute, activation)] = activation
+                if not running:
+                    if self._settle(ready):
+                        continue
+                    break
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    self._finish(running.pop(future), future.result(), ready)
+
+    # --- one node ------------------------------------------------------------------------------
+
+    def _execute(self, activation: Activation) -> Any:
+        """Run one activation; return its `NodeResult`, or a `NodeFailure`."""
+        node = self.graph.nodes[activation.node_id] if activation.parent is None else self._dynamic_node(activation)
+        impl = self._impl(node)
+        if impl is None:
+            return NodeFailure(node.id, UnknownNodeError(f"node {node.id!r} uses {node.uses!r}, which is not in the registry"))
+        node_input = self._input(node, activation)
+        ctx = NodeContext(
+            self.context, node_input, node.params, self.dependencies, node.id, self.run_id, 1,
+            "", self.cancel, self.blueprint_id, activation.iteration,
+        )
+        emit = self.emit
+        if emit is not None:
+            emit("node:start", {"node_id": node.id, "input": node_input, "iteration": activation.iteration,
+                                "stored_input": node.inputs is None and activation.has_input and activation.parent is None})
+        try:
+            if node.plain and not self.runtime.middleware and not isinstance(impl, type):
+                try:  # the plain function node, called directly
+                    value = impl(ctx)
+                except Exception as error:
+                    raise NodeFailure(node.id, error) from error
+                return value if type(value) is NodeResult else to_result(value)
+            return self.runner.run(node, impl, ctx)
+        except NodeFailure as failure:
+            if not node.config.fallback:
+                return failure
+            fallback = self.graph.nodes.get(node.config.fallback)
+            return self.runner.fall_back(node, ctx, failure, fallback, self._impl(fallback) if fallback else None)
+        except Exception as error:  # middleware, or a bug outside the node's own code
+            return NodeFailure(node.id, error)
+
+    def _impl(self, node: GraphNode) -> Any:
+        return resolve_impl(self.registry, node, self)
+
+    def _dynamic_node(self, activation: Activation) -> GraphNode:
+        spec = activation.definition or {}
+        return GraphNode(NodeDefinition(
+            id=activation.node_id, uses=spec.get("uses", ""), params=spec.get("params"), inputs=spec.get("inputs"),
+        ))
+
+    def _input(self, node: GraphNode, activation: Activation) -> Any:
+        inputs = node.inputs
+        if inputs is None:
+            if activation.parent is not None:
+                return activation.input
+            if activation.has_input:
+                self.data[node.inputs_key] = activation.input
+                return activation.input
+            return None
+        if isinstance(inputs, str):
+            return self.data.get(inputs)
+        return {name: self.data.get(key) for name, key in inputs.items()}
+
+    def _finish(self, activation: Activation, outcome: Any, ready: Deque[Activation]) -> None:
+        if activation.parent is not None:
+            return self._finish_item(activation, outcome, ready)
+        node = self.graph.nodes[activation.node_id]
+        if type(outcome) is NodeResult and outcome.dynamic_nodes is None and type(outcome.output) is not Await:
+            return self._complete(node, activation, outcome, ready)
+        if type(outcome) is NodeFailure:
+            return self._fail(node, outcome.cause)
+        if type(outcome) is FallbackResult:
+            return self._complete(node, activation, outcome, ready)
+        if type(outcome.output) is Await:
+            return self._pause(node, activation, outcome.output.details)
+        if outcome.dynamic_nodes is not None:
+            return self._expand(node, activation, outcome.dynamic_nodes, ready)
+        self._complete(node, activation, outcome, ready)
+
+    def _complete(self, node: GraphNode, activation: Activation, outcome: Any, ready: Deque[Activation]) -> None:
+        fallback = None
+        if type(outcome) is FallbackResult:
+            fallback, outcome = outcome.node, outcome.result
+        try:
+            output = outcome.output
+            if type(output) not in _SCALARS:
+                check_json(output, node.outputs_key)
+            data = self.data
+            data[node.outputs_key] = output
+            data[node.id] = output
+            decisions = self.graph.route(node.id, outcome, data)
+            newly_ready, skipped = self.traversal.complete(node.id, activation.iteration, decisions)
+            if fallback is not None:
+                self._record(fallback, outcome)
+                more_ready, more_skipped = self.traversal.complete(
+                    fallback.id, self.traversal.state(fallback.id).iteration,
+                    self.graph.route(fallback.id, outcome, self.data), counted=False,
+                )
+                newly_ready += more_ready
+                skipped += more_skipped
+        except (SerializationError, RoutingError) as error:
+            return self._fail(node, error)
+        if self.emit is not None:
+            self.emit("node:finish", {"node_id": node.id, "output": outcome.output, "action": outcome.action})
+            for edge, taken, _ in decisions:
+                self.emit("edge:evaluate", {"source": edge.source, "target": edge.target, "taken": taken})
+            for skipped_id in skipped:
+                self.emit("node:skipped", {"node_id": skipped_id})
+        if skipped:
+            self.skipped.extend(skipped)
+        ready.extend(newly_ready)
+
+    def _pause(self, node: GraphNode, activation: Activation, details: Dict[str, Any]) -> None:
+        self.awaiting[node.id] = dict(details, iteration=activation.iteration)
+        self.emit_event("workflow:pause", {"node_id": node.id, "details": details})
+
+    def _expand(self, node: GraphNode, activation: Activation, specs: List[Dict[str, Any]], ready: Deque[Activation]) -> None:
+        """Run a node's dynamic nodes (a batch's items); the node completes when the last one does."""
+        if not specs:
+            return self._complete(node, activation, NodeResult(output=[]), ready)
+        self.batches[node.id] = [None] * len(specs)
+        self.traversal.expand(node.id, len(specs))
+        self.emit_event("batch:start", {"node_id": node.id, "items": len(specs)})
+        iteration = activation.iteration
+        ready.extend(
+            Activation(spec.get("id") or f"{node.id}.{i}", iteration, spec.get("input"), True, node.id, i, spec)
+            for i, spec in enumerate(specs)
+        )
+
+    def _finish_item(self, activation: Activation, outcome: Any, ready: Deque[Activation]) -> None:
+        parent = self.graph.nodes[activation.parent]
+        if type(outcome) is NodeFailure:
+            self.traversal.item_done(parent.id)
+            return self._fail(parent, item_failure(activation.index, activation.node_id, outcome.cause))
+        results = self.batches[parent.id]
+        try:
+            check_json(outcome.output, f"{activation.node_id}")
+        except SerializationError as error:
+            self.traversal.item_done(parent.id)
+            return self._fail(parent, error)
+        results[activation.index] = outcome.output
+        if self.traversal.item_done(parent.id) and not self._stopping():
+            del self.batches[parent.id]
+            self.emit_event("batch:finish", {"node_id": parent.id, "items": len(results)})
+            self._complete(parent, Activation(parent.id, activation.iteration), NodeResult(output=results), ready)
+
+    def resume_node(self, node_id: str, output: Any, action: Optional[str]) -> List[Activation]:
+        """Complete an awaiting node (a resume); return the activations that became ready."""
+        details = self.awaiting.pop(node_id)
+        node = self.graph.nodes[node_id]
+        activation = Activation(node_id, int(details.get("iteration", 0)))
+        kind = details.get("type")
+        if kind == "sleep" and not _due(details):
+            self.awaiting[node_id] = details  # resumed before its wake-up time: keeps waiting
+            return []
+        if kind == "sleep" and output is None:
+            output = self.data.get(node.inputs_key)  # a timer passes its input through
+        if kind == "subflow":
+            outcome = self._resume_subflow(node, details, output, action)
+        else:
+            outcome = NodeResult(output=output, action=action)
+        ready: Deque[Activation] = deque()
+        self._finish(activation, outcome, ready)
+        return list(ready)
+
+    def _resume_subflow(self, node: GraphNode, details: Dict[str, Any], output: Any, action: Optional[str]) -> Any:
+        ctx = NodeContext(self.context, None, node.params, self.runtime.dependencies, node.id, self.run_id)
+        try:
+            child = self.runtime.resume(details["blueprintId"], details["childContext"], output=output, action=action,
+                                        registry=self.registry, run_id=details.get("childRunId"))
+            return to_result(finish_subflow(ctx, child))
+        except Exception as error:
+            return NodeFailure(node.id, error)
+
+    # --- the engine view built-ins use ---------------------------------------------------------
+
+    def laps(self, node_id: str) -> int:
+        return self.traversal.state(node_id).laps
+
+    def exit_conditions(self, node_id: str) -> List[Callable[[Mapping[str, Any]], Any]]:
+        return self.graph.exit_conditions(node_id)
+
+    def context_names(self) -> Mapping[str, Any]:
+        return self.data
+
+    def run_child(self, blueprint_id: str, context: Dict[str, Any], parent_node_id: str) -> WorkflowResult:
+        return self.runtime.run(blueprint_id, context, registry=self.registry, cancel=self.cancel,
+                                run_id=f"{self.run_id}.{parent_node_id}", wait_timers=self.wait_timers)
+
+    def _record(self, node: GraphNode, result: NodeResult) -> None:
+        output = result.output
+        check_json(output, node.outputs_key)
+        self.data[node.outputs_key] = output
+        self.data[node.id] = output
+
+    def _fail(self, node: GraphNode, error: BaseException) -> None:
+        self.traversal.fail(node.id)
+        self.errors.append(WorkflowError.from_exception(node.id, error))
+        self.emit_event("node:error", {"node_id": node.id, "error": str(error), "type": type(error).__name__})
+        logger.debug("run %s: node %s failed: %s", self.run_id, node.id, error)
+
+    # --- the outcome ---------------------------------------------------------------------------
+
+    def _result(self) -> WorkflowResult:
+        stalled: List[str] = []
+        if self.errors and any(e.type != "CancelledError" for e in self.errors):
+            status = FAILED
+        elif self.cancel.cancelled:
+            status = CANCELLED
+        elif self.awaiting:
+            status = AWAITING
+        else:
+            stalled = self.traversal.unfinished()
+            status = STALLED if stalled else COMPLETED
+        if status == STALLED:
+            self.emit_event("workflow:stall", {"stalled": stalled})
+        if status == AWAITING:
+            self.data[AWAITING_IDS_KEY] = list(self.awaiting)
+            self.data[AWAITING_DETAILS_KEY] = self.awaiting
+        elif AWAITING_IDS_KEY in self.data:
+            del self.data[AWAITING_IDS_KEY]
+            self.data.pop(AWAITING_DETAILS_KEY, None)
+        result = WorkflowResult(
+            status=status, context=self.data, errors=self.errors, run_id=self.run_id, awaiting=list(self.awaiting),
+            skipped=self.skipped, stalled=stalled, dumps=self.runtime.serializer.dumps,
+        )
+        if status == AWAITING:
+            snapshot = dict(self.traversal.snapshot(), runId=self.run_id)
+            result._serialized = self.runtime.serializer.dumps({**self.data, TRAVERSAL_KEY: snapshot})
+        self.emit_event("workflow:finish", {"status": status, "errors": [e.to_dict() for e in self.errors]})
+        return result
+
+
+def _due(details: Mapping[str, Any]) -> bool:
+    wake_at = details.get("wake_at")
+    if not wake_at:
+        return True
+    return utc_now() >= _dt.datetime.fromisoformat(wake_at)
+
+
+__all__ = ["FlowRuntime", "FlowcraftError"]

@@ -1,0 +1,366 @@
+"""In-memory fakes of the three distributed ports, and `InMemoryAdapter` with fault injection.
+
+The fakes behave like the real services where it matters for correctness: messages are JSON bytes,
+unacknowledged deliveries come back when a worker dies, stored values are copies (a JSON round
+trip), and a commit is all-or-nothing under a version check. They also count what tests need to
+prove the guarantees: how often each node execution was committed and each node made ready.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+import random
+import threading
+import time
+from collections import Counter, deque
+from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+
+import attrs
+
+from ..distributed import DistributedAdapter, WorkerCrash
+from ..ports import Commit, Delivery, Job, RunRecord, RunSnapshot
+
+CRASH_POINTS = ("before_execute", "after_execute", "after_commit", "after_publish", "before_ack")
+
+
+def _copy(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+class InMemoryQueue:
+    """A job queue with delays, unacknowledged deliveries and a dead-letter list."""
+
+    def __init__(self, *, duplicate_rate: float = 0.0, reorder: bool = False, seed: int = 0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._ready: Deque[Tuple[bytes, bool]] = deque()
+        self._delayed: List[Tuple[float, int, bytes]] = []
+        self._unacked: Dict[int, bytes] = {}
+        self._tags = itertools.count(1)
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        self._rng = random.Random(seed)
+        self.duplicate_rate = duplicate_rate
+        self.reorder = reorder
+        self.clock = clock
+        self.dead: List[Tuple[bytes, str]] = []
+        self.delivered = 0
+
+    def enqueue(self, jobs: Sequence[Job], delay: float = 0.0) -> None:
+        with self._cond:
+            for job in jobs:
+                self._put(job.to_json().encode(), delay)
+            self._cond.notify_all()
+
+    def push_raw(self, body: bytes) -> None:
+        """Publish a raw message, as a foreign client (or a broken one) would."""
+        with self._cond:
+            self._put(body, 0.0)
+            self._cond.notify_all()
+
+    def _put(self, body: bytes, delay: float) -> None:
+        if delay > 0:
+            heapq.heappush(self._delayed, (self.clock() + delay, next(self._seq), body))
+        else:
+            self._ready.append((body, False))
+
+    def _promote_due(self) -> None:
+        now = self.clock()
+        while self._delayed and self._delayed[0][0] <= now:
+            self._ready.append((heapq.heappop(self._delayed)[2], False))
+
+    def fetch(self, max_jobs: int = 1, timeout: float = 1.0) -> List[Delivery]:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                self._promote_due()
+                if self._ready:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return []
+                if self._delayed:
+                    remaining = min(remaining, max(0.001, self._delayed[0][0] - self.clock()))
+                self._cond.wait(remaining)
+            if self.reorder and len(self._ready) > 1:
+                items = list(self._ready)
+                self._rng.shuffle(items)
+                self._ready = deque(items)
+            out = []
+            while self._ready and len(out) < max_jobs:
+                body, redelivered = self._ready.popleft()
+                tag = next(self._tags)
+                self._unacked[tag] = body
+                out.append(Delivery.parse(body, tag, redelivered))
+                if self.duplicate_rate and self._rng.random() < self.duplicate_rate:
+                    self._ready.append((body, True))  # the broker delivers this message once more
+            self.delivered += len(out)
+            return out
+
+    def ack(self, deliveries: Sequence[Delivery]) -> None:
+        with self._cond:
+            for delivery in deliveries:
+                self._unacked.pop(delivery.tag, None)
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        with self._cond:
+            self.dead.append((delivery.body, reason))
+            self._unacked.pop(delivery.tag, None)
+
+    def requeue_unacked(self) -> int:
+        """What a broker does when a worker dies: its unacknowledged deliveries come back first."""
+        with self._cond:
+            bodies = list(self._unacked.values())
+            self._unacked.clear()
+            self._ready.extendleft((b, True) for b in reversed(bodies))
+            self._cond.notify_all()
+            return len(bodies)
+
+    def close(self) -> None:
+        return None
+
+    @property
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._ready) + len(self._delayed) + len(self._unacked)
+
+    @property
+    def next_due_in(self) -> Optional[float]:
+        with self._cond:
+            return max(0.0, self._delayed[0][0] - self.clock()) if self._delayed else None
+
+
+@attrs.define
+class _StoredRun:
+    record: RunRecord
+    context: Dict[str, Any] = attrs.field(factory=dict)
+    states: Dict[str, Dict[str, Any]] = attrs.field(factory=dict)
+    items: Dict[str, Any] = attrs.field(factory=dict)
+    outbox: List[Tuple[Job, float]] = attrs.field(factory=list)
+
+
+class InMemoryRunStore:
+    """Runs in a dict, changed only by version-checked commits under one lock."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._runs: Dict[str, _StoredRun] = {}
+        self._lock = threading.RLock()
+        self.clock = clock
+        self.completions: Counter = Counter()  # (run, node, iteration) -> commits that marked it done
+        self.activations: Counter = Counter()  # (run, node, iteration) -> commits that made it ready
+        self.commits = 0
+
+    def seed_run(self, run_id: str, context: Mapping[str, Any]) -> None:
+        """A run as a seed client creates it: a context and a `running` status, nothing else."""
+        with self._lock:
+            self._runs[run_id] = _StoredRun(RunRecord(run_id, updated_at=self.clock()), _copy(dict(context)))
+
+    def create_run(self, record: RunRecord, context: Mapping[str, Any], states: Mapping[str, Dict[str, Any]], jobs: Sequence[Job]) -> bool:
+        with self._lock:
+            if record.run_id in self._runs:
+                return False
+            self._runs[record.run_id] = _StoredRun(_copy_record(record), _copy(dict(context)), _copy(dict(states)),
+                                                   outbox=[(j, 0.0) for j in jobs])
+            for node_id, state in states.items():
+                if state.get("st") == "ready":
+                    self.activations[(record.run_id, node_id, state.get("it", 0))] += 1
+            return True
+
+    def load(self, run_id: str, node_ids: Iterable[str], context_keys: Iterable[str]) -> Optional[RunSnapshot]:
+        with self._lock:
+            run = self._runs.get(run_id)
+            if run is None:
+                return None
+            states = {n: _copy(run.states[n]) for n in node_ids if n in run.states}
+            context = {k: _copy(run.context[k]) for k in context_keys if k in run.context}
+            return RunSnapshot(_copy_record(run.record), states, context)
+
+    def read_states(self, run_id: str, node_ids: Iterable[str]) -> Dict[str, Dict[str, Any]]:
+        with self._lock:
+            run = self._runs[run_id]
+            return {n: _copy(run.states[n]) for n in node_ids if n in run.states}
+
+    def read_all_states(self, run_id: str) -> Dict[str, Dict[str, Any]]:
+        with self._lock:
+            return _copy(self._runs[run_id].states)
+
+    def read_context(self, run_id: str, keys: Iterable[str]) -> Dict[str, Any]:
+        with self._lock:
+            context = self._runs[run_id].context
+            return {k: _copy(context[k]) for k in keys if k in context}
+
+    def read_all_context(self, run_id: str) -> Dict[str, Any]:
+        with self._lock:
+            return _copy(self._runs[run_id].context)
+
+    def read_items(self, run_id: str, fields: Sequence[str]) -> List[Any]:
+        with self._lock:
+            items = self._runs[run_id].items
+            return [_copy(items[f]) if f in items else None for f in fields]
+
+    def commit(self, commit: Commit) -> bool:
+        with self._lock:
+            run = self._runs.get(commit.run_id)
+            if run is None or run.record.version != commit.expected_version:
+                return False
+            for node_id, state in commit.states.items():
+                before = run.states.get(node_id, {})
+                key = (commit.run_id, node_id, state.get("it", 0))
+                if state.get("st") == "done" and (before.get("st") != "done" or before.get("it") != state.get("it")):
+                    self.completions[key] += 1
+                if state.get("st") == "ready" and (before.get("st") != "ready" or before.get("it") != state.get("it")):
+                    self.activations[key] += 1
+            record = _copy_record(commit.record)
+            record.version = commit.expected_version + 1
+            run.record = record
+            run.context.update(_copy(commit.context_set))
+            for key in commit.context_delete:
+                run.context.pop(key, None)
+            run.states.update(_copy(commit.states))
+            run.items.update(_copy(commit.items))
+            run.outbox.extend((j, 0.0) for j in commit.jobs)
+            run.outbox.extend(commit.delayed)
+            self.commits += 1
+            return True
+
+    def publish_outbox(self, run_id: str, queue: Any) -> int:
+        with self._lock:
+            run = self._runs.get(run_id)
+            if run is None or not run.outbox:
+                return 0
+            entries, run.outbox = run.outbox, []
+        for job, delay in entries:
+            queue.enqueue([job], delay)
+        return len(entries)
+
+    def get_record(self, run_id: str) -> Optional[RunRecord]:
+        with self._lock:
+            run = self._runs.get(run_id)
+            return _copy_record(run.record) if run is not None else None
+
+    def touch(self, run_id: str, updated_at: float) -> None:
+        with self._lock:
+            run = self._runs.get(run_id)
+            if run is not None and run.record.status == "running":
+                run.record.updated_at = updated_at
+
+    def idle_runs(self, idle_seconds: float, limit: int = 1000) -> Tuple[int, List[str]]:
+        with self._lock:
+            now = self.clock()
+            runs = list(self._runs.values())
+            idle = [r.record.run_id for r in runs if r.record.status == "running" and now - r.record.updated_at >= idle_seconds]
+            return len(runs), idle[:limit]
+
+    def run_ids(self) -> List[str]:
+        with self._lock:
+            return list(self._runs)
+
+
+def _copy_record(record: RunRecord) -> RunRecord:
+    return RunRecord(**_copy(attrs.asdict(record)))
+
+
+class InMemoryCoordinationStore:
+    """Counters and markers with a TTL (the Flowcraft TS coordination methods)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._data: Dict[str, Tuple[str, Optional[float]]] = {}
+        self._lock = threading.Lock()
+        self.clock = clock
+
+    def _live(self, key: str) -> Optional[Tuple[str, Optional[float]]]:
+        entry = self._data.get(key)
+        if entry is not None and entry[1] is not None and entry[1] <= self.clock():
+            del self._data[key]
+            return None
+        return entry
+
+    def _expiry(self, ttl: Optional[float]) -> Optional[float]:
+        return self.clock() + ttl if ttl else None
+
+    def increment(self, key: str, ttl: float) -> int:
+        with self._lock:
+            entry = self._live(key)
+            value = int(entry[0]) + 1 if entry else 1
+            self._data[key] = (str(value), self._expiry(ttl))
+            return value
+
+    def set_if_not_exist(self, key: str, value: str, ttl: float) -> bool:
+        with self._lock:
+            if self._live(key) is not None:
+                return False
+            self._data[key] = (str(value), self._expiry(ttl))
+            return True
+
+    def extend_ttl(self, key: str, ttl: float) -> bool:
+        with self._lock:
+            entry = self._live(key)
+            if entry is None:
+                return False
+            self._data[key] = (entry[0], self._expiry(ttl))
+            return True
+
+    def delete(self, key: str) -> None:
+        with self._lock:
+            self._data.pop(key, None)
+
+    def get(self, key: str) -> Optional[str]:
+        with self._lock:
+            entry = self._live(key)
+            return entry[0] if entry else None
+
+
+class InMemoryAdapter(DistributedAdapter):
+    """A `DistributedAdapter` over the in-memory fakes, with fault injection for tests.
+
+    `crash_at` names crash points (`CRASH_POINTS`); at each, the worker "dies" with probability
+    `crash_rate` (seeded): the job in hand is not acknowledged, the broker hands it back, and a
+    fresh worker carries on. `duplicate_rate` makes the queue deliver messages twice, `reorder`
+    shuffles deliveries.
+    """
+
+    def __init__(
+        self, runtime: Any, *, crash_at: Iterable[str] = (), crash_rate: float = 1.0, max_crashes: Optional[int] = None,
+        duplicate_rate: float = 0.0, reorder: bool = False, seed: int = 0, **options: Any,
+    ) -> None:
+        unknown = set(crash_at) - set(CRASH_POINTS)
+        if unknown:
+            raise ValueError(f"unknown crash point(s) {sorted(unknown)}; known: {CRASH_POINTS}")
+        queue = InMemoryQueue(duplicate_rate=duplicate_rate, reorder=reorder, seed=seed)
+        super().__init__(runtime, queue, InMemoryRunStore(), InMemoryCoordinationStore(), **options)
+        self.crash_at: Set[str] = set(crash_at)
+        self.crash_rate = crash_rate
+        self.max_crashes = max_crashes
+        self.crashes: Counter = Counter()
+        self._rng = random.Random(seed)
+
+    def _fault(self, point: str) -> None:
+        if point not in self.crash_at:
+            return
+        if self.max_crashes is not None and sum(self.crashes.values()) >= self.max_crashes:
+            return
+        if self._rng.random() < self.crash_rate:
+            self.crashes[point] += 1
+            raise WorkerCrash(point)
+
+    def work(self, burst: bool = False, max_jobs: Optional[int] = None) -> int:
+        """Like `DistributedAdapter.work`, but a simulated crash only restarts the worker."""
+        processed = 0
+        while True:
+            try:
+                return processed + super().work(burst=burst, max_jobs=None if max_jobs is None else max_jobs - processed)
+            except WorkerCrash:
+                processed += 1
+                self.queue.requeue_unacked()
+
+    def drain(self, timeout: float = 30.0) -> int:
+        """Work until no job is left, waiting for delayed ones; return how many deliveries ran."""
+        processed = 0
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            processed += self.work(burst=True)
+            due = self.queue.next_due_in
+            if due is None and self.queue.pending == 0:
+                return processed
+            time.sleep(min(due or 0.001, 0.05))
+        raise TimeoutError(f"jobs still pending after {timeout}s")
