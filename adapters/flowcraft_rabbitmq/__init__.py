@@ -1,0 +1,15 @@
+"""RabbitMQ adapter for Flowcraft (AMQP job transport with PostgreSQL state).
+
+Installed as the top-level package ``flowcraft_rabbitmq``; needs the
+``rabbitmq`` extra (``pip install 'flowcraft[rabbitmq]'``).
+"""
+from .adapter import RabbitMqAdapter, create_rabbitmq_reconciler
+from flowcraft_redis import RedisCoordinationStore  # shared with the Redis adapter, as the SPEC asks
+from .queue import REASON_HEADER, RabbitMqQueue
+from .schema import ensure_schema, validate_identifier
+from .store import PostgresContext, PostgresRunStore, StoreUnavailable
+
+__all__ = [
+    "PostgresContext", "PostgresRunStore", "RabbitMqAdapter", "RabbitMqQueue", "REASON_HEADER", "RedisCoordinationStore",
+    "StoreUnavailable", "create_rabbitmq_reconciler", "ensure_schema", "validate_identifier",
+]

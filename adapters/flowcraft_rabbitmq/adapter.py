@@ -1,0 +1,77 @@
+"""`RabbitMqAdapter`: `flowcraft.distributed.DistributedAdapter` over RabbitMQ (jobs), PostgreSQL
+(contexts, statuses, run records, outbox) and a coordination store (Redis). All orchestration is the
+core's; this module only wires the ports."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from flowcraft.distributed import DistributedAdapter, Reconciler
+
+from .queue import RabbitMqQueue
+from .schema import DEFAULT_CONTEXT_TABLE, DEFAULT_STATUS_TABLE, validate_identifier
+from .store import PostgresContext, PostgresRunStore
+
+
+class RabbitMqAdapter(DistributedAdapter):
+    """A worker and a client: `work()`, `start()`, `stop()`, `start_workflow()`, `get_status()`,
+    `wait_for_result()`, `resume_with_action()`, `cancel()`, `reconcile()`.
+
+    `amqp_url` may be a ready `pika.BlockingConnection` (used for consuming; a second connection
+    with the same parameters publishes) and `postgres_dsn` a ready `psycopg2` connection (switched
+    to autocommit; it is re-opened from its DSN after a drop). The tables are created if missing
+    (`ensure_schema`). Other keyword options go to `DistributedAdapter` (`retry_mode`,
+    `fetch_batch`, `poll_timeout`, `version_mismatch_ttl`, ...)."""
+
+    def __init__(
+        self,
+        runtime: Any,
+        coordination_store: Any,
+        amqp_url: Any,
+        postgres_dsn: Any,
+        context_table_name: str = DEFAULT_CONTEXT_TABLE,
+        status_table_name: str = DEFAULT_STATUS_TABLE,
+        queue_name: str = "flowcraft-jobs",
+        prefetch: int = 10,
+        *,
+        runs_table_name: Optional[str] = None,
+        outbox_table_name: Optional[str] = None,
+        reconnect_timeout: float = 60.0,
+        **options: Any,
+    ) -> None:
+        for name, what in ((context_table_name, "context table name"), (status_table_name, "status table name")):
+            validate_identifier(name, what)  # before connecting to anything
+        store = PostgresRunStore(postgres_dsn, context_table_name, status_table_name, runs_table_name, outbox_table_name,
+                                 reconnect_timeout=reconnect_timeout)
+        try:
+            queue = RabbitMqQueue(amqp_url, queue_name, prefetch, reconnect_timeout=reconnect_timeout)
+        except BaseException:
+            store.close()
+            raise
+        super().__init__(runtime, queue, store, coordination_store, **options)
+
+    def context(self, run_id: str) -> PostgresContext:
+        """The run's context in PostgreSQL, read and patched key by key."""
+        return PostgresContext(self.store, run_id)
+
+    def stop(self, timeout: Optional[float] = None) -> None:
+        thread = self._thread
+        super().stop(timeout)
+        if thread is None or not thread.is_alive():
+            self.queue.release()  # prefetched, unprocessed deliveries go back to the queue
+
+    def close(self) -> None:
+        self.stop()
+        self.queue.close()
+        self.store.close()
+
+
+def create_rabbitmq_reconciler(adapter: RabbitMqAdapter, status_table_name: Optional[str] = None,
+                               stalled_threshold_seconds: float = 300.0, limit: int = 1000, **_: Any) -> Reconciler:
+    """A `Reconciler` over the adapter's status table: runs `running` whose `updated_at` is older than
+    `stalled_threshold_seconds` get their frontier re-enqueued (`reconciler.run()` -> stats)."""
+    if status_table_name is not None:
+        validate_identifier(status_table_name, "status table name")
+        if status_table_name != adapter.store.status_table:
+            raise ValueError(f"status_table_name {status_table_name!r} is not the adapter's status table "
+                             f"{adapter.store.status_table!r}")
+    return Reconciler(adapter, stalled_threshold_seconds=stalled_threshold_seconds, limit=limit)

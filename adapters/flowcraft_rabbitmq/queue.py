@@ -1,0 +1,268 @@
+"""`RabbitMqQueue`: the `JobQueue` port on RabbitMQ with `pika.BlockingConnection`.
+
+Queues (all durable):
+
+* ``<queue>`` -- the jobs; declared plainly (``durable=True``, no ``x-`` arguments) so that the seed
+  client's ``assertQueue(queue, {durable: true})`` declares the very same queue.
+* ``<queue>.dead`` -- dead letters, fed by explicit publishes of the original body with the reason
+  in the ``x-flowcraft-reason`` header.
+* ``<queue>.delay`` -- delayed jobs: each message carries its delay as a per-message
+  ``expiration``; when it expires RabbitMQ dead-letters it (``x-dead-letter-exchange: ""``,
+  ``x-dead-letter-routing-key: <queue>``) into the main queue. RabbitMQ only expires messages at the
+  head of a queue, so a short delay queued behind a longer one waits for the longer one: a job is
+  never early, but with mixed delays it can be late by up to the longest delay ahead of it. That is
+  acceptable for sleeps and retry backoff (durations in the same run are usually alike); use one
+  delay queue per rounded delay if you need tighter timers.
+
+Messages are persistent (``delivery_mode=2``) and published with publisher confirms (and
+``mandatory``), so `enqueue` returns only once RabbitMQ has them. Deliveries are acknowledged
+manually, after the commit (the core calls `ack`). Publishing and consuming use two connections
+(a `BlockingConnection` is not thread-safe, and a client thread may publish while the worker thread
+consumes), each behind its own lock. A dropped connection is re-opened with capped exponential
+backoff; deliveries unacknowledged on the old channel are redelivered by RabbitMQ by itself, and
+acks for them are dropped (their delivery tags belong to the closed channel).
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from typing import Any, Callable, Deque, List, Optional, Sequence, Tuple
+
+import pika
+import pika.exceptions
+
+from flowcraft.ports import Delivery, Job
+
+logger = logging.getLogger("flowcraft.rabbitmq.queue")
+
+REASON_HEADER = "x-flowcraft-reason"
+_AMQP_ERRORS = (pika.exceptions.AMQPError, ConnectionError, OSError)
+
+
+def _parameters(connection_or_url: Any) -> pika.connection.Parameters:
+    if isinstance(connection_or_url, str):
+        return pika.URLParameters(connection_or_url)
+    if isinstance(connection_or_url, pika.connection.Parameters):
+        return connection_or_url
+    return connection_or_url._impl.params  # a ready BlockingConnection: reuse its parameters
+
+
+class _Link:
+    """One connection + channel, re-opened with backoff when it drops."""
+
+    def __init__(self, params: pika.connection.Parameters, setup: Callable[[Any], None], name: str,
+                 connection: Any = None, reconnect_timeout: float = 60.0, max_backoff: float = 10.0) -> None:
+        self.params = params
+        self.setup = setup
+        self.name = name
+        self.reconnect_timeout = reconnect_timeout
+        self.max_backoff = max_backoff
+        self.lock = threading.RLock()
+        self.connection: Any = connection
+        self.channel: Any = None
+        self.generation = 0
+
+    def ensure(self) -> Any:
+        if self.channel is not None and self.channel.is_open and self.connection.is_open:
+            return self.channel
+        deadline = time.monotonic() + self.reconnect_timeout
+        delay = 0.05
+        while True:
+            try:
+                if self.connection is None or not self.connection.is_open:
+                    self.connection = pika.BlockingConnection(self.params)
+                self.channel = self.connection.channel()
+                self.generation += 1
+                self.setup(self.channel)
+                if self.generation > 1:
+                    logger.warning("RabbitMQ %s connection re-opened", self.name)
+                return self.channel
+            except _AMQP_ERRORS as error:
+                self.drop()
+                if time.monotonic() + delay > deadline:
+                    raise ConnectionError(f"RabbitMQ unreachable for {self.reconnect_timeout:g}s: {error!r}") from error
+                logger.warning("RabbitMQ unreachable (%r); retrying in %.2fs", error, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, self.max_backoff)
+
+    def drop(self) -> None:
+        """Forget the current connection (closing it if it still looks open)."""
+        channel, connection = self.channel, self.connection
+        self.channel = None
+        self.connection = None
+        for thing in (channel, connection):
+            try:
+                if thing is not None and thing.is_open:
+                    thing.close()
+            except Exception:
+                pass
+
+    def close(self) -> None:
+        with self.lock:
+            self.drop()
+
+
+class RabbitMqQueue:
+    """The job queue on RabbitMQ; see the module docstring."""
+
+    def __init__(self, connection_or_url: Any, queue_name: str = "flowcraft-jobs", prefetch: int = 10, *,
+                 reconnect_timeout: float = 60.0, max_backoff: float = 10.0) -> None:
+        if not isinstance(queue_name, str) or not queue_name or len(queue_name.encode()) > 240:
+            raise ValueError(f"invalid queue name {queue_name!r}")
+        self.queue_name = queue_name
+        self.dead_queue = f"{queue_name}.dead"
+        self.delay_queue = f"{queue_name}.delay"
+        self.prefetch = max(1, int(prefetch))
+        params = _parameters(connection_or_url)
+        given = None if isinstance(connection_or_url, (str, pika.connection.Parameters)) else connection_or_url
+        self._publisher = _Link(params, self._setup_publisher, "publisher", None, reconnect_timeout, max_backoff)
+        self._consumer = _Link(params, self._setup_consumer, "consumer", given, reconnect_timeout, max_backoff)
+        self._buffer: Deque[Tuple[int, Any, Any]] = collections.deque()  # (generation, method, body)
+        self._consumer_tag: Optional[str] = None
+        with self._publisher.lock:
+            self._publisher.ensure()  # declares the queues; fails fast on a bad URL
+
+    # --- topology --------------------------------------------------------------------------------
+
+    def _declare(self, channel: Any) -> None:
+        channel.queue_declare(self.queue_name, durable=True)
+        channel.queue_declare(self.dead_queue, durable=True)
+        channel.queue_declare(self.delay_queue, durable=True, arguments={
+            "x-dead-letter-exchange": "", "x-dead-letter-routing-key": self.queue_name})
+
+    def _setup_publisher(self, channel: Any) -> None:
+        self._declare(channel)
+        channel.confirm_delivery()
+
+    def _setup_consumer(self, channel: Any) -> None:
+        self._declare(channel)
+        channel.basic_qos(prefetch_count=self.prefetch)
+        generation = self._consumer.generation
+        self._buffer.clear()  # deliveries of a closed channel come back by themselves
+
+        def on_message(ch: Any, method: Any, properties: Any, body: bytes) -> None:
+            self._buffer.append((generation, method, body))
+
+        self._consumer_tag = channel.basic_consume(self.queue_name, on_message, auto_ack=False)
+
+    # --- publishing ------------------------------------------------------------------------------
+
+    def _publish(self, messages: Sequence[Tuple[str, bytes, pika.BasicProperties]]) -> None:
+        """Publish (routing key, body, properties) messages with confirms; reconnect and republish
+        what was not confirmed when the connection drops (duplicates are fine: at-least-once)."""
+        link = self._publisher
+        with link.lock:
+            done = 0
+            failures = 0
+            while done < len(messages):
+                channel = link.ensure()
+                try:
+                    while done < len(messages):
+                        key, body, props = messages[done]
+                        channel.basic_publish("", key, body, properties=props, mandatory=True)
+                        done += 1
+                except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as error:
+                    failures += 1
+                    if failures > 5:
+                        raise ConnectionError(f"RabbitMQ refused a message for {messages[done][0]!r}: {error!r}") from error
+                    link.drop()  # re-declare the queues and try again
+                except _AMQP_ERRORS as error:
+                    logger.warning("publishing to RabbitMQ failed (%r): reconnecting", error)
+                    link.drop()
+
+    def enqueue(self, jobs: Sequence[Job], delay: float = 0.0) -> None:
+        if not jobs:
+            return
+        if delay > 0:
+            props = pika.BasicProperties(delivery_mode=2, content_type="application/json",
+                                         expiration=str(max(1, int(round(delay * 1000)))))
+            key = self.delay_queue
+        else:
+            props = pika.BasicProperties(delivery_mode=2, content_type="application/json")
+            key = self.queue_name
+        self._publish([(key, job.to_json().encode(), props) for job in jobs])
+
+    def publish_raw(self, body: bytes) -> None:
+        """Publish a raw message to the main queue, as a foreign (or broken) client would."""
+        self._publish([(self.queue_name, body, pika.BasicProperties(delivery_mode=2))])
+
+    # --- consuming -------------------------------------------------------------------------------
+
+    def _pending_in_broker(self, channel: Any) -> int:
+        return channel.queue_declare(self.queue_name, passive=True).method.message_count
+
+    def fetch(self, max_jobs: int = 1, timeout: float = 1.0) -> List[Delivery]:
+        link = self._consumer
+        with link.lock:
+            deadline = time.monotonic() + max(0.0, timeout)
+            while True:
+                try:
+                    channel = link.ensure()
+                    link.connection.process_data_events(time_limit=0)
+                    if not self._buffer:
+                        remaining = deadline - time.monotonic()
+                        if remaining > 0:
+                            link.connection.process_data_events(time_limit=min(remaining, 1.0))
+                            if not self._buffer and time.monotonic() < deadline:
+                                continue
+                        elif timeout <= 0 and self._pending_in_broker(channel):
+                            # burst mode: messages are ready but not pushed to us yet
+                            link.connection.process_data_events(time_limit=0.2)
+                    break
+                except _AMQP_ERRORS as error:
+                    logger.warning("consuming from RabbitMQ failed (%r): reconnecting", error)
+                    link.drop()
+                    if time.monotonic() >= deadline:
+                        return []
+            out: List[Delivery] = []
+            while self._buffer and len(out) < max_jobs:
+                generation, method, body = self._buffer.popleft()
+                out.append(Delivery.parse(body, tag=(generation, method.delivery_tag), redelivered=method.redelivered))
+            return out
+
+    def ack(self, deliveries: Sequence[Delivery]) -> None:
+        link = self._consumer
+        with link.lock:
+            for delivery in deliveries:
+                generation, tag = delivery.tag
+                if generation != link.generation or link.channel is None:
+                    continue  # the channel it came on is gone: RabbitMQ redelivers it, the core drops it
+                try:
+                    link.channel.basic_ack(tag)
+                except _AMQP_ERRORS as error:
+                    logger.warning("ack failed (%r); the job will be redelivered and dropped", error)
+                    link.drop()
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        props = pika.BasicProperties(delivery_mode=2, headers={REASON_HEADER: reason})
+        self._publish([(self.dead_queue, delivery.body, props)])
+        self.ack([delivery])
+
+    def release(self) -> None:
+        """Give back the deliveries prefetched but not handed out, so a stopped worker holds none:
+        closing the consumer channel makes RabbitMQ requeue everything it left unacknowledged."""
+        link = self._consumer
+        with link.lock:
+            self._buffer.clear()
+            channel, link.channel = link.channel, None
+            try:
+                if channel is not None and channel.is_open:
+                    channel.close()
+            except _AMQP_ERRORS:
+                pass
+
+    def close(self) -> None:
+        self._consumer.close()
+        self._publisher.close()
+        self._buffer.clear()
+
+    # --- inspection (tests, tools) ---------------------------------------------------------------
+
+    def message_counts(self) -> Tuple[int, int, int]:
+        """(ready in the main queue, in the delay queue, in the dead-letter queue)."""
+        with self._publisher.lock:
+            channel = self._publisher.ensure()
+            return tuple(channel.queue_declare(q, passive=True).method.message_count  # type: ignore[return-value]
+                         for q in (self.queue_name, self.delay_queue, self.dead_queue))

@@ -1,0 +1,92 @@
+"""PostgreSQL schema of the RabbitMQ adapter.
+
+The two tables of the seed protocol, exactly as its documentation creates them::
+
+    CREATE TABLE flowcraft_contexts (run_id TEXT PRIMARY KEY, context_data JSONB NOT NULL);
+    CREATE TABLE flowcraft_statuses (run_id TEXT PRIMARY KEY, status TEXT NOT NULL,
+                                     updated_at TIMESTAMPTZ DEFAULT NOW(), result JSONB);
+
+plus two tables of the adapter's own:
+
+* ``<runs>`` (default ``flowcraft_runs``): ``run_id TEXT PRIMARY KEY, record JSONB NOT NULL,
+  states JSONB NOT NULL DEFAULT '{}', items JSONB NOT NULL DEFAULT '{}'`` -- the run's record
+  (with its ``version``), its node states and its batch items; a run started by a seed client has
+  no row here until a worker adopts it.
+* ``<outbox>`` (default ``flowcraft_outbox``): ``id BIGSERIAL PRIMARY KEY, run_id TEXT NOT NULL,
+  body TEXT NOT NULL, delay_ms INT NOT NULL DEFAULT 0`` -- jobs committed with a node's completion
+  and not yet confirmed by RabbitMQ.
+
+Every identifier goes through `validate_identifier` and `psycopg2.sql.Identifier`; every value is a
+query parameter.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Optional, Tuple
+
+from psycopg2 import sql
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+DEFAULT_CONTEXT_TABLE = "flowcraft_contexts"
+DEFAULT_STATUS_TABLE = "flowcraft_statuses"
+
+
+def validate_identifier(name: Any, what: str = "table name") -> str:
+    """Return `name` if it is a plain SQL identifier (letters, digits, `_`, at most 63 chars)."""
+    if not isinstance(name, str) or not _IDENTIFIER.match(name):
+        raise ValueError(
+            f"invalid {what} {name!r}: use 1-63 letters, digits or underscores, not starting with a digit "
+            f"(pattern {_IDENTIFIER.pattern})"
+        )
+    return name
+
+
+def default_table_names(context_table_name: str, runs_table_name: Optional[str] = None,
+                        outbox_table_name: Optional[str] = None) -> Tuple[str, str]:
+    """The runs and outbox table names: given ones, else derived from the context table's name
+    (`flowcraft_contexts` -> `flowcraft_runs`, `flowcraft_outbox`; `x` -> `x_runs`, `x_outbox`)."""
+    validate_identifier(context_table_name, "context table name")
+    base = context_table_name[: -len("contexts")] if context_table_name.endswith("contexts") else context_table_name + "_"
+    runs = runs_table_name or (base + "runs")
+    outbox = outbox_table_name or (base + "outbox")
+    return validate_identifier(runs, "runs table name"), validate_identifier(outbox, "outbox table name")
+
+
+def ensure_schema(conn: Any, context_table_name: str = DEFAULT_CONTEXT_TABLE,
+                  status_table_name: str = DEFAULT_STATUS_TABLE, runs_table_name: Optional[str] = None,
+                  outbox_table_name: Optional[str] = None) -> None:
+    """Create the adapter's tables if they do not exist (idempotent; commits)."""
+    context = validate_identifier(context_table_name, "context table name")
+    status = validate_identifier(status_table_name, "status table name")
+    runs, outbox = default_table_names(context, runs_table_name, outbox_table_name)
+    index = validate_identifier((status[:49] + "_running_idx"), "index name")
+    outbox_index = validate_identifier((outbox[:52] + "_run_idx"), "index name")
+    ident = sql.Identifier
+    statements = [
+        sql.SQL("CREATE TABLE IF NOT EXISTS {} (run_id TEXT PRIMARY KEY, context_data JSONB NOT NULL)").format(ident(context)),
+        sql.SQL("CREATE TABLE IF NOT EXISTS {} (run_id TEXT PRIMARY KEY, status TEXT NOT NULL,"
+                " updated_at TIMESTAMPTZ DEFAULT NOW(), result JSONB)").format(ident(status)),
+        sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (updated_at) WHERE status = 'running'").format(ident(index), ident(status)),
+        sql.SQL("CREATE TABLE IF NOT EXISTS {} (run_id TEXT PRIMARY KEY, record JSONB NOT NULL,"
+                " states JSONB NOT NULL DEFAULT '{{}}', items JSONB NOT NULL DEFAULT '{{}}')").format(ident(runs)),
+        sql.SQL("CREATE TABLE IF NOT EXISTS {} (id BIGSERIAL PRIMARY KEY, run_id TEXT NOT NULL, body TEXT NOT NULL,"
+                " delay_ms INT NOT NULL DEFAULT 0)").format(ident(outbox)),
+        sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (run_id)").format(ident(outbox_index), ident(outbox)),
+    ]
+    autocommit = conn.autocommit
+    if not autocommit:
+        conn.rollback()
+    conn.autocommit = False
+    try:
+        with conn.cursor() as cur:
+            # Concurrent first starts of several workers must not race on CREATE ... IF NOT EXISTS.
+            cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"flowcraft-schema:{context}",))
+            for statement in statements:
+                cur.execute(statement)
+        conn.commit()
+    except BaseException:
+        conn.rollback()
+        raise
+    finally:
+        conn.autocommit = autocommit

@@ -1,0 +1,60 @@
+"""`RedisCoordinationStore`: the Flowcraft TS coordination methods on Redis strings with TTLs."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from ._util import to_text, translate_errors
+from .keys import coordination_key, validate_prefix
+
+
+def _ms(ttl: Optional[float]) -> Optional[int]:
+    """A TTL in seconds as whole milliseconds; None (no expiry) for 0 or None."""
+    if not ttl:
+        return None
+    if ttl < 0:
+        raise ValueError(f"a TTL must be >= 0 seconds, not {ttl!r}")
+    return max(1, int(round(ttl * 1000)))
+
+
+class RedisCoordinationStore:
+    """Counters and markers with a TTL (seconds; 0 or None = no expiry), under ``<prefix>flowcraft:coord:``."""
+
+    def __init__(self, client: Any, prefix: str = "") -> None:
+        self.client = client
+        self.prefix = validate_prefix(prefix)
+
+    def key(self, key: str) -> str:
+        return coordination_key(self.prefix, key)
+
+    @translate_errors
+    def increment(self, key: str, ttl: float) -> int:
+        name = self.key(key)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.incr(name)
+        ms = _ms(ttl)
+        if ms is None:
+            pipe.persist(name)
+        else:
+            pipe.pexpire(name, ms)
+        return int(pipe.execute()[0])
+
+    @translate_errors
+    def set_if_not_exist(self, key: str, value: str, ttl: float) -> bool:
+        return bool(self.client.set(self.key(key), str(value), nx=True, px=_ms(ttl)))
+
+    @translate_errors
+    def extend_ttl(self, key: str, ttl: float) -> bool:
+        name = self.key(key)
+        ms = _ms(ttl)
+        if ms is None:
+            return bool(self.client.exists(name)) and (self.client.persist(name) or True)
+        return bool(self.client.pexpire(name, ms))
+
+    @translate_errors
+    def delete(self, key: str) -> None:
+        self.client.delete(self.key(key))
+
+    @translate_errors
+    def get(self, key: str) -> Optional[str]:
+        value = self.client.get(self.key(key))
+        return None if value is None else to_text(value)

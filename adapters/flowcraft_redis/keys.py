@@ -1,0 +1,131 @@
+"""The Redis key layout of the adapter, with every name validated before it becomes a key.
+
+With the default prefix "" the keys are exactly the seed's (`workflow:state:<runId>`,
+`workflow:status:<runId>`) plus the adapter's own:
+
+=====================================  ==========  ================================================
+key                                    type        holds
+=====================================  ==========  ================================================
+``<p>workflow:state:<runId>``          hash        the run's context, one JSON value per field
+``<p>workflow:status:<runId>``         string      JSON ``{"status", "result"}`` once the run ended
+``<p>flowcraft:run:<runId>``           hash        the run record (version, status, outstanding...)
+``<p>flowcraft:states:<runId>``        hash        node states, JSON per node id
+``<p>flowcraft:items:<runId>``         hash        batch item specs and results, JSON per field
+``<p><queue>``                         list        ready jobs (LPUSH in, taken from the right)
+``<p><queue>:processing:<workerId>``   list        jobs a worker holds until it acks them
+``<p><queue>:delayed``                 zset        delayed jobs, score = due time (unix seconds)
+``<p><queue>:dead``                    list        dead letters, JSON ``{"body", "reason"}``
+``<p><queue>:workers``                 set         worker ids that own a processing list
+``<p><queue>:worker:<workerId>``       string      a worker's heartbeat (expires when it dies)
+``<p>flowcraft:coord:<key>``           string      coordination counters and markers
+=====================================  ==========  ================================================
+"""
+from __future__ import annotations
+
+import re
+import unicodedata
+from typing import Any
+
+MAX_NAME_LENGTH = 512
+_SIMPLE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]*$")
+
+
+def _check_text(kind: str, name: Any) -> str:
+    if not isinstance(name, str):
+        raise ValueError(f"{kind} must be a string, not {type(name).__name__}: {name!r}")
+    if len(name) > MAX_NAME_LENGTH:
+        raise ValueError(f"{kind} {name[:40]!r}... is longer than {MAX_NAME_LENGTH} characters")
+    for ch in name:
+        if ch.isspace() or unicodedata.category(ch)[0] in ("C", "Z"):
+            raise ValueError(f"{kind} {name!r} contains a space or control character ({ch!r})")
+    return name
+
+
+def validate_prefix(prefix: Any) -> str:
+    """A key prefix: empty, or printable text without spaces (e.g. ``"myapp:"``)."""
+    return _check_text("key prefix", prefix)
+
+
+def validate_name(kind: str, name: Any) -> str:
+    """A run id or coordination key: non-empty printable text without spaces or control characters."""
+    _check_text(kind, name)
+    if not name:
+        raise ValueError(f"{kind} must not be empty")
+    return name
+
+
+def validate_simple(kind: str, name: Any) -> str:
+    """A queue name or worker id: letters, digits, ``_ . @ -`` (no ``:``, so keys cannot collide)."""
+    _check_text(kind, name)
+    if not _SIMPLE.match(name):
+        raise ValueError(f"{kind} {name!r} must match {_SIMPLE.pattern} (letters, digits, '_', '.', '@', '-')")
+    return name
+
+
+def glob_escape(text: str) -> str:
+    """``text`` with the glob characters of SCAN MATCH escaped."""
+    return "".join("\\" + ch if ch in "*?[]\\^-" else ch for ch in text)
+
+
+class RunKeys:
+    """The keys of runs under one prefix."""
+
+    STATE = "workflow:state:"
+    STATUS = "workflow:status:"
+    RECORD = "flowcraft:run:"
+    STATES = "flowcraft:states:"
+    ITEMS = "flowcraft:items:"
+
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = validate_prefix(prefix)
+
+    def context(self, run_id: str) -> str:
+        return self.prefix + self.STATE + validate_name("run id", run_id)
+
+    def status(self, run_id: str) -> str:
+        return self.prefix + self.STATUS + validate_name("run id", run_id)
+
+    def record(self, run_id: str) -> str:
+        return self.prefix + self.RECORD + validate_name("run id", run_id)
+
+    def states(self, run_id: str) -> str:
+        return self.prefix + self.STATES + validate_name("run id", run_id)
+
+    def items(self, run_id: str) -> str:
+        return self.prefix + self.ITEMS + validate_name("run id", run_id)
+
+    def all_of(self, run_id: str) -> list:
+        """Every key of one run (for EXPIRE)."""
+        return [self.context(run_id), self.record(run_id), self.states(run_id), self.items(run_id), self.status(run_id)]
+
+    @property
+    def record_pattern(self) -> str:
+        """SCAN MATCH pattern of every run record under this prefix."""
+        return glob_escape(self.prefix + self.RECORD) + "*"
+
+    def run_id_of_record(self, key: Any) -> str:
+        text = key.decode() if isinstance(key, bytes) else key
+        return text[len(self.prefix + self.RECORD):]
+
+
+class QueueKeys:
+    """The keys of one queue under one prefix."""
+
+    def __init__(self, queue_name: str, prefix: str = "") -> None:
+        self.prefix = validate_prefix(prefix)
+        self.name = validate_simple("queue name", queue_name)
+        base = self.prefix + queue_name
+        self.ready = base
+        self.delayed = base + ":delayed"
+        self.dead = base + ":dead"
+        self.workers = base + ":workers"
+
+    def processing(self, worker_id: str) -> str:
+        return f"{self.ready}:processing:{validate_simple('worker id', worker_id)}"
+
+    def heartbeat(self, worker_id: str) -> str:
+        return f"{self.ready}:worker:{validate_simple('worker id', worker_id)}"
+
+
+def coordination_key(prefix: str, key: str) -> str:
+    return validate_prefix(prefix) + "flowcraft:coord:" + validate_name("coordination key", key)

@@ -1,0 +1,27 @@
+-- Create a run with its first jobs (RedisRunStore.create_run); nothing is written if it exists.
+--
+-- KEYS: 1 record hash, 2 context hash, 3 node states hash, 4 ready list
+-- ARGV: counted groups ("n" then entries): record field/value pairs, context field/value pairs,
+--       node state id/JSON pairs, job bodies
+-- Returns 1 when created, 0 when a record or a context of that run already exists.
+if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+local CHUNK = 500
+local pos = 1
+local function take_count()
+  local n = tonumber(ARGV[pos]); pos = pos + 1; return n
+end
+local function chunked(cmd, key, n, width)
+  local args = {}
+  for i = 1, n * width do
+    args[#args + 1] = ARGV[pos]; pos = pos + 1
+    if #args >= CHUNK * width then
+      redis.call(cmd, key, unpack(args)); args = {}
+    end
+  end
+  if #args > 0 then redis.call(cmd, key, unpack(args)) end
+end
+chunked('HSET', KEYS[1], take_count(), 2)
+chunked('HSET', KEYS[2], take_count(), 2)
+chunked('HSET', KEYS[3], take_count(), 2)
+chunked('LPUSH', KEYS[4], take_count(), 1)
+return 1

@@ -1,0 +1,236 @@
+"""`RedisRunStore`: the `RunStore` port on Redis hashes (see `keys.py` for the layout).
+
+Every commit is ONE `EVALSHA` of `lua/commit.lua`: version check, context patch, node states,
+batch items, the record, the successor jobs (pushed onto the queue, so they are durable with the
+commit and `publish_outbox` has nothing to do), the acknowledgement of the delivery that produced
+it and, for a final status, the seed-compatible status key and the TTL of the run's keys.
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+from flowcraft.ports import Commit, Job, RunRecord, RunSnapshot
+
+from ._util import delayed_member, load_script, to_text, translate_errors
+from .context import decode, decode_hash, encode
+from .keys import QueueKeys, RunKeys, validate_name
+
+FINAL_STATUSES = ("completed", "failed", "cancelled", "stalled")
+_JSON_FIELDS = ("blueprint_id", "blueprint_version", "awaiting", "errors", "parent", "result")
+
+
+def record_fields(record: RunRecord) -> List[Tuple[str, str]]:
+    """A record as hash fields (the version is written by the commit script)."""
+    fields = [("status", record.status), ("outstanding", str(int(record.outstanding))),
+              ("updated_at", repr(float(record.updated_at)))]
+    fields += [(name, encode(getattr(record, name))) for name in _JSON_FIELDS]
+    return fields
+
+
+def parse_record(run_id: str, raw: Mapping[Any, Any]) -> RunRecord:
+    data = {to_text(k): to_text(v) for k, v in raw.items()}
+    values: Dict[str, Any] = {name: decode(data[name]) for name in _JSON_FIELDS if name in data}
+    return RunRecord(
+        run_id=run_id, status=data.get("status", "running"), version=int(data.get("version", 0)),
+        outstanding=int(data.get("outstanding", 0)), updated_at=float(data.get("updated_at", 0.0)),
+        blueprint_id=values.get("blueprint_id"), blueprint_version=values.get("blueprint_version"),
+        awaiting=values.get("awaiting") or {}, errors=values.get("errors") or [], parent=values.get("parent"),
+        result=values.get("result"),
+    )
+
+
+def _flat(pairs: Iterable[Tuple[Any, Any]]) -> List[Any]:
+    out: List[Any] = []
+    for key, value in pairs:
+        out.append(key)
+        out.append(value)
+    return out
+
+
+def _valid_run_id(run_id: Any) -> bool:
+    try:
+        validate_name("run id", run_id)
+        return True
+    except ValueError:
+        return False
+
+
+class RedisRunStore:
+    """Runs in Redis hashes, changed only by version-checked Lua commits.
+
+    `queue` (a `RedisQueue`) or `queue_name` says where committed jobs go; with a queue, the
+    deliveries a commit acknowledges are also marked so the queue does not LREM them again.
+    """
+
+    def __init__(self, client: Any, prefix: str = "", state_ttl_seconds: int = 86400, *, queue: Any = None,
+                 queue_name: str = "flowcraft-queue", clock: Callable[[], float] = time.time, scan_count: int = 100) -> None:
+        if state_ttl_seconds is None or int(state_ttl_seconds) < 0:
+            raise ValueError(f"state_ttl_seconds must be >= 0 (0 = keep forever), not {state_ttl_seconds!r}")
+        self.client = client
+        self.keys = RunKeys(prefix)
+        self.queue = queue
+        self.queue_keys: QueueKeys = queue.keys if queue is not None else QueueKeys(queue_name, prefix)
+        self.state_ttl_seconds = int(state_ttl_seconds)
+        self.clock = clock
+        self.scan_count = scan_count
+        self._commit = load_script(client, "commit.lua")
+        self._create = load_script(client, "create.lua")
+        self._touch = load_script(client, "touch.lua")
+
+    # --- writing ---------------------------------------------------------------------------
+
+    @translate_errors
+    def create_run(self, record: RunRecord, context: Mapping[str, Any], states: Mapping[str, Dict[str, Any]],
+                   jobs: Sequence[Job]) -> bool:
+        run_id = record.run_id
+        fields = record_fields(record) + [("version", str(int(record.version)))]
+        args: List[Any] = [len(fields), *_flat(fields)]
+        args += [len(context), *_flat((k, encode(v)) for k, v in context.items())]
+        args += [len(states), *_flat((k, encode(v)) for k, v in states.items())]
+        args += [len(jobs), *(j.to_json() for j in jobs)]
+        keys = [self.keys.record(run_id), self.keys.context(run_id), self.keys.states(run_id), self.queue_keys.ready]
+        return bool(self._create(keys=keys, args=args))
+
+    @translate_errors
+    def commit(self, commit: Commit) -> bool:
+        run_id = commit.run_id
+        if not _valid_run_id(run_id):
+            return False
+        record = commit.record
+        final = ""
+        if record.status in FINAL_STATUSES:
+            final = json.dumps({"status": record.status, "result": record.result}, separators=(",", ":"))
+        fields = record_fields(record)
+        args: List[Any] = [int(commit.expected_version), self.state_ttl_seconds, final, len(fields), *_flat(fields)]
+        args += [len(commit.context_set), *_flat((k, encode(v)) for k, v in commit.context_set.items())]
+        args += [len(commit.context_delete), *commit.context_delete]
+        args += [len(commit.states), *_flat((k, encode(v)) for k, v in commit.states.items())]
+        args += [len(commit.items), *_flat((k, encode(v)) for k, v in commit.items.items())]
+        args += [len(commit.jobs), *(j.to_json() for j in commit.jobs)]
+        now = self.clock()
+        args += [len(commit.delayed), *_flat((repr(now + max(0.0, float(d))), delayed_member(j.to_json().encode()))
+                                             for j, d in commit.delayed)]
+        acks = [d for d in commit.ack if isinstance(d.tag, tuple) and len(d.tag) == 2]
+        args += [len(acks), *(d.tag[1] for d in acks)]
+        keys = [self.keys.record(run_id), self.keys.context(run_id), self.keys.states(run_id), self.keys.items(run_id),
+                self.keys.status(run_id), self.queue_keys.ready, self.queue_keys.delayed, *(d.tag[0] for d in acks)]
+        applied = bool(self._commit(keys=keys, args=args))
+        if applied and acks and self.queue is not None:
+            self.queue.mark_acked(acks)
+        return applied
+
+    def publish_outbox(self, run_id: str, queue: Any) -> int:
+        """Nothing to publish: commits push their jobs onto the queue atomically."""
+        return 0
+
+    # --- reading ---------------------------------------------------------------------------
+
+    @translate_errors
+    def load(self, run_id: str, node_ids: Iterable[str], context_keys: Iterable[str]) -> Optional[RunSnapshot]:
+        if not _valid_run_id(run_id):
+            return None
+        node_ids = list(dict.fromkeys(node_ids))
+        context_keys = list(dict.fromkeys(context_keys))
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hgetall(self.keys.record(run_id))
+        pipe.exists(self.keys.context(run_id))
+        if node_ids:
+            pipe.hmget(self.keys.states(run_id), node_ids)
+        if context_keys:
+            pipe.hmget(self.keys.context(run_id), context_keys)
+        replies = pipe.execute()
+        raw_record, has_context = replies[0], replies[1]
+        states_raw = replies[2] if node_ids else []
+        context_raw = replies[-1] if context_keys else []
+        if raw_record:
+            record = parse_record(run_id, raw_record)
+        elif has_context:
+            record = RunRecord(run_id, version=0, updated_at=self.clock())
+        else:
+            return None
+        states = {n: decode(v) for n, v in zip(node_ids, states_raw) if v is not None}
+        context = {k: decode(v) for k, v in zip(context_keys, context_raw) if v is not None}
+        return RunSnapshot(record, states, context)
+
+    @translate_errors
+    def read_states(self, run_id: str, node_ids: Iterable[str]) -> Dict[str, Dict[str, Any]]:
+        node_ids = list(node_ids)
+        if not node_ids:
+            return {}
+        raw = self.client.hmget(self.keys.states(run_id), node_ids)
+        return {n: decode(v) for n, v in zip(node_ids, raw) if v is not None}
+
+    @translate_errors
+    def read_all_states(self, run_id: str) -> Dict[str, Dict[str, Any]]:
+        return decode_hash(self.client.hgetall(self.keys.states(run_id)))
+
+    @translate_errors
+    def read_context(self, run_id: str, keys: Iterable[str]) -> Dict[str, Any]:
+        keys = list(keys)
+        if not keys:
+            return {}
+        raw = self.client.hmget(self.keys.context(run_id), keys)
+        return {k: decode(v) for k, v in zip(keys, raw) if v is not None}
+
+    @translate_errors
+    def read_all_context(self, run_id: str) -> Dict[str, Any]:
+        return decode_hash(self.client.hgetall(self.keys.context(run_id)))
+
+    @translate_errors
+    def read_items(self, run_id: str, fields: Sequence[str]) -> List[Any]:
+        fields = list(fields)
+        if not fields:
+            return []
+        out: List[Any] = []
+        for start in range(0, len(fields), 5000):
+            chunk = fields[start:start + 5000]
+            out += [None if v is None else decode(v) for v in self.client.hmget(self.keys.items(run_id), chunk)]
+        return out
+
+    @translate_errors
+    def get_record(self, run_id: str) -> Optional[RunRecord]:
+        if not _valid_run_id(run_id):
+            return None
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(self.keys.record(run_id))
+        pipe.exists(self.keys.context(run_id))
+        raw, has_context = pipe.execute()
+        if raw:
+            return parse_record(run_id, raw)
+        return RunRecord(run_id, version=0, updated_at=self.clock()) if has_context else None
+
+    @translate_errors
+    def touch(self, run_id: str, updated_at: float) -> None:
+        if _valid_run_id(run_id):
+            self._touch(keys=[self.keys.record(run_id)], args=[repr(float(updated_at))])
+
+    @translate_errors
+    def idle_runs(self, idle_seconds: float, limit: int = 1000, scan_count: Optional[int] = None) -> Tuple[int, List[str]]:
+        """(records scanned, ids of runs `running` whose `updated_at` is older than `idle_seconds`),
+        found with SCAN over the record keys (never KEYS)."""
+        now = self.clock()
+        scanned = 0
+        idle: List[str] = []
+        batch: List[Any] = []
+
+        def check(keys: List[Any]) -> None:
+            pipe = self.client.pipeline(transaction=False)
+            for key in keys:
+                pipe.hmget(key, ["status", "updated_at"])
+            for key, (status, updated) in zip(keys, pipe.execute()):
+                if status is None or to_text(status) != "running":
+                    continue
+                if now - float(to_text(updated or b"0")) >= idle_seconds:
+                    idle.append(self.keys.run_id_of_record(key))
+
+        for key in self.client.scan_iter(match=self.keys.record_pattern, count=scan_count or self.scan_count):
+            scanned += 1
+            batch.append(key)
+            if len(batch) >= 500:
+                check(batch)
+                batch = []
+        if batch:
+            check(batch)
+        return scanned, idle[:limit]
