@@ -1,0 +1,400 @@
+"""`flowcraft_rabbitmq` on the real services: RabbitMQ (jobs), PostgreSQL (state), Redis (coordination).
+
+Every scenario's final context must equal the in-memory `flow.run` context (SPEC 5). Each test owns
+its tables (`pg_table_prefix`), queues (`amqp_queue_name` + `.dead`/`.delay`) and Redis prefix; the
+fixtures in tests/conftest.py remove them afterwards.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from collections import Counter
+from typing import Any, Callable, Dict, Iterator, List
+
+import pika
+import psycopg2
+import pytest
+import redis
+from psycopg2 import sql
+
+from flowcraft import NodeContext, analyze_blueprint, create_flow
+from flowcraft.ports import Job
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from test_distributed import SCENARIOS, Scenario, assert_same_result, make_runtime, run_in_memory  # noqa: E402
+
+from flowcraft_rabbitmq import (  # noqa: E402
+    REASON_HEADER, PostgresContext, PostgresRunStore, RabbitMqAdapter, RedisCoordinationStore,
+    create_rabbitmq_reconciler, ensure_schema, validate_identifier,
+)
+
+pytestmark = pytest.mark.integration
+
+TIMEOUT = 60.0
+
+
+class CountingStore:
+    """Counts node completions per (run, node, iteration) as `InMemoryRunStore.completions` does:
+    a successful commit that moves a node to `done` (from another status or iteration). Reads the
+    states before each commit, so only for tests with one worker."""
+
+    def __init__(self, store: PostgresRunStore) -> None:
+        self.outputs: Counter = Counter()
+        self._store = store
+        self._commit = store.commit
+        store.commit = self.commit  # type: ignore[method-assign]
+
+    def commit(self, commit: Any) -> bool:
+        before = self._store.read_states(commit.run_id, list(commit.states))
+        ok = self._commit(commit)
+        if ok:
+            for node, state in commit.states.items():
+                old = before.get(node, {})
+                if state.get("st") == "done" and (old.get("st") != "done" or old.get("it") != state.get("it")):
+                    self.outputs[(commit.run_id, node, state.get("it", 0))] += 1
+        return ok
+
+
+@pytest.fixture
+def tables(pg_table_prefix: str) -> Dict[str, str]:
+    return {"context_table_name": f"{pg_table_prefix}contexts", "status_table_name": f"{pg_table_prefix}statuses"}
+
+
+@pytest.fixture
+def make_adapter(amqp_url: str, postgres_dsn: str, redis_url: str, redis_prefix: str, amqp_queue_name: str,
+                 tables: Dict[str, str]) -> Iterator[Callable[..., RabbitMqAdapter]]:
+    adapters: List[RabbitMqAdapter] = []
+
+    def make(flows: List[Any], **options: Any) -> RabbitMqAdapter:
+        adapter = RabbitMqAdapter(
+            make_runtime(flows), RedisCoordinationStore(redis.Redis.from_url(redis_url), prefix=redis_prefix), amqp_url, postgres_dsn,
+            queue_name=amqp_queue_name, poll_timeout=0.2, **dict(tables, **options),
+        )
+        adapters.append(adapter)
+        return adapter
+
+    yield make
+    for adapter in adapters:
+        adapter.close()
+        adapter.coordination.client.close()
+
+
+def run_scenario(adapter: RabbitMqAdapter, scenario: Scenario) -> Any:
+    flows = scenario.build()
+    run_id = adapter.start_workflow(flows[0].id, dict(scenario.initial_context))
+    result = adapter.wait_for_result(run_id, timeout=TIMEOUT)
+    if scenario.resume is not None:
+        assert result.status == "awaiting", (result.status, result.errors)
+        action, output = scenario.resume
+        adapter.resume_with_action(run_id, action, output=output)
+        result = adapter.wait_for_result(run_id, timeout=TIMEOUT)
+        while result.status == "awaiting":  # the resume's successors may not have run yet
+            time.sleep(0.02)
+            result = adapter.wait_for_result(run_id, timeout=TIMEOUT)
+    return run_id, result
+
+
+def status_row(pg_conn: Any, tables: Dict[str, str], run_id: str) -> Any:
+    with pg_conn.cursor() as cur:
+        cur.execute(sql.SQL("SELECT status, result, updated_at FROM {} WHERE run_id = %s").format(
+            sql.Identifier(tables["status_table_name"])), (run_id,))
+        row = cur.fetchone()
+    pg_conn.rollback()
+    return row
+
+
+def dead_letters(amqp_connection: Any, queue: str) -> List[Any]:
+    channel = amqp_connection.channel()
+    out = []
+    while True:
+        method, props, body = channel.basic_get(f"{queue}.dead", auto_ack=True)
+        if method is None:
+            break
+        out.append((body, (props.headers or {}).get(REASON_HEADER)))
+    channel.close()
+    return out
+
+
+# ================================================================================================
+# Scenarios: distributed on RabbitMQ + PostgreSQL == in memory
+# ================================================================================================
+
+NAMES = ["chain", "fan_in", "diamond_even", "diamond_odd", "any_join", "loop", "batch", "subflow", "wait_approve",
+         "wait_reject"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_scenario_matches_in_memory(name: str, make_adapter: Callable[..., RabbitMqAdapter], pg_conn: Any,
+                                    tables: Dict[str, str], amqp_connection: Any, amqp_queue_name: str) -> None:
+    scenario = SCENARIOS[name]
+    expected = run_in_memory(scenario)
+    assert expected.status == "completed", expected.errors
+    adapter = make_adapter(scenario.build())
+    counting = CountingStore(adapter.store)
+    adapter.start()
+    run_id, result = run_scenario(adapter, scenario)
+    assert_same_result(result, expected)
+    status, stored_result, _ = status_row(pg_conn, tables, run_id)
+    assert status == "completed"
+    assert stored_result["context"] == expected.context
+    assert counting.outputs and all(n == 1 for n in counting.outputs.values()), counting.outputs
+    adapter.stop(timeout=10)
+    assert dead_letters(amqp_connection, amqp_queue_name) == []
+
+
+def test_sleep_is_a_durable_timer(make_adapter: Callable[..., RabbitMqAdapter]) -> None:
+    sleeper = (
+        create_flow("sleeper")
+        .node("a", lambda ctx: "woke")
+        .sleep("nap", duration=0.5)
+        .node("b", lambda ctx: {"after_nap": ctx.input})
+        .edge("a", "nap")
+        .edge("nap", "b")
+    )
+    adapter = make_adapter([sleeper])
+    adapter.start()
+    started = time.monotonic()
+    run_id = adapter.start_workflow("sleeper")
+    time.sleep(0.2)
+    assert adapter.get_status(run_id).status == "running"  # sleeping, distributed: still running
+    assert adapter.queue.message_counts()[1] == 1  # the timer waits in the delay queue, no worker blocks
+    result = adapter.wait_for_result(run_id, timeout=TIMEOUT)
+    assert time.monotonic() - started >= 0.5
+    expected = sleeper.run(make_runtime([sleeper]), wait_timers=True)
+    assert_same_result(result, expected)
+    assert result.context["b"] == {"after_nap": "woke"}
+
+
+def test_cancel_stops_the_run(make_adapter: Callable[..., RabbitMqAdapter]) -> None:
+    entered, release = threading.Event(), threading.Event()
+    ran: List[str] = []
+
+    def slow(ctx: NodeContext) -> Any:
+        entered.set()
+        release.wait(10)
+        return 1
+
+    flow = create_flow("cancellable").node("slow", slow).node("after", lambda ctx: ran.append("after")).edge("slow", "after")
+    adapter = make_adapter([flow])
+    adapter.start()
+    run_id = adapter.start_workflow("cancellable")
+    assert entered.wait(10)
+    adapter.cancel(run_id)
+    release.set()
+    result = adapter.wait_for_result(run_id, timeout=TIMEOUT)
+    assert result.status == "cancelled"
+    time.sleep(0.3)
+    assert ran == []
+    assert adapter.get_status(run_id).status == "cancelled"
+
+
+def test_reconciler_re_enqueues_a_lost_job(make_adapter: Callable[..., RabbitMqAdapter], pg_conn: Any,
+                                           tables: Dict[str, str], amqp_connection: Any, amqp_queue_name: str) -> None:
+    scenario = SCENARIOS["chain"]
+    adapter = make_adapter(scenario.build())
+    run_id = adapter.start_workflow("chain", dict(scenario.initial_context))
+    channel = amqp_connection.channel()
+    assert channel.queue_purge(amqp_queue_name).method.message_count == 1  # the start job is lost
+    channel.close()
+    reconciler = create_rabbitmq_reconciler(adapter=adapter, status_table_name=tables["status_table_name"],
+                                            stalled_threshold_seconds=60)
+    stats = reconciler.run()
+    assert (stats.stalled, stats.reconciled, stats.failed) == (0, 0, 0)  # not idle long enough
+    with pg_conn.cursor() as cur:
+        cur.execute(sql.SQL("UPDATE {} SET updated_at = now() - make_interval(secs => %s) WHERE run_id = %s").format(
+            sql.Identifier(tables["status_table_name"])), (3600, run_id))
+    pg_conn.commit()
+    stats = reconciler.run()
+    assert stats.scanned >= 1 and stats.stalled == 1 and stats.reconciled == 1 and stats.failed == 0
+    assert reconciler.run().stalled == 0  # reconciling refreshed updated_at
+    adapter.start()
+    result = adapter.wait_for_result(run_id, timeout=TIMEOUT)
+    assert_same_result(result, run_in_memory(scenario))
+    with pytest.raises(ValueError):
+        create_rabbitmq_reconciler(adapter=adapter, status_table_name="other_statuses")
+
+
+def test_duplicate_delivery_commits_once(make_adapter: Callable[..., RabbitMqAdapter]) -> None:
+    scenario = SCENARIOS["chain"]
+    adapter = make_adapter(scenario.build())
+    counting = CountingStore(adapter.store)
+    run_id = adapter.start_workflow("chain", dict(scenario.initial_context))
+    for node_id in ("load", "load", "double"):  # the broker delivers the start job again, and a premature job
+        adapter.queue.enqueue([Job(run_id, "chain", node_id)])
+    adapter.start()
+    result = adapter.wait_for_result(run_id, timeout=TIMEOUT)
+    assert_same_result(result, run_in_memory(scenario))
+    time.sleep(0.3)  # let the worker drain the duplicates
+    assert adapter.queue.message_counts() == (0, 0, 0)
+    assert dict(counting.outputs) == {(run_id, n, 0): 1 for n in ("load", "double", "describe", "store")}
+
+
+def test_malformed_messages_are_dead_lettered_and_the_worker_goes_on(
+        make_adapter: Callable[..., RabbitMqAdapter], amqp_connection: Any, amqp_queue_name: str) -> None:
+    scenario = SCENARIOS["chain"]
+    adapter = make_adapter(scenario.build())
+    adapter.queue.publish_raw(b"not json {")
+    adapter.queue.publish_raw(b'{"runId": "r1"}')
+    adapter.queue.publish_raw(json.dumps({"runId": "nope", "blueprintId": "unknown-bp", "nodeId": "x"}).encode())
+    adapter.start()
+    run_id = adapter.start_workflow("chain", dict(scenario.initial_context))
+    result = adapter.wait_for_result(run_id, timeout=TIMEOUT)
+    assert_same_result(result, run_in_memory(scenario))
+    adapter.stop(timeout=10)
+    dead = dead_letters(amqp_connection, amqp_queue_name)
+    assert [body for body, _ in dead] == [b"not json {", b'{"runId": "r1"}',
+                                          json.dumps({"runId": "nope", "blueprintId": "unknown-bp", "nodeId": "x"}).encode()]
+    reasons = [reason for _, reason in dead]
+    assert reasons[0].startswith("malformed job: not valid JSON")
+    assert "missing or empty field" in reasons[1]
+    assert "unknown blueprint 'unknown-bp'" in reasons[2]
+
+
+@pytest.mark.parametrize("bad", ["x; DROP TABLE y", "1abc", "a" * 64, "", "name-with-dash", 'q"uote'])
+def test_table_names_are_validated_identifiers(bad: str, make_adapter: Callable[..., RabbitMqAdapter], pg_conn: Any,
+                                               tables: Dict[str, str]) -> None:
+    with pytest.raises(ValueError, match="invalid context table name"):
+        make_adapter(SCENARIOS["chain"].build(), **dict(tables, context_table_name=bad))
+    with pytest.raises(ValueError, match="invalid status table name"):
+        ensure_schema(pg_conn, tables["context_table_name"], bad)
+    with pytest.raises(ValueError, match="invalid"):
+        validate_identifier(bad)
+    with pg_conn.cursor() as cur:
+        cur.execute("SELECT to_regclass('y') IS NULL OR true")
+    pg_conn.rollback()
+
+
+def test_ensure_schema_creates_exactly_the_seed_tables_idempotently(pg_conn: Any, tables: Dict[str, str],
+                                                                   pg_table_prefix: str) -> None:
+    for _ in range(2):
+        ensure_schema(pg_conn, **tables)
+    with pg_conn.cursor() as cur:
+        cur.execute("SELECT table_name, column_name, data_type, is_nullable, column_default"
+                    " FROM information_schema.columns WHERE table_name = ANY(%s) ORDER BY table_name, ordinal_position",
+                    ([tables["context_table_name"], tables["status_table_name"]],))
+        columns = cur.fetchall()
+    pg_conn.rollback()
+    ctx, st = tables["context_table_name"], tables["status_table_name"]
+    assert [c[:4] for c in columns] == [
+        (ctx, "run_id", "text", "NO"), (ctx, "context_data", "jsonb", "NO"),
+        (st, "run_id", "text", "NO"), (st, "status", "text", "NO"),
+        (st, "updated_at", "timestamp with time zone", "YES"), (st, "result", "jsonb", "YES"),
+    ]
+    assert columns[4][4].lower() == "now()"
+
+
+def test_seed_client_protocol(make_adapter: Callable[..., RabbitMqAdapter], pg_conn: Any, tables: Dict[str, str],
+                              amqp_url: str, amqp_queue_name: str) -> None:
+    """A run started exactly as the seed's client does it: two rows inserted by hand, the minimal
+    payload published persistent to the durable queue (declared as `assertQueue(q, {durable: true})`)."""
+    scenario = SCENARIOS["chain"]
+    flow = scenario.build()[0]
+    adapter = make_adapter([flow])  # ensure_schema made the tables, declared the queues
+    run_id = "seed-run-1"
+    with pg_conn.cursor() as cur:
+        cur.execute(sql.SQL("INSERT INTO {} (run_id, context_data) VALUES (%s, %s)").format(
+            sql.Identifier(tables["context_table_name"])), (run_id, json.dumps(scenario.initial_context)))
+        cur.execute(sql.SQL("INSERT INTO {} (run_id, status) VALUES (%s, %s)").format(
+            sql.Identifier(tables["status_table_name"])), (run_id, "running"))
+    pg_conn.commit()
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    channel = connection.channel()
+    channel.queue_declare(amqp_queue_name, durable=True)  # the seed's assertQueue: must not conflict
+    for node_id in analyze_blueprint(flow.to_blueprint()).start_node_ids:
+        body = json.dumps({"runId": run_id, "blueprintId": flow.id, "nodeId": node_id}).encode()
+        channel.basic_publish("", amqp_queue_name, body, properties=pika.BasicProperties(delivery_mode=2))
+    connection.close()
+    adapter.start()
+    result = adapter.wait_for_result(run_id, timeout=TIMEOUT)
+    expected = run_in_memory(scenario)
+    assert_same_result(result, expected)
+    status, stored_result, updated_at = status_row(pg_conn, tables, run_id)
+    assert status == "completed"
+    assert stored_result["status"] == "completed"
+    assert stored_result["context"] == expected.context
+    assert updated_at is not None
+    assert PostgresContext(adapter.store, run_id).get("store") == ["value=42", 21]
+
+
+def test_postgres_connection_killed_mid_run(make_adapter: Callable[..., RabbitMqAdapter], postgres_dsn: str) -> None:
+    killed: List[int] = []
+    holder: Dict[str, RabbitMqAdapter] = {}
+
+    def killer(ctx: NodeContext) -> Any:
+        if not killed:
+            pid = holder["adapter"].store.backend_pid
+            with psycopg2.connect(postgres_dsn) as other, other.cursor() as cur:
+                cur.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                assert cur.fetchone()[0] is True
+            other.close()
+            killed.append(pid)
+        return ctx.input * 2
+
+    flow = (
+        create_flow("killing")
+        .node("load", lambda ctx: ctx.input, inputs="start")
+        .node("double", killer)
+        .node("after", lambda ctx: {"got": ctx.input, "start": ctx.context.get("start")})
+        .edge("load", "double")
+        .edge("double", "after")
+    )
+    adapter = holder["adapter"] = make_adapter([flow])
+    adapter.start()
+    run_id = adapter.start_workflow("killing", {"start": 21})
+    result = adapter.wait_for_result(run_id, timeout=TIMEOUT)
+    expected = flow.run(make_runtime([flow]), {"start": 21})
+    assert_same_result(result, expected)
+    assert killed and adapter.store.backend_pid != killed[0]
+
+
+def test_postgres_context_reads_and_patches_single_keys(make_adapter: Callable[..., RabbitMqAdapter]) -> None:
+    adapter = make_adapter(SCENARIOS["chain"].build())
+    run_id = adapter.start_workflow("chain", {"start": 1, "keep": {"deep": [1, 2]}})
+    context = adapter.context(run_id)
+    assert context.get("keep") == {"deep": [1, 2]} and context.has("start") and not context.has("nope")
+    context.set("added", {"x": 1})
+    context.delete("start")
+    assert context.to_dict() == {"keep": {"deep": [1, 2]}, "added": {"x": 1}}
+    assert context.get("missing", 7) == 7
+
+
+def _cut(link: Any) -> None:
+    """Simulate a network drop: shut the socket of a pika connection under its feet."""
+    import socket
+
+    link.connection._impl._transport._sock.shutdown(socket.SHUT_RDWR)
+
+
+def test_rabbitmq_connection_dropped_mid_run(make_adapter: Callable[..., RabbitMqAdapter]) -> None:
+    cut: List[str] = []
+    holder: Dict[str, RabbitMqAdapter] = {}
+
+    def dropper(ctx: NodeContext) -> Any:
+        if not cut:  # both connections drop while this node runs: its ack and its successors' publish hit them
+            queue = holder["adapter"].queue
+            _cut(queue._consumer)
+            _cut(queue._publisher)
+            cut.append(ctx.node_id)
+        return ctx.input * 2
+
+    flow = (
+        create_flow("dropping")
+        .node("load", lambda ctx: ctx.input, inputs="start")
+        .node("double", dropper)
+        .node("after", lambda ctx: {"got": ctx.input})
+        .edge("load", "double")
+        .edge("double", "after")
+    )
+    adapter = holder["adapter"] = make_adapter([flow])
+    counting = CountingStore(adapter.store)
+    adapter.start()
+    run_id = adapter.start_workflow("dropping", {"start": 21})
+    result = adapter.wait_for_result(run_id, timeout=TIMEOUT)
+    assert_same_result(result, flow.run(make_runtime([flow]), {"start": 21}))
+    assert cut == ["double"] and adapter.queue._consumer.generation >= 2
+    time.sleep(0.3)
+    assert adapter.queue.message_counts() == (0, 0, 0)
+    assert all(n == 1 for n in counting.outputs.values()), counting.outputs

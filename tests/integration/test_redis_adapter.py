@@ -1,0 +1,611 @@
+"""The Redis adapter (SPEC 7 and 7b) against a real Redis.
+
+Every test has its own key prefix (`redis_prefix`, deleted afterwards with SCAN) and its own queue
+name, so tests never see each other's jobs on the shared Redis. Scenario results are compared with
+the in-memory runtime (`Flow.run`): SPEC 5 says the semantics are identical.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(HERE)
+ROOT = os.path.dirname(TESTS)
+sys.path.insert(0, TESTS)
+
+from flowcraft import FlowRuntime, NodeContext, create_flow  # noqa: E402
+from flowcraft.ports import Job  # noqa: E402
+from test_distributed import SCENARIOS, Scenario, make_runtime, run_in_memory  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+redis = pytest.importorskip("redis")
+from flowcraft_redis import (  # noqa: E402
+    RedisAdapter, RedisContext, RedisCoordinationStore, RedisQueue, RedisRunStore, create_redis_reconciler,
+)
+from flowcraft_redis.keys import QueueKeys, RunKeys  # noqa: E402
+
+FINAL = ("completed", "failed", "cancelled", "stalled")
+
+
+# =================================================================================================
+# helpers
+# =================================================================================================
+
+
+class CountingRedis(redis.Redis):
+    """A client that logs every round trip: one entry per command, one per pipeline execute."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.log: List[str] = []
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.log.append(str(args[0]))
+        return super().execute_command(*args, **options)
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
+        pipe = super().pipeline(transaction, shard_hint)
+        execute = pipe.execute
+
+        def counted(*a: Any, **k: Any) -> Any:
+            self.log.append("PIPELINE[" + ",".join(str(c[0][0]) for c in pipe.command_stack) + "]")
+            return execute(*a, **k)
+
+        pipe.execute = counted
+        return pipe
+
+
+@pytest.fixture
+def make_adapter(redis_client: Any, redis_prefix: str) -> Iterable[Callable[..., RedisAdapter]]:
+    """Build adapters sharing this test's prefix and queue; all are stopped and closed afterwards."""
+    queue_name = f"fcq-{uuid.uuid4().hex[:8]}"
+    made: List[RedisAdapter] = []
+
+    def make(runtime: FlowRuntime, client: Any = None, **options: Any) -> RedisAdapter:
+        options.setdefault("queue_name", queue_name)
+        options.setdefault("poll_timeout", 0.2)
+        adapter = RedisAdapter(runtime, client if client is not None else redis_client, prefix=redis_prefix, **options)
+        made.append(adapter)
+        return adapter
+
+    make.queue_name = queue_name  # type: ignore[attr-defined]
+    yield make
+    for adapter in made:
+        adapter.stop(timeout=5)
+        try:
+            adapter.queue.close()
+        except Exception:
+            pass
+
+
+def drain(adapter: RedisAdapter, run_ids: Iterable[str], timeout: float = 60.0) -> None:
+    """Work in bursts until every run has left `running` (timers included)."""
+    run_ids = list(run_ids)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        adapter.work(burst=True)
+        statuses = [adapter.get_status(r) for r in run_ids]
+        if all(s is not None and s.status != "running" for s in statuses):
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"runs still running after {timeout}s: {[adapter.get_status(r) for r in run_ids]}")
+
+
+def queue_is_empty(client: Any, prefix: str, queue_name: str) -> bool:
+    keys = QueueKeys(queue_name, prefix)
+    processing = list(client.scan_iter(match=keys.ready.replace("*", "\\*") + ":processing:*", count=1000))
+    return (client.llen(keys.ready) == 0 and client.zcard(keys.delayed) == 0
+            and all(client.llen(p) == 0 for p in processing))
+
+
+def count_completions(adapter: RedisAdapter) -> Counter:
+    """Wrap the store's commit: count, per (run, node, iteration), applied commits marking it done."""
+    store = adapter.store
+    completions: Counter = Counter()
+    commit = store.commit
+
+    def counted(c: Any) -> bool:
+        before = store.read_states(c.run_id, list(c.states))
+        applied = commit(c)
+        if applied:
+            for node_id, state in c.states.items():
+                old = before.get(node_id, {})
+                if state.get("st") == "done" and (old.get("st") != "done" or old.get("it") != state.get("it")):
+                    completions[(c.run_id, node_id, state.get("it", 0))] += 1
+        return applied
+
+    store.commit = counted  # type: ignore[method-assign]
+    return completions
+
+
+def run_scenario(make_adapter: Callable[..., RedisAdapter], scenario: Scenario) -> Any:
+    flows = scenario.build()
+    adapter = make_adapter(make_runtime(flows))
+    completions = count_completions(adapter)
+    run_id = adapter.start_workflow(flows[0].id, dict(scenario.initial_context))
+    drain(adapter, [run_id])
+    if scenario.resume is not None:
+        paused = adapter.wait_for_result(run_id, timeout=5)
+        assert paused.status == "awaiting", (paused.status, paused.errors)
+        action, output = scenario.resume
+        adapter.resume_with_action(run_id, action, output=output)
+        drain(adapter, [run_id])
+    return adapter, run_id, adapter.wait_for_result(run_id, timeout=10), completions
+
+
+def _batch_1000() -> List[Any]:
+    return [
+        create_flow("batching1000")
+        .node("make", lambda ctx: list(range(1000)))
+        .batch("square", lambda ctx: {"i": ctx.input, "sq": ctx.input * ctx.input}, input_key="make", output_key="squares")
+        .node("total", lambda ctx: sum(item["sq"] for item in ctx.input))
+        .edge("make", "square")
+        .edge("square", "total")
+    ]
+
+
+REDIS_SCENARIOS = [SCENARIOS[name] for name in (
+    "chain", "fan_in", "diamond_even", "diamond_odd", "loop", "subflow", "wait_approve", "wait_reject")]
+REDIS_SCENARIOS.append(Scenario("batch_1000", _batch_1000))
+
+
+# =================================================================================================
+# scenarios: Redis == in memory
+# =================================================================================================
+
+
+@pytest.mark.parametrize("scenario", REDIS_SCENARIOS, ids=str)
+def test_scenario_matches_in_memory(make_adapter: Any, redis_client: Any, redis_prefix: str, scenario: Scenario) -> None:
+    expected = run_in_memory(scenario)
+    assert expected.status == "completed", expected.errors
+    adapter, run_id, result, completions = run_scenario(make_adapter, scenario)
+    assert result.status == "completed", result.errors
+    assert result.context == expected.context
+    assert sorted(result.skipped) == sorted(expected.skipped)
+    assert result.errors == expected.errors
+    assert completions and all(n == 1 for n in completions.values()), completions
+    assert adapter.queue.dead_letters() == []
+    assert queue_is_empty(redis_client, redis_prefix, make_adapter.queue_name)
+    # the seed-compatible status key, and the TTL of a finished run
+    status = json.loads(redis_client.get(RunKeys(redis_prefix).status(run_id)))
+    assert status["status"] == "completed" and status["result"]["context"] == expected.context
+    ttl = redis_client.ttl(RunKeys(redis_prefix).record(run_id))
+    assert 0 < ttl <= 86400
+
+
+def test_fan_in_join_fires_once_with_edge_ordered_inputs(make_adapter: Any) -> None:
+    adapter, run_id, result, completions = run_scenario(make_adapter, SCENARIOS["fan_in"])
+    assert list(result.context["_inputs.sink"]) == [f"w{i}" for i in range(50)]
+    assert completions[(run_id, "sink", 0)] == 1
+    states = adapter.store.read_all_states(run_id)
+    assert all(s["st"] == "done" for s in states.values()), states
+
+
+def test_batch_of_1000_gathers_in_item_order(make_adapter: Any) -> None:
+    _, _, result, _ = run_scenario(make_adapter, Scenario("batch_1000", _batch_1000))
+    assert result.context["squares"] == [{"i": i, "sq": i * i} for i in range(1000)]
+
+
+def test_wait_then_resume_with_action(make_adapter: Any) -> None:
+    flows = SCENARIOS["wait_approve"].build()
+    adapter = make_adapter(make_runtime(flows))
+    run_id = adapter.start_workflow("approval")
+    drain(adapter, [run_id])
+    paused = adapter.wait_for_result(run_id, timeout=5)
+    assert paused.status == "awaiting" and paused.awaiting == ["approve"]
+    assert paused.context == flows[0].run(make_runtime(flows)).context
+    assert adapter.resume_with_action(run_id, "reject", output={"by": "bob"}) == {"no"}
+    drain(adapter, [run_id])
+    result = adapter.wait_for_result(run_id, timeout=5)
+    assert result.status == "completed" and result.skipped == ["yes"]
+    assert result.context["done"] == {"rejected": {"by": "bob"}}
+
+
+# =================================================================================================
+# sleep, cancel
+# =================================================================================================
+
+
+def test_short_sleep_completes_while_the_worker_serves_another_run(make_adapter: Any) -> None:
+    sleeper = (
+        create_flow("sleeper")
+        .node("a", lambda ctx: "woke")
+        .sleep("nap", duration=0.5)
+        .node("b", lambda ctx: {"after_nap": ctx.input})
+        .edge("a", "nap")
+        .edge("nap", "b")
+    )
+    quick = create_flow("quick").node("q", lambda ctx: "quick")
+    adapter = make_adapter(make_runtime([sleeper, quick]))
+    adapter.start()
+    slow_run = adapter.start_workflow("sleeper")
+    time.sleep(0.15)
+    assert adapter.get_status(slow_run).status == "running"
+    quick_run = adapter.start_workflow("quick")
+    assert adapter.wait_for_result(quick_run, timeout=5).status == "completed"
+    assert adapter.get_status(slow_run).status == "running"  # the later run finished first
+    result = adapter.wait_for_result(slow_run, timeout=10)
+    expected = sleeper.run(make_runtime([sleeper]), wait_timers=True)
+    assert result.status == "completed", result.errors
+    assert result.context == expected.context
+
+
+def test_cancel_ends_the_run_and_drops_its_remaining_jobs(make_adapter: Any, redis_client: Any, redis_prefix: str) -> None:
+    ran: List[str] = []
+    flow = (
+        create_flow("cancellable")
+        .node("a", lambda ctx: ran.append("a") or 1)
+        .sleep("nap", duration=0.3)
+        .node("b", lambda ctx: ran.append("b") or 2)
+        .edge("a", "nap")
+        .edge("nap", "b")
+    )
+    adapter = make_adapter(make_runtime([flow]))
+    run_id = adapter.start_workflow("cancellable")
+    adapter.work(burst=True)
+    assert ran == ["a"] and adapter.get_status(run_id).status == "running"
+    adapter.cancel(run_id)
+    assert adapter.get_status(run_id).status == "cancelled"
+    time.sleep(0.4)
+    adapter.work(burst=True)  # the timer comes due and is dropped
+    assert ran == ["a"]
+    assert adapter.wait_for_result(run_id, timeout=5).status == "cancelled"
+    status = json.loads(redis_client.get(RunKeys(redis_prefix).status(run_id)))
+    assert status["status"] == "cancelled"
+    assert queue_is_empty(redis_client, redis_prefix, make_adapter.queue_name)
+
+
+# =================================================================================================
+# faults: lost jobs, duplicates, malformed jobs
+# =================================================================================================
+
+
+def test_reconciler_re_enqueues_a_lost_job(make_adapter: Any, redis_client: Any, redis_prefix: str) -> None:
+    flows = SCENARIOS["chain"].build()
+    adapter = make_adapter(make_runtime(flows))
+    run_id = adapter.start_workflow("chain", {"start": 21})
+    adapter.work(max_jobs=1)
+    ready = QueueKeys(make_adapter.queue_name, redis_prefix).ready
+    assert redis_client.delete(ready) == 1  # the next job is lost
+    adapter.work(burst=True)
+    assert adapter.get_status(run_id).status == "running"
+    before = adapter.store.get_record(run_id)
+    stats = create_redis_reconciler(adapter, redis_client, stalled_threshold_seconds=0, scan_count=10).run()
+    assert stats.scanned >= 1 and stats.stalled >= 1 and stats.reconciled >= 1 and stats.failed == 0
+    after = adapter.store.get_record(run_id)
+    assert after.version == before.version and after.updated_at > before.updated_at  # touched, not committed
+    drain(adapter, [run_id])
+    result = adapter.wait_for_result(run_id, timeout=5)
+    assert result.status == "completed"
+    assert result.context == run_in_memory(SCENARIOS["chain"]).context
+    # a finished run is no longer idle
+    stats = create_redis_reconciler(adapter, redis_client, stalled_threshold_seconds=0).run()
+    assert stats.stalled == 0
+
+
+def test_a_job_pushed_twice_commits_once(make_adapter: Any, redis_client: Any, redis_prefix: str) -> None:
+    executed: Counter = Counter()
+    flow = (
+        create_flow("dup")
+        .node("a", lambda ctx: executed.update(["a"]) or 1)
+        .node("b", lambda ctx: executed.update(["b"]) or ctx.input + 1)
+        .edge("a", "b")
+    )
+    adapter = make_adapter(make_runtime([flow]))
+    completions = count_completions(adapter)
+    run_id = adapter.start_workflow("dup")
+    ready = QueueKeys(make_adapter.queue_name, redis_prefix).ready
+    body = redis_client.lindex(ready, 0)
+    redis_client.lpush(ready, body)  # delivered twice
+    adapter.work(max_jobs=1)
+    adapter.queue.enqueue([Job(run_id, "dup", "b")])  # and a duplicate of the successor
+    drain(adapter, [run_id])
+    assert adapter.wait_for_result(run_id, timeout=5).context["b"] == 2
+    assert executed == Counter({"a": 1, "b": 1})
+    assert completions == Counter({(run_id, "a", 0): 1, (run_id, "b", 0): 1})
+    assert queue_is_empty(redis_client, redis_prefix, make_adapter.queue_name)
+
+
+def test_malformed_jobs_are_dead_lettered_and_the_worker_goes_on(make_adapter: Any, redis_client: Any, redis_prefix: str) -> None:
+    flows = SCENARIOS["chain"].build()
+    adapter = make_adapter(make_runtime(flows))
+    queue = adapter.queue
+    queue.push_raw(b"not json at all")
+    queue.push_raw(b'{"runId": "r1"}')
+    queue.push_raw(b'{"runId": "bad id", "blueprintId": "chain", "nodeId": "load"}')
+    queue.push_raw(b'{"runId": "r2", "blueprintId": "nope", "nodeId": "x"}')
+    run_id = adapter.start_workflow("chain", {"start": 21})
+    drain(adapter, [run_id])
+    assert adapter.wait_for_result(run_id, timeout=5).status == "completed"
+    dead = queue.dead_letters()
+    reasons = sorted(d["reason"] for d in dead)
+    assert len(dead) == 4, dead
+    assert any("malformed job: not valid JSON" in r for r in reasons)
+    assert any("missing or empty field" in r for r in reasons)
+    assert any("unknown run 'bad id'" in r for r in reasons)
+    assert any("unknown blueprint 'nope'" in r for r in reasons)
+    assert {d["body"] for d in dead} >= {"not json at all", '{"runId": "r1"}'}
+    assert redis_client.llen(QueueKeys(make_adapter.queue_name, redis_prefix).dead) == 4
+    assert queue_is_empty(redis_client, redis_prefix, make_adapter.queue_name)
+
+
+def test_a_run_started_the_seed_way_completes(make_adapter: Any, redis_client: Any, redis_prefix: str) -> None:
+    flow = (
+        create_flow("seeded")
+        .node("read", lambda ctx: {"name": ctx.context.get("name"), "count": ctx.context.get("count"),
+                                   "obj": ctx.context.get("obj")})
+        .node("shout", lambda ctx: ctx.input["name"].upper() * ctx.input["count"])
+        .edge("read", "shout")
+    )
+    adapter = make_adapter(make_runtime([flow]))
+    run_id = str(uuid.uuid4())
+    # what the seed client does: hset(key, initialContext) with raw strings, then enqueue the start jobs
+    redis_client.hset(RunKeys(redis_prefix).context(run_id), mapping={"name": "ann", "count": "2", "obj": '{"a": 1}'})
+    redis_client.lpush(QueueKeys(make_adapter.queue_name, redis_prefix).ready,
+                       json.dumps({"runId": run_id, "blueprintId": "seeded", "nodeId": "read"}))
+    assert adapter.get_status(run_id).status == "running"
+    drain(adapter, [run_id])
+    result = adapter.wait_for_result(run_id, timeout=5)
+    expected = flow.run(make_runtime([flow]), {"name": "ann", "count": 2, "obj": {"a": 1}})
+    assert result.status == "completed", result.errors
+    assert result.context == expected.context
+    assert result.context["shout"] == "ANNANN"
+    status = json.loads(redis_client.get(RunKeys(redis_prefix).status(run_id)))
+    assert status["status"] == "completed" and status["result"]["context"]["shout"] == "ANNANN"
+    assert RedisContext(redis_client, run_id, redis_prefix).get("name") == "ann"
+
+
+# =================================================================================================
+# round trips per node
+# =================================================================================================
+
+
+def _counted_chain_run(make_adapter: Any, redis_url: str, length: int = 20) -> List[List[str]]:
+    flow = create_flow("rtchain")
+    for i in range(length):
+        flow.node(f"n{i}", lambda ctx: (ctx.input or 0) + 1)
+        if i:
+            flow.edge(f"n{i - 1}", f"n{i}")
+    client = CountingRedis.from_url(redis_url)
+    adapter = make_adapter(make_runtime([flow]), client)
+    run_id = adapter.start_workflow("rtchain")
+    adapter.queue.recover_dead_workers()
+    adapter.queue.requeue_own()  # start-up work done: only node processing from here on
+    adapter.queue._started = True
+    per_node: List[List[str]] = []
+    fetch, handle = adapter.queue.fetch, adapter.handle
+    pending: List[str] = []
+
+    def counted_fetch(*a: Any, **k: Any) -> Any:
+        start = len(client.log)
+        out = fetch(*a, **k)
+        pending[:] = client.log[start:]
+        return out
+
+    def counted_handle(delivery: Any) -> None:
+        start = len(client.log)
+        handle(delivery)
+        per_node.append(pending[:] + client.log[start:])
+
+    adapter.queue.fetch = counted_fetch  # type: ignore[method-assign]
+    adapter.handle = counted_handle  # type: ignore[method-assign]
+    adapter.work(max_jobs=length)
+    assert adapter.wait_for_result(run_id, timeout=5).status == "completed"
+    client.close()
+    return per_node
+
+
+def test_round_trips_per_chain_node_are_fetch_load_commit(make_adapter: Any, redis_url: str) -> None:
+    """3 round trips per plain chain node (the final node reads the whole run once more):
+    fetch (EVALSHA promote.lua), load (one MULTI pipeline), commit (EVALSHA commit.lua; it acks the
+    delivery and pushes the successor's job, so ack and publish_outbox cost nothing)."""
+    per_node = _counted_chain_run(make_adapter, redis_url)
+    middle = per_node[:-1]
+    for trips in middle:
+        assert trips == ["EVALSHA", "PIPELINE[HGETALL,EXISTS,HMGET,HMGET]", "EVALSHA"], trips
+    assert max(len(t) for t in middle) == 3
+
+
+def test_at_most_three_round_trips_per_chain_node(make_adapter: Any, redis_url: str) -> None:
+    per_node = _counted_chain_run(make_adapter, redis_url)
+    assert max(len(t) for t in per_node[:-1]) <= 3, per_node[:3]
+
+
+# =================================================================================================
+# coordination store
+# =================================================================================================
+
+
+def test_coordination_store(redis_client: Any, redis_prefix: str) -> None:
+    store = RedisCoordinationStore(redis_client, redis_prefix)
+    assert store.increment("join:x", 10) == 1
+    assert store.increment("join:x", 10) == 2
+    assert 0 < redis_client.pttl(store.key("join:x")) <= 10_000
+    assert store.set_if_not_exist("lock", "me", 5) is True
+    assert store.set_if_not_exist("lock", "you", 5) is False
+    assert store.get("lock") == "me"
+    assert store.extend_ttl("lock", 60) is True and redis_client.ttl(store.key("lock")) > 5
+    assert store.extend_ttl("missing", 60) is False
+    store.delete("lock")
+    assert store.get("lock") is None
+    assert store.set_if_not_exist("short", "v", 0.05) is True
+    time.sleep(0.1)
+    assert store.get("short") is None
+    with pytest.raises(ValueError, match="bad key"):
+        store.get("bad key")
+
+
+# =================================================================================================
+# a worker process SIGKILLed mid-run
+# =================================================================================================
+
+KILL_CHAIN = 200
+
+
+def kill_flow() -> Any:
+    """A 200-node chain of short sleeps; each node INCRs a counter keyed by its idempotency key."""
+    def step(ctx: NodeContext) -> Any:
+        client = ctx.dependencies["redis"]
+        client.incr(ctx.dependencies["prefix"] + "sidefx:" + ctx.idempotency_key)
+        time.sleep(0.01)
+        return (ctx.input or 0) + 1
+
+    flow = create_flow("killchain")
+    for i in range(KILL_CHAIN):
+        flow.node(f"k{i}", step)
+        if i:
+            flow.edge(f"k{i - 1}", f"k{i}")
+    return flow
+
+
+def worker_main(redis_url: str, prefix: str, queue_name: str) -> None:
+    """The body of a worker subprocess (started with `python -c`)."""
+    client = redis.Redis.from_url(redis_url)
+    flow = kill_flow()
+    runtime = FlowRuntime(dependencies={"redis": client, "prefix": prefix})
+    runtime.add_blueprint(flow)
+    adapter = RedisAdapter(runtime, client, queue_name=queue_name, prefix=prefix, heartbeat_ttl=1.0,
+                           recover_interval=0.3, poll_timeout=0.2)
+    store, commit = adapter.store, adapter.store.commit
+
+    def counted(c: Any) -> bool:  # count committed completions (a kill right after may lose a count, never add one)
+        applied = commit(c)
+        if applied:
+            for node_id, state in c.states.items():
+                if state.get("st") == "done":
+                    client.incr(f"{prefix}commits:{c.run_id}:{node_id}:{state.get('it', 0)}")
+        return applied
+
+    store.commit = counted
+    adapter.work()
+
+
+def _start_worker(redis_url: str, prefix: str, queue_name: str) -> subprocess.Popen:
+    code = (f"import sys; sys.path.insert(0, {HERE!r}); import test_redis_adapter as t; "
+            f"t.worker_main({redis_url!r}, {prefix!r}, {queue_name!r})")
+    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+
+
+def test_worker_sigkilled_mid_run_loses_nothing(make_adapter: Any, redis_client: Any, redis_prefix: str, redis_url: str) -> None:
+    flow = kill_flow()
+    runtime = FlowRuntime(dependencies={"redis": redis_client, "prefix": redis_prefix})
+    runtime.add_blueprint(flow)
+    client_adapter = make_adapter(runtime)
+    queue_name = make_adapter.queue_name
+    workers = [_start_worker(redis_url, redis_prefix, queue_name) for _ in range(2)]
+    try:
+        run_id = client_adapter.start_workflow("killchain")
+        deadline = time.monotonic() + 60
+        while len(redis_client.hgetall(RunKeys(redis_prefix).states(run_id))) < 40:
+            assert time.monotonic() < deadline, "the workers made no progress"
+            assert all(w.poll() is None for w in workers), [w.stderr.read() for w in workers if w.poll() is not None]
+            time.sleep(0.02)
+        workers[0].send_signal(signal.SIGKILL)
+        workers[0].wait(10)
+        workers.append(_start_worker(redis_url, redis_prefix, queue_name))
+        result = client_adapter.wait_for_result(run_id, timeout=120)
+    finally:
+        for w in workers:
+            _stop(w)
+    assert result.status == "completed", result.errors
+    assert result.context["k199"] == KILL_CHAIN
+    assert result.context == flow.run(runtime).context
+    states = client_adapter.store.read_all_states(run_id)
+    assert len(states) == KILL_CHAIN and all(s == {"it": 0, "st": "done"} for s in states.values()), states
+    commits = {k: int(redis_client.get(k)) for k in redis_client.scan_iter(match=f"{redis_prefix}commits:*", count=1000)}
+    assert commits and max(commits.values()) == 1, {k: v for k, v in commits.items() if v > 1}
+    assert len(commits) >= KILL_CHAIN - 1  # a kill just after a commit may lose one count, never add one
+    side = {k: int(redis_client.get(k)) for k in redis_client.scan_iter(match=f"{redis_prefix}sidefx:{run_id}:*", count=1000)}
+    assert len(side) == KILL_CHAIN  # one idempotency key per node execution, stable across redelivery
+    assert sum(side.values()) - KILL_CHAIN <= 1  # only the job in the killed worker's hands ran twice
+    assert queue_is_empty(redis_client, redis_prefix, queue_name)
+
+
+# =================================================================================================
+# a Redis restart
+# =================================================================================================
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _redis_server(port: int, data_dir: str) -> None:
+    subprocess.run(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+                    "--appendfsync", "always", "--dir", data_dir, "--daemonize", "yes",
+                    "--logfile", os.path.join(data_dir, "redis.log")], check=True, stdout=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            if client.ping():
+                break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    client.close()
+
+
+def test_worker_survives_a_redis_restart(redis_url: str) -> None:
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.skip("redis-server / redis-cli are not installed")
+    port = _free_port()
+    data_dir = tempfile.mkdtemp(prefix="fc-redis-")
+    _redis_server(port, data_dir)
+    url = f"redis://127.0.0.1:{port}/0"
+    flow = create_flow("restart")
+    for i in range(60):
+        flow.node(f"r{i}", lambda ctx: time.sleep(0.02) or (ctx.input or 0) + 1)
+        if i:
+            flow.edge(f"r{i - 1}", f"r{i}")
+    adapter = RedisAdapter(make_runtime([flow]), url, queue_name="restartq", poll_timeout=0.2,
+                           reconnect_backoff=(0.05, 0.5))
+    try:
+        adapter.start()
+        run_id = adapter.start_workflow("restart")
+        client = redis.Redis(port=port)
+        while len(client.hgetall(RunKeys().states(run_id))) < 15:
+            time.sleep(0.01)
+        subprocess.run(["redis-cli", "-p", str(port), "shutdown", "nosave"], check=False, capture_output=True)
+        time.sleep(1.0)  # the worker sees the outage and backs off
+        assert adapter._thread is not None and adapter._thread.is_alive()
+        _redis_server(port, data_dir)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                result = adapter.wait_for_result(run_id, timeout=1)
+                break
+            except (TimeoutError, ConnectionError):
+                assert time.monotonic() < deadline, "the run did not finish after the restart"
+        assert result.status == "completed", result.errors
+        assert result.context == flow.run(make_runtime([flow])).context
+        states = adapter.store.read_all_states(run_id)
+        assert all(s["st"] == "done" for s in states.values()) and len(states) == 60
+    finally:
+        adapter.stop(timeout=5)
+        subprocess.run(["redis-cli", "-p", str(port), "shutdown", "nosave"], check=False, capture_output=True)
+        shutil.rmtree(data_dir, ignore_errors=True)

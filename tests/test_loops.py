@@ -1,0 +1,503 @@
+"""Loops: `Flow.loop(...)` and the raw `loop-controller` wire form (SPEC §4, §5 "Loops")."""
+from __future__ import annotations
+
+from typing import Any, List
+
+import pytest
+
+from flowcraft import FlowRuntime, NodeResult, create_flow
+from flowcraft.testing import InMemoryEventLogger
+
+
+def make_counter(key: str = "i", laps: List[Any] = None):
+    """A node that increments context[key] and returns the new value (recording inputs in `laps`)."""
+
+    def counter(ctx):
+        if laps is not None:
+            laps.append(ctx.input)
+        value = ctx.context.get(key, 0) + 1
+        ctx.context.set(key, value)
+        return value
+
+    return counter
+
+
+# --- builder wiring ---------------------------------------------------------------------------
+
+
+def test_loop_builder_emits_the_ts_wire_format():
+    flow = (
+        create_flow("wire")
+        .node("body", make_counter())
+        .loop("lp", start_node_id="body", end_node_id="body", condition="i < 5", max_iterations=50)
+        .node("after", lambda ctx: ctx.input)
+        .edge("lp", "after")
+    )
+    bp = flow.to_blueprint().to_dict()
+    controller = next(n for n in bp["nodes"] if n["id"] == "lp")
+    assert controller["uses"] == "loop-controller"
+    assert controller["params"]["condition"] == "i < 5"
+    assert controller["config"]["joinStrategy"] == "any"
+    edges = [(e["source"], e["target"], e.get("action")) for e in bp["edges"]]
+    assert ("body", "lp", None) in edges  # end -> controller
+    assert ("lp", "body", "continue") in edges  # controller --continue--> start
+    assert ("lp", "after", "break") in edges  # every other edge out of the controller is an exit
+
+
+# --- while semantics --------------------------------------------------------------------------
+
+
+def test_counter_loop_runs_to_five_and_exits_with_last_output():
+    laps: List[Any] = []
+    flow = (
+        create_flow("counter")
+        .node("body", make_counter(laps=laps))
+        .loop("lp", start_node_id="body", end_node_id="body", condition="i < 5")
+        .node("after", lambda ctx: {"final": ctx.input})
+        .edge("lp", "after")
+    )
+    result = flow.run()
+    assert result.status == "completed", result.errors
+    assert result.errors == []
+    assert result.context["i"] == 5
+    assert len(laps) == 5
+    # the continue edge carries the end node's output into the next lap
+    assert laps == [None, 1, 2, 3, 4]
+    assert result.context["_outputs.body"] == 5
+    assert result.context["body"] == 5
+    assert result.context["after"] == {"final": 5}
+    assert result.skipped == []
+    assert result.stalled == []
+
+
+def test_condition_false_at_first_check_still_runs_body_once():
+    # SPEC: "Each time the controller is reached it evaluates condition" -- the controller is reached
+    # after the body, so the body runs once before the first check (TS while-loop semantics).
+    laps: List[Any] = []
+    flow = (
+        create_flow("once")
+        .node("body", make_counter(laps=laps))
+        .loop("lp", start_node_id="body", end_node_id="body", condition="i < 0")
+        .node("after", lambda ctx: "after ran")
+        .edge("lp", "after")
+    )
+    result = flow.run()
+    assert result.status == "completed"
+    assert len(laps) == 1
+    assert result.context["i"] == 1
+    assert result.context["after"] == "after ran"
+
+
+def test_loop_condition_reads_initial_context():
+    flow = (
+        create_flow("init-ctx")
+        .node("body", make_counter())
+        .loop("lp", start_node_id="body", end_node_id="body", condition="i < limit")
+    )
+    result = flow.run(initial_context={"i": 10, "limit": 13})
+    assert result.status == "completed"
+    assert result.context["i"] == 13
+
+
+def test_multi_node_body_runs_n_times_and_keeps_last_lap_outputs():
+    trace: List[str] = []
+
+    def start(ctx):
+        trace.append("start")
+        return {"lap": ctx.context.get("n", 0)}
+
+    def mid(ctx):
+        trace.append("mid")
+        return ctx.input["lap"] * 10
+
+    def end(ctx):
+        trace.append("end")
+        n = ctx.context.get("n", 0) + 1
+        ctx.context.set("n", n)
+        return {"n": n, "mid": ctx.input}
+
+    flow = (
+        create_flow("multi")
+        .node("start", start)
+        .node("mid", mid)
+        .node("end", end)
+        .edge("start", "mid")
+        .edge("mid", "end")
+        .loop("lp", start_node_id="start", end_node_id="end", condition="n < 3")
+        .node("after", lambda ctx: ctx.input)
+        .edge("lp", "after")
+    )
+    result = flow.run()
+    assert result.status == "completed", result.errors
+    assert trace == ["start", "mid", "end"] * 3
+    assert result.context["n"] == 3
+    # the outputs are those of the last lap (lap index 2)
+    assert result.context["_outputs.start"] == {"lap": 2}
+    assert result.context["_outputs.mid"] == 20
+    assert result.context["_outputs.end"] == {"n": 3, "mid": 20}
+    assert result.context["after"] == {"n": 3, "mid": 20}
+    # the start node's stored input is the previous lap's end output (continue edge)
+    assert result.context["_inputs.start"] == {"n": 2, "mid": 10}
+
+
+def test_conditional_exit_edge_wins_over_loop_condition():
+    flow = (
+        create_flow("early")
+        .node("body", make_counter())
+        .loop("lp", start_node_id="body", end_node_id="body", condition="i < 10")
+        .node("early", lambda ctx: {"left_at": ctx.context.get("i")})
+        .edge("lp", "early", condition="i >= 3")
+    )
+    bp = flow.to_blueprint().to_dict()
+    assert {"source": "lp", "target": "early", "action": "break", "condition": "i >= 3"} in bp["edges"]
+    result = flow.run()
+    assert result.status == "completed", result.errors
+    assert result.context["i"] == 3  # the loop condition (i < 10) still held: the exit edge won
+    assert result.context["early"] == {"left_at": 3}
+    assert result.context["_outputs.lp"] == 3
+
+
+def test_conditional_exit_edge_not_taken_when_loop_ends_normally():
+    flow = (
+        create_flow("early-not-taken")
+        .node("body", make_counter())
+        .loop("lp", start_node_id="body", end_node_id="body", condition="i < 2")
+        .node("early", lambda ctx: "early")
+        .node("done", lambda ctx: "done")
+        .edge("lp", "early", condition="i >= 3")
+        .edge("lp", "done")
+    )
+    result = flow.run()
+    assert result.status == "completed", result.errors
+    assert result.context["i"] == 2
+    assert result.context["done"] == "done"
+    assert "early" in result.skipped
+    assert "_outputs.early" not in result.context
+
+
+def test_max_iterations_fails_the_run_with_error_naming_the_loop():
+    laps: List[Any] = []
+    flow = (
+        create_flow("runaway")
+        .node("body", make_counter(laps=laps))
+        .loop("spin", start_node_id="body", end_node_id="body", condition="true", max_iterations=7)
+        .node("after", lambda ctx: "never")
+        .edge("spin", "after")
+    )
+    result = flow.run()
+    assert result.status == "failed"
+    assert len(result.errors) == 1
+    error = result.errors[0]
+    assert error.node_id == "spin"
+    assert "spin" in error.message
+    assert "7" in error.message
+    assert "maxiterations" in error.message.lower().replace("_", "")
+    assert len(laps) == 7  # exactly max_iterations laps of the body ran
+    assert "after" not in result.context
+    assert result.to_dict()["errors"][0]["node_id"] == "spin"
+
+
+def test_loop_after_fan_in():
+    laps: List[Any] = []
+    flow = (
+        create_flow("fan-in-loop")
+        .node("a", lambda ctx: "A")
+        .node("b", lambda ctx: "B")
+        .node("join", lambda ctx: ctx.input)
+        .edge("a", "join")
+        .edge("b", "join")
+        .node("body", make_counter(laps=laps))
+        .edge("join", "body")
+        .loop("lp", start_node_id="body", end_node_id="body", condition="i < 4")
+        .node("after", lambda ctx: ctx.input)
+        .edge("lp", "after")
+    )
+    result = flow.run()
+    assert result.status == "completed", result.errors
+    assert result.context["join"] == {"a": "A", "b": "B"}
+    assert laps == [{"a": "A", "b": "B"}, 1, 2, 3]  # first lap gets the join's output
+    assert result.context["i"] == 4
+    assert result.context["after"] == 4
+
+
+def test_edge_into_loop_id_enters_at_start_node():
+    flow = (
+        create_flow("enter")
+        .node("init", lambda ctx: ctx.context.set("i", 10))
+        .node("body", make_counter())
+        .loop("lp", start_node_id="body", end_node_id="body", condition="i < 13")
+        .edge("init", "lp")
+    )
+    edges = [(e.source, e.target, e.action) for e in flow.to_blueprint().edges]
+    assert ("init", "body", None) in edges
+    result = flow.run()
+    assert result.status == "completed", result.errors
+    assert result.context["i"] == 13  # init ran first (10), then 3 laps
+
+
+def test_loop_start_node_is_first_node_of_flow_with_successors():
+    flow = (
+        create_flow("first")
+        .node("body", make_counter())
+        .loop("lp", start_node_id="body", end_node_id="body", condition="i < 3")
+        .node("x", lambda ctx: ctx.input * 100)
+        .node("y", lambda ctx: ctx.input + 1)
+        .edge("lp", "x")
+        .edge("x", "y")
+    )
+    result = flow.run()
+    assert result.status == "completed", result.errors
+    assert result.context["i"] == 3
+    assert result.context["x"] == 300
+    assert result.context["y"] == 301
+
+
+def test_loop_with_branch_inside_body():
+    evens: List[int] = []
+    odds: List[int] = []
+
+    def route(ctx):
+        i = ctx.context.get("i", 0) + 1
+        ctx.context.set("i", i)
+        return NodeResult(output=i, action="even" if i % 2 == 0 else "odd")
+
+    flow = (
+        create_flow("branchy")
+        .node("r", route)
+        .node("ev", lambda ctx: evens.append(ctx.input) or ctx.input)
+        .node("od", lambda ctx: odds.append(ctx.input) or ctx.input)
+        .node("m", lambda ctx: ctx.input)
+        .edge("r", "ev", action="even")
+        .edge("r", "od", action="odd")
+        .edge("ev", "m")
+        .edge("od", "m")
+        .loop("lp", start_node_id="r", end_node_id="m", condition="i < 5")
+    )
+    result = flow.run()
+    assert result.status == "completed", result.errors
+    assert evens == [2, 4]
+    assert odds == [1, 3, 5]
+    assert result.context["m"] == 5
+    assert result.stalled == []
+
+
+def test_loop_with_concurrency_gives_same_result():
+    flow = (
+        create_flow("conc")
+        .node("body", make_counter())
+        .loop("lp", start_node_id="body", end_node_id="body", condition="i < 5")
+        .node("after", lambda ctx: ctx.input)
+        .edge("lp", "after")
+    )
+    result = flow.run(concurrency=4)
+    assert result.status == "completed"
+    assert result.context["i"] == 5
+    assert result.context["after"] == 5
+
+
+def test_loop_events_show_continue_then_break():
+    log = InMemoryEventLogger()
+    flow = (
+        create_flow("ev")
+        .node("body", make_counter())
+        .loop("lp", start_node_id="body", end_node_id="body", condition="i < 3")
+    )
+    result = flow.run(FlowRuntime(event_bus=log))
+    assert result.status == "completed"
+    actions = [e.payload["action"] for e in log.of_type("node:finish") if e.payload["node_id"] == "lp"]
+    assert actions == ["continue", "continue", "break"]
+    body_iterations = [e.payload["iteration"] for e in log.of_type("node:start") if e.payload["node_id"] == "body"]
+    assert body_iterations == [0, 1, 2]
+
+
+# --- raw JSON -----------------------------------------------------------------------------------
+
+
+def _raw_loop_blueprint(condition: str = "i < 4", **params: Any):
+    return {
+        "id": "raw-loop",
+        "nodes": [
+            {"id": "init", "uses": "init"},
+            {"id": "body", "uses": "inc", "config": {"joinStrategy": "any"}},
+            {"id": "lp", "uses": "loop-controller", "params": {"condition": condition, **params},
+             "config": {"joinStrategy": "any"}},
+            {"id": "after", "uses": "echo"},
+        ],
+        "edges": [
+            {"source": "init", "target": "body"},
+            {"source": "body", "target": "lp"},
+            {"source": "lp", "target": "body", "action": "continue"},
+            {"source": "lp", "target": "after", "action": "break"},
+        ],
+    }
+
+
+def _raw_registry(laps: List[Any]):
+    return {
+        "init": lambda ctx: ctx.context.set("i", 0),
+        "inc": make_counter(laps=laps),
+        "echo": lambda ctx: {"got": ctx.input},
+    }
+
+
+def test_raw_json_loop_runs_through_runtime():
+    laps: List[Any] = []
+    runtime = FlowRuntime(registry=_raw_registry(laps))
+    result = runtime.run(_raw_loop_blueprint())
+    assert result.status == "completed", result.errors
+    assert result.context["i"] == 4
+    assert len(laps) == 4
+    assert result.context["after"] == {"got": 4}
+
+
+def test_raw_json_loop_max_iterations_param():
+    laps: List[Any] = []
+    runtime = FlowRuntime(registry=_raw_registry(laps))
+    result = runtime.run(_raw_loop_blueprint("i < 100", maxIterations=3))
+    assert result.status == "failed"
+    assert result.errors[0].node_id == "lp"
+    assert "lp" in result.errors[0].message
+    assert len(laps) == 3
+
+
+# --- nested loops ---------------------------------------------------------------------------------
+
+
+def test_nested_loops():
+    seen: List[tuple] = []
+
+    def outer_start(ctx):
+        ctx.context.set("j", 0)
+
+    def inner(ctx):
+        j = ctx.context.get("j", 0) + 1
+        ctx.context.set("j", j)
+        seen.append((ctx.context.get("k", 0), j))
+        return j
+
+    def outer_end(ctx):
+        k = ctx.context.get("k", 0) + 1
+        ctx.context.set("k", k)
+        return k
+
+    flow = (
+        create_flow("nested")
+        .node("os", outer_start)
+        .node("inner", inner)
+        .node("oe", outer_end)
+        .edge("os", "inner")
+        .loop("il", start_node_id="inner", end_node_id="inner", condition="j < 3")
+        .edge("il", "oe")
+        .loop("ol", start_node_id="os", end_node_id="oe", condition="k < 2")
+        .node("after", lambda ctx: ctx.input)
+        .edge("ol", "after")
+    )
+    result = flow.run()
+    assert result.status == "completed", result.errors
+    assert seen == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]
+    assert result.context["k"] == 2
+    assert result.context["after"] == 2
+    assert result.stalled == []
+
+
+# --- expectations where the SPEC is silent (flagged in the report) ----------------------------------
+
+
+def test_loop_condition_accepts_ts_style_context_prefix():
+    # Flowcraft TS documents loop conditions as `context.count < 5`; SPEC §2 says TS blueprints must
+    # load unchanged, so a TS user expects this condition to loop, not to evaluate silently to false.
+    flow = (
+        create_flow("ts-cond")
+        .node("body", make_counter())
+        .loop("lp", start_node_id="body", end_node_id="body", condition="context.i < 5")
+    )
+    result = flow.run()
+    assert result.status == "completed"
+    assert result.context["i"] == 5
+
+
+def test_edges_to_loop_declared_before_loop_call_are_wired_the_same():
+    # A Python user expects builder calls to be order-independent: `.edge("init", "lp")` and
+    # `.edge("lp", "after")` written before `.loop("lp", ...)` should mean the same thing.
+    flow = (
+        create_flow("order")
+        .node("init", lambda ctx: ctx.context.set("i", 10))
+        .node("body", make_counter())
+        .node("after", lambda ctx: {"i": ctx.context.get("i")})
+        .edge("init", "lp")
+        .edge("lp", "after")
+        .loop("lp", start_node_id="body", end_node_id="body", condition="i < 13")
+    )
+    result = flow.run()
+    assert result.status == "completed", result.errors
+    assert result.context["i"] == 13
+    assert result.context.get("after") == {"i": 13}
+    assert result.skipped == []
+
+
+def test_loop_exit_joins_a_parallel_branch():
+    flow = (
+        create_flow("loop-join")
+        .node("s", lambda ctx: "S")
+        .node("x", lambda ctx: "X")
+        .node("body", make_counter())
+        .edge("s", "x")
+        .edge("s", "body")
+        .loop("lp", start_node_id="body", end_node_id="body", condition="i < 3")
+        .node("j", lambda ctx: ctx.input)
+        .edge("lp", "j")
+        .edge("x", "j")
+    )
+    for concurrency in (1, 4):
+        result = flow.run(concurrency=concurrency)
+        assert result.status == "completed", result.errors
+        # the join runs once, after the loop exits, with both predecessors' values
+        assert result.context["j"] == {"lp": 3, "x": "X"}
+        assert result.stalled == [] and result.skipped == []
+
+
+def test_ts_builder_shaped_raw_loop_with_continue_transform():
+    # the exact wire shape Flowcraft TS's builder emits: `<id>-loop` controller, a `continue` edge
+    # carrying `transform: "context.<end node>"`, start/end nodes with joinStrategy "any"
+    blueprint = {
+        "id": "ts-loop",
+        "nodes": [
+            {"id": "initialize", "uses": "init"},
+            {"id": "increment", "uses": "inc", "config": {"joinStrategy": "any"}},
+            {"id": "counter-loop", "uses": "loop-controller", "params": {"condition": "count < 5"},
+             "config": {"joinStrategy": "any"}},
+        ],
+        "edges": [
+            {"source": "initialize", "target": "increment"},
+            {"source": "increment", "target": "counter-loop"},
+            {"source": "counter-loop", "target": "increment", "action": "continue",
+             "transform": "context.increment"},
+        ],
+    }
+    laps: List[Any] = []
+    runtime = FlowRuntime(registry={
+        "init": lambda ctx: ctx.context.set("count", 0),
+        "inc": make_counter("count", laps),
+    })
+    result = runtime.run(blueprint)
+    assert result.status == "completed", result.errors
+    assert result.context["count"] == 5
+    assert laps == [None, 1, 2, 3, 4]
+
+
+def test_edge_out_of_end_node_is_a_loop_exit_like_ts():
+    # SPEC is silent; Flowcraft TS's builder rewires every edge out of the loop's END node (other than
+    # the one to the controller) into a `break` exit from the controller, so `.edge(end, "after")`
+    # runs `after` once, after the loop, with the last lap's output.
+    runs: List[Any] = []
+    flow = (
+        create_flow("end-edge")
+        .node("body", make_counter())
+        .node("after", lambda ctx: runs.append(ctx.input) or ctx.input)
+        .loop("lp", start_node_id="body", end_node_id="body", condition="i < 3")
+        .edge("body", "after")
+    )
+    result = flow.run()
+    assert result.status == "completed", result.errors
+    assert result.context["i"] == 3
+    assert runs == [3]
