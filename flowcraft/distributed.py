@@ -21,7 +21,7 @@ import functools
 import logging
 import threading
 import time
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, MutableMapping, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, MutableMapping, Optional, Sequence, Set, Tuple
 
 import attrs
 
@@ -53,6 +53,33 @@ class ReconcileStats:
     stalled: int = 0
     reconciled: int = 0
     failed: int = 0
+
+
+@attrs.define
+class _Prepared:
+    """A delivery whose node code has run, waiting for its commit."""
+    delivery: Optional[Delivery]
+    job: Job
+    graph: CompiledGraph
+    node: GraphNode
+    snap: Optional[RunSnapshot]
+    outcome: Any
+
+
+def _waves(deliveries: Sequence[Delivery]) -> List[List[Delivery]]:
+    """Split a batch so that no wave holds two jobs of one run (they would race each other's
+    commits); the order within a run is kept."""
+    waves: List[List[Delivery]] = []
+    depth: Dict[Optional[str], int] = {}
+    for delivery in deliveries:
+        run_id = delivery.job.run_id if delivery.job is not None else None
+        level = depth.get(run_id, 0) if run_id is not None else 0
+        if run_id is not None:
+            depth[run_id] = level + 1
+        if level == len(waves):
+            waves.append([])
+        waves[level].append(delivery)
+    return waves
 
 
 def _spec_field(parent: str, iteration: int) -> str:
@@ -109,9 +136,11 @@ class DistributedAdapter:
                         break
                     continue
                 with self._busy:
-                    for delivery in deliveries:
-                        self.handle(delivery)
-                        processed += 1
+                    if len(deliveries) == 1:
+                        self.handle(deliveries[0])
+                    else:
+                        self.handle_batch(deliveries)
+                    processed += len(deliveries)
                 backoff = 0.0
             except (ConnectionError, OSError) as error:
                 # a service is down: the unacknowledged job comes back; wait and go on
@@ -144,14 +173,43 @@ class DistributedAdapter:
 
     def handle(self, delivery: Delivery) -> None:
         """Process one delivery; errors in node code never escape, infrastructure errors do."""
+        self._guarded(delivery, self._process, delivery)
+
+    def handle_batch(self, deliveries: Sequence[Delivery]) -> None:
+        """Process several deliveries with one load and one commit round per wave.
+
+        A wave holds at most one job per run, so the jobs of a wave never conflict with each other;
+        the semantics are those of `handle` applied in order."""
+        for wave in _waves(deliveries):
+            resolved = [(d, r) for d in wave for r in [self._guarded(d, self._resolve, d)] if r is not None]
+            snaps = self.store.load_many([(d.job.run_id, *self._wanted(node)) for d, (_, node) in resolved])
+            prepared = [p for (d, (graph, node)), snap in zip(resolved, snaps)
+                        for p in [self._guarded(d, self._prepare, d, graph, node, snap)] if p is not None]
+            commits = [self._guarded(p.delivery, self._derive_commit, p) for p in prepared]
+            applied = iter(self.store.commit_many([c for c in commits if c is not None]))
+            for p, commit in zip(prepared, commits):
+                if commit is not None and not next(applied):
+                    self._guarded(p.delivery, self._recommit, p)
+            for p in prepared:
+                self._fault("after_commit")
+            self.store.publish_outboxes(list(dict.fromkeys(p.job.run_id for p in prepared)), self.queue)
+            for p in prepared:
+                self._fault("after_publish")
+                self._fault("before_ack")
+            self.queue.ack([p.delivery for p in prepared])
+
+    def _guarded(self, delivery: Delivery, step: Callable[..., Any], *args: Any) -> Any:
+        """Run one step of a delivery's processing; a bug or an unreadable run dead-letters the
+        delivery (never retried forever) and gives None, infrastructure errors escape."""
         try:
-            self._process(delivery)
+            return step(*args)
         except (WorkerCrash, ConnectionError, OSError):
             raise
-        except Exception as error:  # a bug or an unreadable run: never retried forever
+        except Exception as error:
             logger.exception("job %s failed in the worker", delivery.job.key if delivery.job else delivery.body[:80])
             run_id = delivery.job.run_id if delivery.job else delivery.run_id_hint()
             self._reject(delivery, f"worker error: {type(error).__name__}: {error}", run_id)
+            return None
 
     def after_outage(self) -> None:
         """Called once a worker loop retries after a connection error (adapters give back the jobs
@@ -163,6 +221,22 @@ class DistributedAdapter:
     # === one job =================================================================================
 
     def _process(self, delivery: Delivery) -> None:
+        resolved = self._resolve(delivery)
+        if resolved is None:
+            return
+        graph, node = resolved
+        prepared = self._prepare(delivery, graph, node, self._load(delivery.job, graph, node))
+        if prepared is None:
+            return
+        self._commit_outcome(prepared.job, graph, node, prepared.snap, prepared.outcome, delivery)
+        self._fault("after_commit")
+        self.store.publish_outbox(prepared.job.run_id, self.queue)
+        self._fault("after_publish")
+        self._fault("before_ack")
+        self.queue.ack([delivery])
+
+    def _resolve(self, delivery: Delivery) -> Optional[Tuple[CompiledGraph, GraphNode]]:
+        """The graph and node a delivery is for; None once a malformed delivery is dead-lettered."""
         job = delivery.job
         if job is None:
             return self._reject(delivery, f"malformed job: {delivery.error}", delivery.run_id_hint())
@@ -174,7 +248,12 @@ class DistributedAdapter:
         node = graph.nodes.get(node_id)
         if node is None:
             return self._reject(delivery, f"unknown node {node_id!r} in blueprint {job.blueprint_id!r}", job.run_id)
-        snap = self._load(job, graph, node)
+        return graph, node
+
+    def _prepare(self, delivery: Delivery, graph: CompiledGraph, node: GraphNode, snap: Optional[RunSnapshot]) -> Optional["_Prepared"]:
+        """Check the job against the loaded run and run the node code; None when the delivery was
+        dealt with already (dropped as stale, put back, dead-lettered or retried later)."""
+        job = delivery.job
         if snap is None:
             return self._reject(delivery, f"unknown run {job.run_id!r}", None)
         if snap.record.version == 0:
@@ -191,12 +270,7 @@ class DistributedAdapter:
         if type(outcome) is RetryLater:
             self.queue.enqueue([job.with_(attempt=job.attempt + 1)], outcome.delay)
             return self.queue.ack([delivery])
-        self._commit_outcome(job, graph, node, snap, outcome, delivery)
-        self._fault("after_commit")
-        self.store.publish_outbox(job.run_id, self.queue)
-        self._fault("after_publish")
-        self._fault("before_ack")
-        self.queue.ack([delivery])
+        return _Prepared(delivery, job, graph, node, snap, outcome)
 
     @staticmethod
     def _wanted(node: GraphNode) -> Tuple[List[str], List[str]]:
@@ -307,24 +381,44 @@ class DistributedAdapter:
 
     # === committing ==============================================================================
 
-    def _commit_outcome(self, job: Job, graph: CompiledGraph, node: GraphNode, snap: RunSnapshot, outcome: Any, delivery: Optional[Delivery]) -> Set[str]:
+    def _commit_outcome(self, job: Job, graph: CompiledGraph, node: GraphNode, snap: Optional[RunSnapshot], outcome: Any,
+                        delivery: Optional[Delivery]) -> Set[str]:
         """Derive the commit for an outcome from the loaded state and apply it; on a version
         conflict reload and derive again. Returns the ids of the nodes whose jobs it enqueued."""
+        prepared = _Prepared(delivery, job, graph, node, snap, outcome)
         for _ in range(_MAX_CONFLICTS):
-            if snap is None or snap.record.status not in (RUNNING, AWAITING):
-                return set()  # the run ended meanwhile (cancelled, failed): nothing more is written
-            plan = _Plan(self, job, graph, snap)
-            plan.apply(node, outcome)
-            if plan.commit is None:
+            commit = self._derive_commit(prepared)
+            if commit is None:
                 return set()
-            if delivery is not None:
-                plan.commit.ack.append(delivery)
-            if self.store.commit(plan.commit):
-                return {j.node_id if j.kind != "item" else j.parent for j in plan.commit.jobs}
-            snap = self._load(job, graph, node)
-            if snap is None or snap.record.status not in (RUNNING, AWAITING) or not self._still_applicable(job, graph, node, snap):
-                return set()
+            if self.store.commit(commit):
+                return {j.node_id if j.kind != "item" else j.parent for j in commit.jobs}
+            prepared.snap = self._reload(prepared)
         raise RuntimeError(f"run {job.run_id}: could not commit after {_MAX_CONFLICTS} version conflicts")
+
+    def _derive_commit(self, prepared: "_Prepared") -> Optional[Commit]:
+        """The commit of an outcome over the state in `prepared.snap`; None if nothing is to be written."""
+        snap = prepared.snap
+        if snap is None or snap.record.status not in (RUNNING, AWAITING):
+            return None  # the run ended meanwhile (cancelled, failed): nothing more is written
+        plan = _Plan(self, prepared.job, prepared.graph, snap)
+        plan.apply(prepared.node, prepared.outcome)
+        if plan.commit is not None and prepared.delivery is not None:
+            plan.commit.ack.append(prepared.delivery)
+        return plan.commit
+
+    def _reload(self, prepared: "_Prepared") -> Optional[RunSnapshot]:
+        """The run's state after a version conflict; None if the outcome no longer applies to it."""
+        job, graph, node = prepared.job, prepared.graph, prepared.node
+        snap = self._load(job, graph, node)
+        if snap is None or snap.record.status not in (RUNNING, AWAITING) or not self._still_applicable(job, graph, node, snap):
+            return None
+        return snap
+
+    def _recommit(self, prepared: "_Prepared") -> None:
+        """A batched commit lost a version race: derive it again from the reloaded state."""
+        snap = self._reload(prepared)
+        if snap is not None:
+            self._commit_outcome(prepared.job, prepared.graph, prepared.node, snap, prepared.outcome, prepared.delivery)
 
     def _still_applicable(self, job: Job, graph: CompiledGraph, node: GraphNode, snap: RunSnapshot) -> bool:
         if job.kind == "resume":

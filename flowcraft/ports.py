@@ -204,6 +204,10 @@ class RunStore(Protocol):
         A run whose context exists but was never initialised (started by a seed client) comes back
         with `record.version == 0`."""
 
+    def load_many(self, requests: Sequence[Tuple[str, Sequence[str], Sequence[str]]]) -> List[Optional[RunSnapshot]]:
+        """`load` for several `(run_id, node_ids, context_keys)` at once (one round trip where the
+        store can), in the order asked."""
+
     def read_states(self, run_id: str, node_ids: Iterable[str]) -> Dict[str, Dict[str, Any]]: ...
 
     def read_all_states(self, run_id: str) -> Dict[str, Dict[str, Any]]: ...
@@ -218,9 +222,15 @@ class RunStore(Protocol):
     def commit(self, commit: Commit) -> bool:
         """Apply atomically iff the version matches; False otherwise (nothing written)."""
 
+    def commit_many(self, commits: Sequence[Commit]) -> List[bool]:
+        """`commit` each, in order (each atomic on its own; one round trip where the store can)."""
+
     def publish_outbox(self, run_id: str, queue: JobQueue) -> int:
         """Publish jobs committed but not yet in the queue; return how many (0 where the store
         enqueues within the commit)."""
+
+    def publish_outboxes(self, run_ids: Sequence[str], queue: JobQueue) -> int:
+        """`publish_outbox` for several runs (one publish round where the store can)."""
 
     def get_record(self, run_id: str) -> Optional[RunRecord]: ...
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any, Dict, List
 
 import pytest
@@ -257,3 +257,53 @@ def test_a_crash_after_the_commit_does_not_run_the_node_again(point: str) -> Non
         "a": 1, "b": 1, "c": 1, "each_scatter.0": 1, "each_scatter.1": 1, "each_scatter.2": 1,
     }
     assert_effectively_once(adapter)
+
+
+# =================================================================================================
+# Batched workers: several runs' jobs in one fetch, loaded and committed together
+# =================================================================================================
+
+BATCH_SCENARIOS = ["chain", "fan_in", "diamond_even", "loop", "batch", "subflow", "sleep"]
+
+
+def _start_many(adapter: InMemoryAdapter, names: List[str], copies: int) -> Dict[str, str]:
+    runs = {}
+    for name in names:
+        flows = SCENARIOS[name].build()
+        for flow in flows:
+            if flow.id not in adapter.runtime.blueprints:
+                adapter.runtime.add_blueprint(flow.to_blueprint())
+        for copy in range(copies):
+            runs[adapter.start_workflow(flows[0].id, dict(SCENARIOS[name].initial_context))] = name
+    return runs
+
+
+def _batched_adapter(names: List[str], **faults: Any) -> InMemoryAdapter:
+    flows = [flow for name in names for flow in SCENARIOS[name].build()]
+    return InMemoryAdapter(make_runtime(flows), fetch_batch=16, **faults)
+
+
+@pytest.mark.parametrize("faults", [
+    pytest.param({}, id="no-faults"),
+    pytest.param({"duplicate_rate": 0.5, "reorder": True, "seed": 4}, id="duplicates"),
+    pytest.param({"crash_at": CRASH_POINTS, "crash_rate": 0.2, "seed": 5}, id="crashes"),
+    pytest.param({"crash_at": CRASH_POINTS, "crash_rate": 0.2, "duplicate_rate": 0.5, "reorder": True, "seed": 6},
+                 id="crashes-duplicates"),
+])
+def test_batched_worker_runs_many_runs_like_in_memory(faults: Dict[str, Any]) -> None:
+    adapter = _batched_adapter(BATCH_SCENARIOS, **faults)
+    runs = _start_many(adapter, BATCH_SCENARIOS, copies=3)
+    batches = []
+    original = adapter.handle_batch
+    adapter.handle_batch = lambda deliveries: (batches.append(len(deliveries)), original(deliveries))  # type: ignore[method-assign]
+    adapter.drain()
+    assert batches and max(batches) > 1, "the batch path was never taken"
+    for run_id, name in runs.items():
+        result = adapter.wait_for_result(run_id, timeout=5)
+        assert_same_result(result, expected_for(name))
+        completions, activations = clean_counters(name)
+        assert normalised(Counter({k: n for k, n in adapter.store.completions.items() if k[0].startswith(run_id)}), run_id) == completions
+    assert_effectively_once(adapter)
+    assert adapter.queue.dead == []
+    if "crash_at" in faults:
+        assert sum(adapter.crashes.values()) > 0

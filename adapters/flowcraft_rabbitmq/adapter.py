@@ -47,6 +47,7 @@ class RabbitMqAdapter(DistributedAdapter):
         except BaseException:
             store.close()
             raise
+        options.setdefault("fetch_batch", queue.prefetch)  # the whole prefetch window is one batch
         super().__init__(runtime, queue, store, coordination_store, **options)
 
     def context(self, run_id: str) -> PostgresContext:

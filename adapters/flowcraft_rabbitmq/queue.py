@@ -121,6 +121,8 @@ class RabbitMqQueue:
         self._consumer = _Link(params, self._setup_consumer, "consumer", given, reconnect_timeout, max_backoff)
         self._buffer: Deque[Tuple[int, Any, Any]] = collections.deque()  # (generation, method, body)
         self._consumer_tag: Optional[str] = None
+        self._tx: Optional[Tuple[int, Any]] = None  # (publisher generation, transactional channel)
+        self._returned: List[bytes] = []
         with self._publisher.lock:
             self._publisher.ensure()  # declares the queues; fails fast on a bad URL
 
@@ -152,6 +154,8 @@ class RabbitMqQueue:
     def _publish(self, messages: Sequence[Tuple[str, bytes, pika.BasicProperties]]) -> None:
         """Publish (routing key, body, properties) messages with confirms; reconnect and republish
         what was not confirmed when the connection drops (duplicates are fine: at-least-once)."""
+        if len(messages) > 1:
+            return self._publish_batch(messages)
         link = self._publisher
         with link.lock:
             done = 0
@@ -171,6 +175,46 @@ class RabbitMqQueue:
                 except _AMQP_ERRORS as error:
                     logger.warning("publishing to RabbitMQ failed (%r): reconnecting", error)
                     link.drop()
+
+    def _publish_batch(self, messages: Sequence[Tuple[str, bytes, pika.BasicProperties]]) -> None:
+        """Several messages in one AMQP transaction: `tx.commit-ok` comes once RabbitMQ has them
+        all (as a confirm would for one), so a batch costs one round trip instead of one each.
+        Messages returned as unroutable (a queue deleted meanwhile) are re-declared and re-sent."""
+        link = self._publisher
+        with link.lock:
+            todo = list(messages)
+            failures = 0
+            while todo:
+                try:
+                    channel = self._tx_channel(link)
+                    returned: List[bytes] = []
+                    self._returned = returned
+                    for key, body, props in todo:
+                        channel.basic_publish("", key, body, properties=props, mandatory=True)
+                    channel.tx_commit()
+                    link.connection.process_data_events(time_limit=0)  # dispatch basic.return frames
+                    todo = [m for m in todo if m[1] in returned]
+                    if todo:
+                        failures += 1
+                        if failures > 5:
+                            raise ConnectionError(f"RabbitMQ returned {len(todo)} message(s) for {todo[0][0]!r} as unroutable")
+                        link.drop()  # re-declare the queues and send the returned ones again
+                except _AMQP_ERRORS as error:
+                    if isinstance(error, ConnectionError) and failures > 5:
+                        raise
+                    logger.warning("publishing a batch to RabbitMQ failed (%r): reconnecting", error)
+                    link.drop()
+
+    def _tx_channel(self, link: _Link) -> Any:
+        """The publisher connection's transactional channel (opened once per connection)."""
+        link.ensure()
+        tx = self._tx
+        if tx is None or tx[0] != link.generation or not tx[1].is_open:
+            channel = link.connection.channel()
+            channel.tx_select()
+            channel.add_on_return_callback(lambda ch, method, props, body: self._returned.append(body))
+            self._tx = tx = (link.generation, channel)
+        return tx[1]
 
     def enqueue(self, jobs: Sequence[Job], delay: float = 0.0) -> None:
         if not jobs:

@@ -189,15 +189,19 @@ class PostgresRunStore:
             " SELECT count(*) FROM r"
         )
         pick = ("(SELECT jsonb_object_agg(k, {col} -> k) FROM unnest(%({param})s::text[]) AS k WHERE {col} ? k)")
+        # One row per requested run, in the order asked; node ids and context keys travel as one
+        # JSON array per run, so any number of runs is one statement.
+        pick_json = "(SELECT jsonb_object_agg(k, {col} -> k) FROM jsonb_array_elements_text(q.{param}) AS k WHERE {col} ? k)"
         self._q_load = q(
             "SELECT c.run_id IS NOT NULL, r.record, "
-            + pick.format(col="r.states", param="nodes") + ", "
-            + pick.format(col="c.context_data", param="keys") + ", "
+            + pick_json.format(col="r.states", param="nodes") + ", "
+            + pick_json.format(col="c.context_data", param="keys") + ", "
             "s.status, extract(epoch FROM s.updated_at)::float8"
-            " FROM (SELECT %(run_id)s::text AS run_id) AS q"
+            " FROM unnest(%(run_ids)s::text[], %(nodes)s::jsonb[], %(keys)s::jsonb[]) WITH ORDINALITY AS q(run_id, nodes, keys, ord)"
             " LEFT JOIN {ctx} AS c ON c.run_id = q.run_id"
             " LEFT JOIN {runs} AS r ON r.run_id = q.run_id"
             " LEFT JOIN {st} AS s ON s.run_id = q.run_id"
+            " ORDER BY q.ord"
         )
         self._q_states = q("SELECT " + pick.format(col="states", param="nodes") + " FROM {runs} WHERE run_id = %(run_id)s")
         self._q_all_states = q("SELECT states FROM {runs} WHERE run_id = %(run_id)s")
@@ -208,7 +212,8 @@ class PostgresRunStore:
             " FROM {runs} WHERE run_id = %(run_id)s"
         )
         self._q_outbox_lock = q(
-            "BEGIN; SELECT id, body, delay_ms FROM {outbox} WHERE run_id = %(run_id)s ORDER BY id FOR UPDATE SKIP LOCKED"
+            "BEGIN; SET LOCAL synchronous_commit TO OFF;"
+            " SELECT id, body, delay_ms FROM {outbox} WHERE run_id = ANY(%(run_ids)s::text[]) ORDER BY id FOR UPDATE SKIP LOCKED"
         )
         self._q_outbox_delete = q("DELETE FROM {outbox} WHERE id = ANY(%(ids)s::bigint[]); COMMIT")
         self._q_idle = q(
@@ -244,13 +249,23 @@ class PostgresRunStore:
         return self._run(op)
 
     def load(self, run_id: str, node_ids: Iterable[str], context_keys: Iterable[str]) -> Optional[RunSnapshot]:
-        params = {"run_id": run_id, "nodes": list(node_ids), "keys": list(context_keys)}
+        return self.load_many([(run_id, list(node_ids), list(context_keys))])[0]
 
-        def op(cur: Any) -> Optional[RunSnapshot]:
+    def load_many(self, requests: Sequence[Tuple[str, Sequence[str], Sequence[str]]]) -> List[Optional[RunSnapshot]]:
+        if not requests:
+            return []
+        params = {"run_ids": [run_id for run_id, _, _ in requests],
+                  "nodes": [json.dumps(list(nodes)) for _, nodes, _ in requests],
+                  "keys": [json.dumps(list(keys)) for _, _, keys in requests]}
+
+        def op(cur: Any) -> List[Any]:
             cur.execute(self._q_load, params)
-            return cur.fetchone()
+            return cur.fetchall()
 
-        has_context, record, states, context, status, updated_at = self._run(op)
+        return [self._snapshot(run_id, row) for (run_id, _, _), row in zip(requests, self._run(op))]
+
+    def _snapshot(self, run_id: str, row: Sequence[Any]) -> Optional[RunSnapshot]:
+        has_context, record, states, context, status, updated_at = row
         if record is not None:
             return RunSnapshot(_record_from(record), states or {}, context or {})
         if not has_context:
@@ -290,6 +305,38 @@ class PostgresRunStore:
         return list(found) if found else [None] * len(fields)
 
     def commit(self, commit: Commit) -> bool:
+        return self._commit_one(commit)
+
+    def _commit_one(self, commit: Commit) -> bool:
+        query, params = self._commit_statement(commit)
+
+        def op(cur: Any) -> bool:
+            cur.execute(query, params)
+            return cur.fetchone()[0] == 1
+
+        return self._run(op)
+
+    def commit_many(self, commits: Sequence[Commit]) -> List[bool]:
+        """All in one transaction, so one WAL flush serves them all (group commit). Each statement
+        is still version-checked on its own; rows are locked in run-id order so that two workers
+        committing overlapping batches cannot deadlock."""
+        if len(commits) <= 1:
+            return [self._commit_one(c) for c in commits]
+        order = sorted(range(len(commits)), key=lambda i: commits[i].run_id)
+        statements = [(i, *self._commit_statement(commits[i])) for i in order]
+
+        def op(cur: Any) -> List[bool]:
+            results = [False] * len(commits)
+            cur.execute("BEGIN")
+            for i, query, params in statements:
+                cur.execute(query, params)
+                results[i] = cur.fetchone()[0] == 1
+            cur.execute("COMMIT")
+            return results
+
+        return self._run(op)
+
+    def _commit_statement(self, commit: Commit) -> Tuple[Any, Dict[str, Any]]:
         record = attrs.asdict(commit.record)
         record["version"] = commit.expected_version + 1
         has_ctx = bool(commit.context_set or commit.context_delete)
@@ -301,31 +348,23 @@ class PostgresRunStore:
             "result": _json(commit.record.result) if commit.record.status in _FINAL and commit.record.result is not None else None,
         }
         params.update(self._outbox_params([(j, 0.0) for j in commit.jobs] + list(commit.delayed)))
-        query = self._q_adopt if commit.expected_version == 0 else self._q_commit
-
-        def op(cur: Any) -> bool:
-            cur.execute(query, params)
-            return cur.fetchone()[0] == 1
-
-        return self._run(op)
+        return (self._q_adopt if commit.expected_version == 0 else self._q_commit), params
 
     def publish_outbox(self, run_id: str, queue: Any) -> int:
+        return self.publish_outboxes([run_id], queue)
+
+    def publish_outboxes(self, run_ids: Sequence[str], queue: Any) -> int:
+        """Lock the runs' outbox rows, publish them (confirmed), delete them. The delete is
+        committed without waiting for its WAL flush: should it be lost in a crash, the jobs are
+        published again, and a duplicate job is dropped by the worker that takes it."""
         def op(cur: Any) -> int:
-            cur.execute(self._q_outbox_lock, {"run_id": run_id})
+            cur.execute(self._q_outbox_lock, {"run_ids": list(run_ids)})
             rows = cur.fetchall()
             if not rows:
                 cur.execute("ROLLBACK")
                 return 0
             try:
-                now: List[Job] = []
-                for _, body, delay_ms in rows:
-                    job = Job.from_json(body)
-                    if delay_ms > 0:
-                        queue.enqueue([job], delay_ms / 1000.0)
-                    else:
-                        now.append(job)
-                if now:
-                    queue.enqueue(now, 0.0)
+                self._publish_rows(rows, queue)
             except BaseException:
                 self._abort()
                 raise
@@ -333,6 +372,14 @@ class PostgresRunStore:
             return len(rows)
 
         return self._run(op)
+
+    @staticmethod
+    def _publish_rows(rows: Sequence[Tuple[int, str, int]], queue: Any) -> None:
+        by_delay: Dict[int, List[Job]] = {}
+        for _, body, delay_ms in rows:
+            by_delay.setdefault(max(0, int(delay_ms)), []).append(Job.from_json(body))
+        for delay_ms, jobs in by_delay.items():
+            queue.enqueue(jobs, delay_ms / 1000.0)
 
     def get_record(self, run_id: str) -> Optional[RunRecord]:
         snap = self.load(run_id, (), ())

@@ -28,6 +28,7 @@ from typing import Any
 
 MAX_NAME_LENGTH = 512
 _SIMPLE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]*$")
+_PRINTABLE_ASCII = re.compile(r"[!-~]*")  # no space, no control character: the common case, checked fast
 
 
 def _check_text(kind: str, name: Any) -> str:
@@ -35,6 +36,8 @@ def _check_text(kind: str, name: Any) -> str:
         raise ValueError(f"{kind} must be a string, not {type(name).__name__}: {name!r}")
     if len(name) > MAX_NAME_LENGTH:
         raise ValueError(f"{kind} {name[:40]!r}... is longer than {MAX_NAME_LENGTH} characters")
+    if _PRINTABLE_ASCII.fullmatch(name):
+        return name
     for ch in name:
         if ch.isspace() or unicodedata.category(ch)[0] in ("C", "Z"):
             raise ValueError(f"{kind} {name!r} contains a space or control character ({ch!r})")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from flowcraft.ports import Commit, Job, RunRecord, RunSnapshot
 
@@ -95,9 +95,35 @@ class RedisRunStore:
 
     @translate_errors
     def commit(self, commit: Commit) -> bool:
+        return self._apply([commit])[0]
+
+    @translate_errors
+    def commit_many(self, commits: Sequence[Commit]) -> List[bool]:
+        """Each commit is one run of commit.lua; several go in one pipelined round trip."""
+        return self._apply(commits)
+
+    def _apply(self, commits: Sequence[Commit]) -> List[bool]:
+        calls = [self._commit_call(c) if _valid_run_id(c.run_id) else None for c in commits]
+        live = [c for c in calls if c is not None]
+        if len(live) == 1:
+            replies = [self._commit(keys=live[0][0], args=live[0][1])]
+        elif live:
+            pipe = self.client.pipeline(transaction=False)
+            for keys, args, _ in live:
+                self._commit(keys=keys, args=args, client=pipe)
+            replies = pipe.execute()
+        replies_iter = iter(replies if live else [])
+        results = []
+        for call in calls:
+            applied = call is not None and bool(next(replies_iter))
+            if applied and call[2] and self.queue is not None:
+                self.queue.mark_acked(call[2])
+            results.append(applied)
+        return results
+
+    def _commit_call(self, commit: Commit) -> Tuple[List[Any], List[Any], List[Any]]:
+        """The keys, arguments and acknowledged deliveries of one commit.lua call."""
         run_id = commit.run_id
-        if not _valid_run_id(run_id):
-            return False
         record = commit.record
         final = ""
         if record.status in FINAL_STATUSES:
@@ -116,34 +142,43 @@ class RedisRunStore:
         args += [len(acks), *(d.tag[1] for d in acks)]
         keys = [self.keys.record(run_id), self.keys.context(run_id), self.keys.states(run_id), self.keys.items(run_id),
                 self.keys.status(run_id), self.queue_keys.ready, self.queue_keys.delayed, *(d.tag[0] for d in acks)]
-        applied = bool(self._commit(keys=keys, args=args))
-        if applied and acks and self.queue is not None:
-            self.queue.mark_acked(acks)
-        return applied
+        return keys, args, acks
 
     def publish_outbox(self, run_id: str, queue: Any) -> int:
         """Nothing to publish: commits push their jobs onto the queue atomically."""
+        return 0
+
+    def publish_outboxes(self, run_ids: Sequence[str], queue: Any) -> int:
         return 0
 
     # --- reading ---------------------------------------------------------------------------
 
     @translate_errors
     def load(self, run_id: str, node_ids: Iterable[str], context_keys: Iterable[str]) -> Optional[RunSnapshot]:
-        if not _valid_run_id(run_id):
-            return None
-        node_ids = list(dict.fromkeys(node_ids))
-        context_keys = list(dict.fromkeys(context_keys))
+        return self.load_many([(run_id, list(node_ids), list(context_keys))])[0]
+
+    @translate_errors
+    def load_many(self, requests: Sequence[Tuple[str, Sequence[str], Sequence[str]]]) -> List[Optional[RunSnapshot]]:
+        """One MULTI/EXEC for all the runs asked: a consistent snapshot in one round trip."""
+        wanted = [(run_id, list(dict.fromkeys(nodes)), list(dict.fromkeys(keys))) for run_id, nodes, keys in requests]
         pipe = self.client.pipeline(transaction=True)
-        pipe.hgetall(self.keys.record(run_id))
-        pipe.exists(self.keys.context(run_id))
-        if node_ids:
-            pipe.hmget(self.keys.states(run_id), node_ids)
-        if context_keys:
-            pipe.hmget(self.keys.context(run_id), context_keys)
-        replies = pipe.execute()
-        raw_record, has_context = replies[0], replies[1]
-        states_raw = replies[2] if node_ids else []
-        context_raw = replies[-1] if context_keys else []
+        for run_id, node_ids, context_keys in wanted:
+            if not _valid_run_id(run_id):
+                continue
+            pipe.hgetall(self.keys.record(run_id))
+            pipe.exists(self.keys.context(run_id))
+            if node_ids:
+                pipe.hmget(self.keys.states(run_id), node_ids)
+            if context_keys:
+                pipe.hmget(self.keys.context(run_id), context_keys)
+        replies = iter(pipe.execute() if len(pipe) else [])
+        return [self._snapshot(run_id, node_ids, context_keys, replies) if _valid_run_id(run_id) else None
+                for run_id, node_ids, context_keys in wanted]
+
+    def _snapshot(self, run_id: str, node_ids: List[str], context_keys: List[str], replies: Iterator[Any]) -> Optional[RunSnapshot]:
+        raw_record, has_context = next(replies), next(replies)
+        states_raw = next(replies) if node_ids else []
+        context_raw = next(replies) if context_keys else []
         if raw_record:
             record = parse_record(run_id, raw_record)
         elif has_context:

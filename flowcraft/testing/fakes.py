@@ -175,6 +175,9 @@ class InMemoryRunStore:
             context = {k: _copy(run.context[k]) for k in context_keys if k in run.context}
             return RunSnapshot(_copy_record(run.record), states, context)
 
+    def load_many(self, requests: Sequence[Tuple[str, Sequence[str], Sequence[str]]]) -> List[Optional[RunSnapshot]]:
+        return [self.load(run_id, node_ids, keys) for run_id, node_ids, keys in requests]
+
     def read_states(self, run_id: str, node_ids: Iterable[str]) -> Dict[str, Dict[str, Any]]:
         with self._lock:
             run = self._runs[run_id]
@@ -223,6 +226,9 @@ class InMemoryRunStore:
             self.commits += 1
             return True
 
+    def commit_many(self, commits: Sequence[Commit]) -> List[bool]:
+        return [self.commit(c) for c in commits]
+
     def publish_outbox(self, run_id: str, queue: Any) -> int:
         with self._lock:
             run = self._runs.get(run_id)
@@ -232,6 +238,9 @@ class InMemoryRunStore:
         for job, delay in entries:
             queue.enqueue([job], delay)
         return len(entries)
+
+    def publish_outboxes(self, run_ids: Sequence[str], queue: Any) -> int:
+        return sum(self.publish_outbox(run_id, queue) for run_id in run_ids)
 
     def get_record(self, run_id: str) -> Optional[RunRecord]:
         with self._lock:

@@ -45,17 +45,30 @@ class CountingStore:
         self.outputs: Counter = Counter()
         self._store = store
         self._commit = store.commit
+        self._commit_many = store.commit_many
         store.commit = self.commit  # type: ignore[method-assign]
+        store.commit_many = self.commit_many  # type: ignore[method-assign]
+        self.grouped = 0  # commits applied by a group commit of several
 
     def commit(self, commit: Any) -> bool:
-        before = self._store.read_states(commit.run_id, list(commit.states))
-        ok = self._commit(commit)
-        if ok:
-            for node, state in commit.states.items():
-                old = before.get(node, {})
-                if state.get("st") == "done" and (old.get("st") != "done" or old.get("it") != state.get("it")):
-                    self.outputs[(commit.run_id, node, state.get("it", 0))] += 1
-        return ok
+        return self._counted([commit], lambda: [self._commit(commit)])[0]
+
+    def commit_many(self, commits: Any) -> Any:
+        results = self._counted(commits, lambda: self._commit_many(commits))
+        if len(commits) > 1:
+            self.grouped += sum(results)
+        return results
+
+    def _counted(self, commits: Any, apply: Callable[[], List[bool]]) -> List[bool]:
+        befores = [self._store.read_states(c.run_id, list(c.states)) for c in commits]
+        results = apply()
+        for commit, before, ok in zip(commits, befores, results):
+            if ok:
+                for node, state in commit.states.items():
+                    old = before.get(node, {})
+                    if state.get("st") == "done" and (old.get("st") != "done" or old.get("it") != state.get("it")):
+                        self.outputs[(commit.run_id, node, state.get("it", 0))] += 1
+        return results
 
 
 @pytest.fixture
@@ -398,3 +411,19 @@ def test_rabbitmq_connection_dropped_mid_run(make_adapter: Callable[..., RabbitM
     time.sleep(0.3)
     assert adapter.queue.message_counts() == (0, 0, 0)
     assert all(n == 1 for n in counting.outputs.values()), counting.outputs
+
+
+def test_a_batched_worker_group_commits_concurrent_runs(make_adapter: Callable[..., RabbitMqAdapter]) -> None:
+    """Jobs of different runs fetched together are loaded in one query, committed in one
+    transaction and their successors published in one AMQP transaction, with the same results."""
+    names = ["chain", "fan_in", "diamond_even", "loop", "batch"]
+    flows = [flow for name in names for flow in SCENARIOS[name].build()]
+    adapter = make_adapter(flows, prefetch=16, fetch_batch=16)
+    counting = CountingStore(adapter.store)
+    runs = {adapter.start_workflow(SCENARIOS[name].build()[0].id, dict(SCENARIOS[name].initial_context)): name
+            for name in names for _ in range(3)}
+    adapter.start()
+    for run_id, name in runs.items():
+        assert_same_result(adapter.wait_for_result(run_id, timeout=TIMEOUT), run_in_memory(SCENARIOS[name]))
+    assert counting.grouped > 0, "no group commit happened"
+    assert counting.outputs and max(counting.outputs.values()) == 1

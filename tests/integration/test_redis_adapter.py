@@ -117,19 +117,21 @@ def count_completions(adapter: RedisAdapter) -> Counter:
     """Wrap the store's commit: count, per (run, node, iteration), applied commits marking it done."""
     store = adapter.store
     completions: Counter = Counter()
-    commit = store.commit
+    commit_many = store.commit_many
 
-    def counted(c: Any) -> bool:
-        before = store.read_states(c.run_id, list(c.states))
-        applied = commit(c)
-        if applied:
-            for node_id, state in c.states.items():
-                old = before.get(node_id, {})
-                if state.get("st") == "done" and (old.get("st") != "done" or old.get("it") != state.get("it")):
-                    completions[(c.run_id, node_id, state.get("it", 0))] += 1
-        return applied
+    def counted_many(commits: Any) -> List[bool]:
+        befores = [store.read_states(c.run_id, list(c.states)) for c in commits]
+        results = commit_many(commits)
+        for c, before, applied in zip(commits, befores, results):
+            if applied:
+                for node_id, state in c.states.items():
+                    old = before.get(node_id, {})
+                    if state.get("st") == "done" and (old.get("st") != "done" or old.get("it") != state.get("it")):
+                        completions[(c.run_id, node_id, state.get("it", 0))] += 1
+        return results
 
-    store.commit = counted  # type: ignore[method-assign]
+    store.commit_many = counted_many  # type: ignore[method-assign]
+    store.commit = lambda c: counted_many([c])[0]  # type: ignore[method-assign]
     return completions
 
 
@@ -424,6 +426,33 @@ def test_round_trips_per_chain_node_are_fetch_load_commit(make_adapter: Any, red
 def test_at_most_three_round_trips_per_chain_node(make_adapter: Any, redis_url: str) -> None:
     per_node = _counted_chain_run(make_adapter, redis_url)
     assert max(len(t) for t in per_node[:-1]) <= 3, per_node[:3]
+
+
+def test_a_batched_worker_needs_well_under_one_round_trip_per_node(make_adapter: Any, redis_url: str) -> None:
+    """With `fetch_batch`, one fetch, one load pipeline and one commit pipeline serve a wave of
+    jobs of different runs: 10 concurrent chains cost 3 round trips per 10 node executions."""
+    runs, length = 10, 5
+    flow = create_flow("rtbatch")
+    for i in range(length):
+        flow.node(f"n{i}", lambda ctx: (ctx.input or 0) + 1)
+        if i:
+            flow.edge(f"n{i - 1}", f"n{i}")
+    client = CountingRedis.from_url(redis_url)
+    adapter = make_adapter(make_runtime([flow]), client, fetch_batch=runs)
+    run_ids = [adapter.start_workflow("rtbatch") for _ in range(runs)]
+    adapter.queue.recover_dead_workers()
+    adapter.queue.requeue_own()
+    adapter.queue._started = True
+    start = len(client.log)
+    assert adapter.work(max_jobs=runs * length) == runs * length
+    trips = client.log[start:]
+    for run_id in run_ids:
+        result = adapter.wait_for_result(run_id, timeout=5)
+        assert result.status == "completed" and result.context[f"n{length - 1}"] == length
+    client.close()
+    # the last wave also reads each finished run whole to store its result: allow for that
+    assert len(trips) <= 3 * length + 2 * runs, trips
+    assert trips.count("PIPELINE[" + ",".join(["EVALSHA"] * runs) + "]") >= length - 1, trips
 
 
 # =================================================================================================
