@@ -1,0 +1,155 @@
+"""The distributed benchmark scripts run end to end with tiny shapes (no peers, no speed assertion).
+
+Each script is run as a user would run it (a subprocess, from another working directory, so that
+`benchmarks/redis.py` must not shadow the `redis` package); it must exit 0 and print well-formed
+JSON lines: a positive, finite rate for every shape of every backend and every raw limit, and a
+summary saying ok. The scripts clean up after themselves: none of their keys, tables or queues is left.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from typing import Any, Dict, List, Sequence
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BENCH = os.path.join(ROOT, "benchmarks")
+TINY = ["--rounds", "1", "--runs", "2", "--chain", "3", "--fan", "5", "--fan-runs", "2", "--serial-runs", "1",
+        "--no-peer", "--seconds", "0.2", "--warmup", "0", "--timeout", "60"]
+
+
+def run_script(name: str, args: Sequence[str], env: Dict[str, str], cwd: Any) -> List[Dict[str, Any]]:
+    done = subprocess.run([sys.executable, os.path.join(BENCH, name), *args], cwd=str(cwd), env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, (f"{name} exited {done.returncode}\n"
+                                  f"stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-3000:]}")
+    return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+
+
+def positive_rate(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def assert_figures(lines: List[Dict[str, Any]], backends: Sequence[str], limit_keys: Sequence[str]) -> None:
+    kinds = [line["kind"] for line in lines]
+    assert kinds[0] == "start" and kinds[-1] == "end", kinds
+    assert "check_failed" not in kinds, [line for line in lines if line["kind"] == "check_failed"]
+    ours = {(line["backend"], line["shape"]): line for line in lines if line["kind"] == "ours"}
+    for backend in backends:
+        for shape, runs, nodes in (("a_chain", 2, 3), ("a_serial", 1, 3), ("b_fan", 2, 7)):
+            line = ours[(backend, shape)]
+            assert line["node_executions"] == runs * nodes, line
+            assert positive_rate(line["nodes_per_s"]) and positive_rate(line["wall_s"]), line
+            assert line["run_latency_ms"]["n"] == runs and positive_rate(line["run_latency_ms"]["median"]), line
+            assert set(line["host_cpu"]) >= {"busy_cores", "worker_cores", "other_cores"}, line
+    (limits,) = [line for line in lines if line["kind"] == "limits"]
+    for key in limit_keys:
+        assert positive_rate(limits[key]), (key, limits)
+    workers = [line for line in lines if line["kind"] == "workers"]
+    assert sorted(w["backend"] for w in workers) == sorted(backends), workers
+    assert all(w["clean_shutdown"] and w["processed"] > 0 and not w.get("rq_failed_jobs") for w in workers), workers
+    (summary,) = [line for line in lines if line["kind"] == "summary"]
+    assert summary["ok"] is True and summary["rows"], summary
+    # tiny shapes differ from the peers': no ratio, and no verdict on the target
+    assert all(row.get("ratio") is None for row in summary["rows"]), summary["rows"]
+    assert summary["target"]["met"] is None, summary["target"]
+
+
+def redis_keys(redis_url: str, *patterns: str) -> List[Any]:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return [key for pattern in patterns for key in client.scan_iter(match=pattern, count=1000)]
+    finally:
+        client.close()
+
+
+def rq_adapter_available() -> bool:
+    try:
+        from flowcraft_redis import RqAdapter  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture
+def service_env(redis_url: str, postgres_dsn: str, amqp_url: str) -> Dict[str, str]:
+    return dict(os.environ, REDIS_URL=redis_url, POSTGRES_URL=postgres_dsn, RABBITMQ_URL=amqp_url)
+
+
+@pytest.mark.slow  # about 5 s: two backends, each with its worker process to start and stop
+def test_redis_benchmark_prints_checked_figures(redis_url: str, tmp_path: Any) -> None:
+    backends = ["redis", "rq"] if rq_adapter_available() else ["redis"]
+    env = dict(os.environ, REDIS_URL=redis_url)
+    lines = run_script("redis.py", ["--backend", ",".join(backends), *TINY], env, tmp_path)
+    assert_figures(lines, backends, ["redis_ping_per_s", "redis_pipelined_incr_per_s_batch100",
+                                     "handoff_2proc_per_s", "handoff_1proc_sequential_per_s"])
+    tag = next(line for line in lines if line["kind"] == "setup")["tag"]
+    assert redis_keys(redis_url, f"fcbench:{tag}:*", f"rq:*fcbench-{tag}-*") == []
+
+
+def test_redis_benchmark_rejects_bad_arguments(tmp_path: Any) -> None:
+    done = subprocess.run([sys.executable, os.path.join(BENCH, "redis.py"), "--runs", "0"], cwd=str(tmp_path),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--runs" in done.stderr, done.stderr
+
+
+def test_rabbitmq_benchmark_prints_checked_figures(service_env: Dict[str, str], redis_url: str, postgres_dsn: str,
+                                                   amqp_url: str, tmp_path: Any) -> None:
+    lines = run_script("rabbitmq.py", TINY, service_env, tmp_path)
+    assert_figures(lines, ["rabbitmq"], ["amqp_publish_confirmed_persistent_per_s", "amqp_consume_manual_ack_prefetch100_per_s",
+                                         "pg_update_autocommit_per_s", "pg_update_tx10_stmts_per_s", "redis_ping_per_s"])
+    setup = next(line for line in lines if line["kind"] == "setup")
+    import pika
+    import psycopg2
+
+    conn = psycopg2.connect(postgres_dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT tablename FROM pg_catalog.pg_tables WHERE substr(tablename, 1, length(%(p)s)) = %(p)s",
+                        {"p": setup["table_prefix"]})
+            assert cur.fetchall() == [], "benchmark tables left behind"
+    finally:
+        conn.close()
+    amqp = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        for queue in (setup["queue"], setup["queue"] + ".dead"):
+            with pytest.raises(pika.exceptions.ChannelClosedByBroker):  # 404: the queue was deleted
+                amqp.channel().queue_declare(queue, passive=True)
+    finally:
+        amqp.close()
+    assert redis_keys(redis_url, setup["redis_prefix"] + "*") == []
+
+
+def test_limits_script_prints_one_line(service_env: Dict[str, str], tmp_path: Any) -> None:
+    done = subprocess.run([sys.executable, os.path.join(BENCH, "limits.py"), "--seconds", "0.1"], cwd=str(tmp_path),
+                          env=service_env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (line,) = [json.loads(x) for x in done.stdout.splitlines() if x.strip()]
+    assert line["ok"] is True, line
+    for key in ("redis_ping_per_s", "redis_pipelined_incr_per_s_batch100", "handoff_2proc_per_s",
+                "handoff_1proc_sequential_per_s", "amqp_publish_confirmed_persistent_per_s",
+                "amqp_consume_manual_ack_prefetch100_per_s", "pg_update_autocommit_per_s", "pg_update_tx10_stmts_per_s"):
+        assert positive_rate(line[key]), (key, line)
+
+
+def test_a_wrong_result_fails_the_benchmark(redis_url: str, tmp_path: Any) -> None:
+    """The checks inside the timed loop fire: a wrong chain output makes the script exit 1."""
+    env = dict(os.environ, REDIS_URL=redis_url, BENCH_INJECT_FAULT="1")
+    done = subprocess.run([sys.executable, os.path.join(BENCH, "redis.py"), "--backend", "redis", "--no-limits", *TINY],
+                          cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 1, done.stderr[-3000:]
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+    (failure,) = [line for line in lines if line["kind"] == "check_failed"]
+    assert "final output 4 != 3" in failure["error"], failure
+    (summary,) = [line for line in lines if line["kind"] == "summary"]
+    assert summary["ok"] is False
+    tag = next(line for line in lines if line["kind"] == "setup")["tag"]
+    assert redis_keys(redis_url, f"fcbench:{tag}:*") == []
