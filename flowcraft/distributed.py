@@ -123,10 +123,17 @@ class DistributedAdapter:
     # === worker ==================================================================================
 
     def work(self, burst: bool = False, max_jobs: Optional[int] = None) -> int:
-        """Process jobs until stopped (or, with `burst`, until the queue is empty); return how many."""
+        """Process jobs until stopped (or, with `burst`, until the queue is empty); return how many.
+
+        A `stop()` that comes before `work()` starts is not lost: `work()` then returns at once."""
+        try:
+            return self._work(burst, max_jobs)
+        finally:
+            self._stop.clear()  # the request is served; the next `work()` runs
+
+    def _work(self, burst: bool, max_jobs: Optional[int]) -> int:
         processed = 0
         backoff = 0.0
-        self._stop.clear()
         while not self._stop.is_set():
             want = self.fetch_batch if max_jobs is None else min(self.fetch_batch, max_jobs - processed)
             try:

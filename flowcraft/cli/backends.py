@@ -1,0 +1,192 @@
+"""Building a distributed adapter (and its reconciler) from the command line's connection settings.
+
+Adapters are imported here, lazily: the core never imports redis, pika or psycopg2 until a
+command needs a backend. Connection settings come from the flags, else the environment
+(`REDIS_URL`, `RABBITMQ_URL`, `POSTGRES_URL`), else the local defaults below. A service that
+cannot be reached raises `ServiceUnavailable` naming it and its (password-redacted) address.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from typing import Any, Iterator, Tuple
+from urllib.parse import urlsplit, urlunsplit
+
+from ..errors import ServiceUnavailable
+from ..runtime import FlowRuntime
+from .errors import CliError, one_line
+
+BACKENDS = ("redis", "rq", "rabbitmq")
+DEFAULT_URLS = {
+    "redis": ("REDIS_URL", "redis://127.0.0.1:6379/0"),
+    "rabbitmq": ("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"),
+    "postgres": ("POSTGRES_URL", "postgresql://root@127.0.0.1:5432/test"),
+}
+DEFAULT_QUEUES = {"redis": "flowcraft-queue", "rq": "flowcraft-queue", "rabbitmq": "flowcraft-jobs"}
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")  # as flowcraft_rabbitmq.validate_identifier
+
+
+def url(args: Any, service: str) -> str:
+    """The URL of `service` ("redis", "rabbitmq", "postgres"): its flag, else its env var, else the default."""
+    given = getattr(args, f"{service}_url", None)
+    env, default = DEFAULT_URLS[service]
+    return given or os.environ.get(env) or default
+
+
+def redact(address: str) -> str:
+    """`address` with any password replaced by `***`, for messages."""
+    try:
+        parts = urlsplit(address)
+        if parts.password is None:
+            return address
+        host = parts.netloc.rsplit("@", 1)[1]
+        return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+    except ValueError:
+        return address
+
+
+def table_names(args: Any) -> Tuple[str, str]:
+    """The context and status table names, checked before anything connects."""
+    names = (args.context_table, args.status_table)
+    for name, flag in zip(names, ("--context-table", "--status-table")):
+        if not _IDENTIFIER.match(name):
+            raise CliError(f"{flag} {name!r} is not a valid table name: use 1-63 letters, digits or "
+                           f"underscores, not starting with a digit")
+    return names
+
+
+@contextlib.contextmanager
+def reaching(service: str, address: str) -> Iterator[None]:
+    """Turn any connection failure inside the block into `ServiceUnavailable` naming the service."""
+    try:
+        yield
+    except CliError:
+        raise
+    except _connection_errors() as error:
+        raise ServiceUnavailable(f"cannot reach {service} at {redact(address)}: {one_line(error) or type(error).__name__}") from None
+
+
+def _connection_errors() -> Tuple[type, ...]:
+    """The connection errors of the installed drivers (imported only when a backend is in use)."""
+    errors: list = [ConnectionError, OSError]
+    for module, names in (("redis.exceptions", ("ConnectionError", "TimeoutError", "AuthenticationError")),
+                          ("psycopg2", ("OperationalError",)), ("pika.exceptions", ("AMQPError",))):
+        try:
+            imported = __import__(module, fromlist=list(names))
+        except ImportError:
+            continue
+        errors.extend(getattr(imported, name) for name in names)
+    return tuple(errors)
+
+
+def _import_adapter(package: str, backend: str) -> Any:
+    try:
+        return __import__(package)
+    except ImportError as error:
+        extra = "redis" if package == "flowcraft_redis" else "rabbitmq"
+        raise CliError(f"backend {backend!r} needs {package} and its drivers "
+                       f"(pip install 'flowcraft[{extra}]'): {one_line(error)}") from None
+
+
+# --- adapters ---------------------------------------------------------------------------------
+
+
+def open_adapter(args: Any, runtime: FlowRuntime) -> Any:
+    """The adapter of `args.backend`, connected and checked (raises `ServiceUnavailable`)."""
+    options = {"fetch_batch": args.batch} if getattr(args, "batch", None) else {}
+    if args.backend == "rabbitmq":
+        return _rabbitmq_adapter(args, runtime, options)
+    return _redis_adapter(args, runtime, options)
+
+
+def queue_name(args: Any) -> str:
+    return args.queue or DEFAULT_QUEUES[args.backend]
+
+
+def _redis_client(args: Any) -> Any:
+    import redis
+
+    address = url(args, "redis")
+    with reaching("Redis", address):
+        try:
+            client = redis.Redis.from_url(address, socket_connect_timeout=args.connect_timeout,
+                                          health_check_interval=30)
+        except ValueError as error:
+            raise CliError(f"invalid Redis URL {redact(address)!r}: {one_line(error)}") from None
+        client.ping()
+    return client
+
+
+def _redis_adapter(args: Any, runtime: FlowRuntime, options: dict) -> Any:
+    package = _import_adapter("flowcraft_redis", args.backend)
+    if args.backend == "rq":
+        if not hasattr(package, "RqAdapter"):
+            raise CliError("backend 'rq' is not available: this flowcraft_redis has no RqAdapter")
+        adapter_class = package.RqAdapter
+    else:
+        adapter_class = package.RedisAdapter
+    client = _redis_client(args)
+    return adapter_class(runtime, client, queue_name(args), prefix=args.prefix, **options)
+
+
+def _rabbitmq_adapter(args: Any, runtime: FlowRuntime, options: dict) -> Any:
+    context_table, status_table = table_names(args)
+    package = _import_adapter("flowcraft_rabbitmq", "rabbitmq")
+    coordination = package.RedisCoordinationStore(_redis_client(args), args.prefix)
+    amqp, postgres = url(args, "rabbitmq"), url(args, "postgres")
+    # PostgreSQL is reached first (the store), then RabbitMQ: name whichever failed.
+    import psycopg2
+
+    try:
+        return package.RabbitMqAdapter(runtime, coordination, amqp, postgres, context_table, status_table,
+                                       queue_name(args), reconnect_timeout=args.connect_timeout, **options)
+    except psycopg2.Error as error:
+        raise ServiceUnavailable(f"cannot reach PostgreSQL at {redact(postgres)}: {one_line(error)}") from None
+    except _connection_errors() as error:
+        raise ServiceUnavailable(f"cannot reach RabbitMQ at {redact(amqp)}: {one_line(error)}") from None
+
+
+def close_adapter(adapter: Any) -> None:
+    """Release the adapter's connections (prefetched jobs go back to the queue)."""
+    close = getattr(adapter, "close", None)
+    if close is not None:
+        close()
+
+
+# --- reconciler and schema --------------------------------------------------------------------
+
+
+def open_reconciler(args: Any, adapter: Any) -> Any:
+    """The backend's reconciler: runs idle longer than `--stalled-after` seconds get re-enqueued."""
+    threshold = args.stalled_after
+    if args.backend == "rabbitmq":
+        from flowcraft_rabbitmq import create_rabbitmq_reconciler
+
+        return create_rabbitmq_reconciler(adapter=adapter, stalled_threshold_seconds=threshold)
+    import flowcraft_redis
+
+    factory = getattr(flowcraft_redis, "create_rq_reconciler", None) if args.backend == "rq" else None
+    if factory is not None:
+        return factory(adapter, stalled_threshold_seconds=threshold)
+    return flowcraft_redis.create_redis_reconciler(adapter, stalled_threshold_seconds=threshold)
+
+
+def init_schema(args: Any) -> dict:
+    """Create the RabbitMQ adapter's tables on `--postgres-url` (idempotent); return their names."""
+    context_table, status_table = table_names(args)
+    _import_adapter("flowcraft_rabbitmq", "rabbitmq")
+    import psycopg2
+    from flowcraft_rabbitmq import ensure_schema
+    from flowcraft_rabbitmq.schema import default_table_names
+
+    address = url(args, "postgres")
+    with reaching("PostgreSQL", address):
+        conn = psycopg2.connect(address, connect_timeout=max(1, int(args.connect_timeout)))
+    try:
+        with reaching("PostgreSQL", address):
+            ensure_schema(conn, context_table_name=context_table, status_table_name=status_table)
+    finally:
+        conn.close()
+    runs, outbox = default_table_names(context_table)
+    return {"context_table": context_table, "status_table": status_table, "runs_table": runs, "outbox_table": outbox}
