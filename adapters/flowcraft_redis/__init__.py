@@ -8,7 +8,8 @@ from .adapter import RedisAdapter, create_redis_reconciler
 from .context import RedisContext
 from .coordination import RedisCoordinationStore
 from .queue import RedisQueue
+from .rq_adapter import RqAdapter
 from .store import RedisRunStore
 
 __all__ = ["RedisAdapter", "RedisContext", "RedisCoordinationStore", "RedisQueue", "RedisRunStore",
-           "RedisUnavailable", "create_redis_reconciler"]
+           "RedisUnavailable", "RqAdapter", "create_redis_reconciler"]

@@ -33,7 +33,7 @@ from test_distributed import SCENARIOS, Scenario, make_runtime, run_in_memory  #
 
 pytestmark = pytest.mark.integration
 
-import redis
+import redis  # noqa: E402
 from flowcraft_redis import (  # noqa: E402
     RedisAdapter, RedisContext, RedisCoordinationStore, RedisQueue, RedisRunStore, create_redis_reconciler,
 )
