@@ -495,25 +495,30 @@ def test_a_second_signal_forces_the_stop_without_committing(app_module):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
-class _LateClearingAdapter:
-    """Like `DistributedAdapter.work()`, clears its stop event as it begins; the stop signal comes
-    just before that."""
+def test_a_stop_signal_just_before_work_begins_is_not_lost(app_module):
+    adapter = InMemoryAdapter(app_module.runtime, poll_timeout=0.05)
+    run_id = adapter.start_workflow("stopper", {"signal": False})
+    work, watchdog_fired = adapter.work, threading.Event()
 
-    def __init__(self):
-        self._stop = threading.Event()
-        self.stopped = None
-
-    def work(self, burst=False):
+    def late_work(burst=False, max_jobs=None):
         os.kill(os.getpid(), signal.SIGTERM)
-        self._stop.clear()
-        self.stopped = self._stop.wait(10)  # False: the stop request was lost
-        return 0
+        threading.Event().wait(0.2)  # the stop request (made on a helper thread) lands before work() starts
+        return work(burst=burst, max_jobs=max_jobs)
 
+    def watchdog():  # a lost request would leave this non-burst worker serving forever
+        if not finished.wait(10):
+            watchdog_fired.set()
+            work.__self__.stop()
 
-def test_a_stop_signal_just_before_work_begins_is_not_lost():
-    adapter = _LateClearingAdapter()
-    assert serve(adapter) == EXIT_OK
-    assert adapter.stopped is True
+    adapter.work = late_work
+    finished = threading.Event()
+    threading.Thread(target=watchdog, daemon=True).start()
+    try:
+        assert serve(adapter, burst=False) == EXIT_OK
+    finally:
+        finished.set()
+    assert not watchdog_fired.is_set()
+    assert adapter.get_status(run_id).status == "running" and adapter.queue.pending == 1  # stopped before any job
 
 
 def test_stop_signals_sleep_returns_early_and_calls_on_stop():

@@ -54,10 +54,10 @@ class RabbitMqAdapter(DistributedAdapter):
         """The run's context in PostgreSQL, read and patched key by key."""
         return PostgresContext(self.store, run_id)
 
-    def stop(self, timeout: Optional[float] = None) -> None:
-        thread = self._thread
-        super().stop(timeout)
-        if thread is None or not thread.is_alive():
+    def work(self, burst: bool = False, max_jobs: Optional[int] = None) -> int:
+        try:
+            return super().work(burst, max_jobs)
+        finally:
             self.queue.release()  # prefetched, unprocessed deliveries go back to the queue
 
     def close(self) -> None:

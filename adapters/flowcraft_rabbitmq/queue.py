@@ -53,7 +53,7 @@ class _Link:
     """One connection + channel, re-opened with backoff when it drops."""
 
     def __init__(self, params: pika.connection.Parameters, setup: Callable[[Any], None], name: str,
-                 connection: Any = None, reconnect_timeout: float = 60.0, max_backoff: float = 10.0) -> None:
+                 connection: Any = None, reconnect_timeout: float = 60.0, max_backoff: float = 2.0) -> None:
         self.params = params
         self.setup = setup
         self.name = name
@@ -108,7 +108,7 @@ class RabbitMqQueue:
     """The job queue on RabbitMQ; see the module docstring."""
 
     def __init__(self, connection_or_url: Any, queue_name: str = "flowcraft-jobs", prefetch: int = 10, *,
-                 reconnect_timeout: float = 60.0, max_backoff: float = 10.0) -> None:
+                 reconnect_timeout: float = 60.0, max_backoff: float = 2.0) -> None:
         if not isinstance(queue_name, str) or not queue_name or len(queue_name.encode()) > 240:
             raise ValueError(f"invalid queue name {queue_name!r}")
         self.queue_name = queue_name

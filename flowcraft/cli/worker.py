@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from typing import Any, List, Sequence
 
 from . import backends
@@ -37,27 +36,10 @@ def cmd_worker(args: Any, argv: Sequence[str]) -> int:
         backends.close_adapter(adapter)
 
 
-def request_stop(adapter: Any) -> None:
-    """Make `adapter.work()` return after the job in hand. Only its stop event is set: `stop()` may
-    also release connections (RabbitMQ), which must not happen under a running `work()`."""
-    event = getattr(adapter, "_stop", None)
-    if isinstance(event, threading.Event):
-        event.set()
-    else:
-        adapter.stop()
-
-
 def serve(adapter: Any, burst: bool = False, label: str = "") -> int:
-    """Run `adapter.work()` in this (main) thread until the queue is empty (`burst`) or a stop signal."""
-    returned = threading.Event()
-
-    def stop() -> None:
-        # `work()` clears the stop event as it begins: a signal that comes just before would be
-        # lost, so the request is repeated until `work()` has returned.
-        while not returned.is_set():
-            request_stop(adapter)
-            returned.wait(0.05)
-
+    """Run `adapter.work()` in this (main) thread until the queue is empty (`burst`) or a stop signal
+    (`stop()` makes `work()` return after the jobs in hand, even when it comes before `work()` starts)."""
+    stop = adapter.stop
     with StopSignals(stop) as signals:
         logger.info("worker %d started on %s%s", os.getpid(), label, " (burst)" if burst else "")
         try:
@@ -65,8 +47,6 @@ def serve(adapter: Any, burst: bool = False, label: str = "") -> int:
         except ForcedStop as forced:
             logger.warning("worker %d: forced stop (%s): the jobs in hand will be delivered again", os.getpid(), forced)
             return EXIT_FAILED
-        finally:
-            returned.set()
     reason = "stop signal" if signals.stopping else "queue empty" if burst else "stopped"
     logger.info("worker %d stopped (%s) after %s job(s)", os.getpid(), reason, processed)
     return EXIT_OK
