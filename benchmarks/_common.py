@@ -792,3 +792,14 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "worker":
         sys.exit(worker_main(sys.argv[2]))
     sys.exit("usage: python -m benchmarks._common worker CONF_JSON")
+
+
+def run_main(bench: str, args: Any, run: Callable[[Any, "Output"], int]) -> int:
+    """A benchmark script's main: its start and end lines (with the load averages) around `run`."""
+    load_start = os.getloadavg()
+    out = Output(bench, args.json)
+    out.emit("start", python=sys.version.split()[0], argv=sys.argv[1:], loadavg_start=load_start)
+    try:
+        return run(args, out)
+    finally:
+        out.emit("end", loadavg_start=load_start, loadavg_end=os.getloadavg())

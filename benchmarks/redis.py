@@ -274,14 +274,7 @@ def run(args: argparse.Namespace, out: C.Output) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = parse_args(argv)
-    load_start = os.getloadavg()
-    out = C.Output("flowcraft-redis", args.json)
-    out.emit("start", python=sys.version.split()[0], argv=sys.argv[1:], loadavg_start=load_start)
-    try:
-        return run(args, out)
-    finally:
-        out.emit("end", loadavg_start=load_start, loadavg_end=os.getloadavg())
+    return C.run_main("flowcraft-redis", parse_args(argv), run)
 
 
 if __name__ == "__main__":

@@ -104,22 +104,23 @@ class RedisRunStore:
 
     def _apply(self, commits: Sequence[Commit]) -> List[bool]:
         calls = [self._commit_call(c) if _valid_run_id(c.run_id) else None for c in commits]
-        live = [c for c in calls if c is not None]
-        if len(live) == 1:
-            replies = [self._commit(keys=live[0][0], args=live[0][1])]
-        elif live:
-            pipe = self.client.pipeline(transaction=False)
-            for keys, args, _ in live:
-                self._commit(keys=keys, args=args, client=pipe)
-            replies = pipe.execute()
-        replies_iter = iter(replies if live else [])
+        replies = iter(self._call_commits([c for c in calls if c is not None]))
         results = []
         for call in calls:
-            applied = call is not None and bool(next(replies_iter))
+            applied = call is not None and bool(next(replies))
             if applied and call[2] and self.queue is not None:
                 self.queue.mark_acked(call[2])
             results.append(applied)
         return results
+
+    def _call_commits(self, calls: List[Tuple[List[Any], List[Any], List[Any]]]) -> List[Any]:
+        """commit.lua once per call: one command for one call, one pipeline for several."""
+        if len(calls) <= 1:
+            return [self._commit(keys=keys, args=args) for keys, args, _ in calls]
+        pipe = self.client.pipeline(transaction=False)
+        for keys, args, _ in calls:
+            self._commit(keys=keys, args=args, client=pipe)
+        return pipe.execute()
 
     def _commit_call(self, commit: Commit) -> Tuple[List[Any], List[Any], List[Any]]:
         """The keys, arguments and acknowledged deliveries of one commit.lua call."""
