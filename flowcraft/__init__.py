@@ -7,6 +7,7 @@ from .errors import (
     CancelledError,
     ExpressionError,
     FlowcraftError,
+    LoopLimitError,
     NodeExecutionError,
     NodeTimeoutError,
     SerializationError,
@@ -25,7 +26,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BaseNode", "BlueprintError", "CallbackEventBus", "CancelToken", "CancelledError", "Context",
     "DictContext", "EdgeDefinition", "Event", "EventBus", "ExpressionError", "Flow", "FlowRuntime",
-    "FlowcraftError", "NodeConfig", "NodeContext", "NodeDefinition", "NodeExecutionError", "NodeResult",
+    "FlowcraftError", "LoopLimitError", "NodeConfig", "NodeContext", "NodeDefinition", "NodeExecutionError",
+    "NodeResult",
     "NodeTimeoutError", "Registry", "SerializationError", "UnknownNodeError", "WorkflowBlueprint",
     "WorkflowError", "WorkflowResult", "create_flow", "LoggingMiddleware", "Middleware", "parse_duration",
     "analyze_blueprint", "lint_blueprint", "generate_mermaid", "generate_mermaid_for_run",

@@ -25,6 +25,8 @@ code                      severity  meaning
 ``NO_START_NODE``         error     a non-empty blueprint where every node has an incoming edge
 ``ORPHAN_NODE``           warning   a node unreachable from every start node (following edges and
                                     fallbacks)
+``UNBOUNDED_CYCLE``       warning   a reachable cycle with no loop controller on it: it runs until the
+                                    runtime's `max_cycle_iterations` (default 1000) fails the run
 ========================  ========  ===============================================================
 
 `LintResult.is_valid` is False when any issue is an error. A blueprint that lints valid (without a
@@ -64,8 +66,9 @@ DANGLING_EDGE = "DANGLING_EDGE"
 BAD_EXPRESSION = "BAD_EXPRESSION"
 NO_START_NODE = "NO_START_NODE"
 ORPHAN_NODE = "ORPHAN_NODE"
+UNBOUNDED_CYCLE = "UNBOUNDED_CYCLE"
 
-_WARNING_CODES = frozenset({ORPHAN_NODE})
+_WARNING_CODES = frozenset({ORPHAN_NODE, UNBOUNDED_CYCLE})
 
 
 # ================================================================================================
@@ -485,7 +488,7 @@ class _Linter:
 
     def check_graph(self, nodes: List[Tuple[int, Mapping[str, Any]]],
                     edges: List[Tuple[int, Mapping[str, Any]]], node_ids: Set[str]) -> None:
-        """NO_START_NODE and ORPHAN_NODE, on the well-formed part of the blueprint."""
+        """NO_START_NODE, ORPHAN_NODE and UNBOUNDED_CYCLE, on the well-formed part of the blueprint."""
         definitions: List[NodeDefinition] = []
         seen: Set[str] = set()
         for _, node in nodes:
@@ -531,6 +534,13 @@ class _Linter:
             if definition.id not in reached:
                 self.add(ORPHAN_NODE, f"node {definition.id!r} is unreachable from every start node "
                                       f"({', '.join(map(repr, starts))})", definition.id)
+        uses = {d.id: d.uses for d in definitions}
+        for cycle in _find_cycles([d.id for d in definitions], [(l.source, l.target) for l in links], starts):
+            if cycle[0] in reached and not any(uses.get(n) == LOOP_CONTROLLER for n in cycle):  # orphans never run
+                path = " -> ".join(map(repr, cycle + cycle[:1]))
+                self.add(UNBOUNDED_CYCLE, f"the cycle {path} has no loop controller: it runs until "
+                                          f"max_cycle_iterations (default 1000) fails the run; "
+                                          f"use a loop (`.loop(...)`) with a condition", cycle[-1])
 
 
 def lint_blueprint(bp: Any, registry: Any = None, *, evaluator: Any = None) -> LintResult:

@@ -9,7 +9,7 @@ import datetime as _dt
 import re
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Union
 
-from .errors import FlowcraftError
+from .errors import FlowcraftError, LoopLimitError
 from .node import NodeContext, NodeResult
 
 LOOP_CONTROLLER = "loop-controller"
@@ -20,21 +20,21 @@ SLEEP = "sleep"
 SUBFLOW = "subflow"
 
 
-class LoopLimitError(FlowcraftError):
-    """A loop ran more than its `maxIterations`."""
-
-
 class SubflowError(FlowcraftError):
     """A subflow's child run failed; the message carries the child's errors."""
 
 
 class Await:
-    """Returned by a built-in to pause its node: the run awaits until the node is resumed."""
+    """Returned by a built-in to pause its node: the run awaits until the node is resumed.
 
-    __slots__ = ("details",)
+    `details` go to the run's context (`_awaitingDetails`); `child_context` (an awaiting subflow's
+    serialized child run, in memory) is engine state: it is saved with the traversal, not shown."""
 
-    def __init__(self, details: Dict[str, Any]) -> None:
+    __slots__ = ("details", "child_context")
+
+    def __init__(self, details: Dict[str, Any], child_context: Optional[str] = None) -> None:
         self.details = details
+        self.child_context = child_context
 
 
 class Engine(Protocol):
@@ -49,9 +49,13 @@ class Engine(Protocol):
 
     def context_names(self) -> Mapping[str, Any]: ...
 
-    def run_child(self, blueprint_id: str, context: Dict[str, Any], parent_node_id: str) -> Any: ...
+    def run_child(self, blueprint_id: str, context: Dict[str, Any], parent_node_id: str, iteration: int = 0) -> Any: ...
 
-    def resume_child(self, details: Dict[str, Any], output: Any, action: Optional[str]) -> Any: ...
+
+def child_run_id(run_id: str, node_id: str, iteration: int) -> str:
+    """The run id of the child a subflow node starts: the same in memory and distributed, and
+    distinct for each lap of a loop."""
+    return f"{run_id}.{node_id}.{iteration}"
 
 
 def utc_now() -> _dt.datetime:
@@ -149,7 +153,7 @@ def subflow(ctx: NodeContext, engine: Engine) -> Any:
     child_context = {child: ctx.context.get(parent) for child, parent in inputs.items()}
     if not inputs and isinstance(ctx.input, Mapping):
         child_context = dict(ctx.input)
-    return finish_subflow(ctx, engine.run_child(blueprint_id, child_context, ctx.node_id))
+    return finish_subflow(ctx, engine.run_child(blueprint_id, child_context, ctx.node_id, ctx.iteration))
 
 
 def finish_subflow(ctx: NodeContext, child: Any) -> Any:
@@ -157,8 +161,8 @@ def finish_subflow(ctx: NodeContext, child: Any) -> Any:
     if child.status == "awaiting":
         return Await({
             "type": "subflow", "blueprintId": ctx.params.get("blueprintId"), "childRunId": child.run_id,
-            "childAwaiting": list(child.awaiting), "childContext": child.serialized_context,
-        })
+            "childAwaiting": sorted(child.awaiting),
+        }, child.serialized_context)
     if child.status != "completed":
         reasons = "; ".join(f"{e.node_id}: {e.message}" for e in child.errors) or child.status
         raise SubflowError(f"subflow {ctx.node_id!r} ({ctx.params.get('blueprintId')!r}) {child.status}: {reasons}")

@@ -25,10 +25,11 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Mutab
 
 import attrs
 
-from .builtins import Await
+from .builtins import Await, child_run_id
 from .cancel import CancelToken
 from .context import DictContext
-from .errors import FlowcraftError, SerializationError
+from .errors import FlowcraftError, LoopLimitError, SerializationError
+from .events import Event
 from .execution import FallbackResult, NodeFailure, NodeRunner, RetryLater, item_failure, resolve_impl
 from .graph import READY, SKIPPED, Activation, CompiledGraph, GraphNode, NodeState, RoutingError, Traversal
 from .node import NodeContext, NodeResult
@@ -64,6 +65,7 @@ class _Prepared:
     node: GraphNode
     snap: Optional[RunSnapshot]
     outcome: Any
+    events: Optional[List[Event]] = None  # what its commit does, as events (only with an event bus)
 
 
 def _waves(deliveries: Sequence[Delivery]) -> List[List[Delivery]]:
@@ -197,6 +199,8 @@ class DistributedAdapter:
             for p, commit in zip(prepared, commits):
                 if commit is not None and not next(applied):
                     self._guarded(p.delivery, self._recommit, p)
+                elif commit is not None and p.events:
+                    self._emit_all(p.events)
             for p in prepared:
                 self._fault("after_commit")
             self.store.publish_outboxes(list(dict.fromkeys(p.job.run_id for p in prepared)), self.queue)
@@ -204,6 +208,8 @@ class DistributedAdapter:
                 self._fault("after_publish")
                 self._fault("before_ack")
             self.queue.ack([p.delivery for p in prepared])
+            if self.runtime.event_bus is not None:
+                self._emit_all([_job_event("job:processed", p.job) for p in prepared])
 
     def _guarded(self, delivery: Delivery, step: Callable[..., Any], *args: Any) -> Any:
         """Run one step of a delivery's processing; a bug or an unreadable run dead-letters the
@@ -241,6 +247,8 @@ class DistributedAdapter:
         self._fault("after_publish")
         self._fault("before_ack")
         self.queue.ack([delivery])
+        if self.runtime.event_bus is not None:
+            self._emit_all([_job_event("job:processed", prepared.job)])
 
     def _resolve(self, delivery: Delivery) -> Optional[Tuple[CompiledGraph, GraphNode]]:
         """The graph and node a delivery is for; None once a malformed delivery is dead-lettered."""
@@ -275,7 +283,9 @@ class DistributedAdapter:
         outcome = self._execute(job, graph, node, snap)
         self._fault("after_execute")
         if type(outcome) is RetryLater:
-            self.queue.enqueue([job.with_(attempt=job.attempt + 1)], outcome.delay)
+            retry = job.with_(attempt=job.attempt + 1)
+            self.queue.enqueue([retry], outcome.delay)
+            self._emit_jobs([retry], outcome.delay)
             return self.queue.ack([delivery])
         return _Prepared(delivery, job, graph, node, snap, outcome)
 
@@ -333,13 +343,26 @@ class DistributedAdapter:
             reason = f"version mismatch: run {job.run_id} needs {theirs}, no worker with it took the job in {self.version_mismatch_ttl:g}s"
             return self._reject(delivery, reason, job.run_id)  # the job is gone: the run cannot finish
         logger.warning("job %s needs blueprint %s, this worker has %s: put back", job.key, theirs, ours)
-        self.queue.enqueue([job.with_(first_seen=first_seen)], self.version_mismatch_delay)
+        put_back = job.with_(first_seen=first_seen)
+        self.queue.enqueue([put_back], self.version_mismatch_delay)
         self.queue.ack([delivery])
+        if self.runtime.event_bus is not None:
+            delay = self.version_mismatch_delay
+            reason = f"version mismatch: run {job.run_id} needs {theirs}, this worker has {ours}: put back"
+            self._emit_all([_job_event("job:failed", job, reason=reason, dead_lettered=False, retry_in=delay),
+                            _job_event("job:enqueued", put_back, delay=delay)])
 
     def _reject(self, delivery: Delivery, reason: str, run_id: Optional[str]) -> None:
         """Dead-letter a job that can never succeed, and fail its run if there is one."""
         logger.error("dead-lettering a job: %s", reason)
         self.queue.dead_letter(delivery, reason)
+        if self.runtime.event_bus is not None:
+            if delivery.job is not None:
+                event = _job_event("job:failed", delivery.job, reason=reason, dead_lettered=True)
+            else:
+                event = Event("job:failed", {"run_id": run_id, "blueprint_id": None, "node_id": None, "reason": reason,
+                                             "dead_lettered": True})
+            self._emit_all([event])
         if run_id:
             self._fail_run(run_id, WorkflowError(delivery.job.node_id if delivery.job else None, reason, "InvalidJob"))
 
@@ -367,9 +390,18 @@ class DistributedAdapter:
         fallback = graph.nodes.get(node.config.fallback) if node.config.fallback and job.kind != "item" else None
         fallback_impl = self._impl(fallback, engine) if fallback is not None else None
         queue_retry = self.retry_mode == "queue"
+        runner = self.runner
+        emit = None if self.runtime.event_bus is None else self.runtime._emitter(job.run_id, graph.blueprint.id)
+        if emit is not None:  # a runner that reports retries and fallbacks of this run
+            runner = NodeRunner(self.runtime.middleware, emit)
+            emit("node:start", {"node_id": run_node.id, "input": node_input, "iteration": job.iteration,
+                                "attempt": job.attempt})
         try:
-            outcome = self.runner.run_or_fall_back(run_node, impl, ctx, fallback, fallback_impl, queue_retry=queue_retry)
+            outcome = runner.run_or_fall_back(run_node, impl, ctx, fallback, fallback_impl, queue_retry=queue_retry)
         except RetryLater as retry:
+            if emit is not None:
+                emit("node:retry", {"node_id": run_node.id, "attempt": job.attempt, "error": str(retry.cause),
+                                    "delay": retry.delay})
             return retry
         if type(outcome) is not NodeFailure:
             outcome = _WithDelta(outcome, context)
@@ -398,6 +430,8 @@ class DistributedAdapter:
             if commit is None:
                 return set()
             if self.store.commit(commit):
+                if prepared.events:
+                    self._emit_all(prepared.events)
                 return {j.node_id if j.kind != "item" else j.parent for j in commit.jobs}
             prepared.snap = self._reload(prepared)
         raise RuntimeError(f"run {job.run_id}: could not commit after {_MAX_CONFLICTS} version conflicts")
@@ -409,6 +443,7 @@ class DistributedAdapter:
             return None  # the run ended meanwhile (cancelled, failed): nothing more is written
         plan = _Plan(self, prepared.job, prepared.graph, snap)
         plan.apply(prepared.node, prepared.outcome)
+        prepared.events = plan.events
         if plan.commit is not None and prepared.delivery is not None:
             plan.commit.ack.append(prepared.delivery)
         return plan.commit
@@ -439,8 +474,10 @@ class DistributedAdapter:
                 return
             new = attrs.evolve(record, status=FAILED, errors=record.errors + [error.to_dict()], updated_at=self.clock())
             new.result = self._final_result(run_id, new, {}, ()).to_dict()
-            if self.store.commit(Commit(run_id, record.version, new, jobs=self._parent_jobs(new))):
+            jobs = self._parent_jobs(new)
+            if self.store.commit(Commit(run_id, record.version, new, jobs=jobs)):
                 self.store.publish_outbox(run_id, self.queue)
+                self._emit_ended(new, jobs)
                 return
 
     def _final_result(self, run_id: str, record: RunRecord, delta: Mapping[str, Any], deleted: Iterable[str],
@@ -451,6 +488,10 @@ class DistributedAdapter:
             context.pop(key, None)
         for key in ("blueprintId", "blueprintVersion"):
             context.pop(key, None)
+        if record.status == FAILED or record.status == CANCELLED:
+            if states is None:
+                states = {k: NodeState.from_dict(v) for k, v in self.store.read_all_states(run_id).items()}
+            _drop_unstarted_inputs(context, record, states)
         skipped: List[str] = []
         stalled: List[str] = []
         if states is not None and graph is not None:
@@ -501,6 +542,12 @@ class DistributedAdapter:
             record.result = WorkflowResult(COMPLETED, context, run_id=run_id).to_dict()
             self.store.commit(Commit(run_id, 1, attrs.evolve(record), jobs=self._parent_jobs(record)))
         self.store.publish_outbox(run_id, self.queue)
+        if self.runtime.event_bus is not None:
+            self._emit_all([Event("workflow:start", {"run_id": run_id, "blueprint_id": blueprint.id,
+                                                     "initial_context": context})])
+            self._emit_jobs(jobs)
+            if record.status == COMPLETED:
+                self._emit_ended(record, self._parent_jobs(record))
         return run_id
 
     def get_status(self, run_id: str) -> Optional[RunStatus]:
@@ -547,6 +594,9 @@ class DistributedAdapter:
         node = graph.nodes[node_id]
         job = Job(run_id, graph.blueprint.id, node_id, int(details.get("iteration", 0)), kind="resume")
         snap = self._load(job, graph, node)
+        if self.runtime.event_bus is not None:
+            self._emit_all([Event("workflow:resume", {"run_id": run_id, "blueprint_id": graph.blueprint.id,
+                                                      "node_id": node_id, "action": action})])
         enqueued = self._commit_outcome(job, graph, node, snap, NodeResult(output=output, action=action), None)
         self.store.publish_outbox(run_id, self.queue)
         return enqueued
@@ -561,8 +611,10 @@ class DistributedAdapter:
                 return
             new = attrs.evolve(record, status=CANCELLED, updated_at=self.clock())
             new.result = self._final_result(run_id, new, {}, ()).to_dict()
-            if self.store.commit(Commit(run_id, record.version, new, jobs=self._parent_jobs(new))):
+            jobs = self._parent_jobs(new)
+            if self.store.commit(Commit(run_id, record.version, new, jobs=jobs)):
                 self.store.publish_outbox(run_id, self.queue)
+                self._emit_ended(new, jobs)
                 return
 
     def reconcile(self, run_id: str) -> Set[str]:
@@ -592,6 +644,7 @@ class DistributedAdapter:
                 jobs.append((Job(run_id, graph.blueprint.id, node_id, state.iteration), 0.0))
         for job, delay in jobs:
             self.queue.enqueue([job], delay)
+            self._emit_jobs([job], delay)
         self.store.touch(run_id, self.clock())
         return {j.parent if j.kind == "item" else j.node_id for j, _ in jobs}
 
@@ -608,6 +661,47 @@ class DistributedAdapter:
         if not wake_at:
             return 0.0
         return max(0.0, _dt.datetime.fromisoformat(wake_at).timestamp() - self.clock())
+
+    # === events ==================================================================================
+    # Every emission is behind `runtime.event_bus is not None`: without a bus a job costs no event work.
+
+    def _emit_all(self, events: Iterable[Event]) -> None:
+        bus = self.runtime.event_bus
+        if bus is not None:
+            for event in events:
+                bus.emit(event)
+
+    def _emit_jobs(self, jobs: Iterable[Job], delay: float = 0.0) -> None:
+        if self.runtime.event_bus is not None:
+            self._emit_all([_job_event("job:enqueued", job, delay=delay) for job in jobs])
+
+    def _emit_ended(self, record: RunRecord, jobs: Sequence[Job]) -> None:
+        """A run ended outside a node's commit (cancelled, failed by a bad job, empty)."""
+        if self.runtime.event_bus is not None:
+            self._emit_jobs(jobs)
+            self._emit_all([Event("workflow:finish", {"run_id": record.run_id, "blueprint_id": record.blueprint_id,
+                                                      "status": record.status, "errors": list(record.errors)})])
+
+
+def _job_event(kind: str, job: Job, **extra: Any) -> Event:
+    """A `job:*` event: the job's identity (snake_case) plus `extra`."""
+    payload: Dict[str, Any] = {"run_id": job.run_id, "blueprint_id": job.blueprint_id, "node_id": job.node_id,
+                               "iteration": job.iteration, "kind": job.kind, "attempt": job.attempt, "job_key": job.key}
+    if job.parent is not None:
+        payload["parent"] = job.parent
+        payload["index"] = job.index
+    payload.update(extra)
+    return Event(kind, payload)
+
+
+def _drop_unstarted_inputs(context: Dict[str, Any], record: RunRecord, states: Mapping[str, NodeState]) -> None:
+    """A worker stores a node's input when it schedules the node, the in-memory runtime when the node
+    starts: a failed or cancelled run drops the inputs of the nodes it never started, so its final
+    context is the in-memory one. Parked nodes (wait, sleep, subflow) and expanded ones (a batch
+    with items out) did start."""
+    for node_id, state in states.items():
+        if state.status == READY and not state.pending and node_id not in record.awaiting:
+            context.pop("_inputs." + node_id, None)
 
 
 class Reconciler:
@@ -656,6 +750,7 @@ class _Plan:
         self.jobs: List[Job] = []
         self.delayed: List[Tuple[Job, float]] = []
         self.commit: Optional[Commit] = None
+        self.events: Optional[List[Event]] = [] if adapter.runtime.event_bus is not None else None
 
     def apply(self, node: GraphNode, outcome: Any) -> None:
         delta: Dict[str, Any] = {}
@@ -680,7 +775,7 @@ class _Plan:
             self.record.awaiting.pop(node.id, None)
             try:
                 self._complete(node, job.iteration, outcome)
-            except (SerializationError, RoutingError) as error:
+            except (SerializationError, RoutingError, LoopLimitError) as error:
                 self._failed(node, error)
         self._finish()
 
@@ -691,12 +786,21 @@ class _Plan:
         if type(outcome) is FallbackResult:
             fallback, outcome = outcome.node, outcome.result
         self._record_output(node, outcome)
-        ready, _ = self.traversal.complete(node.id, iteration, self.graph.route(node.id, outcome, self.context))
+        decisions = self.graph.route(node.id, outcome, self.context)
+        ready, skipped = self.traversal.complete(node.id, iteration, decisions)
         if fallback is not None:
             self._record_output(fallback, outcome)
-            more, _ = self.traversal.complete(fallback.id, self.traversal.state(fallback.id).iteration,
-                                              self.graph.route(fallback.id, outcome, self.context), counted=False)
+            fallback_decisions = self.graph.route(fallback.id, outcome, self.context)
+            more, more_skipped = self.traversal.complete(fallback.id, self.traversal.state(fallback.id).iteration,
+                                                         fallback_decisions, counted=False)
             ready += more
+            skipped += more_skipped
+        if self.events is not None:
+            self._event("node:finish", node_id=node.id, output=outcome.output, action=outcome.action)
+            for edge, taken, _ in decisions:
+                self._event("edge:evaluate", source=edge.source, target=edge.target, taken=taken)
+            for skipped_id in skipped:
+                self._event("node:skipped", node_id=skipped_id)
         self._schedule(ready)
 
     def _record_output(self, node: GraphNode, result: NodeResult) -> None:
@@ -712,14 +816,21 @@ class _Plan:
                 self.context.set(target.inputs_key, activation.input)
             self.jobs.append(Job(self.job.run_id, blueprint_id, activation.node_id, activation.iteration))
 
+    def _event(self, kind: str, **payload: Any) -> None:
+        self.events.append(Event(kind, {"run_id": self.job.run_id, "blueprint_id": self.graph.blueprint.id, **payload}))
+
     def _failed(self, node: GraphNode, error: BaseException) -> None:
         self.traversal.fail(node.id)
         self.record.status = FAILED
         self.record.errors.append(WorkflowError.from_exception(node.id, error).to_dict())
+        if self.events is not None:
+            self._event("node:error", node_id=node.id, error=str(error), type=type(error).__name__)
 
     def _park(self, node: GraphNode, details: Dict[str, Any]) -> None:
         kind = details.get("type")
         self.record.awaiting[node.id] = dict(details, iteration=self.job.iteration)
+        if self.events is not None and (kind == "wait" or details.get("childAwaiting")):
+            self._event("workflow:pause", node_id=node.id, details=details)  # a running child or a timer is no pause
         if kind == "sleep":
             job = Job(self.job.run_id, self.graph.blueprint.id, node.id, self.job.iteration, kind="timer")
             self.delayed.append((job, float(details.get("duration") or 0)))
@@ -733,6 +844,8 @@ class _Plan:
         for spec in clean:
             check_json(spec["input"], f"{node.id} item input")
         self.items[_spec_field(node.id, iteration)] = clean
+        if self.events is not None:
+            self._event("batch:start", node_id=node.id, items=len(clean))
         self.jobs.extend(_item_job(self.job.run_id, self.graph.blueprint.id, node.id, iteration, i, s) for i, s in enumerate(clean))
 
     def _item_done(self, parent: GraphNode, outcome: Any) -> None:
@@ -749,6 +862,8 @@ class _Plan:
         fields = [item_field(parent.id, job.iteration, i) for i in range(len(specs))]
         stored = self.adapter.store.read_items(job.run_id, fields)
         results = [(self.items.get(f) or stored[i] or {}).get("v") for i, f in enumerate(fields)]
+        if self.events is not None:
+            self._event("batch:finish", node_id=parent.id, items=len(results))
         self._complete(parent, job.iteration, NodeResult(output=results))
 
     # --- the commit ----------------------------------------------------------------------------
@@ -779,6 +894,13 @@ class _Plan:
             self.jobs.extend(self.adapter._parent_jobs(record))
         elif record.status == AWAITING and self.snap.record.status != AWAITING:
             self.jobs.extend(self.adapter._parent_jobs(record))
+        if self.events is not None:
+            self.events.extend(_job_event("job:enqueued", job, delay=0.0) for job in self.jobs)
+            self.events.extend(_job_event("job:enqueued", job, delay=delay) for job, delay in self.delayed)
+            if record.status == STALLED:
+                self._event("workflow:stall", stalled=result.stalled)
+            if record.status in _FINAL:
+                self._event("workflow:finish", status=record.status, errors=list(record.errors))
         self.commit = Commit(
             self.job.run_id, self.snap.record.version, record, context_set=dict(self.context.delta),
             context_delete=list(self.context.deleted), states=changed_states, items=self.items,
@@ -1000,9 +1122,9 @@ class _Engine:
     def context_names(self) -> Mapping[str, Any]:
         return _ContextNames(self.context)
 
-    def run_child(self, blueprint_id: str, context: Dict[str, Any], parent_node_id: str) -> Any:
+    def run_child(self, blueprint_id: str, context: Dict[str, Any], parent_node_id: str, iteration: int = 0) -> Any:
         """Start the child run (once) and report its state: finished, awaiting or still running."""
-        child_id = f"{self.job.run_id}.{parent_node_id}.{self.job.iteration}"
+        child_id = child_run_id(self.job.run_id, parent_node_id, self.job.iteration)
         parent = {"runId": self.job.run_id, "blueprintId": self.graph.blueprint.id, "nodeId": parent_node_id,
                   "iteration": self.job.iteration}
         record = self.adapter.store.get_record(child_id)

@@ -44,6 +44,11 @@ class CancelledError(FlowcraftError):
     """The run was cancelled; raised by `CancelToken.raise_if_cancelled()`."""
 
 
+class LoopLimitError(FlowcraftError):
+    """A loop ran more than its `maxIterations`, or a cycle without a loop controller more than the
+    runtime's `max_cycle_iterations`."""
+
+
 class SerializationError(FlowcraftError, TypeError):
     """A value is not JSON-serialisable; the message names the key at fault."""
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Mapping, MutableMapping, Optional, Set, Tuple
 
 from .blueprint import EdgeDefinition, NodeConfig, NodeDefinition, WorkflowBlueprint
-from .errors import BlueprintError, ExpressionError
+from .errors import BlueprintError, ExpressionError, LoopLimitError
 from .node import NodeResult
 
 PENDING, READY, DONE, SKIPPED = "pending", "ready", "done", "skipped"
 LOOP_CONTROLLER = "loop-controller"
+MAX_CYCLE_ITERATIONS = 1000  # the default cap of a cycle that no loop controller governs
 
 
 class _Dead:
@@ -171,7 +172,10 @@ def start_node_ids(blueprint: WorkflowBlueprint) -> Tuple[str, ...]:
 class CompiledGraph:
     """A blueprint prepared for execution. Build once per blueprint and reuse for every run."""
 
-    def __init__(self, blueprint: WorkflowBlueprint, evaluator: Any = None, *, strict: bool = False) -> None:
+    def __init__(
+        self, blueprint: WorkflowBlueprint, evaluator: Any = None, *, strict: bool = False,
+        max_cycle_iterations: Optional[int] = MAX_CYCLE_ITERATIONS,
+    ) -> None:
         if evaluator is None:
             from .evaluator import default_evaluator
 
@@ -192,6 +196,12 @@ class CompiledGraph:
         self._index_edges()
         self.cycle_bodies: Dict[int, FrozenSet[str]] = {
             e.index: self._cycle_body(e) for e in self.edges if e.back
+        }
+        # back edge index -> most iterations of its cycle, for cycles no loop controller closes
+        # (a loop controller enforces its own `maxIterations`); None: uncapped
+        self.cycle_caps: Dict[int, int] = {} if max_cycle_iterations is None else {
+            e.index: self._cycle_cap(e, max_cycle_iterations)
+            for e in self.edges if e.back and self.nodes[e.source].uses != LOOP_CONTROLLER
         }
         if strict:
             cycles = [e for e in self.edges if e.back and self.nodes[e.source].uses != LOOP_CONTROLLER]
@@ -263,6 +273,19 @@ class CompiledGraph:
         forward = self._reach(back.target, lambda n: (e.target for e in self.nodes[n].outgoing if not e.back))
         backward = self._reach(back.source, lambda n: (e.source for e in self.nodes[n].incoming))
         return frozenset((forward & backward) | {back.target, back.source})
+
+    def _cycle_cap(self, back: Edge, limit: int) -> int:
+        """The iteration cap of a raw cycle: `limit`, or more if a loop controller inside it allows
+        more (a TS-shaped loop whose back edge leaves the body, not the controller)."""
+        cap = limit
+        for node_id in self.cycle_bodies[back.index]:
+            node = self.nodes[node_id]
+            if node.uses == LOOP_CONTROLLER:
+                try:
+                    cap = max(cap, int(node.params.get("maxIterations", limit)))
+                except (TypeError, ValueError):
+                    pass
+        return cap
 
     @staticmethod
     def _reach(start: str, step: Callable[[str], Iterable[str]]) -> Set[str]:
@@ -406,6 +429,12 @@ class Traversal:
         skipped: List[str] = []
         if st.iteration != iteration or st.status == DONE:
             return ready, skipped  # a stale or repeated completion changes nothing
+        if self.graph.nodes[node_id].back_edges_out and self.graph.cycle_caps:
+            error = self._cycle_limit(decisions)
+            if error is not None:
+                if counted:
+                    self.outstanding += 1  # unchanged: the caller fails the node, which counts it
+                raise error
         st.status = DONE
         if not self.graph.nodes[node_id].back_edges_out:
             nodes, states = self.graph.nodes, self.states
@@ -425,6 +454,19 @@ class Traversal:
             self._complete_with_back_edges(decisions, ready, skipped)
         self.outstanding += len(ready)
         return ready, skipped
+
+    def _cycle_limit(self, decisions: List[Decision]) -> Optional[LoopLimitError]:
+        """The error to fail with if a taken back edge would run its raw cycle past its cap."""
+        caps = self.graph.cycle_caps
+        for edge, taken, _ in decisions:
+            cap = caps.get(edge.index) if taken and edge.back else None
+            if cap is not None and self.state(edge.source).laps + 1 >= cap:
+                return LoopLimitError(
+                    f"node {edge.source!r}: its cycle back to {edge.target!r} has run {cap} iterations, the most a "
+                    f"cycle without a loop controller may run (max_cycle_iterations); use .loop(...) with a "
+                    f"condition and max_iterations"
+                )
+        return None
 
     def _complete_with_back_edges(self, decisions: List[Decision], ready: List[Activation], skipped: List[str]) -> None:
         took_back = any(taken for edge, taken, _ in decisions if edge.back)

@@ -9,13 +9,13 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .blueprint import NodeDefinition, WorkflowBlueprint
-from .builtins import Await, finish_subflow, utc_now
+from .builtins import Await, child_run_id, finish_subflow, utc_now
 from .cancel import CancelToken
 from .context import DictContext
-from .errors import BlueprintError, FlowcraftError, SerializationError, UnknownNodeError
+from .errors import BlueprintError, FlowcraftError, LoopLimitError, SerializationError, UnknownNodeError
 from .events import Event
 from .execution import FallbackResult, NodeFailure, NodeRunner, item_failure, resolve_impl
-from .graph import Activation, CompiledGraph, GraphNode, RoutingError, Traversal
+from .graph import MAX_CYCLE_ITERATIONS, Activation, CompiledGraph, GraphNode, RoutingError, Traversal
 from .node import NodeContext, NodeResult, to_result
 from .result import AWAITING, CANCELLED, COMPLETED, FAILED, STALLED, WorkflowError, WorkflowResult
 from .serializer import JsonSerializer, check_json
@@ -24,6 +24,7 @@ logger = logging.getLogger("flowcraft.runtime")
 
 BlueprintRef = Union[WorkflowBlueprint, Mapping[str, Any], str]
 TRAVERSAL_KEY = "_traversal"
+CHILD_CONTEXTS_KEY = "childContexts"  # in the traversal snapshot: awaiting subflow node id -> child's context
 _SCALARS = frozenset((int, float, str, bool, type(None)))
 AWAITING_IDS_KEY = "_awaitingNodeIds"
 AWAITING_DETAILS_KEY = "_awaitingDetails"
@@ -35,7 +36,10 @@ _GRAPH_CACHE_SIZE = 256
 
 
 class FlowRuntime:
-    """Runs blueprints in memory. Holds the node registry, known blueprints, and run options."""
+    """Runs blueprints in memory. Holds the node registry, known blueprints, and run options.
+
+    `max_cycle_iterations` caps a cycle that no loop controller governs (a raw back edge): past it
+    the run fails with `LoopLimitError`, in memory and distributed alike; None removes the cap."""
 
     def __init__(
         self,
@@ -46,6 +50,7 @@ class FlowRuntime:
         middleware: Sequence[Any] = (),
         evaluator: Any = None,
         serializer: Any = None,
+        max_cycle_iterations: Optional[int] = MAX_CYCLE_ITERATIONS,
     ) -> None:
         if evaluator is None:
             from .evaluator import default_evaluator
@@ -57,6 +62,7 @@ class FlowRuntime:
         self.middleware = tuple(middleware)
         self.evaluator = evaluator
         self.serializer = serializer if serializer is not None else JsonSerializer()
+        self.max_cycle_iterations = max_cycle_iterations
         self.blueprints: Dict[str, WorkflowBlueprint] = {}
         for item in (blueprints.values() if isinstance(blueprints, Mapping) else blueprints or ()):
             self.add_blueprint(item)
@@ -98,7 +104,7 @@ class FlowRuntime:
         cached = self._graphs.get(key)
         if cached is not None and cached[0] is bp:
             return cached[1]
-        graph = CompiledGraph(bp, self.evaluator, strict=strict)
+        graph = CompiledGraph(bp, self.evaluator, strict=strict, max_cycle_iterations=self.max_cycle_iterations)
         if len(self._graphs) >= _GRAPH_CACHE_SIZE:
             self._graphs.pop(next(iter(self._graphs)))
         self._graphs[key] = (bp, graph)
@@ -161,6 +167,7 @@ class FlowRuntime:
                    cancel, concurrency, wait_timers)
         run.traversal = Traversal.restore(graph, snapshot)
         run.awaiting = awaiting
+        run.child_contexts = dict(snapshot.get(CHILD_CONTEXTS_KEY) or {})
         run.emit_event("workflow:resume", {"node_id": node_id})
         return run.execute(run.resume_node(node_id, output, action))
 
@@ -197,7 +204,7 @@ class _Run:
     __slots__ = (
         "runtime", "evaluator", "wait_timers", "awaiting", "batches", "graph", "data", "context", "registry",
         "run_id", "blueprint_id", "cancel", "concurrency", "traversal", "errors", "skipped", "emit", "runner",
-        "dependencies",
+        "dependencies", "child_contexts",
     )
 
     def __init__(
@@ -216,6 +223,7 @@ class _Run:
         self.evaluator = runtime.evaluator
         self.wait_timers = wait_timers
         self.awaiting: Dict[str, Dict[str, Any]] = {}  # node id -> details (with its iteration)
+        self.child_contexts: Dict[str, str] = {}  # awaiting subflow node id -> its child's serialized context
         self.batches: Dict[str, List[Any]] = {}  # parent node id -> its dynamic nodes' outputs
         self.graph = graph
         self.data = data
@@ -352,7 +360,7 @@ class _Run:
         if type(outcome) is FallbackResult:
             return self._complete(node, activation, outcome, ready)
         if type(outcome.output) is Await:
-            return self._pause(node, activation, outcome.output.details)
+            return self._pause(node, activation, outcome.output)
         if outcome.dynamic_nodes is not None:
             return self._expand(node, activation, outcome.dynamic_nodes, ready)
         self._complete(node, activation, outcome, ready)
@@ -378,7 +386,7 @@ class _Run:
                 )
                 newly_ready += more_ready
                 skipped += more_skipped
-        except (SerializationError, RoutingError) as error:
+        except (SerializationError, RoutingError, LoopLimitError) as error:
             return self._fail(node, error)
         if self.emit is not None:
             self.emit("node:finish", {"node_id": node.id, "output": outcome.output, "action": outcome.action})
@@ -390,9 +398,11 @@ class _Run:
             self.skipped.extend(skipped)
         ready.extend(newly_ready)
 
-    def _pause(self, node: GraphNode, activation: Activation, details: Dict[str, Any]) -> None:
-        self.awaiting[node.id] = dict(details, iteration=activation.iteration)
-        self.emit_event("workflow:pause", {"node_id": node.id, "details": details})
+    def _pause(self, node: GraphNode, activation: Activation, pause: Await) -> None:
+        self.awaiting[node.id] = dict(pause.details, iteration=activation.iteration)
+        if pause.child_context is not None:
+            self.child_contexts[node.id] = pause.child_context
+        self.emit_event("workflow:pause", {"node_id": node.id, "details": pause.details})
 
     def _expand(self, node: GraphNode, activation: Activation, specs: List[Dict[str, Any]], ready: Deque[Activation]) -> None:
         """Run a node's dynamic nodes (a batch's items); the node completes when the last one does."""
@@ -445,8 +455,12 @@ class _Run:
 
     def _resume_subflow(self, node: GraphNode, details: Dict[str, Any], output: Any, action: Optional[str]) -> Any:
         ctx = NodeContext(self.context, None, node.params, self.runtime.dependencies, node.id, self.run_id)
+        # contexts saved before the child's context moved to the traversal snapshot kept it in the details
+        child_context = self.child_contexts.pop(node.id, None) or details.get("childContext")
         try:
-            child = self.runtime.resume(details["blueprintId"], details["childContext"], output=output, action=action,
+            if child_context is None:
+                raise ValueError(f"subflow {node.id!r}: the saved run holds no context of its awaiting child")
+            child = self.runtime.resume(details["blueprintId"], child_context, output=output, action=action,
                                         registry=self.registry, run_id=details.get("childRunId"))
             return to_result(finish_subflow(ctx, child))
         except Exception as error:
@@ -463,9 +477,12 @@ class _Run:
     def context_names(self) -> Mapping[str, Any]:
         return self.data
 
-    def run_child(self, blueprint_id: str, context: Dict[str, Any], parent_node_id: str) -> WorkflowResult:
+    def run_child(
+        self, blueprint_id: str, context: Dict[str, Any], parent_node_id: str, iteration: int = 0
+    ) -> WorkflowResult:
         return self.runtime.run(blueprint_id, context, registry=self.registry, cancel=self.cancel,
-                                run_id=f"{self.run_id}.{parent_node_id}", wait_timers=self.wait_timers)
+                                run_id=child_run_id(self.run_id, parent_node_id, iteration),
+                                wait_timers=self.wait_timers)
 
     def _record(self, node: GraphNode, result: NodeResult) -> None:
         output = result.output
@@ -506,6 +523,9 @@ class _Run:
         )
         if status == AWAITING:
             snapshot = dict(self.traversal.snapshot(), runId=self.run_id)
+            children = {n: c for n, c in self.child_contexts.items() if n in self.awaiting}
+            if children:
+                snapshot[CHILD_CONTEXTS_KEY] = children
             result._serialized = self.runtime.serializer.dumps({**self.data, TRAVERSAL_KEY: snapshot})
         self.emit_event("workflow:finish", {"status": status, "errors": [e.to_dict() for e in self.errors]})
         return result

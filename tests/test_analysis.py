@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from flowcraft import create_flow
 from flowcraft.analysis import (
     BUILTIN_USES,
     BlueprintAnalysis,
@@ -420,8 +421,30 @@ def test_lint_never_raises_and_valid_means_loadable(data):
 def test_lint_result_helpers():
     result = lint_blueprint({"id": "x", "nodes": [node("a"), node("b", config={"fallback": "q"}), node("c")],
                              "edges": [edge("a", "c"), edge("c", "c")]})
-    assert result.codes == ("UNKNOWN_FALLBACK",)
+    assert result.codes == ("UNKNOWN_FALLBACK", "UNBOUNDED_CYCLE")  # c -> c has no loop controller
+    assert [i.code for i in result.errors] == ["UNKNOWN_FALLBACK"]
+    assert [i.code for i in result.warnings] == ["UNBOUNDED_CYCLE"]
     result = lint_blueprint(CASES["ORPHAN_NODE"][0])
     assert result.warnings == result.issues and result.errors == ()
     payload = json.loads(json.dumps(result.to_dict()))
     assert payload["issues"][0]["code"] == "ORPHAN_NODE" and payload["is_valid"] is True
+
+
+def test_unbounded_cycle_is_a_warning_on_reachable_cycles_without_a_loop_controller():
+    raw = {"id": "x", "nodes": [node("s"), node("a"), node("b")],
+           "edges": [edge("s", "a"), edge("a", "b"), edge("b", "a")]}
+    result = lint_blueprint(raw)
+    assert result.is_valid and result.codes == ("UNBOUNDED_CYCLE",)
+    (issue,) = result.issues
+    assert issue.node_id == "b" and issue.severity == "warning"
+    assert "'a' -> 'b' -> 'a'" in issue.message and "max_cycle_iterations" in issue.message
+    # a loop controller on the cycle bounds it: the builder's loop and the TS shape (edge into the controller)
+    looped = create_flow("l").node("s", lambda ctx: 0).node("body", lambda ctx: 1).edge("s", "body")
+    looped.loop("lp", start_node_id="body", end_node_id="body", condition="false")
+    assert "UNBOUNDED_CYCLE" not in lint_blueprint(looped).codes
+    controller = node("lp", uses="loop-controller", params={"condition": "false"})
+    ts_shaped = {"id": "x", "nodes": [node("s"), node("body"), controller],
+                 "edges": [edge("s", "lp"), edge("lp", "body", action="continue"), edge("body", "lp")]}
+    assert "UNBOUNDED_CYCLE" not in lint_blueprint(ts_shaped).codes
+    # a cycle no start node reaches never runs: ORPHAN_NODE says enough
+    assert lint_blueprint(CASES["ORPHAN_NODE"][0]).codes == ("ORPHAN_NODE",)

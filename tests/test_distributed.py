@@ -20,7 +20,7 @@ import pytest
 from flowcraft import BaseNode, Flow, FlowRuntime, NodeContext, WorkflowError, WorkflowResult, create_flow
 from flowcraft.distributed import DistributedAdapter, ReconcileStats, Reconciler
 from flowcraft.ports import Job
-from flowcraft.testing import InMemoryAdapter
+from flowcraft.testing import InMemoryAdapter, InMemoryEventLogger
 
 # =================================================================================================
 # Scenario catalogue (also imported by test_distributed_faults.py)
@@ -438,6 +438,12 @@ def _runaway_loop() -> List[Flow]:
             .loop("forever", start_node_id="body", end_node_id="body", condition="true", max_iterations=5)]
 
 
+def _raw_cycle() -> List[Flow]:
+    """s -> a -> b -> a with no loop controller: capped by max_cycle_iterations (default 1000)."""
+    return [create_flow("raw-cycle").node("s", lambda ctx: 0).node("a", lambda ctx: (ctx.input or 0) + 1)
+            .node("b", lambda ctx: ctx.input).edge("s", "a").edge("a", "b").edge("b", "a")]
+
+
 def _failing_batch_item() -> List[Flow]:
     return [create_flow("bad-batch").node("make", lambda ctx: list(range(6)))
             .batch("each", _item_three_fails, input_key="make").edge("make", "each")]
@@ -448,6 +454,7 @@ def _failing_batch_item() -> List[Flow]:
     pytest.param(_not_json, "b", "SerializationError", id="non-json-output"),
     pytest.param(_runaway_loop, "forever", "LoopLimitError", id="loop-limit"),
     pytest.param(_failing_batch_item, "each_scatter", "ValueError", id="failing-batch-item"),
+    pytest.param(_raw_cycle, "b", "LoopLimitError", id="raw-cycle-limit"),
 ])
 def test_failures_are_reported_as_in_memory(build: Callable[[], List[Flow]], node_id: str, error_type: str) -> None:
     flows = build()
@@ -460,6 +467,7 @@ def test_failures_are_reported_as_in_memory(build: Callable[[], List[Flow]], nod
     assert result.status == "failed"
     assert [(e.node_id, e.type) for e in result.errors] == [(node_id, error_type)]
     assert result.errors == expected.errors  # SPEC 5: identical in memory and distributed
+    assert result.context == expected.context
     assert adapter.queue.dead == []
     assert_effectively_once(adapter)
 
@@ -1128,3 +1136,283 @@ def test_starting_the_same_run_id_twice_does_not_run_it_twice() -> None:
     adapter.drain()
     assert adapter.wait_for_result("once", timeout=5).context["store"] == ["value=2", 1]
     assert_effectively_once(adapter)
+
+
+# =================================================================================================
+# Raw cycles (no loop controller): capped, the same way in memory and distributed
+# =================================================================================================
+
+
+def test_raw_cycle_cap_is_the_runtime_option_in_both_engines() -> None:
+    flows = _raw_cycle()
+    expected = flows[0].run(FlowRuntime(max_cycle_iterations=7))
+    assert expected.status == "failed"
+    assert expected.context["a"] == 7  # seven laps of a -> b, then b's back edge fails
+    assert "7 iterations" in expected.errors[0].message and "'b'" in expected.errors[0].message
+    runtime = FlowRuntime(max_cycle_iterations=7)
+    runtime.add_blueprint(_raw_cycle()[0])
+    adapter = InMemoryAdapter(runtime)
+    run_id = adapter.start_workflow("raw-cycle")
+    adapter.drain()
+    assert_same_result(adapter.wait_for_result(run_id, timeout=5), expected)
+    assert sorted(it for (r, node, it) in adapter.store.completions if node == "a") == list(range(7))
+
+
+# =================================================================================================
+# Awaiting subflows: the same details in memory and distributed (SPEC 5)
+# =================================================================================================
+
+
+def _gated() -> List[Flow]:
+    child = (
+        create_flow("gated-child")
+        .node("c1", lambda ctx: 1)
+        .wait("gate", why="sign-off")
+        .node("c2", lambda ctx: {"c2": ctx.input})
+        .edge("c1", "gate")
+        .edge("gate", "c2")
+    )
+    parent = (
+        create_flow("gated-parent")
+        .node("p0", lambda ctx: 0)
+        .subflow("sub", "gated-child", outputs={"out": "c2"})
+        .node("p2", lambda ctx: ctx.input)
+        .edge("p0", "sub")
+        .edge("sub", "p2")
+    )
+    return [parent, child]
+
+
+def test_awaiting_subflow_context_is_the_same_in_memory_and_distributed() -> None:
+    parent, child = _gated()
+    runtime = make_runtime([parent, child])
+    paused_in_memory = parent.run(runtime, run_id="r1")
+    adapter = InMemoryAdapter(make_runtime(_gated()))
+    adapter.start_workflow("gated-parent", run_id="r1")
+    adapter.drain()
+    paused = adapter.wait_for_result("r1", timeout=5)
+    assert paused.status == paused_in_memory.status == "awaiting"
+    assert paused.context == paused_in_memory.context
+    details = paused.context["_awaitingDetails"]["sub"]
+    assert details["childRunId"] == "r1.sub.0"  # the lap is part of a child's run id
+    assert details["childAwaiting"] == ["gate"]
+    assert "childContext" not in details  # engine state, kept out of the run's context
+
+    expected = parent.resume(runtime, paused_in_memory.serialized_context, output="ok")
+    adapter.resume_with_action("r1", None, output="ok")
+    adapter.drain()
+    result = adapter.wait_for_result("r1", timeout=5)
+    assert_same_result(result, expected)
+    assert result.context["p2"] == {"out": {"c2": "ok"}}
+    assert adapter.get_status("r1.sub.0").status == "completed"
+
+
+# =================================================================================================
+# A failed or cancelled run: the final context is the in-memory one (SPEC 5)
+# =================================================================================================
+
+
+def _failing_branch(bad_first: bool) -> Flow:
+    flow = create_flow("failing-branch").node("s", lambda ctx: 1).node("bad", _raises_key_error)
+    flow.node("ok", lambda ctx: ctx.input + 1).node("after", lambda ctx: ctx.input * 10).node("last", lambda ctx: 0)
+    branches = [("s", "bad"), ("s", "ok")] if bad_first else [("s", "ok"), ("s", "bad")]
+    for source, target in branches + [("ok", "after"), ("after", "last")]:
+        flow.edge(source, target)
+    return flow
+
+
+@pytest.mark.parametrize("bad_first", [True, False], ids=["bad-branch-first", "ok-branch-first"])
+def test_failed_run_with_a_parallel_branch_has_the_in_memory_context(bad_first: bool) -> None:
+    expected = _failing_branch(bad_first).run()
+    assert expected.status == "failed"
+    flow = _failing_branch(bad_first)
+    adapter = InMemoryAdapter(make_runtime([flow]))
+    run_id = adapter.start_workflow(flow.id)
+    adapter.drain()
+    result = adapter.wait_for_result(run_id, timeout=5)
+    assert_same_result(result, expected)  # the whole context: no input of a node that never started
+    assert "_inputs.bad" in result.context  # the failed node did start
+    scheduled = "_inputs.ok" if bad_first else "_inputs.after"
+    assert scheduled in adapter.store.read_all_context(run_id) and scheduled not in result.context
+
+
+def test_cancelled_run_drops_inputs_of_nodes_it_never_started() -> None:
+    fan = create_flow("fan").node("s", lambda ctx: 5).node("a", lambda ctx: 1).node("b", lambda ctx: 2)
+    fan.edge("s", "a").edge("s", "b")
+    adapter = InMemoryAdapter(make_runtime([fan]))
+    run_id = adapter.start_workflow("fan")
+    assert adapter.work(max_jobs=1) == 1  # s ran; a and b are scheduled
+    assert adapter.store.read_all_context(run_id)["_inputs.a"] == 5
+    adapter.cancel(run_id)
+    adapter.drain()
+    result = adapter.wait_for_result(run_id, timeout=5)
+    assert result.status == "cancelled"
+    assert result.context == {"_outputs.s": 5, "s": 5}  # what an in-memory run cancelled after s holds
+
+
+# =================================================================================================
+# Events (SPEC 6) from workers
+# =================================================================================================
+
+
+def _logged(flows: Sequence[Flow], **options: Any) -> Tuple[InMemoryAdapter, InMemoryEventLogger]:
+    log = InMemoryEventLogger()
+    runtime = FlowRuntime(event_bus=log)
+    for flow in flows:
+        runtime.add_blueprint(flow)
+    return InMemoryAdapter(runtime, **options), log
+
+
+def _assert_snake_case_payloads(log: InMemoryEventLogger) -> None:
+    for event in log.events:
+        assert all(key == key.lower() and "-" not in key for key in event.payload), event
+
+
+@pytest.mark.parametrize("fetch_batch", [1, 4], ids=["handle", "handle_batch"])
+def test_a_chain_emits_job_node_and_workflow_events(fetch_batch: int) -> None:
+    adapter, log = _logged(_chain(), fetch_batch=fetch_batch)
+    run_id = adapter.start_workflow("chain", {"start": 21})
+    adapter.drain()
+    nodes = ["load", "double", "describe", "store"]
+    assert log.types()[0] == "workflow:start"
+    assert log.events[0].payload == {"run_id": run_id, "blueprint_id": "chain", "initial_context": {"start": 21}}
+    assert log.types()[-1] == "job:processed"
+    for kind in ("job:enqueued", "job:processed", "node:start", "node:finish"):
+        events = log.of_type(kind)
+        assert [e.payload["node_id"] for e in events] == nodes, kind
+        assert all(e.payload["run_id"] == run_id and e.payload["blueprint_id"] == "chain" for e in events)
+    for event in log.of_type("job:enqueued") + log.of_type("job:processed"):
+        assert event.payload["job_key"] == f"{run_id}:{event.payload['node_id']}:0"
+        assert (event.payload["kind"], event.payload["iteration"], event.payload["attempt"]) == ("node", 0, 1)
+    for node in nodes:  # each job: enqueued, started, finished, processed, in that order
+        seen = [e.type for e in log.events if e.payload.get("node_id") == node and e.type.startswith(("job:", "node:"))]
+        assert seen == ["job:enqueued", "node:start", "node:finish", "job:processed"], node
+    (finish,) = log.of_type("workflow:finish")
+    assert finish.payload["status"] == "completed" and finish.payload["errors"] == []
+    # the same outputs, in the same order, as an in-memory run reports
+    in_memory = InMemoryEventLogger()
+    assert _chain()[0].run(FlowRuntime(event_bus=in_memory), {"start": 21}).status == "completed"
+
+    def outputs(logger: InMemoryEventLogger) -> List[Tuple[str, Any]]:
+        return [(e.payload["node_id"], e.payload["output"]) for e in logger.of_type("node:finish")]
+
+    assert outputs(log) == outputs(in_memory)
+    assert log.find("edge:evaluate", source="load", target="double", taken=True) is not None
+    assert log.of_type("job:failed") == []
+    _assert_snake_case_payloads(log)
+
+
+def test_branching_run_events_report_skips_batches_and_failures() -> None:
+    adapter, log = _logged(_diamond())
+    adapter.start_workflow("diamond", {"n": 4})
+    adapter.drain()
+    assert [e.payload["node_id"] for e in log.of_type("node:skipped")] == ["odd"]
+    assert log.find("edge:evaluate", source="decide", target="odd", taken=False) is not None
+
+    adapter, log = _logged(_batch())
+    adapter.start_workflow("batching")
+    adapter.drain()
+    assert log.find("batch:start", node_id="square_scatter", items=BATCH_SIZE) is not None
+    assert log.find("batch:finish", node_id="square_scatter", items=BATCH_SIZE) is not None
+    items = [e for e in log.of_type("job:processed") if e.payload["kind"] == "item"]
+    assert sorted(e.payload["index"] for e in items) == list(range(BATCH_SIZE))
+
+    adapter, log = _logged(_not_json())
+    adapter.start_workflow("not-json")
+    adapter.drain()
+    error = log.find("node:error", node_id="b")
+    assert error is not None and error.payload["type"] == "SerializationError"
+    assert log.of_type("workflow:finish")[-1].payload["status"] == "failed"
+    _assert_snake_case_payloads(log)
+
+
+def test_wait_and_resume_emit_pause_and_resume_events() -> None:
+    adapter, log = _logged(_wait())
+    run_id = adapter.start_workflow("approval")
+    adapter.drain()
+    pause = log.find("workflow:pause", node_id="approve")
+    assert pause is not None and pause.payload["details"]["type"] == "wait"
+    assert log.of_type("workflow:finish") == []  # awaiting is no end
+    adapter.resume_with_action(run_id, "approve", output=1)
+    adapter.drain()
+    assert log.find("workflow:resume", node_id="approve", action="approve") is not None
+    assert log.of_type("workflow:finish")[-1].payload["status"] == "completed"
+
+
+def test_a_malformed_job_emits_job_failed_with_the_reason() -> None:
+    adapter, log = _logged(_chain())
+    adapter.queue.push_raw(b"{not json")
+    run_id = adapter.start_workflow("chain", {"start": 3})
+    adapter.queue.push_raw(json.dumps({"runId": run_id, "blueprintId": "chain", "nodeId": "ghost"}).encode())
+    adapter.drain()
+    unreadable, ghost = log.of_type("job:failed")
+    assert unreadable.payload["run_id"] is None and unreadable.payload["dead_lettered"] is True
+    assert "malformed job" in unreadable.payload["reason"] and "json" in unreadable.payload["reason"].lower()
+    assert (ghost.payload["run_id"], ghost.payload["node_id"]) == (run_id, "ghost")
+    assert "unknown node" in ghost.payload["reason"] and ghost.payload["dead_lettered"] is True
+    finish = log.of_type("workflow:finish")[-1]
+    assert finish.payload["run_id"] == run_id and finish.payload["status"] == "failed"
+    assert "unknown node" in finish.payload["errors"][0]["message"]
+    _assert_snake_case_payloads(log)
+
+
+def test_a_version_mismatch_emits_job_failed_without_dead_lettering() -> None:
+    calls: List[Tuple[str, str]] = []
+    v1 = InMemoryAdapter(make_runtime([_versioned("1", calls)]), version_mismatch_delay=0.01)
+    log = InMemoryEventLogger()
+    runtime = FlowRuntime(event_bus=log)
+    runtime.add_blueprint(_versioned("2", calls))
+    v2 = DistributedAdapter(runtime, v1.queue, v1.store, v1.coordination, version_mismatch_delay=0.01)
+    run_id = v1.start_workflow("versioned")
+    assert v2.work(max_jobs=1) == 1
+    (failed,) = log.of_type("job:failed")
+    assert failed.payload["dead_lettered"] is False and "version mismatch" in failed.payload["reason"]
+    assert failed.payload["run_id"] == run_id and failed.payload["retry_in"] == 0.01
+    (put_back,) = log.of_type("job:enqueued")
+    assert put_back.payload["node_id"] == "first" and put_back.payload["delay"] == 0.01
+    assert log.of_type("job:processed") == [] and calls == []
+
+
+def test_queue_retries_emit_node_retry_and_the_enqueued_retry() -> None:
+    attempts: List[Tuple[int, str]] = []
+    adapter, log = _logged([_flaky_flow(attempts, fail_until=3, max_retries=3)], retry_mode="queue")
+    adapter.start_workflow("flaky")
+    adapter.drain()
+    assert [e.payload["attempt"] for e in log.of_type("node:retry")] == [1, 2]
+    enqueued = [e.payload["attempt"] for e in log.of_type("job:enqueued") if e.payload["node_id"] == "flaky"]
+    assert enqueued == [1, 2, 3]
+    assert log.of_type("workflow:finish")[-1].payload["status"] == "completed"
+
+
+def test_without_an_event_bus_a_worker_builds_no_events() -> None:
+    adapter = InMemoryAdapter(make_runtime(_chain()))
+    seen: List[Any] = []
+    derive = adapter._derive_commit
+
+    def spy(prepared: Any) -> Any:
+        commit = derive(prepared)
+        seen.append(prepared.events)
+        return commit
+
+    adapter._derive_commit = spy  # type: ignore[method-assign]
+    adapter.start_workflow("chain", {"start": 1})
+    adapter.drain()
+    assert seen == [None] * 4
+
+
+def test_an_unreachable_cycle_stalls_as_in_memory_and_says_so() -> None:
+    flow = (
+        create_flow("island").node("a", lambda ctx: 1).node("b", lambda ctx: 2).edge("a", "b")
+        .node("x", lambda ctx: 3).node("y", lambda ctx: 4).edge("x", "y").edge("y", "x")
+    )
+    expected = flow.run(make_runtime([flow]))
+    assert expected.status == "stalled" and sorted(expected.stalled) == ["x", "y"]
+    adapter, log = _logged([flow])
+    run_id = adapter.start_workflow("island")
+    adapter.drain()
+    result = adapter.wait_for_result(run_id, timeout=5)
+    assert_same_result(result, expected)
+    assert sorted(result.stalled) == ["x", "y"]
+    (stall,) = log.of_type("workflow:stall")
+    assert sorted(stall.payload["stalled"]) == ["x", "y"]
+    assert log.of_type("workflow:finish")[-1].payload["status"] == "stalled"

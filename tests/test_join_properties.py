@@ -4,6 +4,10 @@ Each example is a random DAG (edges only from a lower to a higher node index) wi
 strategies, actions and conditions. A small reference interpreter, written independently of the
 engine from the SPEC's rules, predicts which nodes run and which are skipped, and the input of
 every `all` join; the engine must agree, serially and on a thread pool.
+
+Some examples also hold an "island": a cycle of 2-4 nodes that no start node reaches (every island
+node has an incoming edge, so none is a start node). Such a run can never finish its island: it must
+end `stalled` with exactly the island nodes reported, never hang, and run no node twice.
 """
 from __future__ import annotations
 
@@ -41,13 +45,43 @@ def dags(draw):
     return n, edges, joins, outputs, actions, sleeps
 
 
-def to_blueprint(n, edges, joins) -> Dict[str, Any]:
-    nodes = []
-    for i in range(n):
-        node: Dict[str, Any] = {"id": node_id(i), "uses": "work", "params": {"i": i}}
-        if joins[i] is not None:
-            node["config"] = {"joinStrategy": joins[i]}
-        nodes.append(node)
+def island_id(k: int) -> str:
+    return f"island-{k}"
+
+
+@st.composite
+def islands(draw):
+    """None, or an unreachable cycle: its size, extra chords, joins, and where its nodes and edges
+    go in the blueprint's lists (the engine must not depend on where they are)."""
+    size = draw(st.sampled_from([0, 0, 2, 3, 4]))
+    if not size:
+        return None
+    ring = [(k, (k + 1) % size) for k in range(size)]
+    chords = draw(st.lists(st.sampled_from([(a, b) for a in range(size) for b in range(size) if a != b]),
+                           unique=True, max_size=2))
+    edges = list(dict.fromkeys(ring + chords))
+    joins = [draw(st.sampled_from(["all", "any", None])) for _ in range(size)]
+    node_slots = [draw(st.integers(0, 100)) for _ in range(size)]
+    edge_slots = [draw(st.integers(0, 100)) for _ in edges]
+    return size, edges, joins, node_slots, edge_slots
+
+
+def _insert(items: List[Any], extra: List[Any], slots: List[int]) -> List[Any]:
+    out = list(items)
+    for item, slot in zip(extra, slots):
+        out.insert(slot % (len(out) + 1), item)
+    return out
+
+
+def _wire_node(nid: str, i: int, join: Optional[str]) -> Dict[str, Any]:
+    node: Dict[str, Any] = {"id": nid, "uses": "work", "params": {"i": i}}
+    if join is not None:
+        node["config"] = {"joinStrategy": join}
+    return node
+
+
+def to_blueprint(n, edges, joins, island=None) -> Dict[str, Any]:
+    nodes = [_wire_node(node_id(i), i, joins[i]) for i in range(n)]
     wire_edges = []
     for s, t, action, condition in edges:
         edge: Dict[str, Any] = {"source": node_id(s), "target": node_id(t)}
@@ -56,7 +90,17 @@ def to_blueprint(n, edges, joins) -> Dict[str, Any]:
         if condition is not None:
             edge["condition"] = condition
         wire_edges.append(edge)
+    if island is not None:
+        size, island_edges, island_joins, node_slots, edge_slots = island
+        extra_nodes = [_wire_node(island_id(k), n + k, island_joins[k]) for k in range(size)]
+        nodes = _insert(nodes, extra_nodes, node_slots)
+        extra_edges = [{"source": island_id(a), "target": island_id(b)} for a, b in island_edges]
+        wire_edges = _insert(wire_edges, extra_edges, edge_slots)
     return {"id": "random-dag", "nodes": nodes, "edges": wire_edges}
+
+
+def island_ids(island) -> Set[str]:
+    return set() if island is None else {island_id(k) for k in range(island[0])}
 
 
 def condition_holds(condition: Optional[str], output: int) -> bool:
@@ -115,6 +159,8 @@ def execute(blueprint, outputs, actions, sleeps, concurrency: int):
         with lock:
             calls[ctx.node_id] = calls.get(ctx.node_id, 0) + 1
             inputs[ctx.node_id] = ctx.input
+        if i >= len(outputs):  # an island node: unreachable, so never run
+            return NodeResult(output=-1)
         if sleeps[i]:
             time.sleep(sleeps[i])
         return NodeResult(output=outputs[i], action=actions[i])
@@ -136,10 +182,17 @@ def execute(blueprint, outputs, actions, sleeps, concurrency: int):
     return box["result"], calls, inputs
 
 
-def check(result, calls, inputs, n, edges, joins, outputs, expected):
+def check(result, calls, inputs, n, edges, joins, outputs, expected, stuck=frozenset()):
     ran, skipped, all_inputs, any_inputs = expected
-    assert result.status == "completed", (result.status, result.errors, result.stalled)
-    assert result.errors == [] and result.stalled == []
+    if stuck:
+        assert result.status == "stalled", (result.status, result.errors, result.stalled)
+        assert len(result.stalled) == len(set(result.stalled)) and set(result.stalled) == set(stuck)
+        assert result.to_dict()["stalled"] == result.stalled
+        assert not set(result.context) & {key + nid for nid in stuck for key in ("", "_outputs.", "_inputs.")}
+    else:
+        assert result.status == "completed", (result.status, result.errors, result.stalled)
+        assert result.stalled == []
+    assert result.errors == []
     assert all(count == 1 for count in calls.values()), calls
     assert set(calls) == {node_id(i) for i in ran}
     assert len(result.skipped) == len(set(result.skipped)), result.skipped
@@ -163,17 +216,18 @@ def check(result, calls, inputs, n, edges, joins, outputs, expected):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(dag=dags())
-def test_random_dags_match_the_reference_interpreter(dag):
+@given(dag=dags(), island=islands())
+def test_random_dags_match_the_reference_interpreter(dag, island):
     n, edges, joins, outputs, actions, sleeps = dag
-    blueprint = to_blueprint(n, edges, joins)
+    blueprint = to_blueprint(n, edges, joins, island)
     expected = reference(n, edges, joins, outputs, actions)
+    stuck = island_ids(island)
 
     serial, serial_calls, serial_inputs = execute(blueprint, outputs, actions, sleeps, concurrency=1)
-    check(serial, serial_calls, serial_inputs, n, edges, joins, outputs, expected)
+    check(serial, serial_calls, serial_inputs, n, edges, joins, outputs, expected, stuck)
 
     pooled, pooled_calls, pooled_inputs = execute(blueprint, outputs, actions, sleeps, concurrency=3)
-    check(pooled, pooled_calls, pooled_inputs, n, edges, joins, outputs, expected)
+    check(pooled, pooled_calls, pooled_inputs, n, edges, joins, outputs, expected, stuck)
 
     assert set(pooled_calls) == set(serial_calls)
     assert sorted(pooled.skipped) == sorted(serial.skipped)
@@ -185,14 +239,30 @@ def test_random_dags_match_the_reference_interpreter(dag):
 
 
 @settings(max_examples=40, deadline=None)
-@given(dag=dags())
-def test_every_node_ends_ran_or_skipped(dag):
-    """No node is left behind: the executed and skipped sets partition the graph."""
+@given(dag=dags(), island=islands())
+def test_every_node_ends_ran_skipped_or_stalled(dag, island):
+    """No node is left behind: the executed, skipped and stalled sets partition the graph, and only
+    an island is ever stalled."""
     n, edges, joins, outputs, actions, _ = dag
-    result, calls, _ = execute(to_blueprint(n, edges, joins), outputs, actions, [0.0] * n, concurrency=1)
-    assert result.status == "completed"
-    assert set(calls) | set(result.skipped) == {node_id(i) for i in range(n)}
+    result, calls, _ = execute(to_blueprint(n, edges, joins, island), outputs, actions, [0.0] * n, concurrency=1)
+    stuck = island_ids(island)
+    assert result.status == ("stalled" if stuck else "completed")
+    assert set(result.stalled) == stuck
+    assert set(calls) | set(result.skipped) | set(result.stalled) == {node_id(i) for i in range(n)} | stuck
     assert not set(calls) & set(result.skipped)
+    assert not (set(calls) | set(result.skipped)) & set(result.stalled)
+
+
+def test_an_island_cycle_is_reported_stalled():
+    """The property tests' island, by hand: a -> b plus an unreachable x -> y -> x."""
+    island = (2, [(0, 1), (1, 0)], [None, "any"], [0, 3], [0, 100])
+    blueprint = to_blueprint(2, [(0, 1, None, None)], [None, None], island)
+    assert [n["id"] for n in blueprint["nodes"]] == ["island-0", "n-0.x", "n1", "island-1"]
+    result, calls, _ = execute(blueprint, [3, 4], [None, None], [0.0, 0.0], concurrency=1)
+    assert result.status == "stalled"
+    assert sorted(result.stalled) == ["island-0", "island-1"]
+    assert calls == {"n-0.x": 1, "n1": 1}
+    assert result.context["n1"] == 4
 
 
 def test_reference_interpreter_sanity():

@@ -501,3 +501,67 @@ def test_edge_out_of_end_node_is_a_loop_exit_like_ts():
     assert result.status == "completed", result.errors
     assert result.context["i"] == 3
     assert runs == [3]
+
+
+# --- raw cycles: no loop controller -------------------------------------------------------------
+
+
+def _raw_cycle_blueprint(exit_at=None):
+    """s -> a -> b -> a, a cycle with no loop controller; with `exit_at`, b leaves it once i reaches it."""
+    edges = [{"source": "s", "target": "a"}, {"source": "a", "target": "b"}]
+    if exit_at is None:
+        edges.append({"source": "b", "target": "a"})
+    else:
+        edges.append({"source": "b", "target": "a", "condition": f"i < {exit_at}"})
+        edges.append({"source": "b", "target": "out", "condition": f"i >= {exit_at}"})
+    nodes = [{"id": n, "uses": "count" if n == "a" else "pass"} for n in ("s", "a", "b", "out")]
+    return {"id": "raw-cycle", "nodes": nodes if exit_at is not None else nodes[:3], "edges": edges}
+
+
+def _raw_cycle_registry(calls):
+    def count(ctx):
+        calls.append(ctx.node_id)
+        return make_counter()(ctx)
+
+    return {"count": count, "pass": lambda ctx: ctx.input}
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_raw_cycle_without_a_controller_fails_at_the_default_cap(concurrency):
+    calls: List[str] = []
+    result = FlowRuntime(registry=_raw_cycle_registry(calls)).run(_raw_cycle_blueprint(), concurrency=concurrency)
+    assert result.status == "failed"
+    ((node_id, message, kind),) = [(e.node_id, e.message, e.type) for e in result.errors]
+    assert (node_id, kind) == ("b", "LoopLimitError")
+    assert "'a'" in message and "1000 iterations" in message and "max_cycle_iterations" in message
+    assert len(calls) == 1000 and result.context["i"] == 1000
+
+
+def test_max_cycle_iterations_is_a_runtime_option():
+    from flowcraft import LoopLimitError  # exported, for users who catch it
+
+    assert issubclass(LoopLimitError, Exception)
+    calls: List[str] = []
+    capped = FlowRuntime(registry=_raw_cycle_registry(calls), max_cycle_iterations=5).run(_raw_cycle_blueprint(1500))
+    assert capped.status == "failed" and len(calls) == 5
+    calls.clear()
+    uncapped_runtime = FlowRuntime(registry=_raw_cycle_registry(calls), max_cycle_iterations=None)
+    uncapped = uncapped_runtime.run(_raw_cycle_blueprint(1500))
+    assert uncapped.status == "completed", uncapped.errors
+    assert len(calls) == 1500 and uncapped.context["out"] == 1500
+    calls.clear()
+    under = FlowRuntime(registry=_raw_cycle_registry(calls)).run(_raw_cycle_blueprint(1000))
+    assert under.status == "completed", under.errors  # exactly the cap: the last lap leaves the cycle
+    assert len(calls) == 1000
+
+
+def test_cycle_cap_does_not_apply_to_a_loop_controller():
+    laps: List[Any] = []
+    flow = (
+        create_flow("long-loop")
+        .node("body", make_counter(laps=laps))
+        .loop("lp", start_node_id="body", end_node_id="body", condition="i < 1500", max_iterations=2000)
+    )
+    result = flow.run(FlowRuntime(max_cycle_iterations=10))
+    assert result.status == "completed", result.errors
+    assert result.context["i"] == 1500

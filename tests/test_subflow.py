@@ -1,6 +1,7 @@
 """Subflows: `Flow.subflow(...)` and the `subflow` built-in (SPEC §5 "Subflows")."""
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -235,3 +236,77 @@ def test_subflow_inside_a_loop_runs_each_lap():
     result = parent.run(FlowRuntime(blueprints=[child]))
     assert result.status == "completed", result.errors
     assert seen == [10, 20, 30]
+
+
+# --- raw JSON ---------------------------------------------------------------------------------------
+
+
+RAW_CHILD = {"id": "raw-child", "nodes": [{"id": "dbl", "uses": "double"}, {"id": "gate", "uses": "wait"}],
+             "edges": [{"source": "dbl", "target": "gate"}]}
+RAW_PARENT = {
+    "id": "raw-parent",
+    "nodes": [
+        {"id": "p", "uses": "seven"},
+        {"id": "sub", "uses": "subflow", "params": {
+            "blueprintId": "raw-child", "inputs": {"x": "p"}, "outputs": {"doubled": "dbl", "approval": "gate"},
+        }},
+        {"id": "end", "uses": "report"},
+    ],
+    "edges": [{"source": "p", "target": "sub"}, {"source": "sub", "target": "end"}],
+}
+RAW_REGISTRY = {
+    "seven": lambda ctx: 7,
+    "double": lambda ctx: ctx.context.get("x") * 2,
+    "report": lambda ctx: {"got": ctx.input, "doubled": ctx.context.get("doubled")},
+}
+
+
+def test_raw_json_subflow_maps_inputs_and_outputs_through_an_awaiting_child():
+    runtime = FlowRuntime(registry=RAW_REGISTRY, blueprints=[RAW_CHILD])
+    paused = runtime.run(RAW_PARENT, run_id="raw")
+    assert paused.status == "awaiting" and paused.awaiting == ["sub"]
+    details = paused.context["_awaitingDetails"]["sub"]
+    assert details == {"type": "subflow", "blueprintId": "raw-child", "childRunId": "raw.sub.0",
+                       "childAwaiting": ["gate"], "iteration": 0}
+    assert "x" not in paused.context and "dbl" not in paused.context  # the child's keys stay in the child
+    done = runtime.resume(RAW_PARENT, paused.serialized_context, output="ok")
+    assert done.status == "completed", done.errors
+    assert (done.context["doubled"], done.context["approval"]) == (14, "ok")
+    assert done.context["_outputs.sub"] == {"doubled": 14, "approval": "ok"}
+    assert done.context["end"] == {"got": {"doubled": 14, "approval": "ok"}, "doubled": 14}
+
+
+def test_child_context_is_kept_with_the_traversal_and_older_contexts_still_resume():
+    runtime = FlowRuntime(registry=RAW_REGISTRY, blueprints=[RAW_CHILD])
+    paused = runtime.run(RAW_PARENT, run_id="raw")
+    saved = json.loads(paused.serialized_context)
+    child = saved["_traversal"]["childContexts"]["sub"]
+    assert json.loads(child)["_awaitingNodeIds"] == ["gate"]
+    # a context saved before the child's context moved out of the awaiting details
+    del saved["_traversal"]["childContexts"]
+    saved["_awaitingDetails"]["sub"]["childContext"] = child
+    done = runtime.resume(RAW_PARENT, json.dumps(saved), output="ok")
+    assert done.status == "completed", done.errors
+    assert done.context["approval"] == "ok"
+    # and one that holds neither fails the node clearly instead of guessing
+    del saved["_awaitingDetails"]["sub"]["childContext"]
+    broken = runtime.resume(RAW_PARENT, json.dumps(saved), output="ok")
+    assert broken.status == "failed" and "no context of its awaiting child" in broken.errors[0].message
+
+
+def test_each_lap_of_a_loop_gets_its_own_child_run():
+    from flowcraft.testing import InMemoryEventLogger
+
+    log = InMemoryEventLogger()
+    child = create_flow("k3").node("n", lambda ctx: ctx.context.set("y", ctx.context.get("x")))
+    parent = (
+        create_flow("lap-children")
+        .node("st", lambda ctx: ctx.context.set("n", ctx.context.get("n", 0) + 1))
+        .subflow("sub", "k3", inputs={"x": "n"}, outputs={"y": "y"})
+        .edge("st", "sub")
+        .loop("lp", start_node_id="st", end_node_id="sub", condition="n < 3")
+    )
+    result = parent.run(FlowRuntime(blueprints=[child], event_bus=log), run_id="r")
+    assert result.status == "completed", result.errors
+    starts = [e.payload["run_id"] for e in log.of_type("workflow:start")]
+    assert starts == ["r", "r.sub.0", "r.sub.1", "r.sub.2"]

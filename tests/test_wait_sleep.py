@@ -320,3 +320,55 @@ def test_sleep_successor_input_same_inline_and_resumed():
     assert inline.status == resumed.status == "completed"
     assert inline.context["b"] == resumed.context["b"]
     assert inline.context["nap"] == resumed.context["nap"]
+
+
+# --- raw JSON ---------------------------------------------------------------------------------------
+
+
+RAW_APPROVAL = {
+    "id": "raw-approval",
+    "nodes": [
+        {"id": "ask", "uses": "ask"},
+        {"id": "gate", "uses": "wait", "params": {"reason": "manager sign-off"}},
+        {"id": "yes", "uses": "mark"},
+        {"id": "no", "uses": "mark"},
+    ],
+    "edges": [
+        {"source": "ask", "target": "gate"},
+        {"source": "gate", "target": "yes", "action": "approve"},
+        {"source": "gate", "target": "no", "action": "reject"},
+    ],
+}
+RAW_REGISTRY = {"ask": lambda ctx: {"amount": 10}, "mark": lambda ctx: {"decided": ctx.input}}
+
+
+@pytest.mark.parametrize("action, taken, skipped", [("approve", "yes", "no"), ("reject", "no", "yes")])
+def test_raw_json_wait_pauses_and_resumes_by_action(action, taken, skipped):
+    runtime = FlowRuntime(registry=RAW_REGISTRY)
+    paused = runtime.run(RAW_APPROVAL)
+    assert paused.status == "awaiting" and paused.awaiting == ["gate"]
+    details = paused.context["_awaitingDetails"]["gate"]
+    assert details == {"type": "wait", "reason": "manager sign-off", "iteration": 0}
+    assert paused.context["_inputs.gate"] == {"amount": 10}
+    done = runtime.resume(RAW_APPROVAL, paused.serialized_context, output={"by": "ann"}, action=action)
+    assert done.status == "completed", done.errors
+    assert done.context["gate"] == {"by": "ann"}
+    assert done.context[taken] == {"decided": {"by": "ann"}}
+    assert done.skipped == [skipped] and skipped not in done.context
+    assert "_awaitingNodeIds" not in done.context
+
+
+def test_raw_json_wait_runs_the_same_distributed():
+    from flowcraft.testing import InMemoryAdapter
+
+    expected_paused = FlowRuntime(registry=RAW_REGISTRY).run(RAW_APPROVAL, run_id="raw")
+    expected = FlowRuntime(registry=RAW_REGISTRY).resume(RAW_APPROVAL, expected_paused.serialized_context,
+                                                         output=1, action="approve")
+    adapter = InMemoryAdapter(FlowRuntime(registry=RAW_REGISTRY, blueprints=[RAW_APPROVAL]))
+    adapter.start_workflow("raw-approval", run_id="raw")
+    adapter.drain()
+    assert adapter.wait_for_result("raw", timeout=5).context == expected_paused.context
+    assert adapter.resume_with_action("raw", "approve", output=1) == {"yes"}
+    adapter.drain()
+    result = adapter.wait_for_result("raw", timeout=5)
+    assert (result.status, result.context, result.skipped) == (expected.status, expected.context, expected.skipped)
