@@ -8,8 +8,10 @@
   adapter's constructor) and calls ``adapter.work()`` until SIGTERM. For the RQ backend the worker
   is a stock ``rq worker`` that loads ``FLOWCRAFT_APP=benchmarks._common:rq_app``.
 * The client side: runs started with ``adapter.start_workflow`` from the benchmark process, their
-  end detected by polling ``adapter.get_status`` (every ``--poll-ms``, stretched up to 20 ms for
-  runs that take long), every run's result checked in each measured batch.
+  end detected as the TS peer does: all pending runs polled in one read of the seed-protocol status
+  (Redis: one MGET of ``workflow:status:<runId>``; PostgreSQL: one SELECT of the status table)
+  every ``--poll-ms``, stretched up to 20 ms for runs that take long; every run's result checked in
+  each measured batch.
 * CPU accounting per measurement (the machine is a shared 2-core VM): host busy cores from
   /proc/stat, this process, the worker processes, the services (by process name) and the rest.
 * The peers, copied to benchmarks/.peers/ (git-ignored) and installed there on first use.
@@ -212,9 +214,19 @@ def worker_main(conf_json: str) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     processed = 0
+    profile_to = os.environ.get("BENCH_PROFILE")  # a path prefix: cProfile the worker, dump to PREFIX.<pid>
+    profiler = None
+    if profile_to:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     try:
         processed = adapter.work()
     finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(f"{profile_to}.{os.getpid()}")
         close_adapter(adapter)
         print(json.dumps({"pid": os.getpid(), "processed": processed}), flush=True)
     return 0
@@ -315,14 +327,59 @@ def tail(f: Any, chars: int = 1500) -> str:
 # =================================================================================================
 
 
-class Client:
-    """Starts runs through an adapter and detects their end by polling `get_status`."""
+FinalStatuses = Callable[[Sequence[str]], Dict[str, Tuple[str, Optional[Dict[str, Any]]]]]
 
-    def __init__(self, adapter: Any, poll_s: float, timeout_s: float, workers: Optional[Workers] = None) -> None:
+
+def final_statuses(conf: Mapping[str, Any], adapter: Any) -> FinalStatuses:
+    """run ids -> {run id: (status, result)} of those that ended, in one read (as the peers poll)."""
+    if conf["backend"] in ("redis", "rq"):
+        keys, client = adapter.store.keys, adapter.store.client
+
+        def from_redis(run_ids: Sequence[str]) -> Dict[str, Tuple[str, Optional[Dict[str, Any]]]]:
+            found = {}
+            for run_id, raw in zip(run_ids, client.mget([keys.status(r) for r in run_ids])):
+                if raw is not None:
+                    value = json.loads(raw)
+                    if value.get("status") in FINAL:
+                        found[run_id] = (value["status"], value.get("result"))
+            return found
+
+        return from_redis
+    import psycopg2
+    from psycopg2 import sql
+
+    conn = psycopg2.connect(conf["postgres_dsn"])
+    conn.autocommit = True
+    query = sql.SQL("SELECT run_id, status, result FROM {} WHERE run_id = ANY(%s) AND status = ANY(%s)").format(
+        sql.Identifier(conf["status_table"]))
+
+    def from_postgres(run_ids: Sequence[str]) -> Dict[str, Tuple[str, Optional[Dict[str, Any]]]]:
+        with conn.cursor() as cur:
+            cur.execute(query, (list(run_ids), list(FINAL)))
+            return {run_id: (status, result) for run_id, status, result in cur.fetchall()}
+
+    return from_postgres
+
+
+class Client:
+    """Starts runs through an adapter and detects their end by polling `finished` (one read for all
+    pending runs)."""
+
+    def __init__(self, adapter: Any, poll_s: float, timeout_s: float, workers: Optional[Workers] = None,
+                 finished: Optional[FinalStatuses] = None) -> None:
         self.adapter = adapter
         self.poll_s = poll_s
         self.timeout_s = timeout_s
         self.workers = workers
+        self.finished = finished or self._one_by_one
+
+    def _one_by_one(self, run_ids: Sequence[str]) -> Dict[str, Tuple[str, Optional[Dict[str, Any]]]]:
+        found = {}
+        for run_id in run_ids:
+            status = self.adapter.get_status(run_id)
+            if status is not None and status.status in FINAL:
+                found[run_id] = (status.status, status.result)
+        return found
 
     def start(self, blueprint_id: str, initial: Mapping[str, Any]) -> Tuple[str, float]:
         t0 = time.perf_counter()
@@ -335,11 +392,9 @@ class Client:
         deadline = time.perf_counter() + self.timeout_s
         next_liveness = time.perf_counter() + 1.0
         while pending:
-            for run_id in list(pending):
-                status = self.adapter.get_status(run_id)
-                if status is not None and status.status in FINAL:
-                    done[run_id] = (time.perf_counter(), status.result or {"status": status.status})
-                    del pending[run_id]
+            for run_id, (status, result) in self.finished(list(pending)).items():
+                done[run_id] = (time.perf_counter(), result or {"status": status})
+                del pending[run_id]
             if not pending:
                 break
             now = time.perf_counter()
@@ -348,8 +403,8 @@ class Client:
                 next_liveness = now + 1.0
             if now > deadline:
                 raise CheckFailed(f"{len(pending)} run(s) not finished after {self.timeout_s}s, e.g. {next(iter(pending))}")
-            # Every poll is one status read per pending run, competing with the workers for the
-            # same services: poll less often as runs get older (the error stays <= 2% of a latency).
+            # Every poll competes with the workers for the same services: poll less often as runs
+            # get older (the error stays <= 2% of a latency).
             oldest = now - min(pending.values())
             time.sleep(max(self.poll_s, min(0.02, 0.02 * oldest)))
         return done
@@ -502,7 +557,8 @@ class Backend:
             self.workers.stop()
             cleanup(conf)
             raise
-        self.client = Client(self.adapter, args.poll_ms / 1000, args.timeout, self.workers)
+        self.client = Client(self.adapter, args.poll_ms / 1000, args.timeout, self.workers,
+                             final_statuses(conf, self.adapter))
 
     def close(self) -> Dict[str, Any]:
         """Stop the workers, close the client, remove this backend's keys, queues and tables."""
@@ -776,8 +832,11 @@ def delete_rq_queue(client: Any, queue: str, worker_prefix: str) -> int:
     records of the workers named `worker_prefix`*."""
     deleted = 0
     for key in client.scan_iter(match="rq:job:*", count=1000):
+        name = key.decode() if isinstance(key, bytes) else key
+        if name.count(":") != 2:
+            continue  # rq:job:<id>:dependents and the like: not a job hash
         if client.hget(key, "origin") in (queue.encode(), queue):
-            job_id = key.decode().split(":", 2)[2] if isinstance(key, bytes) else key.split(":", 2)[2]
+            job_id = name.split(":", 2)[2]
             deleted += client.delete(key, f"rq:results:{job_id}", f"rq:job:{job_id}:dependents",
                                      f"rq:job:{job_id}:dependencies")
     for pattern in (f"rq:*:{_glob_escape(queue)}", f"rq:queue:{_glob_escape(queue)}*", f"rq:*:{_glob_escape(queue)}:*"):

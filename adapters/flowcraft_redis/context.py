@@ -9,20 +9,24 @@ from typing import Any, Dict, Iterable, Mapping
 from .keys import RunKeys
 
 _MISSING = object()
+# Built once: `json.dumps`/`json.loads` with options build a new coder per call, and a worker
+# encodes and decodes about twenty values per node execution.
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_decode = json.JSONDecoder().decode
 
 
 def encode(value: Any) -> str:
     """One context value as stored: compact JSON."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return _encode(value)
 
 
 def decode(raw: Any) -> Any:
     """A stored field: its JSON value, or the raw text when it is not JSON."""
     if raw is None:
         return None
-    text = raw.decode("utf-8", "replace") if isinstance(raw, (bytes, bytearray)) else str(raw)
+    text = raw.decode("utf-8", "replace") if type(raw) is bytes or isinstance(raw, bytearray) else str(raw)
     try:
-        return json.loads(text)
+        return _decode(text)
     except ValueError:
         return text
 

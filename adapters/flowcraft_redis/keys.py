@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from typing import Any
+from typing import Any, Dict, NamedTuple
 
 MAX_NAME_LENGTH = 512
 _SIMPLE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]*$")
@@ -70,8 +70,20 @@ def glob_escape(text: str) -> str:
     return "".join("\\" + ch if ch in "*?[]\\^-" else ch for ch in text)
 
 
+class RunKeySet(NamedTuple):
+    """Every key of one run."""
+
+    record: str
+    context: str
+    states: str
+    items: str
+    status: str
+
+
 class RunKeys:
     """The keys of runs under one prefix."""
+
+    CACHE_SIZE = 4096  # run ids whose keys `of` remembers: a worker's runs in flight
 
     STATE = "workflow:state:"
     STATUS = "workflow:status:"
@@ -81,6 +93,20 @@ class RunKeys:
 
     def __init__(self, prefix: str = "") -> None:
         self.prefix = validate_prefix(prefix)
+        self._cache: Dict[str, RunKeySet] = {}
+
+    def of(self, run_id: str) -> RunKeySet:
+        """The keys of one run, the run id validated once (ValueError if it is not a valid one)."""
+        found = self._cache.get(run_id) if type(run_id) is str else None
+        if found is None:
+            validate_name("run id", run_id)
+            p = self.prefix
+            found = RunKeySet(p + self.RECORD + run_id, p + self.STATE + run_id, p + self.STATES + run_id,
+                              p + self.ITEMS + run_id, p + self.STATUS + run_id)
+            if len(self._cache) >= self.CACHE_SIZE:
+                self._cache.clear()
+            self._cache[run_id] = found
+        return found
 
     def context(self, run_id: str) -> str:
         return self.prefix + self.STATE + validate_name("run id", run_id)

@@ -1,6 +1,6 @@
 """`RedisRunStore`: the `RunStore` port on Redis hashes (see `keys.py` for the layout).
 
-Every commit is ONE `EVALSHA` of `lua/commit.lua`: version check, context patch, node states,
+Every commit is ONE `EVALSHA` of `lua/commit.lua` (a wave's commits are one call too): version check, context patch, node states,
 batch items, the record, the successor jobs (pushed onto the queue, so they are durable with the
 commit and `publish_outbox` has nothing to do), the acknowledgement of the delivery that produced
 it and, for a final status, the seed-compatible status key and the TTL of the run's keys.
@@ -9,29 +9,48 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from flowcraft.ports import Commit, Job, RunRecord, RunSnapshot
 
 from ._util import delayed_member, load_script, to_text, translate_errors
 from .context import decode, decode_hash, encode
-from .keys import QueueKeys, RunKeys, validate_name
+from .keys import QueueKeys, RunKeys
 
 FINAL_STATUSES = ("completed", "failed", "cancelled", "stalled")
 _JSON_FIELDS = ("blueprint_id", "blueprint_version", "awaiting", "errors", "parent", "result")
+
+
+_EMPTY = {"null": None, "{}": {}, "[]": []}  # the usual record values, parsed without the JSON decoder
+
+
+def _encode_field(value: Any) -> str:
+    if value is None:
+        return "null"
+    if not value and type(value) in (dict, list):
+        return "{}" if type(value) is dict else "[]"
+    return encode(value)
+
+
+def _decode_field(text: str) -> Any:
+    if text in _EMPTY:
+        empty = _EMPTY[text]
+        return type(empty)() if empty is not None else None  # a fresh {} or [] each time
+    return decode(text)
 
 
 def record_fields(record: RunRecord) -> List[Tuple[str, str]]:
     """A record as hash fields (the version is written by the commit script)."""
     fields = [("status", record.status), ("outstanding", str(int(record.outstanding))),
               ("updated_at", repr(float(record.updated_at)))]
-    fields += [(name, encode(getattr(record, name))) for name in _JSON_FIELDS]
+    fields += [(name, _encode_field(getattr(record, name))) for name in _JSON_FIELDS]
     return fields
 
 
 def parse_record(run_id: str, raw: Mapping[Any, Any]) -> RunRecord:
-    data = {to_text(k): to_text(v) for k, v in raw.items()}
-    values: Dict[str, Any] = {name: decode(data[name]) for name in _JSON_FIELDS if name in data}
+    data = {(k.decode() if type(k) is bytes else to_text(k)): (v.decode("utf-8", "replace") if type(v) is bytes else to_text(v))
+            for k, v in raw.items()}
+    values: Dict[str, Any] = {name: _decode_field(data[name]) for name in _JSON_FIELDS if name in data}
     return RunRecord(
         run_id=run_id, status=data.get("status", "running"), version=int(data.get("version", 0)),
         outstanding=int(data.get("outstanding", 0)), updated_at=float(data.get("updated_at", 0.0)),
@@ -47,14 +66,6 @@ def _flat(pairs: Iterable[Tuple[Any, Any]]) -> List[Any]:
         out.append(key)
         out.append(value)
     return out
-
-
-def _valid_run_id(run_id: Any) -> bool:
-    try:
-        validate_name("run id", run_id)
-        return True
-    except ValueError:
-        return False
 
 
 class RedisRunStore:
@@ -78,6 +89,14 @@ class RedisRunStore:
         self._commit = load_script(client, "commit.lua")
         self._create = load_script(client, "create.lua")
         self._touch = load_script(client, "touch.lua")
+        self._load = load_script(client, "load.lua")
+
+    def _valid(self, run_id: Any) -> bool:
+        try:
+            self.keys.of(run_id)
+            return True
+        except ValueError:
+            return False
 
     # --- writing ---------------------------------------------------------------------------
 
@@ -99,11 +118,11 @@ class RedisRunStore:
 
     @translate_errors
     def commit_many(self, commits: Sequence[Commit]) -> List[bool]:
-        """Each commit is one run of commit.lua; several go in one pipelined round trip."""
+        """All the commits in one call of commit.lua: one round trip, each commit checked on its own."""
         return self._apply(commits)
 
     def _apply(self, commits: Sequence[Commit]) -> List[bool]:
-        calls = [self._commit_call(c) if _valid_run_id(c.run_id) else None for c in commits]
+        calls = [self._commit_call(c) if self._valid(c.run_id) else None for c in commits]
         replies = iter(self._call_commits([c for c in calls if c is not None]))
         results = []
         for call in calls:
@@ -114,13 +133,15 @@ class RedisRunStore:
         return results
 
     def _call_commits(self, calls: List[Tuple[List[Any], List[Any], List[Any]]]) -> List[Any]:
-        """commit.lua once per call: one command for one call, one pipeline for several."""
-        if len(calls) <= 1:
-            return [self._commit(keys=keys, args=args) for keys, args, _ in calls]
-        pipe = self.client.pipeline(transaction=False)
-        for keys, args, _ in calls:
-            self._commit(keys=keys, args=args, client=pipe)
-        return pipe.execute()
+        if not calls:
+            return []
+        keys: List[Any] = []
+        args: List[Any] = [len(calls)]
+        for call_keys, call_args, _ in calls:
+            keys += call_keys
+            args += (len(call_keys), len(call_args))
+            args += call_args
+        return self._commit(keys=keys, args=args)
 
     def _commit_call(self, commit: Commit) -> Tuple[List[Any], List[Any], List[Any]]:
         """The keys, arguments and acknowledged deliveries of one commit.lua call."""
@@ -141,8 +162,7 @@ class RedisRunStore:
                                              for j, d in commit.delayed)]
         acks = [d for d in commit.ack if isinstance(d.tag, tuple) and len(d.tag) == 2]
         args += [len(acks), *(d.tag[1] for d in acks)]
-        keys = [self.keys.record(run_id), self.keys.context(run_id), self.keys.states(run_id), self.keys.items(run_id),
-                self.keys.status(run_id), self.queue_keys.ready, self.queue_keys.delayed, *(d.tag[0] for d in acks)]
+        keys = [*self.keys.of(run_id), self.queue_keys.ready, self.queue_keys.delayed, *(d.tag[0] for d in acks)]
         return keys, args, acks
 
     def publish_outbox(self, run_id: str, queue: Any) -> int:
@@ -160,28 +180,22 @@ class RedisRunStore:
 
     @translate_errors
     def load_many(self, requests: Sequence[Tuple[str, Sequence[str], Sequence[str]]]) -> List[Optional[RunSnapshot]]:
-        """One MULTI/EXEC for all the runs asked: a consistent snapshot in one round trip."""
-        wanted = [(run_id, list(dict.fromkeys(nodes)), list(dict.fromkeys(keys))) for run_id, nodes, keys in requests]
-        pipe = self.client.pipeline(transaction=True)
+        """One call of load.lua for all the runs asked: a consistent snapshot in one round trip."""
+        asked = [(run_id, list(dict.fromkeys(nodes)), list(dict.fromkeys(keys))) for run_id, nodes, keys in requests]
+        wanted = [request for request in asked if self._valid(request[0])]
+        keys: List[Any] = []
+        args: List[Any] = [len(wanted)]
         for run_id, node_ids, context_keys in wanted:
-            if not _valid_run_id(run_id):
-                continue
-            pipe.hgetall(self.keys.record(run_id))
-            pipe.exists(self.keys.context(run_id))
-            if node_ids:
-                pipe.hmget(self.keys.states(run_id), node_ids)
-            if context_keys:
-                pipe.hmget(self.keys.context(run_id), context_keys)
-        replies = iter(pipe.execute() if len(pipe) else [])
-        return [self._snapshot(run_id, node_ids, context_keys, replies) if _valid_run_id(run_id) else None
-                for run_id, node_ids, context_keys in wanted]
+            keys += self.keys.of(run_id)[:3]
+            args += (len(node_ids), *node_ids, len(context_keys), *context_keys)
+        replies = iter(self._load(keys=keys, args=args) if wanted else [])
+        return [self._snapshot(run_id, node_ids, context_keys, next(replies)) if self._valid(run_id) else None
+                for run_id, node_ids, context_keys in asked]
 
-    def _snapshot(self, run_id: str, node_ids: List[str], context_keys: List[str], replies: Iterator[Any]) -> Optional[RunSnapshot]:
-        raw_record, has_context = next(replies), next(replies)
-        states_raw = next(replies) if node_ids else []
-        context_raw = next(replies) if context_keys else []
-        if raw_record:
-            record = parse_record(run_id, raw_record)
+    def _snapshot(self, run_id: str, node_ids: List[str], context_keys: List[str], reply: Sequence[Any]) -> Optional[RunSnapshot]:
+        flat_record, has_context, states_raw, context_raw = reply
+        if flat_record:
+            record = parse_record(run_id, dict(zip(flat_record[::2], flat_record[1::2])))
         elif has_context:
             record = RunRecord(run_id, version=0, updated_at=self.clock())
         else:
@@ -227,7 +241,7 @@ class RedisRunStore:
 
     @translate_errors
     def get_record(self, run_id: str) -> Optional[RunRecord]:
-        if not _valid_run_id(run_id):
+        if not self._valid(run_id):
             return None
         pipe = self.client.pipeline(transaction=False)
         pipe.hgetall(self.keys.record(run_id))
@@ -239,7 +253,7 @@ class RedisRunStore:
 
     @translate_errors
     def touch(self, run_id: str, updated_at: float) -> None:
-        if _valid_run_id(run_id):
+        if self._valid(run_id):
             self._touch(keys=[self.keys.record(run_id)], args=[repr(float(updated_at))])
 
     @translate_errors

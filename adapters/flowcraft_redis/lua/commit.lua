@@ -1,33 +1,29 @@
--- Apply one version-checked Commit of a run atomically (RedisRunStore.commit).
+-- Apply version-checked Commits atomically (RedisRunStore.commit / commit_many): one call for a
+-- whole wave of node executions, each commit checked and applied on its own.
 --
--- KEYS: 1 record hash, 2 context hash, 3 node states hash, 4 items hash, 5 status string,
+-- ARGV[1]: the number of commits; then, per commit, a header "number of keys", "number of args"
+-- followed by that commit's args; the keys of all commits follow each other in KEYS.
+-- A commit's KEYS: 1 record hash, 2 context hash, 3 node states hash, 4 items hash, 5 status string,
 --       6 ready list, 7 delayed zset, 8.. the processing list of each acknowledged delivery
--- ARGV: 1 expected version, 2 TTL seconds for a final run (0 = keep), 3 status JSON ("" = not final),
---       then counted groups, each "n" followed by its entries:
+-- A commit's args: 1 expected version, 2 TTL seconds for a final run (0 = keep), 3 status JSON
+--       ("" = not final), then counted groups, each "n" followed by its entries:
 --       record field/value pairs, context field/value pairs, context fields to delete,
 --       node state id/JSON pairs, item field/JSON pairs, job bodies, delayed score/member pairs,
---       acknowledged delivery bodies (one per KEYS[8..], in order)
--- Returns 1 when applied, 0 (nothing written) when the version does not match.
-local current = redis.call('HGET', KEYS[1], 'version')
-local expected = tonumber(ARGV[1])
-if current then
-  if tonumber(current) ~= expected then return 0 end
-elseif expected ~= 0 or redis.call('EXISTS', KEYS[2]) == 0 then
-  return 0
-end
-
+--       acknowledged delivery bodies (one per key 8.., in order)
+-- Returns one integer per commit: 1 when applied, 0 (nothing written) when the version did not match.
 local CHUNK = 500
-local pos = 4
+local pos = 2
+local kb = 0
 
-local function take_count()
-  local n = tonumber(ARGV[pos]); pos = pos + 1; return n
+local function take()
+  local v = ARGV[pos]; pos = pos + 1; return v
 end
 
 -- call `cmd key <n*width args>` in chunks
 local function chunked(cmd, key, n, width)
   local args = {}
   for i = 1, n * width do
-    args[#args + 1] = ARGV[pos]; pos = pos + 1
+    args[#args + 1] = take()
     if #args >= CHUNK * width then
       redis.call(cmd, key, unpack(args)); args = {}
     end
@@ -35,24 +31,46 @@ local function chunked(cmd, key, n, width)
   if #args > 0 then redis.call(cmd, key, unpack(args)) end
 end
 
-chunked('HSET', KEYS[1], take_count(), 2)
-redis.call('HSET', KEYS[1], 'version', tostring(expected + 1))
-chunked('HSET', KEYS[2], take_count(), 2)
-chunked('HDEL', KEYS[2], take_count(), 1)
-chunked('HSET', KEYS[3], take_count(), 2)
-chunked('HSET', KEYS[4], take_count(), 2)
-chunked('LPUSH', KEYS[6], take_count(), 1)
-chunked('ZADD', KEYS[7], take_count(), 2)
-local acks = take_count()
-for i = 1, acks do
-  redis.call('LREM', KEYS[7 + i], 1, ARGV[pos]); pos = pos + 1
+local function version_matches(expected)
+  local current = redis.call('HGET', KEYS[kb + 1], 'version')
+  if current then return tonumber(current) == expected end
+  return expected == 0 and redis.call('EXISTS', KEYS[kb + 2]) == 1
 end
 
-if ARGV[3] ~= '' then
-  redis.call('SET', KEYS[5], ARGV[3])
-  local ttl = tonumber(ARGV[2])
-  if ttl > 0 then
-    for i = 1, 5 do redis.call('EXPIRE', KEYS[i], ttl) end
+local function apply(expected)
+  local ttl, final = tonumber(take()), take()
+  chunked('HSET', KEYS[kb + 1], tonumber(take()), 2)
+  redis.call('HSET', KEYS[kb + 1], 'version', tostring(expected + 1))
+  chunked('HSET', KEYS[kb + 2], tonumber(take()), 2)
+  chunked('HDEL', KEYS[kb + 2], tonumber(take()), 1)
+  chunked('HSET', KEYS[kb + 3], tonumber(take()), 2)
+  chunked('HSET', KEYS[kb + 4], tonumber(take()), 2)
+  chunked('LPUSH', KEYS[kb + 6], tonumber(take()), 1)
+  chunked('ZADD', KEYS[kb + 7], tonumber(take()), 2)
+  local acks = tonumber(take())
+  for i = 1, acks do
+    redis.call('LREM', KEYS[kb + 7 + i], 1, take())
+  end
+  if final ~= '' then
+    redis.call('SET', KEYS[kb + 5], final)
+    if ttl > 0 then
+      for i = 1, 5 do redis.call('EXPIRE', KEYS[kb + i], ttl) end
+    end
   end
 end
-return 1
+
+local results = {}
+for c = 1, tonumber(ARGV[1]) do
+  local nkeys, nargs = tonumber(take()), tonumber(take())
+  local next_pos = pos + nargs
+  local expected = tonumber(take())
+  if version_matches(expected) then
+    apply(expected)
+    results[c] = 1
+  else
+    results[c] = 0
+  end
+  pos = next_pos
+  kb = kb + nkeys
+end
+return results

@@ -1,0 +1,30 @@
+-- Read what a wave of jobs needs of their runs, atomically (RedisRunStore.load_many).
+--
+-- KEYS: per run, 1 record hash, 2 context hash, 3 node states hash
+-- ARGV[1]: the number of runs; then, per run, counted groups ("n" then entries):
+--       node ids, context fields
+-- Returns per run {record as HGETALL, context exists (0/1), node states as HMGET, context values as HMGET}.
+local pos = 2
+local function take_list()
+  local n = tonumber(ARGV[pos]); pos = pos + 1
+  local out = {}
+  for i = 1, n do out[i] = ARGV[pos]; pos = pos + 1 end
+  return out
+end
+local function hmget(key, fields)
+  if #fields == 0 then return {} end
+  return redis.call('HMGET', key, unpack(fields))
+end
+local replies = {}
+for r = 1, tonumber(ARGV[1]) do
+  local kb = (r - 1) * 3
+  local nodes = take_list()
+  local fields = take_list()
+  replies[r] = {
+    redis.call('HGETALL', KEYS[kb + 1]),
+    redis.call('EXISTS', KEYS[kb + 2]),
+    hmget(KEYS[kb + 3], nodes),
+    hmget(KEYS[kb + 2], fields),
+  }
+end
+return replies
