@@ -33,7 +33,7 @@ class RedisAdapter(DistributedAdapter):
         queue = RedisQueue(client, queue_name, worker_id, prefix, heartbeat_ttl=heartbeat_ttl,
                            recover_interval=recover_interval, clock=clock)
         store = RedisRunStore(client, prefix, state_ttl_seconds, queue=queue, clock=clock)
-        options.setdefault("fetch_batch", 10)  # one fetch, load and commit round for up to 10 runs' jobs
+        options.setdefault("fetch_batch", 20)  # one fetch, load and commit round for up to 20 runs' jobs
         super().__init__(runtime, queue, store, RedisCoordinationStore(client, prefix), retry_mode=retry_mode, **options)
         self.redis = client
         self.reconnect_backoff = reconnect_backoff

@@ -47,9 +47,14 @@ def record_fields(record: RunRecord) -> List[Tuple[str, str]]:
     return fields
 
 
-def parse_record(run_id: str, raw: Mapping[Any, Any]) -> RunRecord:
-    data = {(k.decode() if type(k) is bytes else to_text(k)): (v.decode("utf-8", "replace") if type(v) is bytes else to_text(v))
+def record_texts(raw: Mapping[Any, Any]) -> Dict[str, str]:
+    """A record hash as read (bytes or text) -> field: text."""
+    return {(k.decode() if type(k) is bytes else to_text(k)): (v.decode("utf-8", "replace") if type(v) is bytes else to_text(v))
             for k, v in raw.items()}
+
+
+def parse_record(run_id: str, raw: Mapping[Any, Any]) -> RunRecord:
+    data = record_texts(raw)
     values: Dict[str, Any] = {name: _decode_field(data[name]) for name in _JSON_FIELDS if name in data}
     return RunRecord(
         run_id=run_id, status=data.get("status", "running"), version=int(data.get("version", 0)),
@@ -89,6 +94,10 @@ class RedisRunStore:
         self._commit = load_script(client, "commit.lua")
         self._create = load_script(client, "create.lua")
         self._touch = load_script(client, "touch.lua")
+        # The record fields of runs in flight as this store last read or wrote them, with their
+        # version: a commit expecting that version sends only the fields that changed (a version
+        # names one content of the record, so the others are what the script will find).
+        self._known: Dict[str, Tuple[int, Dict[str, str]]] = {}
         self._load = load_script(client, "load.lua")
 
     def _valid(self, run_id: Any) -> bool:
@@ -122,15 +131,27 @@ class RedisRunStore:
         return self._apply(commits)
 
     def _apply(self, commits: Sequence[Commit]) -> List[bool]:
-        calls = [self._commit_call(c) if self._valid(c.run_id) else None for c in commits]
+        fields = [dict(record_fields(c.record)) for c in commits]
+        calls = [self._commit_call(c, f) if self._valid(c.run_id) else None for c, f in zip(commits, fields)]
         replies = iter(self._call_commits([c for c in calls if c is not None]))
         results = []
-        for call in calls:
+        for commit, call, written in zip(commits, calls, fields):
             applied = call is not None and bool(next(replies))
             if applied and call[2] and self.queue is not None:
                 self.queue.mark_acked(call[2])
+            if call is not None:
+                self._remember(commit, written if applied else None)
             results.append(applied)
         return results
+
+    def _remember(self, commit: Commit, fields: Optional[Dict[str, str]]) -> None:
+        """Note the record a commit wrote (None: it was not applied, what is stored is unknown)."""
+        if fields is None or commit.record.status in FINAL_STATUSES:
+            self._known.pop(commit.run_id, None)
+            return
+        if len(self._known) >= 4096:
+            self._known.clear()
+        self._known[commit.run_id] = (commit.expected_version + 1, fields)
 
     def _call_commits(self, calls: List[Tuple[List[Any], List[Any], List[Any]]]) -> List[Any]:
         if not calls:
@@ -143,15 +164,22 @@ class RedisRunStore:
             args += call_args
         return self._commit(keys=keys, args=args)
 
-    def _commit_call(self, commit: Commit) -> Tuple[List[Any], List[Any], List[Any]]:
-        """The keys, arguments and acknowledged deliveries of one commit.lua call."""
+    def _commit_call(self, commit: Commit, fields: Optional[Dict[str, str]] = None) -> Tuple[List[Any], List[Any], List[Any]]:
+        """The keys, arguments and acknowledged deliveries of one commit.lua call (`fields`: the
+        record's, when the caller has them already)."""
         run_id = commit.run_id
         record = commit.record
         final = ""
         if record.status in FINAL_STATUSES:
             final = json.dumps({"status": record.status, "result": record.result}, separators=(",", ":"))
-        fields = record_fields(record)
-        args: List[Any] = [int(commit.expected_version), self.state_ttl_seconds, final, len(fields), *_flat(fields)]
+        fields = fields if fields is not None else dict(record_fields(record))
+        known = self._known.get(run_id)
+        if known is not None and known[0] == commit.expected_version:
+            # updated_at always: a reconciler's touch changes it without a new version
+            changed = [(k, v) for k, v in fields.items() if k == "updated_at" or known[1].get(k) != v]
+        else:
+            changed = list(fields.items())
+        args: List[Any] = [int(commit.expected_version), self.state_ttl_seconds, final, len(changed), *_flat(changed)]
         args += [len(commit.context_set), *_flat((k, encode(v)) for k, v in commit.context_set.items())]
         args += [len(commit.context_delete), *commit.context_delete]
         args += [len(commit.states), *_flat((k, encode(v)) for k, v in commit.states.items())]
@@ -195,7 +223,11 @@ class RedisRunStore:
     def _snapshot(self, run_id: str, node_ids: List[str], context_keys: List[str], reply: Sequence[Any]) -> Optional[RunSnapshot]:
         flat_record, has_context, states_raw, context_raw = reply
         if flat_record:
-            record = parse_record(run_id, dict(zip(flat_record[::2], flat_record[1::2])))
+            texts = record_texts(dict(zip(flat_record[::2], flat_record[1::2])))
+            record = parse_record(run_id, texts)
+            if len(self._known) >= 4096:
+                self._known.clear()
+            self._known[run_id] = (record.version, texts)
         elif has_context:
             record = RunRecord(run_id, version=0, updated_at=self.clock())
         else:

@@ -33,6 +33,7 @@ from test_distributed import SCENARIOS, Scenario, make_runtime, run_in_memory  #
 
 pytestmark = pytest.mark.integration
 
+import attrs  # noqa: E402
 import redis  # noqa: E402
 from flowcraft_redis import (  # noqa: E402
     RedisAdapter, RedisContext, RedisCoordinationStore, RedisQueue, RedisRunStore, create_redis_reconciler,
@@ -652,3 +653,41 @@ def test_worker_survives_a_redis_restart(redis_url: str) -> None:
         adapter.stop(timeout=5)
         subprocess.run(["redis-cli", "-p", str(port), "shutdown", "nosave"], check=False, capture_output=True)
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+# =================================================================================================
+# commits send only the record fields that changed
+# =================================================================================================
+
+
+def test_commits_write_only_changed_record_fields_and_stay_right_across_stores(redis_client: Any, redis_prefix: str) -> None:
+    """A store remembers the record it read or wrote at a version, so a commit expecting that
+    version sends only the changed fields; a second store committing in between makes the first
+    one's next commit fail its version check (nothing written), and a fresh load is whole again."""
+    from flowcraft.ports import Commit, RunRecord
+
+    one = RedisRunStore(redis_client, redis_prefix, queue_name="fcq-fields")
+    two = RedisRunStore(redis_client, redis_prefix, queue_name="fcq-fields")
+    record = RunRecord("r1", "bp", "1", "running", 1, outstanding=1, updated_at=1.0)
+    assert one.create_run(record, {"x": 1}, {}, [])
+
+    def fields_sent(store: RedisRunStore, commit: Commit) -> int:
+        _keys, args, _acks = store._commit_call(commit)
+        return int(args[3])  # the count of record field/value pairs
+
+    snap = one.load("r1", [], [])
+    commit = Commit("r1", 1, attrs.evolve(snap.record, outstanding=2, updated_at=2.0))
+    assert fields_sent(one, commit) == 2  # outstanding, updated_at: the rest is as read
+    assert one.commit(commit)
+    snap_two = two.load("r1", [], [])
+    errors = [{"nodeId": "a", "message": "boom"}]
+    assert two.commit(Commit("r1", 2, attrs.evolve(snap_two.record, errors=errors, awaiting={"w": {"type": "wait"}},
+                                                    updated_at=3.0)))
+    stale = Commit("r1", 2, attrs.evolve(snap.record, outstanding=3, updated_at=4.0))
+    assert not one.commit(stale)  # version 3 now: refused, nothing written
+    fresh = one.load("r1", [], []).record
+    assert (fresh.version, fresh.outstanding, fresh.errors, fresh.awaiting) == (3, 2, errors, {"w": {"type": "wait"}})
+    assert one.commit(Commit("r1", 3, attrs.evolve(fresh, awaiting={}, updated_at=5.0)))
+    final = two.load("r1", [], []).record
+    assert (final.version, final.outstanding, final.errors, final.awaiting, final.updated_at) == (4, 2, errors, {}, 5.0)
+    assert (final.blueprint_id, final.blueprint_version, final.status) == ("bp", "1", "running")
