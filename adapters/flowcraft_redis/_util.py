@@ -32,10 +32,11 @@ def translate_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def load_script(client: Any, name: str) -> Any:
-    """Register ``lua/<name>`` (package data) with the client; called with EVALSHA."""
-    text = resources.files(__package__).joinpath("lua", name).read_text(encoding="utf-8")
-    return client.register_script(text)
+def load_script(client: Any, *names: str) -> Any:
+    """Register ``lua/<name>`` (package data) with the client, called with EVALSHA; several names
+    make one script of their texts in that order (the first ones define functions the last uses)."""
+    lua = resources.files(__package__).joinpath("lua")
+    return client.register_script("\n".join(lua.joinpath(name).read_text(encoding="utf-8") for name in names))
 
 
 def to_text(value: Any) -> str:

@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import redis
 
@@ -49,9 +49,12 @@ class RedisQueue:
         self.recover_interval = float(recover_interval)
         self.promote_limit = int(promote_limit)
         self.clock = clock
-        self._promote = load_script(client, "promote.lua")
+        self._promote = load_script(client, "take.lua", "promote.lua")
         self._recover = load_script(client, "recover.lua")
         self._acked: Counter = Counter()  # tags the store already acknowledged within a commit
+        # Jobs a commit took for this worker (see `take_step`), served by the next `fetch`.
+        self.prefetch = 0  # how many a commit may take: set while a worker loop runs
+        self._stash: List[bytes] = []
         self._lock = threading.Lock()
         self._last_recover = float("-inf")
         self._started = False
@@ -87,10 +90,12 @@ class RedisQueue:
             self._start()
         if time.monotonic() - self._last_recover >= self.recover_interval:
             self.recover_dead_workers()
-        reply = self._promote(
-            keys=[self.keys.delayed, self.keys.ready, self.processing_key, self.heartbeat_key, self.keys.workers],
-            args=[repr(self.clock()), self.promote_limit, max_jobs, self.worker_id, int(self.heartbeat_ttl * 1000)],
-        )
+        with self._lock:
+            bodies, self._stash = self._stash[:max_jobs], self._stash[max_jobs:]
+        if bodies:
+            return [Delivery.parse(b, (self.processing_key, b)) for b in bodies]
+        keys, args = self.take_step(max_jobs)
+        reply = self._promote(keys=keys, args=args)
         next_due, bodies = reply[0], list(reply[1:])
         if not bodies and timeout and timeout > 0:
             wait = float(timeout)
@@ -106,6 +111,35 @@ class RedisQueue:
                             pipe.lmove(self.keys.ready, self.processing_key, "RIGHT", "LEFT")
                         bodies += [b for b in pipe.execute() if b is not None]
         return [Delivery.parse(b, (self.processing_key, b)) for b in bodies]
+
+    def take_step(self, max_jobs: int) -> Tuple[List[str], List[Any]]:
+        """The KEYS and ARGV of one fetch step (take.lua): promote due delayed jobs, beat, take jobs."""
+        keys = [self.keys.delayed, self.keys.ready, self.processing_key, self.heartbeat_key, self.keys.workers]
+        args = [repr(self.clock()), self.promote_limit, max_jobs, self.worker_id, int(self.heartbeat_ttl * 1000)]
+        return keys, args
+
+    def wanted_with_commit(self) -> int:
+        """How many jobs a commit made now should take for this worker (0: none)."""
+        with self._lock:
+            return max(0, self.prefetch - len(self._stash)) if self._started else 0
+
+    def stash(self, reply: Sequence[Any]) -> None:
+        """Keep the jobs a commit's fetch step took (its reply: next due time, bodies) for `fetch`."""
+        with self._lock:
+            self._stash.extend(reply[1:])
+
+    @translate_errors
+    def release_stash(self) -> int:
+        """Give back the jobs taken with commits and not fetched yet (the worker loop ends)."""
+        with self._lock:
+            bodies, self._stash = self._stash, []
+        if bodies:
+            pipe = self.client.pipeline(transaction=True)
+            for body in reversed(bodies):  # the next to be taken again: at the right end, in order
+                pipe.lrem(self.processing_key, 1, body)
+                pipe.rpush(self.keys.ready, body)
+            pipe.execute()
+        return len(bodies)
 
     def _blocking_move(self, wait: float) -> Optional[bytes]:
         socket_timeout = self.client.connection_pool.connection_kwargs.get("socket_timeout")
@@ -181,6 +215,7 @@ class RedisQueue:
                           args=[self.worker_id, "1"])
         with self._lock:
             self._acked.clear()
+            self._stash.clear()
         return int(n)
 
     def _start(self) -> None:

@@ -91,7 +91,7 @@ class RedisRunStore:
         self.state_ttl_seconds = int(state_ttl_seconds)
         self.clock = clock
         self.scan_count = scan_count
-        self._commit = load_script(client, "commit.lua")
+        self._commit = load_script(client, "take.lua", "commit.lua")
         self._create = load_script(client, "create.lua")
         self._touch = load_script(client, "touch.lua")
         # The record fields of runs in flight as this store last read or wrote them, with their
@@ -162,7 +162,14 @@ class RedisRunStore:
             keys += call_keys
             args += (len(call_keys), len(call_args))
             args += call_args
-        return self._commit(keys=keys, args=args)
+        take = self.queue.wanted_with_commit() if self.queue is not None else 0
+        if not take:
+            return self._commit(keys=keys, args=args)
+        # A worker loop fetches right after its commits: take its next jobs in the same call.
+        take_keys, take_args = self.queue.take_step(take)
+        results, taken = self._commit(keys=keys + take_keys, args=args + take_args)
+        self.queue.stash(taken)
+        return results
 
     def _commit_call(self, commit: Commit, fields: Optional[Dict[str, str]] = None) -> Tuple[List[Any], List[Any], List[Any]]:
         """The keys, arguments and acknowledged deliveries of one commit.lua call (`fields`: the

@@ -425,15 +425,15 @@ def _counted_chain_run(make_adapter: Any, redis_url: str, length: int = 20) -> L
     return per_node
 
 
-def test_round_trips_per_chain_node_are_fetch_load_commit(make_adapter: Any, redis_url: str) -> None:
-    """3 round trips per plain chain node (the final node reads the whole run once more):
-    fetch (EVALSHA promote.lua), load (EVALSHA load.lua), commit (EVALSHA commit.lua; it acks the
-    delivery and pushes the successor's job, so ack and publish_outbox cost nothing)."""
+def test_round_trips_per_chain_node_are_load_and_commit(make_adapter: Any, redis_url: str) -> None:
+    """2 round trips per plain chain node (the final node reads the whole run once more): load
+    (EVALSHA load.lua) and commit (EVALSHA commit.lua: it acks the delivery, pushes the successor's
+    job and takes the worker's next jobs, so ack, publish_outbox and the next fetch cost nothing).
+    Only the first fetch of the worker loop is a round trip of its own (EVALSHA promote.lua)."""
     per_node = _counted_chain_run(make_adapter, redis_url)
-    middle = per_node[:-1]
-    for trips in middle:
-        assert trips == ["promote.lua", "load.lua", "commit.luax1"], trips
-    assert max(len(t) for t in middle) == 3
+    assert per_node[0] == ["promote.lua", "load.lua", "commit.luax1"], per_node[0]
+    for trips in per_node[1:-1]:
+        assert trips == ["load.lua", "commit.luax1"], trips
 
 
 def test_at_most_three_round_trips_per_chain_node(make_adapter: Any, redis_url: str) -> None:
@@ -465,9 +465,33 @@ def test_a_batched_worker_needs_well_under_one_round_trip_per_node(make_adapter:
         assert result.status == "completed" and result.context[f"n{length - 1}"] == length
     client.close()
     # the last wave also reads each finished run whole to store its result: allow for that
-    assert len(trips) <= 3 * length + 2 * runs, trips
+    assert len(trips) <= 2 * length + 1 + 2 * runs, trips
     assert trips.count(f"commit.luax{runs}") >= length - 1, trips
     assert trips.count("load.lua") <= length + 1, trips
+    assert trips.count("promote.lua") <= 2, trips  # the commits take the next waves' jobs
+
+
+def test_jobs_taken_with_commits_are_given_back_when_the_worker_loop_returns(make_adapter: Any, redis_client: Any) -> None:
+    """A commit takes the worker's next jobs; those `work()` did not get to are put back on the
+    ready list when it returns, and another worker finishes every run, each node once."""
+    runs, length = 6, 5
+    executed: Counter = Counter()
+    flow = create_flow("giveback")
+    for i in range(length):
+        flow.node(f"n{i}", (lambda name: lambda ctx: executed.update([(ctx.run_id, name)]) or (ctx.input or 0) + 1)(f"n{i}"))
+        if i:
+            flow.edge(f"n{i - 1}", f"n{i}")
+    first = make_adapter(make_runtime([flow]), fetch_batch=runs)
+    run_ids = [first.start_workflow("giveback") for _ in range(runs)]
+    assert first.work(max_jobs=runs + 2) == runs + 2  # the first wave's commits took the second wave
+    assert redis_client.llen(first.queue.processing_key) == 0
+    assert first.queue._stash == [] and first.queue.prefetch == 0
+    second = make_adapter(make_runtime([flow]), fetch_batch=runs)
+    assert second.work(burst=True) == runs * length - (runs + 2)
+    for run_id in run_ids:
+        result = second.wait_for_result(run_id, timeout=5)
+        assert result.status == "completed" and result.context[f"n{length - 1}"] == length
+    assert sorted(executed.values()) == [1] * (runs * length)
 
 
 # =================================================================================================

@@ -10,7 +10,10 @@
 --       record field/value pairs, context field/value pairs, context fields to delete,
 --       node state id/JSON pairs, item field/JSON pairs, job bodies, delayed score/member pairs,
 --       acknowledged delivery bodies (one per key 8.., in order)
--- Returns one integer per commit: 1 when applied, 0 (nothing written) when the version did not match.
+-- Then, optionally, the worker's next fetch step (take.lua, prepended, defines take_jobs): its 5
+-- KEYS after all the commits' keys, its 5 args after all the commits' args.
+-- Returns one integer per commit: 1 when applied, 0 (nothing written) when the version did not match;
+-- with a fetch step, {those integers, take_jobs' reply}.
 local CHUNK = 500
 local pos = 2
 local kb = 0
@@ -72,5 +75,8 @@ for c = 1, tonumber(ARGV[1]) do
   end
   pos = next_pos
   kb = kb + nkeys
+end
+if ARGV[pos] then
+  return {results, take_jobs(kb, pos - 1)}
 end
 return results
