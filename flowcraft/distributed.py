@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Mutab
 
 import attrs
 
+from . import batching
 from .builtins import Await, child_run_id
 from .cancel import CancelToken
 from .context import DictContext
@@ -66,22 +67,6 @@ class _Prepared:
     snap: Optional[RunSnapshot]
     outcome: Any
     events: Optional[List[Event]] = None  # what its commit does, as events (only with an event bus)
-
-
-def _waves(deliveries: Sequence[Delivery]) -> List[List[Delivery]]:
-    """Split a batch so that no wave holds two jobs of one run (they would race each other's
-    commits); the order within a run is kept."""
-    waves: List[List[Delivery]] = []
-    depth: Dict[Optional[str], int] = {}
-    for delivery in deliveries:
-        run_id = delivery.job.run_id if delivery.job is not None else None
-        level = depth.get(run_id, 0) if run_id is not None else 0
-        if run_id is not None:
-            depth[run_id] = level + 1
-        if level == len(waves):
-            waves.append([])
-        waves[level].append(delivery)
-    return waves
 
 
 def _spec_field(parent: str, iteration: int) -> str:
@@ -185,31 +170,64 @@ class DistributedAdapter:
         self._guarded(delivery, self._process, delivery)
 
     def handle_batch(self, deliveries: Sequence[Delivery]) -> None:
-        """Process several deliveries with one load and one commit round per wave.
+        """Process several deliveries with one load and one commit round per wave (see
+        `flowcraft.batching`); the semantics are those of `handle` applied in order."""
+        pending = list(deliveries)
+        while pending:
+            wave, later = batching.first_wave(pending)
+            pending = self._handle_wave(wave) + later
 
-        A wave holds at most one job per run, so the jobs of a wave never conflict with each other;
-        the semantics are those of `handle` applied in order."""
-        for wave in _waves(deliveries):
-            resolved = [(d, r) for d in wave for r in [self._guarded(d, self._resolve, d)] if r is not None]
-            snaps = self.store.load_many([(d.job.run_id, *self._wanted(node)) for d, (_, node) in resolved])
-            prepared = [p for (d, (graph, node)), snap in zip(resolved, snaps)
-                        for p in [self._guarded(d, self._prepare, d, graph, node, snap)] if p is not None]
-            commits = [self._guarded(p.delivery, self._derive_commit, p) for p in prepared]
-            applied = iter(self.store.commit_many([c for c in commits if c is not None]))
-            for p, commit in zip(prepared, commits):
-                if commit is not None and not next(applied):
+    def _handle_wave(self, segments: List[List[Delivery]]) -> List[Delivery]:
+        """One load, node code, one commit round, acks; returns the deliveries left for the next wave."""
+        resolved = [items for segment in segments
+                    for items in [[(d, r) for d in segment for r in [self._guarded(d, self._resolve, d)] if r is not None]]
+                    if items]
+        snaps = self.store.load_many([(items[0][0].job.run_id, *batching.wanted_union([self._wanted(node) for _, (_, node) in items]))
+                                      for items in resolved])
+        prepared: List[_Prepared] = []
+        chains: List[List[Tuple[_Prepared, Commit]]] = []
+        late: List[_Prepared] = []  # executed; its commit is derived again once its segment's is in
+        deferred: List[Delivery] = []
+        for items, snap in zip(resolved, snaps):
+            chain: List[Tuple[_Prepared, Commit]] = []
+            for i, (d, (graph, node)) in enumerate(items):
+                p = self._guarded(d, self._prepare, d, graph, node, snap)
+                if p is None:
+                    continue
+                prepared.append(p)
+                commit = self._guarded(d, self._derive_commit, p)
+                if commit is None:
+                    continue
+                if chain and commit.record.status in _FINAL:  # its result must see the segment's writes
+                    late.append(p)
+                    deferred.extend(d for d, _ in items[i + 1:])
+                    break
+                chain.append((p, commit))
+                snap = batching.advance(p.snap, commit)
+                if commit.context_delete:  # later jobs' lazy reads would find the key in the store
+                    deferred.extend(d for d, _ in items[i + 1:])
+                    break
+            if chain:
+                chains.append(chain)
+        applied = self.store.commit_many([batching.merge([c for _, c in chain]) for chain in chains])
+        for chain, ok in zip(chains, applied):
+            for p, _ in chain:
+                if not ok:
                     self._guarded(p.delivery, self._recommit, p)
-                elif commit is not None and p.events:
+                elif p.events:
                     self._emit_all(p.events)
-            for p in prepared:
-                self._fault("after_commit")
-            self.store.publish_outboxes(list(dict.fromkeys(p.job.run_id for p in prepared)), self.queue)
-            for p in prepared:
-                self._fault("after_publish")
-                self._fault("before_ack")
-            self.queue.ack([p.delivery for p in prepared])
-            if self.runtime.event_bus is not None:
-                self._emit_all([_job_event("job:processed", p.job) for p in prepared])
+        for p in late:
+            self._guarded(p.delivery, self._recommit, p)
+        for p in prepared:
+            self._fault("after_commit")
+        self.store.publish_outboxes(list(dict.fromkeys(p.job.run_id for p in prepared)), self.queue)
+        for p in prepared:
+            self._fault("after_publish")
+            self._fault("before_ack")
+        self.queue.ack([p.delivery for p in prepared])
+        if self.runtime.event_bus is not None:
+            self._emit_all([_job_event("job:processed", p.job) for p in prepared])
+        return deferred
 
     def _guarded(self, delivery: Delivery, step: Callable[..., Any], *args: Any) -> Any:
         """Run one step of a delivery's processing; a bug or an unreadable run dead-letters the

@@ -296,8 +296,12 @@ def test_batched_worker_runs_many_runs_like_in_memory(faults: Dict[str, Any]) ->
     batches = []
     original = adapter.handle_batch
     adapter.handle_batch = lambda deliveries: (batches.append(len(deliveries)), original(deliveries))  # type: ignore[method-assign]
+    merged = []  # node executions per commit of a wave: siblings of one run go in one commit
+    commit_many = adapter.store.commit_many
+    adapter.store.commit_many = lambda commits: (merged.extend(len(c.ack) for c in commits), commit_many(commits))[1]  # type: ignore[method-assign]
     adapter.drain()
     assert batches and max(batches) > 1, "the batch path was never taken"
+    assert merged and max(merged) > 1, "no wave committed two node executions of a run together"
     for run_id, name in runs.items():
         result = adapter.wait_for_result(run_id, timeout=5)
         assert_same_result(result, expected_for(name))

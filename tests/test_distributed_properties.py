@@ -57,6 +57,7 @@ faults = st.fixed_dictionaries({
     "duplicate_rate": st.sampled_from([0.0, 0.3, 0.5]),
     "reorder": st.booleans(),
     "seed": st.integers(min_value=0, max_value=2**16),
+    "fetch_batch": st.sampled_from([1, 8]),  # 8: waves, sibling jobs of the run committed together
 })
 
 
