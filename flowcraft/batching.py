@@ -50,7 +50,7 @@ def advance(snap: RunSnapshot, commit: Commit) -> RunSnapshot:
     context.update(commit.context_set)
     for key in commit.context_delete:
         context.pop(key, None)
-    return RunSnapshot(attrs.evolve(commit.record, version=snap.record.version), states, context)
+    return RunSnapshot(attrs.evolve(commit.record, version=snap.record.version), states, context, snap.whole)
 
 
 def merge(commits: Sequence[Commit]) -> Commit:

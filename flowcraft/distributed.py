@@ -21,7 +21,7 @@ import functools
 import logging
 import threading
 import time
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, MutableMapping, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Mapping, MutableMapping, Optional, Sequence, Set, Tuple
 
 import attrs
 
@@ -69,6 +69,17 @@ class _Prepared:
     events: Optional[List[Event]] = None  # what its commit does, as events (only with an event bus)
 
 
+@functools.lru_cache(maxsize=256)
+def _whole_load_ids(graph: CompiledGraph) -> FrozenSet[str]:
+    """The nodes whose jobs load the whole run (see `DistributedAdapter._load_request`)."""
+    sinks = [node_id for node_id, node in graph.nodes.items() if not node.outgoing]
+    return frozenset(graph.start_ids) | frozenset(sinks if len(sinks) == 1 else ())
+
+
+def _no_states(node_ids: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    return {}  # a whole snapshot has every stored state already
+
+
 def _spec_field(parent: str, iteration: int) -> str:
     return f"spec:{parent}:{iteration}"
 
@@ -106,6 +117,7 @@ class DistributedAdapter:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._busy = threading.Lock()
+        self._whole_loads = bool(getattr(store, "whole_loads", False))  # see RunStore.load_many
 
     # === worker ==================================================================================
 
@@ -182,8 +194,7 @@ class DistributedAdapter:
         resolved = [items for segment in segments
                     for items in [[(d, r) for d in segment for r in [self._guarded(d, self._resolve, d)] if r is not None]]
                     if items]
-        snaps = self.store.load_many([(items[0][0].job.run_id, *batching.wanted_union([self._wanted(node) for _, (_, node) in items]))
-                                      for items in resolved])
+        snaps = self.store.load_many([self._load_request(items[0][0].job.run_id, [r for _, r in items]) for items in resolved])
         prepared: List[_Prepared] = []
         chains: List[List[Tuple[_Prepared, Commit]]] = []
         late: List[_Prepared] = []  # executed; its commit is derived again once its segment's is in
@@ -321,8 +332,16 @@ class DistributedAdapter:
         return node_ids, keys
 
     def _load(self, job: Job, graph: CompiledGraph, node: GraphNode) -> Optional[RunSnapshot]:
-        node_ids, keys = self._wanted(node)
-        return self.store.load(job.run_id, node_ids, keys)
+        return self.store.load_many([self._load_request(job.run_id, [(graph, node)])])[0]
+
+    def _load_request(self, run_id: str, nodes: Sequence[Tuple[CompiledGraph, GraphNode]]
+                      ) -> Tuple[str, Optional[List[str]], Optional[List[str]]]:
+        """What to load for jobs of one run: the whole run for a start node (it often reads the
+        initial context) or the graph's only sink (its commit usually ends the run, and the result
+        needs everything), else just the node states and context keys the jobs need."""
+        if self._whole_loads and any(node.id in _whole_load_ids(graph) for graph, node in nodes):
+            return run_id, None, None
+        return (run_id, *batching.wanted_union([self._wanted(node) for _, node in nodes]))
 
     def _adopt(self, job: Job, graph: CompiledGraph, node: GraphNode, snap: RunSnapshot) -> RunSnapshot:
         """A run started by a seed client (context only): initialise its traversal, adopting this
@@ -389,7 +408,8 @@ class DistributedAdapter:
     def _execute(self, job: Job, graph: CompiledGraph, node: GraphNode, snap: RunSnapshot) -> Any:
         if job.kind == "timer":
             return NodeResult(output=snap.context.get(node.inputs_key))
-        context = StoreContext(self.store, job.run_id, snap.context, absent=set(self._wanted(node)[1]) - set(snap.context))
+        context = StoreContext(self.store, job.run_id, snap.context, absent=set(self._wanted(node)[1]) - set(snap.context),
+                               whole=snap.whole)
         if job.kind == "item":
             spec = {"id": job.node_id, "uses": job.extra.get("uses"), "params": job.extra.get("params")}
             run_node = GraphNode(_item_definition(job.node_id, spec))
@@ -499,8 +519,10 @@ class DistributedAdapter:
                 return
 
     def _final_result(self, run_id: str, record: RunRecord, delta: Mapping[str, Any], deleted: Iterable[str],
-                      states: Optional[Mapping[str, NodeState]] = None, graph: Optional[CompiledGraph] = None) -> WorkflowResult:
-        context = self.store.read_all_context(run_id)
+                      states: Optional[Mapping[str, NodeState]] = None, graph: Optional[CompiledGraph] = None,
+                      stored: Optional[Mapping[str, Any]] = None) -> WorkflowResult:
+        """The run's result over its stored context (`stored`: already loaded whole) and this commit's changes."""
+        context = dict(stored) if stored is not None else self.store.read_all_context(run_id)
         context.update(delta)
         for key in deleted:
             context.pop(key, None)
@@ -759,11 +781,13 @@ class _Plan:
         self.snap = snap
         self.record = attrs.evolve(snap.record, awaiting=dict(snap.record.awaiting), errors=list(snap.record.errors))
         wanted_states, wanted_keys = adapter._wanted(graph.nodes[job.parent if job.kind == "item" else job.node_id])
-        self.states = _LazyStates(snap.states, functools.partial(adapter.store.read_states, job.run_id),
-                                  absent=set(wanted_states) - set(snap.states))
+        loader = _no_states if snap.whole else functools.partial(adapter.store.read_states, job.run_id)
+        self.states = _LazyStates(snap.states, loader, absent=set(wanted_states) - set(snap.states))
         self.traversal = Traversal(graph, self.states, snap.record.outstanding)
-        self.context = _LazyContext(adapter.store, job.run_id, snap.context, absent=set(wanted_keys) - set(snap.context))
-        self._stored_states: Optional[Dict[str, NodeState]] = None
+        self.context = _LazyContext(adapter.store, job.run_id, snap.context, absent=set(wanted_keys) - set(snap.context),
+                                    whole=snap.whole)
+        self._stored_states: Optional[Dict[str, NodeState]] = (
+            {k: NodeState.from_dict(v) for k, v in snap.states.items()} if snap.whole else None)
         self.items: Dict[str, Any] = {}
         self.jobs: List[Job] = []
         self.delayed: List[Tuple[Job, float]] = []
@@ -907,7 +931,7 @@ class _Plan:
         if record.status in _FINAL:
             all_states = self._all_states()
             result = self.adapter._final_result(self.job.run_id, record, self.context.delta, self.context.deleted,
-                                                all_states, self.graph)
+                                                all_states, self.graph, self.snap.context if self.snap.whole else None)
             record.result = result.to_dict()
             self.jobs.extend(self.adapter._parent_jobs(record))
         elif record.status == AWAITING and self.snap.record.status != AWAITING:
@@ -1022,11 +1046,13 @@ class _LazyStates(MutableMapping):
 class _LazyContext(Mapping):
     """The run's context as conditions see it: loaded keys, this commit's changes, then the store."""
 
-    def __init__(self, store: RunStore, run_id: str, loaded: Mapping[str, Any], absent: Iterable[str] = ()) -> None:
+    def __init__(self, store: RunStore, run_id: str, loaded: Mapping[str, Any], absent: Iterable[str] = (),
+                 whole: bool = False) -> None:
         self._store = store
         self._run_id = run_id
         self._cache: Dict[str, Any] = dict(loaded)
         self._absent: Set[str] = set(absent)
+        self._whole = whole  # `loaded` is the whole stored context: never read the store
         self.delta: Dict[str, Any] = {}
         self.deleted: Set[str] = set()
 
@@ -1047,7 +1073,7 @@ class _LazyContext(Mapping):
     def __getitem__(self, key: str) -> Any:
         if key in self.delta:
             return self.delta[key]
-        if key in self.deleted or key in self._absent:
+        if key in self.deleted or key in self._absent or (self._whole and key not in self._cache):
             raise KeyError(key)
         if key not in self._cache:
             found = self._store.read_context(self._run_id, [key])
@@ -1064,7 +1090,7 @@ class _LazyContext(Mapping):
         return len(self._all())
 
     def _all(self) -> Dict[str, Any]:
-        data = self._store.read_all_context(self._run_id)
+        data = dict(self._cache) if self._whole else self._store.read_all_context(self._run_id)
         data.update(self.delta)
         for key in self.deleted:
             data.pop(key, None)
@@ -1075,12 +1101,13 @@ class StoreContext(DictContext):
     """The `Context` node code sees in a worker: reads go to the store (once per key), writes are
     kept as a delta and committed with the node's completion."""
 
-    def __init__(self, store: RunStore, run_id: str, loaded: Mapping[str, Any], absent: Iterable[str] = ()) -> None:
+    def __init__(self, store: RunStore, run_id: str, loaded: Mapping[str, Any], absent: Iterable[str] = (),
+                 whole: bool = False) -> None:
         super().__init__(dict(loaded), track=True)
         self._store = store
         self._run_id = run_id
         self._absent: Set[str] = set(absent)
-        self._complete = False
+        self._complete = whole  # `loaded` is the whole stored context
 
     def _load(self, key: str) -> None:
         if key in self.data or key in self._absent or key in self._deleted or self._complete:

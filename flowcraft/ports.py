@@ -174,6 +174,7 @@ class RunSnapshot:
     record: RunRecord
     states: Dict[str, Dict[str, Any]] = attrs.field(factory=dict)
     context: Dict[str, Any] = attrs.field(factory=dict)
+    whole: bool = False  # states and context hold all of the run's (a load that asked for everything)
 
 
 @attrs.define
@@ -204,9 +205,13 @@ class RunStore(Protocol):
         A run whose context exists but was never initialised (started by a seed client) comes back
         with `record.version == 0`."""
 
-    def load_many(self, requests: Sequence[Tuple[str, Sequence[str], Sequence[str]]]) -> List[Optional[RunSnapshot]]:
+    def load_many(self, requests: Sequence[Tuple[str, Optional[Sequence[str]], Optional[Sequence[str]]]]) -> List[Optional[RunSnapshot]]:
         """`load` for several `(run_id, node_ids, context_keys)` at once (one round trip where the
-        store can), in the order asked."""
+        store can), in the order asked.
+
+        A store whose attribute `whole_loads` is true also takes None for both node_ids and
+        context_keys: every node state and the whole context, in a snapshot with `whole` set (a
+        worker asks so for the jobs likely to end a run, which need all of it)."""
 
     def read_states(self, run_id: str, node_ids: Iterable[str]) -> Dict[str, Dict[str, Any]]: ...
 

@@ -1416,3 +1416,43 @@ def test_an_unreachable_cycle_stalls_as_in_memory_and_says_so() -> None:
     (stall,) = log.of_type("workflow:stall")
     assert sorted(stall.payload["stalled"]) == ["x", "y"]
     assert log.of_type("workflow:finish")[-1].payload["status"] == "stalled"
+
+
+# === whole loads ==================================================================================
+
+
+@pytest.mark.parametrize("fetch_batch", [1, 8], ids=["handle", "handle_batch"])
+def test_start_and_only_sink_load_the_whole_run_so_no_job_reads_the_store_again(fetch_batch: int) -> None:
+    """A start node (reading the initial context) and the graph's only sink (ending the run) load
+    the whole run with their job: no lazy read of a context key, no read of all states or of the
+    whole context for the result; the result is the in-memory one."""
+    flows = _chain()
+    adapter = InMemoryAdapter(make_runtime(flows), fetch_batch=fetch_batch)
+    store = adapter.store
+    reads: Counter = Counter()
+    for name in ("read_context", "read_all_context", "read_states", "read_all_states"):
+        original = getattr(store, name)
+        setattr(store, name, (lambda n, f: lambda *a, **k: (reads.update([n]), f(*a, **k))[1])(name, original))
+    run_ids = [adapter.start_workflow("chain", {"start": i}) for i in range(3)]
+    adapter.drain()
+    for i, run_id in enumerate(run_ids):
+        result = adapter.wait_for_result(run_id, timeout=5)
+        expected = flows[0].run(make_runtime(_chain()), {"start": i})
+        assert result.status == "completed" and result.context == expected.context
+    assert reads == Counter(), reads
+
+
+def test_without_whole_loads_a_store_is_asked_only_for_named_states_and_keys() -> None:
+    """A store without `whole_loads` never gets None in a load request; the run ends the same."""
+    flows = _chain()
+    adapter = InMemoryAdapter(make_runtime(flows), fetch_batch=8)
+    store = adapter.store
+    store.whole_loads = False  # type: ignore[misc]
+    adapter._whole_loads = False
+    asked: List[Any] = []
+    load_many = store.load_many
+    store.load_many = lambda requests: (asked.extend(requests), load_many(requests))[1]  # type: ignore[method-assign]
+    run_id = adapter.start_workflow("chain", {"start": 2})
+    adapter.drain()
+    assert adapter.wait_for_result(run_id, timeout=5).context == flows[0].run(make_runtime(_chain()), {"start": 2}).context
+    assert asked and all(nodes is not None and keys is not None for _, nodes, keys in asked)

@@ -65,6 +65,17 @@ def parse_record(run_id: str, raw: Mapping[Any, Any]) -> RunRecord:
     )
 
 
+def _unique(names: Optional[Iterable[str]]) -> Optional[List[str]]:
+    return None if names is None else list(dict.fromkeys(names))
+
+
+def _values(names: Optional[List[str]], raw: Sequence[Any]) -> Dict[str, Any]:
+    """Decoded hash values: HMGET's for `names`, or HGETALL's (field, value, ...) for None."""
+    if names is None:
+        return {to_text(k): decode(v) for k, v in zip(raw[::2], raw[1::2])}
+    return {n: decode(v) for n, v in zip(names, raw) if v is not None}
+
+
 def _flat(pairs: Iterable[Tuple[Any, Any]]) -> List[Any]:
     out: List[Any] = []
     for key, value in pairs:
@@ -79,6 +90,8 @@ class RedisRunStore:
     `queue` (a `RedisQueue`) or `queue_name` says where committed jobs go; with a queue, the
     deliveries a commit acknowledges are also marked so the queue does not LREM them again.
     """
+
+    whole_loads = True  # load_many takes None for "all node states" and "the whole context"
 
     def __init__(self, client: Any, prefix: str = "", state_ttl_seconds: int = 86400, *, queue: Any = None,
                  queue_name: str = "flowcraft-queue", clock: Callable[[], float] = time.time, scan_count: int = 100) -> None:
@@ -214,20 +227,23 @@ class RedisRunStore:
         return self.load_many([(run_id, list(node_ids), list(context_keys))])[0]
 
     @translate_errors
-    def load_many(self, requests: Sequence[Tuple[str, Sequence[str], Sequence[str]]]) -> List[Optional[RunSnapshot]]:
-        """One call of load.lua for all the runs asked: a consistent snapshot in one round trip."""
-        asked = [(run_id, list(dict.fromkeys(nodes)), list(dict.fromkeys(keys))) for run_id, nodes, keys in requests]
+    def load_many(self, requests: Sequence[Tuple[str, Optional[Sequence[str]], Optional[Sequence[str]]]]) -> List[Optional[RunSnapshot]]:
+        """One call of load.lua for all the runs asked: a consistent snapshot in one round trip
+        (None for node ids and context keys: the whole run)."""
+        asked = [(run_id, _unique(nodes), _unique(keys)) for run_id, nodes, keys in requests]
         wanted = [request for request in asked if self._valid(request[0])]
         keys: List[Any] = []
         args: List[Any] = [len(wanted)]
         for run_id, node_ids, context_keys in wanted:
             keys += self.keys.of(run_id)[:3]
-            args += (len(node_ids), *node_ids, len(context_keys), *context_keys)
+            for names in (node_ids, context_keys):
+                args += (-1,) if names is None else (len(names), *names)
         replies = iter(self._load(keys=keys, args=args) if wanted else [])
         return [self._snapshot(run_id, node_ids, context_keys, next(replies)) if self._valid(run_id) else None
                 for run_id, node_ids, context_keys in asked]
 
-    def _snapshot(self, run_id: str, node_ids: List[str], context_keys: List[str], reply: Sequence[Any]) -> Optional[RunSnapshot]:
+    def _snapshot(self, run_id: str, node_ids: Optional[List[str]], context_keys: Optional[List[str]],
+                  reply: Sequence[Any]) -> Optional[RunSnapshot]:
         flat_record, has_context, states_raw, context_raw = reply
         if flat_record:
             texts = record_texts(dict(zip(flat_record[::2], flat_record[1::2])))
@@ -239,9 +255,8 @@ class RedisRunStore:
             record = RunRecord(run_id, version=0, updated_at=self.clock())
         else:
             return None
-        states = {n: decode(v) for n, v in zip(node_ids, states_raw) if v is not None}
-        context = {k: decode(v) for k, v in zip(context_keys, context_raw) if v is not None}
-        return RunSnapshot(record, states, context)
+        return RunSnapshot(record, _values(node_ids, states_raw), _values(context_keys, context_raw),
+                           whole=node_ids is None and context_keys is None)
 
     @translate_errors
     def read_states(self, run_id: str, node_ids: Iterable[str]) -> Dict[str, Dict[str, Any]]:

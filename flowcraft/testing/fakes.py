@@ -142,6 +142,8 @@ class _StoredRun:
 class InMemoryRunStore:
     """Runs in a dict, changed only by version-checked commits under one lock."""
 
+    whole_loads = True
+
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._runs: Dict[str, _StoredRun] = {}
         self._lock = threading.RLock()
@@ -166,16 +168,18 @@ class InMemoryRunStore:
                     self.activations[(record.run_id, node_id, state.get("it", 0))] += 1
             return True
 
-    def load(self, run_id: str, node_ids: Iterable[str], context_keys: Iterable[str]) -> Optional[RunSnapshot]:
+    def load(self, run_id: str, node_ids: Optional[Iterable[str]], context_keys: Optional[Iterable[str]]) -> Optional[RunSnapshot]:
         with self._lock:
             run = self._runs.get(run_id)
             if run is None:
                 return None
-            states = {n: _copy(run.states[n]) for n in node_ids if n in run.states}
-            context = {k: _copy(run.context[k]) for k in context_keys if k in run.context}
+            if node_ids is None and context_keys is None:
+                return RunSnapshot(_copy_record(run.record), _copy(run.states), _copy(run.context), whole=True)
+            states = {n: _copy(run.states[n]) for n in node_ids or () if n in run.states}
+            context = {k: _copy(run.context[k]) for k in context_keys or () if k in run.context}
             return RunSnapshot(_copy_record(run.record), states, context)
 
-    def load_many(self, requests: Sequence[Tuple[str, Sequence[str], Sequence[str]]]) -> List[Optional[RunSnapshot]]:
+    def load_many(self, requests: Sequence[Tuple[str, Optional[Sequence[str]], Optional[Sequence[str]]]]) -> List[Optional[RunSnapshot]]:
         return [self.load(run_id, node_ids, keys) for run_id, node_ids, keys in requests]
 
     def read_states(self, run_id: str, node_ids: Iterable[str]) -> Dict[str, Dict[str, Any]]:

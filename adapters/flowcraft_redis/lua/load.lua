@@ -2,16 +2,19 @@
 --
 -- KEYS: per run, 1 record hash, 2 context hash, 3 node states hash
 -- ARGV[1]: the number of runs; then, per run, counted groups ("n" then entries):
---       node ids, context fields
--- Returns per run {record as HGETALL, context exists (0/1), node states as HMGET, context values as HMGET}.
+--       node ids, context fields; a count of -1 (no entries) asks for all of them
+-- Returns per run {record as HGETALL, context exists (0/1), node states, context values}: values as
+-- HMGET for the fields asked, or as HGETALL (field, value, ...) for all.
 local pos = 2
 local function take_list()
   local n = tonumber(ARGV[pos]); pos = pos + 1
+  if n < 0 then return nil end
   local out = {}
   for i = 1, n do out[i] = ARGV[pos]; pos = pos + 1 end
   return out
 end
 local function hmget(key, fields)
+  if fields == nil then return redis.call('HGETALL', key) end
   if #fields == 0 then return {} end
   return redis.call('HMGET', key, unpack(fields))
 end
