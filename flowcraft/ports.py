@@ -22,6 +22,9 @@ class MalformedJob(ValueError):
     """A queue message that is not a valid job; the message says what is wrong."""
 
 
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode  # built once: jobs are encoded per node execution
+
+
 @attrs.frozen
 class Job:
     """One unit of work: execute (or finish) node `node_id` of run `run_id` at `iteration`.
@@ -66,7 +69,7 @@ class Job:
         return out
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), separators=(",", ":"))
+        return _compact_json(self.to_dict())
 
     @classmethod
     def from_json(cls, body: Any) -> "Job":

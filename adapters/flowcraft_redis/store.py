@@ -54,7 +54,10 @@ def record_texts(raw: Mapping[Any, Any]) -> Dict[str, str]:
 
 
 def parse_record(run_id: str, raw: Mapping[Any, Any]) -> RunRecord:
-    data = record_texts(raw)
+    return record_from_texts(run_id, record_texts(raw))
+
+
+def record_from_texts(run_id: str, data: Mapping[str, str]) -> RunRecord:
     values: Dict[str, Any] = {name: _decode_field(data[name]) for name in _JSON_FIELDS if name in data}
     return RunRecord(
         run_id=run_id, status=data.get("status", "running"), version=int(data.get("version", 0)),
@@ -77,11 +80,12 @@ def _values(names: Optional[List[str]], raw: Sequence[Any]) -> Dict[str, Any]:
 
 
 def _flat(pairs: Iterable[Tuple[Any, Any]]) -> List[Any]:
-    out: List[Any] = []
-    for key, value in pairs:
-        out.append(key)
-        out.append(value)
-    return out
+    return [x for pair in pairs for x in pair]
+
+
+def _encoded(values: Mapping[str, Any]) -> List[Any]:
+    """field, JSON, field, JSON, ... of a mapping."""
+    return [x for key, value in values.items() for x in (key, encode(value))]
 
 
 class RedisRunStore:
@@ -128,8 +132,8 @@ class RedisRunStore:
         run_id = record.run_id
         fields = record_fields(record) + [("version", str(int(record.version)))]
         args: List[Any] = [len(fields), *_flat(fields)]
-        args += [len(context), *_flat((k, encode(v)) for k, v in context.items())]
-        args += [len(states), *_flat((k, encode(v)) for k, v in states.items())]
+        args += [len(context), *_encoded(context)]
+        args += [len(states), *_encoded(states)]
         args += [len(jobs), *(j.to_json() for j in jobs)]
         keys = [self.keys.record(run_id), self.keys.context(run_id), self.keys.states(run_id), self.queue_keys.ready]
         return bool(self._create(keys=keys, args=args))
@@ -200,10 +204,10 @@ class RedisRunStore:
         else:
             changed = list(fields.items())
         args: List[Any] = [int(commit.expected_version), self.state_ttl_seconds, final, len(changed), *_flat(changed)]
-        args += [len(commit.context_set), *_flat((k, encode(v)) for k, v in commit.context_set.items())]
+        args += [len(commit.context_set), *_encoded(commit.context_set)]
         args += [len(commit.context_delete), *commit.context_delete]
-        args += [len(commit.states), *_flat((k, encode(v)) for k, v in commit.states.items())]
-        args += [len(commit.items), *_flat((k, encode(v)) for k, v in commit.items.items())]
+        args += [len(commit.states), *_encoded(commit.states)]
+        args += [len(commit.items), *_encoded(commit.items)]
         args += [len(commit.jobs), *(j.to_json() for j in commit.jobs)]
         now = self.clock()
         args += [len(commit.delayed), *_flat((repr(now + max(0.0, float(d))), delayed_member(j.to_json().encode()))
@@ -247,7 +251,7 @@ class RedisRunStore:
         flat_record, has_context, states_raw, context_raw = reply
         if flat_record:
             texts = record_texts(dict(zip(flat_record[::2], flat_record[1::2])))
-            record = parse_record(run_id, texts)
+            record = record_from_texts(run_id, texts)
             if len(self._known) >= 4096:
                 self._known.clear()
             self._known[run_id] = (record.version, texts)
