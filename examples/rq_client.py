@@ -48,7 +48,7 @@ def start_like_the_seed(order_id: str) -> WorkflowResult:
     queue.enqueue_many([
         Queue.prepare_data("flowcraft_redis.rq_jobs.run_node",
                            (json.dumps({"runId": run_id, "blueprintId": FLOW_ID, "nodeId": node_id}),),
-                           meta={"flowcraft": {"prefix": PREFIX}}, result_ttl=0)
+                           meta={"flowcraft": {"prefix": PREFIX}}, result_ttl=60)
         for node_id in start_node_ids
     ])
     print(f"Workflow {run_id} started with {len(start_node_ids)} initial job(s).", file=sys.stderr)

@@ -57,7 +57,7 @@ def unbind(token: contextvars.Token) -> None:
 
 def adapter_for(rq_job: Any) -> Any:
     """The `RqAdapter` that runs `rq_job`: the bound one, else one built from ``FLOWCRAFT_APP``."""
-    from .rq_adapter import RqSettings, dead_letter_rq_job
+    from .rq_settings import RqSettings, dead_letter_rq_job
 
     try:
         settings = RqSettings.from_meta(rq_job.meta)

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -46,6 +49,8 @@ from rq.serializers import JSONSerializer  # noqa: E402
 from flowcraft_redis import RqAdapter, create_redis_reconciler  # noqa: E402
 from flowcraft_redis.keys import RunKeys  # noqa: E402
 from flowcraft_redis.rq_adapter import RUN_NODE  # noqa: E402
+from flowcraft_redis.rq_queue import Entry  # noqa: E402
+from flowcraft_redis.store import RedisRunStore  # noqa: E402
 
 RQ_CLI = os.path.join(os.path.dirname(sys.executable), "rq")
 REDIS_URL_DEFAULT = "redis://127.0.0.1:6379/0"
@@ -306,10 +311,179 @@ def test_rq_jobs_carry_the_job_json_with_the_json_serializer(make_adapter: Calla
     assert rq_job.func_name == RUN_NODE == "flowcraft_redis.rq_jobs.run_node"
     assert json.loads(rq_job.args[0]) == {"runId": run_id, "blueprintId": "chain", "nodeId": "load"}
     assert rq_job.meta["flowcraft"]["prefix"] == redis_prefix
-    assert rq_job.result_ttl == 0 and rq_job.timeout == -1 and rq_job.retries_left == 3
+    assert rq_job.result_ttl == 60 and rq_job.timeout == -1 and rq_job.retries_left == 3
     assert job_id == adapter.queue.job_id(Job(run_id, "chain", "load"))
     drain(adapter, [run_id])
     assert adapter.get_status(run_id).status == "completed"
+
+
+def test_the_rq_job_hash_is_the_one_rq_enqueue_writes(make_adapter: Callable[..., RqAdapter],
+                                                       redis_client: Any) -> None:
+    """Our publish script writes RQ's own `Job.to_dict()`: field for field what `Queue.enqueue`
+    writes for the same job (but the timestamps), so every RQ tool reads it."""
+    adapter = make_adapter()
+    job = Job(f"r-{uuid.uuid4().hex}", "chain", "load")
+    adapter.queue.enqueue([job])
+    ours = redis_client.hgetall(RqJob.key_for(adapter.queue.job_id(job)))
+    settings = adapter.settings
+    twin = rq_queue_of(adapter).enqueue(
+        RUN_NODE, job.to_json(), job_id=f"twin-{adapter.queue_name}", result_ttl=settings.result_ttl,
+        failure_ttl=settings.effective_failure_ttl, job_timeout=settings.job_timeout,
+        retry=rq.Retry(max=len(settings.retry_intervals), interval=list(settings.retry_intervals)),
+        meta={"flowcraft": settings.to_meta()}, description=ours[b"description"].decode())
+    theirs = redis_client.hgetall(twin.key)
+    stamps = {b"created_at", b"enqueued_at"}
+    assert set(ours) == set(theirs)
+    assert {k: v for k, v in ours.items() if k not in stamps} == {k: v for k, v in theirs.items() if k not in stamps}
+    assert ours[b"status"] == b"queued" and rq_queue_of(adapter).get_job_ids() == [adapter.queue.job_id(job), twin.id]
+
+
+def test_a_plain_chain_node_costs_two_round_trips_of_ours(make_adapter: Callable[..., RqAdapter],
+                                                         monkeypatch: Any) -> None:
+    """Inside the RQ job function: one load, then the commit and the publication of the
+    successors in one pipelined round trip (RQ's own bookkeeping comes on top)."""
+    adapter = make_adapter()
+    run_id = adapter.start_workflow("chain", {"start": 21})
+    counting = {"on": False, "trips": 0}
+    per_job: List[int] = []
+    send = redis.connection.AbstractConnection.send_packed_command
+    run = RqAdapter.run_rq_job
+
+    def counted_send(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if counting["on"]:
+            counting["trips"] += 1
+        return send(self, *args, **kwargs)
+
+    def counted_run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        counting.update(on=True, trips=0)
+        try:
+            return run(self, *args, **kwargs)
+        finally:
+            counting["on"] = False
+            per_job.append(counting["trips"])
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counted_send)
+    monkeypatch.setattr(RqAdapter, "run_rq_job", counted_run)
+    drain(adapter, [run_id])
+    assert adapter.get_status(run_id).status == "completed"
+    assert len(per_job) == 4  # load, double, describe, store
+    assert per_job[:-1] == [2, 2, 2]
+    assert per_job[-1] <= 5  # the last one also reads the run's states and context for its result
+
+
+def test_jobs_a_worker_committed_but_never_published_are_drained(make_adapter: Callable[..., RqAdapter]) -> None:
+    """A worker dies between the commit and the publish script (simulated: the commit alone, then
+    an infrastructure error): RQ re-runs the job, which finds its node done and drains the outbox."""
+    adapter = make_adapter(make_runtime(_fan20()))
+    completions = count_completions(adapter)
+    store = adapter.store
+    commit = store.commit
+    died: List[str] = []
+
+    def commit_then_die(c: Any) -> bool:
+        if died or not c.jobs:
+            return commit(c)
+        applied = RedisRunStore.commit(store, c)  # commit.lua alone: the jobs stay in the outbox
+        died.append(c.run_id)
+        assert applied and store.outbox_size() == len(c.jobs) == FAN
+        raise ConnectionError("worker died between the commit and the publication")
+
+    store.commit = commit_then_die  # type: ignore[method-assign]
+    run_id = adapter.start_workflow("fan20")
+    drain(adapter, [run_id])
+    assert died == [run_id]
+    assert_same_result(adapter.wait_for_result(run_id), run_in_memory(Scenario("fan20", _fan20)))
+    assert_once(completions)
+    assert_quiet(adapter)
+
+
+def test_racing_publishers_publish_each_outbox_entry_once(make_adapter: Callable[..., RqAdapter],
+                                                          redis_client: Any) -> None:
+    adapter = make_adapter()
+    store, queue = adapter.store, adapter.queue
+    bodies = [Job(f"race-{i}", "chain", "load").to_json() for i in range(200)]
+    redis_client.lpush(store.outbox.ready, *bodies)
+    entries = [Entry(b, Job.from_json(b), None, "L", b) for b in bodies[:10]]
+    assert queue.publish(entries) == (10, 190)
+    assert queue.publish(entries) == (0, 190)  # a second publisher that read the same entries: nothing
+    created: List[int] = []
+    threads = [threading.Thread(target=lambda: created.append(store.drain_outbox())) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sum(created) == 190 and store.outbox_size() == 0
+    ids = rq_queue_of(adapter).get_job_ids()
+    assert len(ids) == len(set(ids)) == 200
+    assert sorted(ids) == sorted(queue.job_id(Job.from_json(b)) for b in bodies)
+
+
+@pytest.fixture
+def private_redis_url(tmp_path: Any) -> Iterator[str]:
+    """A redis-server of this test's own (its scripts may be flushed: the shared one's may not)."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "the private redis-server did not start"
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_scripts_lost_by_redis_are_loaded_again(private_redis_url: str) -> None:
+    """After SCRIPT FLUSH (what a restart does), the pipelined commit + publish meets NOSCRIPT:
+    the scripts are loaded again and the commit is sent again, once."""
+    client = redis.Redis.from_url(private_redis_url)
+    adapter = RqAdapter(rq_app(), client, queue_name="flushq", poll_timeout=0.1, retry_intervals=())
+    try:
+        completions = count_completions(adapter)
+        loads: List[int] = []
+        load_scripts = adapter.store._load_scripts
+        adapter.store._load_scripts = lambda: loads.append(1) or load_scripts()  # type: ignore[method-assign]
+        run_id = adapter.start_workflow("chain", {"start": 21})
+        assert adapter.work(burst=True, max_jobs=1) == 1
+        client.script_flush()
+        loads.clear()  # (the first commit on this fresh server loaded them too)
+        drain(adapter, [run_id])
+        assert loads == [1]  # the next commit met NOSCRIPT, once
+        assert_same_result(adapter.wait_for_result(run_id), run_in_memory(SCENARIOS["chain"]))
+        assert_once(completions)
+        assert_quiet(adapter)
+    finally:
+        adapter.close()
+        client.close()
+
+
+@pytest.mark.parametrize("result_ttl", [60, 0])
+def test_finished_rq_jobs_expire_after_result_ttl(make_adapter: Callable[..., RqAdapter], redis_client: Any,
+                                                 result_ttl: int) -> None:
+    adapter = make_adapter(result_ttl=result_ttl)
+    run_id = adapter.start_workflow("chain", {"start": 21})
+    job_ids = [adapter.queue.job_id(Job(run_id, "chain", node)) for node in ("load", "double", "describe", "store")]
+    drain(adapter, [run_id])
+    assert adapter.get_status(run_id).status == "completed"
+    finished = rq_queue_of(adapter).finished_job_registry
+    if result_ttl:
+        assert sorted(finished.get_job_ids()) == sorted(job_ids)
+        assert all(0 < redis_client.ttl(RqJob.key_for(i)) <= result_ttl for i in job_ids)
+    else:
+        assert finished.get_job_ids() == [] and not any(redis_client.exists(RqJob.key_for(i)) for i in job_ids)
+    assert_quiet(adapter)
 
 
 # =================================================================================================
@@ -525,7 +699,7 @@ def test_a_run_started_by_a_seed_style_rq_client(make_adapter: Callable[..., RqA
         drain(adapter, [run_id])
         assert_same_result(adapter.wait_for_result(run_id), run_in_memory(SCENARIOS["chain"]))
     finally:
-        outbox = [f"{rq_queue}.outbox{suffix}" for suffix in ("", ":delayed", ":claims")]
+        outbox = [f"{rq_queue}.outbox{suffix}" for suffix in ("", ":delayed")]
         redis_client.delete(*RunKeys("").all_of(run_id), *outbox)
 
 

@@ -1,0 +1,257 @@
+"""`RqQueue`: the `JobQueue` port on an RQ queue (the design is in `rq_adapter`'s module doc).
+
+Every Flowcraft job becomes the RQ job ``run_node("<job JSON>")``. RQ jobs are created by one
+server-side script, `_PUBLISH_LUA`, from the hash fields RQ's own ``Job.to_dict()`` gives (the way
+RQ's ``enqueue(..., unique=True)`` does it): it checks the deterministic job id, takes the entry
+off the outbox when it comes from there, writes the job hash and pushes the id onto RQ's queue (or
+its scheduled registry) atomically, in one round trip, which the run store can pipeline with a
+commit.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import threading
+import time
+from enum import Enum
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+
+import attrs
+from rq import Queue, Retry
+from rq.job import Job as RqJob
+from rq.job import JobStatus
+from rq.serializers import JSONSerializer
+from rq.utils import now as rq_now
+
+from flowcraft.ports import Delivery, Job
+
+from . import rq_jobs
+from ._util import to_text, translate_errors
+from .keys import QueueKeys, validate_simple
+from .rq_settings import DEAD_LETTER_META_KEY, META_KEY, RqSettings, due_second
+
+logger = logging.getLogger("flowcraft.redis.rq")
+
+RUN_NODE = f"{rq_jobs.run_node.__module__}.{rq_jobs.run_node.__qualname__}"
+
+# Create the RQ jobs of Flowcraft jobs (RqQueue.publish).
+# KEYS: 1 outbox list, 2 outbox delayed zset, 3 RQ queue list, 4 RQ scheduled registry zset,
+#       5 RQ's set of queues; then per entry i (from 0): 6+2i its RQ job hash, 7+2i the hash of its spare id
+# ARGV: 1 number of entries; then per entry: source ("-" none, "L" the outbox list, "Z" the outbox
+#       delayed zset), the outbox list value or zset member, RQ job id, spare id, due second ("" = now),
+#       n, then n field/value pairs of the RQ job hash
+# An outbox entry is published by the call that removes it, and only by that one (publishers may
+# race). No second RQ job is made under an id that is queued, scheduled or deferred: that job reads
+# the run after this commit anyway. An id taken by a job that runs or has ended gives way to the
+# spare id. Returns {RQ jobs created, entries left in the outbox (list + delayed zset)}.
+_PUBLISH_LUA = """
+local WAITING = {queued = true, scheduled = true, deferred = true}
+local pos = 2
+local created = 0
+for e = 0, tonumber(ARGV[1]) - 1 do
+  local source, value, id, spare, due = ARGV[pos], ARGV[pos + 1], ARGV[pos + 2], ARGV[pos + 3], ARGV[pos + 4]
+  local first = pos + 6
+  pos = first + 2 * tonumber(ARGV[pos + 5])
+  local mine = true
+  if source == 'L' then
+    mine = redis.call('LREM', KEYS[1], -1, value) == 1
+  elseif source == 'Z' then
+    mine = redis.call('ZREM', KEYS[2], value) == 1
+  end
+  if mine then
+    local key = KEYS[6 + 2 * e]
+    local status = redis.call('HGET', key, 'status')
+    if not (status and WAITING[status]) then
+      if status or redis.call('EXISTS', key) == 1 then
+        id, key = spare, KEYS[7 + 2 * e]
+      end
+      redis.call('HSET', key, unpack(ARGV, first, pos - 1))
+      if due == '' then
+        redis.call('RPUSH', KEYS[3], id)
+      else
+        redis.call('ZADD', KEYS[4], due, id)
+      end
+      created = created + 1
+    end
+  end
+end
+if created > 0 then redis.call('SADD', KEYS[5], KEYS[3]) end
+return {created, redis.call('LLEN', KEYS[1]) + redis.call('ZCARD', KEYS[2])}
+"""
+
+
+class Entry(NamedTuple):
+    """A Flowcraft job to publish as an RQ job."""
+
+    body: str
+    job: Optional[Job]  # None: unreadable (a worker dead-letters it)
+    due: Optional[float] = None  # unix time it is due at; None: now
+    source: str = "-"  # "-": not from the outbox, "L": an outbox list value, "Z": an outbox delayed member
+    member: Any = ""  # that outbox value or member
+
+
+@attrs.define
+class InFlight:
+    """The RQ job a thread is running, and what the core asked of the queue while running it."""
+
+    rq_job: Any
+    delivery: Delivery
+    retry_delay: Optional[float] = None
+    dead_reason: Optional[str] = None
+
+
+class RqQueue:
+    """The `JobQueue` port on an RQ queue: each job becomes the RQ job ``run_node(<job JSON>)``.
+
+    Consuming is RQ's business (`RqAdapter.work()` runs an RQ worker), so `fetch` is not offered,
+    `ack` does nothing (RQ finishes a job when its function returns) and `dead_letter` marks the
+    running RQ job for RQ's FailedJobRegistry. `outbox` names the keys where the run store's
+    commits leave their jobs (`RqRunStore`)."""
+
+    def __init__(self, client: Any, queue_name: str = "flowcraft-queue", settings: RqSettings = RqSettings()) -> None:
+        self.client = client
+        self.queue_name = validate_simple("queue name", queue_name)
+        self.settings = settings
+        self.rq = Queue(queue_name, connection=client, serializer=JSONSerializer)
+        self.outbox = QueueKeys(f"{queue_name}.outbox", settings.prefix)
+        self._slug = re.sub(r"[^A-Za-z0-9_-]", "_", queue_name)[:64]
+        intervals = list(settings.retry_intervals)
+        self._retry = Retry(max=len(intervals), interval=intervals) if intervals else None
+        self._meta = {META_KEY: settings.to_meta()}
+        self._fixed_keys = [self.outbox.ready, self.outbox.delayed, self.rq.key,
+                            self.rq.scheduled_job_registry.key, self.rq.redis_queues_keys]
+        self._publish = client.register_script(_PUBLISH_LUA)
+        self._local = threading.local()
+
+    def job_id(self, job: Job) -> str:
+        """The deterministic RQ job id of a Flowcraft job (the same for every enqueue of it)."""
+        fields = (self.settings.prefix, job.kind, job.run_id, job.node_id, job.iteration, job.index, job.attempt)
+        identity = "\x00".join("" if f is None else str(f) for f in fields)
+        return f"fc-{self._slug}-{hashlib.sha1(identity.encode()).hexdigest()}"
+
+    # --- producing ------------------------------------------------------------------------
+
+    def enqueue(self, jobs: Sequence[Job], delay: float = 0.0) -> None:
+        if not jobs or self._answers_retry(jobs, delay):
+            return
+        due = time.time() + float(delay) if delay and delay > 0 else None
+        self.publish([Entry(j.to_json(), j, due) for j in jobs])
+
+    @translate_errors
+    def publish(self, entries: Sequence[Entry]) -> Tuple[int, int]:
+        """Create the RQ jobs of `entries` in one script call (see `_PUBLISH_LUA`); return (RQ jobs
+        created, entries left in the outbox)."""
+        if not entries:
+            return 0, 0
+        keys, args = self.publish_call(entries)
+        created, left = self._publish(keys=keys, args=args)
+        return int(created), int(left)
+
+    @property
+    def publish_script(self) -> Any:
+        """The registered `_PUBLISH_LUA` (its ``sha`` for EVALSHA in a pipeline)."""
+        return self._publish
+
+    def publish_call(self, entries: Sequence[Entry]) -> Tuple[List[Any], List[Any]]:
+        """The KEYS and ARGV of the `_PUBLISH_LUA` call that publishes `entries`."""
+        keys: List[Any] = list(self._fixed_keys)
+        args: List[Any] = [len(entries)]
+        for entry in entries:
+            job_id = self.job_id(entry.job) if entry.job is not None else f"fc-{self._slug}-x{os.urandom(8).hex()}"
+            spare = f"{job_id}-{os.urandom(4).hex()}"
+            fields = self._hash_fields(entry, job_id)
+            keys += (RqJob.key_for(job_id), RqJob.key_for(spare))
+            args += (entry.source, entry.member, job_id, spare, "" if entry.due is None else due_second(entry.due),
+                     len(fields) // 2, *fields)
+        return keys, args
+
+    def _hash_fields(self, entry: Entry, job_id: str) -> List[Any]:
+        """The RQ job hash of `entry`, as RQ's ``enqueue`` / ``enqueue_at`` would write it."""
+        scheduled = entry.due is not None
+        rq_job = self.rq.create_job(
+            RUN_NODE, args=(entry.body,), job_id=job_id, timeout=self.settings.job_timeout,
+            result_ttl=self.settings.result_ttl, failure_ttl=self.settings.effective_failure_ttl, retry=self._retry,
+            meta=self._meta, description=_describe(entry.job),
+            status=JobStatus.SCHEDULED if scheduled else JobStatus.QUEUED)
+        if not scheduled:
+            rq_job.enqueued_at = rq_now()
+        flat: List[Any] = []
+        for name, value in rq_job.to_dict().items():
+            if value is not None:
+                flat += (name, value.value if isinstance(value, Enum) else value)
+        return flat
+
+    # --- the RQ job being run -------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def handling(self, inflight: InFlight) -> Iterator[InFlight]:
+        """Mark `inflight` as the RQ job this thread runs (for `enqueue` and `dead_letter`)."""
+        previous = getattr(self._local, "inflight", None)
+        self._local.inflight = inflight
+        try:
+            yield inflight
+        finally:
+            self._local.inflight = previous
+
+    def _answers_retry(self, jobs: Sequence[Job], delay: float) -> bool:
+        """Is this the core asking for the next attempt of the job in hand (`RetryLater`)? Then
+        the RQ job will return `rq.Retry` instead: no new RQ job."""
+        inflight = getattr(self._local, "inflight", None)
+        if inflight is None or inflight.delivery.job is None or len(jobs) != 1 or inflight.retry_delay is not None:
+            return False
+        asked, held = jobs[0], inflight.delivery.job
+        same_job = (asked.key, asked.kind, asked.first_seen) == (held.key, held.kind, held.first_seen)
+        if not same_job or asked.attempt != held.attempt + 1:
+            return False
+        inflight.retry_delay = max(0.0, float(delay or 0.0))
+        return True
+
+    # --- the JobQueue port, consumer side -------------------------------------------------
+
+    def fetch(self, max_jobs: int = 1, timeout: float = 1.0) -> List[Delivery]:
+        raise NotImplementedError("RQ jobs are taken by an RQ worker: RqAdapter.work() or `rq worker`")
+
+    def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Nothing to do: RQ finishes the job when the job function returns."""
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        inflight = getattr(self._local, "inflight", None)
+        if inflight is not None and inflight.delivery is delivery:
+            inflight.dead_reason = reason
+        else:  # DistributedAdapter only dead-letters the delivery in hand
+            logger.error("dead letter outside of its RQ job (%s): %s", to_text(delivery.body)[:200], reason)
+
+    def close(self) -> None:
+        """Nothing to release: the Redis client belongs to the adapter."""
+
+    # --- inspection -----------------------------------------------------------------------
+
+    @translate_errors
+    def dead_letters(self) -> List[Dict[str, Any]]:
+        """The dead-lettered jobs in RQ's FailedJobRegistry: ``{"body", "reason", "rqJobId"}``."""
+        registry = self.rq.failed_job_registry
+        out = []
+        for rq_job in RqJob.fetch_many(registry.get_job_ids(), connection=self.client, serializer=JSONSerializer):
+            reason = (rq_job.meta or {}).get(DEAD_LETTER_META_KEY) if rq_job is not None else None
+            if reason is not None:
+                out.append({"body": rq_job.args[0] if rq_job.args else None, "reason": reason, "rqJobId": rq_job.id})
+        return out
+
+    @translate_errors
+    def pending(self) -> int:
+        """RQ jobs queued, scheduled or running."""
+        return self.rq.count + self.rq.scheduled_job_registry.count + self.rq.started_job_registry.count
+
+
+def _describe(job: Optional[Job]) -> str:
+    if job is None:
+        return "flowcraft job (unreadable)"
+    where = f"{job.run_id}/{job.node_id}@{job.iteration}"
+    attempt = f" attempt {job.attempt}" if job.attempt != 1 else ""
+    return f"flowcraft {job.kind} {where}{attempt}"
+
+
+__all__ = ["Entry", "InFlight", "RUN_NODE", "RqQueue"]
