@@ -171,6 +171,8 @@ class RedisRunStore:
         self._known[commit.run_id] = (commit.expected_version + 1, fields)
 
     def _call_commits(self, calls: List[Tuple[List[Any], List[Any], List[Any]]]) -> List[Any]:
+        """ONE `self._commit(keys=..., args=...)` call for all the commits (RqRunStore wraps
+        `self._commit` to send its publish script in the same round trip)."""
         if not calls:
             return []
         keys: List[Any] = []
