@@ -3,13 +3,16 @@
 core's; this module only wires the ports."""
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional
 
 from flowcraft.distributed import DistributedAdapter, Reconciler
 
-from .queue import RabbitMqQueue
+from .queue import DEFAULT_PREFETCH, RabbitMqQueue
 from .schema import DEFAULT_CONTEXT_TABLE, DEFAULT_STATUS_TABLE, validate_identifier
 from .store import PostgresContext, PostgresRunStore
+
+logger = logging.getLogger("flowcraft.rabbitmq.adapter")
 
 
 class RabbitMqAdapter(DistributedAdapter):
@@ -31,7 +34,7 @@ class RabbitMqAdapter(DistributedAdapter):
         context_table_name: str = DEFAULT_CONTEXT_TABLE,
         status_table_name: str = DEFAULT_STATUS_TABLE,
         queue_name: str = "flowcraft-jobs",
-        prefetch: int = 10,
+        prefetch: int = DEFAULT_PREFETCH,
         *,
         runs_table_name: Optional[str] = None,
         outbox_table_name: Optional[str] = None,
@@ -55,10 +58,20 @@ class RabbitMqAdapter(DistributedAdapter):
         return PostgresContext(self.store, run_id)
 
     def work(self, burst: bool = False, max_jobs: Optional[int] = None) -> int:
+        # While the loop runs, published outbox rows are deleted by the next commit, or once the
+        # worker is idle (`queue.on_idle`), instead of by a transaction of their own per batch.
+        self.store.defer_deletes = True
+        self.queue.on_idle = self.store.flush_published
         try:
             return super().work(burst, max_jobs)
         finally:
+            self.store.defer_deletes = False
+            self.queue.on_idle = None
             self.queue.release()  # prefetched, unprocessed deliveries go back to the queue
+            try:
+                self.store.flush_published()
+            except Exception as error:  # PostgreSQL is down: the rows are deleted by the next flush
+                logger.warning("could not delete published outbox rows: %s", error)
 
     def close(self) -> None:
         self.stop()

@@ -15,8 +15,12 @@ Queues (all durable):
   delay queue per rounded delay if you need tighter timers.
 
 Messages are persistent (``delivery_mode=2``) and published with publisher confirms (and
-``mandatory``), so `enqueue` returns only once RabbitMQ has them. Deliveries are acknowledged
-manually, after the commit (the core calls `ack`). Publishing and consuming use two connections
+``mandatory``), so `enqueue` returns only once RabbitMQ has them; several messages go as one AMQP
+transaction (`tx.commit-ok` comes once RabbitMQ has them all), their frames written in one `send`.
+Deliveries are acknowledged manually, after the commit (the core calls `ack`): the oldest ones
+acknowledged together as one `multiple` ack. A consumer holds up to `prefetch` deliveries
+(`DEFAULT_PREFETCH`); `fetch` returns what has arrived, without waiting for more once it has one.
+Publishing and consuming use two connections
 (a `BlockingConnection` is not thread-safe, and a client thread may publish while the worker thread
 consumes), each behind its own lock. A dropped connection is re-opened with capped exponential
 backoff; deliveries unacknowledged on the old channel are redelivered by RabbitMQ by itself, and
@@ -39,6 +43,12 @@ logger = logging.getLogger("flowcraft.rabbitmq.queue")
 
 REASON_HEADER = "x-flowcraft-reason"
 _AMQP_ERRORS = (pika.exceptions.AMQPError, ConnectionError, OSError)
+_IDLE_AFTER = 0.05  # seconds without deliveries before `on_idle` is called
+# Unacknowledged deliveries a consumer may hold. The worker handles what it holds as one batch (a
+# wave per run): 40 lets it hold the next wave while it commits one, which measured 1.4-1.6x the
+# node executions/s of 10 on the 20x20 chain benchmark. Lower it for slow node code, where a
+# worker holding many jobs keeps them from idle workers.
+DEFAULT_PREFETCH = 40
 
 
 def _parameters(connection_or_url: Any) -> pika.connection.Parameters:
@@ -47,6 +57,19 @@ def _parameters(connection_or_url: Any) -> pika.connection.Parameters:
     if isinstance(connection_or_url, pika.connection.Parameters):
         return connection_or_url
     return connection_or_url._impl.params  # a ready BlockingConnection: reuse its parameters
+
+
+def _coalesce_output(connection: Any) -> None:
+    """Join the frames pika has buffered into one chunk: it sends every chunk with its own
+    `send()`, three per message, and RabbitMQ then handles every segment on its own. Measured here
+    on a 20-message transaction: half the wall time, half the client CPU and a third less broker CPU
+    per message. Relies on pika 1.x internals; does nothing if they are not there."""
+    transport = getattr(getattr(connection, "_impl", None), "_transport", None)
+    buffers = getattr(transport, "_tx_buffers", None)
+    if isinstance(buffers, collections.deque) and len(buffers) > 1:
+        joined = b"".join(buffers)
+        buffers.clear()
+        buffers.append(joined)
 
 
 class _Link:
@@ -107,7 +130,7 @@ class _Link:
 class RabbitMqQueue:
     """The job queue on RabbitMQ; see the module docstring."""
 
-    def __init__(self, connection_or_url: Any, queue_name: str = "flowcraft-jobs", prefetch: int = 10, *,
+    def __init__(self, connection_or_url: Any, queue_name: str = "flowcraft-jobs", prefetch: int = DEFAULT_PREFETCH, *,
                  reconnect_timeout: float = 60.0, max_backoff: float = 2.0) -> None:
         if not isinstance(queue_name, str) or not queue_name or len(queue_name.encode()) > 240:
             raise ValueError(f"invalid queue name {queue_name!r}")
@@ -120,9 +143,13 @@ class RabbitMqQueue:
         self._publisher = _Link(params, self._setup_publisher, "publisher", None, reconnect_timeout, max_backoff)
         self._consumer = _Link(params, self._setup_consumer, "consumer", given, reconnect_timeout, max_backoff)
         self._buffer: Deque[Tuple[int, Any, Any]] = collections.deque()  # (generation, method, body)
+        self._unacked: Deque[int] = collections.deque()  # delivery tags of the consumer channel not yet acked, in order
         self._consumer_tag: Optional[str] = None
         self._tx: Optional[Tuple[int, Any]] = None  # (publisher generation, transactional channel)
         self._returned: List[bytes] = []
+        self._plain_props = pika.BasicProperties(delivery_mode=2, content_type="application/json")
+        # Called (in `fetch`, by the consuming thread) once no delivery came for a moment.
+        self.on_idle: Optional[Callable[[], None]] = None
         with self._publisher.lock:
             self._publisher.ensure()  # declares the queues; fails fast on a bad URL
 
@@ -143,9 +170,11 @@ class RabbitMqQueue:
         channel.basic_qos(prefetch_count=self.prefetch)
         generation = self._consumer.generation
         self._buffer.clear()  # deliveries of a closed channel come back by themselves
+        self._unacked.clear()
 
         def on_message(ch: Any, method: Any, properties: Any, body: bytes) -> None:
             self._buffer.append((generation, method, body))
+            self._unacked.append(method.delivery_tag)
 
         self._consumer_tag = channel.basic_consume(self.queue_name, on_message, auto_ack=False)
 
@@ -190,7 +219,10 @@ class RabbitMqQueue:
                     returned: List[bytes] = []
                     self._returned = returned
                     for key, body, props in todo:
-                        channel.basic_publish("", key, body, properties=props, mandatory=True)
+                        # the underlying channel's publish only buffers the frames: `tx_commit`
+                        # sends them all at once (the blocking one would flush every message)
+                        channel._impl.basic_publish("", key, body, properties=props, mandatory=True)
+                    _coalesce_output(link.connection)
                     channel.tx_commit()
                     link.connection.process_data_events(time_limit=0)  # dispatch basic.return frames
                     todo = [m for m in todo if m[1] in returned]
@@ -217,16 +249,23 @@ class RabbitMqQueue:
         return tx[1]
 
     def enqueue(self, jobs: Sequence[Job], delay: float = 0.0) -> None:
-        if not jobs:
-            return
-        if delay > 0:
-            props = pika.BasicProperties(delivery_mode=2, content_type="application/json",
-                                         expiration=str(max(1, int(round(delay * 1000)))))
-            key = self.delay_queue
-        else:
-            props = pika.BasicProperties(delivery_mode=2, content_type="application/json")
-            key = self.queue_name
-        self._publish([(key, job.to_json().encode(), props) for job in jobs])
+        self.enqueue_serialized([(job.to_json(), delay) for job in jobs])
+
+    def enqueue_serialized(self, messages: Sequence[Tuple[Any, float]]) -> None:
+        """Publish jobs already serialized (as `Job.to_json` writes them, str or bytes), each with its
+        delay in seconds, all in one batch (one AMQP transaction when there are several)."""
+        out = []
+        for body, delay in messages:
+            if delay > 0:
+                props = pika.BasicProperties(delivery_mode=2, content_type="application/json",
+                                             expiration=str(max(1, int(round(delay * 1000)))))
+                key = self.delay_queue
+            else:
+                props = self._plain_props
+                key = self.queue_name
+            out.append((key, body.encode() if isinstance(body, str) else body, props))
+        if out:
+            self._publish(out)
 
     def publish_raw(self, body: bytes) -> None:
         """Publish a raw message to the main queue, as a foreign (or broken) client would."""
@@ -241,6 +280,7 @@ class RabbitMqQueue:
         link = self._consumer
         with link.lock:
             deadline = time.monotonic() + max(0.0, timeout)
+            idle = False
             while True:
                 try:
                     channel = link.ensure()
@@ -248,12 +288,19 @@ class RabbitMqQueue:
                     if not self._buffer:
                         remaining = deadline - time.monotonic()
                         if remaining > 0:
-                            link.connection.process_data_events(time_limit=min(remaining, 1.0))
+                            # a short first wait: between two batches nothing is idle yet
+                            wait = min(remaining, 1.0 if idle or self.on_idle is None else _IDLE_AFTER)
+                            link.connection.process_data_events(time_limit=wait)
+                            if not self._buffer and not idle:
+                                idle = True
+                                self._idle()
                             if not self._buffer and time.monotonic() < deadline:
                                 continue
                         elif timeout <= 0 and self._pending_in_broker(channel):
                             # burst mode: messages are ready but not pushed to us yet
                             link.connection.process_data_events(time_limit=0.2)
+                    if self._buffer:
+                        self._gather(link, max_jobs)
                     break
                 except _AMQP_ERRORS as error:
                     logger.warning("consuming from RabbitMQ failed (%r): reconnecting", error)
@@ -266,18 +313,48 @@ class RabbitMqQueue:
                 out.append(Delivery.parse(body, tag=(generation, method.delivery_tag), redelivered=method.redelivered))
             return out
 
+    def _idle(self) -> None:
+        """Nothing came for `_IDLE_AFTER` seconds: let the owner catch up (see `on_idle`)."""
+        try:
+            if self.on_idle is not None:
+                self.on_idle()
+        except Exception as error:  # for instance PostgreSQL down: the worker loop finds out by itself
+            logger.warning("on_idle failed: %r", error)
+
+    def _gather(self, link: _Link, max_jobs: int) -> None:
+        """Deliveries arrive one after the other, and pika returns with the first: take in those
+        that are on the socket already, so that a batch is as full as it gets without waiting
+        (waiting for more, even 0.5 ms, measured slower)."""
+        while len(self._buffer) < max_jobs:
+            before = len(self._buffer)
+            link.connection.process_data_events(time_limit=0)
+            if len(self._buffer) == before:
+                return
+
     def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Acknowledge deliveries of the current consumer channel (those of a closed one are
+        redelivered by RabbitMQ, and the core drops them). The longest run of the oldest
+        unacknowledged deliveries goes as one `multiple` ack; any others one by one."""
         link = self._consumer
         with link.lock:
-            for delivery in deliveries:
-                generation, tag = delivery.tag
-                if generation != link.generation or link.channel is None:
-                    continue  # the channel it came on is gone: RabbitMQ redelivers it, the core drops it
-                try:
-                    link.channel.basic_ack(tag)
-                except _AMQP_ERRORS as error:
-                    logger.warning("ack failed (%r); the job will be redelivered and dropped", error)
-                    link.drop()
+            tags = {d.tag[1] for d in deliveries if d.tag[0] == link.generation}
+            if not tags or link.channel is None:
+                return
+            unacked = self._unacked
+            upto = None
+            while unacked and unacked[0] in tags:
+                upto = unacked.popleft()
+                tags.discard(upto)
+            try:
+                if upto is not None:
+                    link.channel.basic_ack(upto, multiple=True)
+                for tag in sorted(tags):
+                    if tag in unacked:  # never twice: RabbitMQ closes the channel on an unknown tag
+                        unacked.remove(tag)
+                        link.channel.basic_ack(tag)
+            except _AMQP_ERRORS as error:
+                logger.warning("ack failed (%r); the jobs will be redelivered and dropped", error)
+                link.drop()
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
         props = pika.BasicProperties(delivery_mode=2, headers={REASON_HEADER: reason})
@@ -290,6 +367,7 @@ class RabbitMqQueue:
         link = self._consumer
         with link.lock:
             self._buffer.clear()
+            self._unacked.clear()
             channel, link.channel = link.channel, None
             try:
                 if channel is not None and channel.is_open:

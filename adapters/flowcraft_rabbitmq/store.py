@@ -1,19 +1,35 @@
 """`PostgresRunStore`: the `RunStore` port on PostgreSQL JSONB (same semantics as `InMemoryRunStore`).
 
-* A commit is ONE SQL statement (data-modifying CTEs, autocommit): the version-checked update of the
-  runs row, the JSONB patch of the context (`(context_data || set) - deleted`), the status row
-  (`updated_at = now()`, `result` when final) and the outbox rows. No matching version, no change.
-* `load` is one SELECT: the record, the requested node states and the requested context keys
-  (extracted server side, key by key).
-* Jobs committed with a node's completion go to the outbox table; `publish_outbox` publishes them
-  (with publisher confirms) under `SELECT ... FOR UPDATE SKIP LOCKED` and deletes them.
+* A commit is ONE SQL statement (data-modifying CTEs, autocommit), and so is a group commit of
+  every job of a prefetch window (`commit_many`): the wave travels as one JSON document, the runs
+  rows whose version still matches are locked in run-id order (two workers committing overlapping
+  waves cannot deadlock), then, as set operations, the runs rows are updated (record, node states,
+  batch items), the contexts patched (`(context_data || set) - deleted`), the status rows upserted
+  (`updated_at = now()`, `result` when final) and the outbox rows inserted. The statement returns
+  which runs it applied and the outbox rows it wrote; a run whose version did not match is left
+  untouched and reported as not applied. One WAL flush serves the whole wave.
+* `load`/`load_many` is one SELECT: the records, the requested node states and the requested
+  context keys (extracted server side, key by key).
+* The hot statements (wave commit, wave load) are server-side prepared (`PREPARE`, once per
+  connection): no parse or plan per wave.
+* Jobs committed with a node's completion go to the outbox table. `publish_outboxes` publishes the
+  rows the calling thread's own commits returned, without reading the table again, then deletes
+  them: while a worker loop runs (`defer_deletes`), in its next commit statement (or once it is
+  idle, or stops: `flush_published`), else at once, in both cases without waiting for the WAL
+  flush of the delete. A delete lost in a crash only means the jobs are published again if the run's
+  outbox is read again, and a duplicate job is dropped by the worker that takes it. For a run this
+  thread did not just commit (a redelivered job whose commit crashed before its publish, a retried
+  start, `reconcile`), it reads the run's outbox rows under `SELECT ... FOR UPDATE SKIP LOCKED`, as
+  a crashed worker's rows must still go out.
 * A dropped connection (PostgreSQL restart, `pg_terminate_backend`) is replaced with exponential
-  backoff, and the failed operation is retried once on the new connection. Every operation is safe
-  to retry: a commit is a single statement (applied or not; a retry of an applied one fails its
-  version check and the core reloads), the others are reads or idempotent.
+  backoff, and the failed operation is retried once on the new connection (statements are prepared
+  again). Every operation is safe to retry: a commit is a single statement or one transaction
+  (applied or not; a retry of an applied one fails its version check and the core reloads, and its
+  outbox rows are then found by the table read), the others are reads or idempotent.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -22,6 +38,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import attrs
 import psycopg2
+import psycopg2.errors
 import psycopg2.extras
 from psycopg2 import sql
 
@@ -33,6 +50,7 @@ logger = logging.getLogger("flowcraft.rabbitmq.store")
 
 _FINAL = ("completed", "failed", "cancelled", "stalled")
 _CONNECTION_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)
+_MAX_DEFERRED_DELETES = 5000  # published outbox rows whose delete may wait for the next commit
 
 
 class StoreUnavailable(ConnectionError):
@@ -80,10 +98,18 @@ class PostgresRunStore:
             dsn = conn_or_dsn.dsn
             self._connect = lambda: psycopg2.connect(dsn, connect_timeout=connect_timeout)
         self._lock = threading.RLock()
+        # Per thread: the outbox rows of the runs this thread just committed, until it publishes them.
+        self._local = threading.local()
+        # Ids of outbox rows published and not deleted yet. While `defer_deletes` is set (a worker
+        # loop runs), they are deleted by the next commit statement instead of a transaction of
+        # their own, and when the worker goes idle or stops (`flush_published`).
+        self._published: List[int] = []
+        self.defer_deletes = False
+        self._prepared_on: Any = None  # the connection the hot statements are prepared on
         if create_schema:
             ensure_schema(self.conn, self.context_table, self.status_table, self.runs_table, self.outbox_table)
-        self._prepare()
         self._build_queries()
+        self._prepare()
 
     def _prepare(self) -> None:
         if not self.conn.autocommit:
@@ -122,6 +148,8 @@ class PostgresRunStore:
             for attempt in (1, 2):
                 try:
                     with self.conn.cursor() as cur:
+                        if self._prepared_on is not self.conn:
+                            self._prepare_statements(cur)
                         return operation(cur)
                 except _CONNECTION_ERRORS as error:
                     if attempt == 2:
@@ -131,6 +159,15 @@ class PostgresRunStore:
                 except BaseException:
                     self._abort()
                     raise
+
+    def _prepare_statements(self, cur: Any) -> None:
+        """PREPARE the hot statements on the current connection (lazily: the tables must exist)."""
+        for name, (types, text) in self._prepared_sql.items():
+            try:
+                cur.execute(sql.SQL("PREPARE {} ({}) AS ").format(sql.Identifier(name), sql.SQL(types)) + text)
+            except psycopg2.errors.DuplicatePreparedStatement:
+                pass  # another store with the same tables on this connection prepared the same text
+        self._prepared_on = self.conn
 
     def _abort(self) -> None:
         """Roll back a transaction left open by a failed multi-statement operation (autocommit
@@ -145,6 +182,10 @@ class PostgresRunStore:
     def close(self) -> None:
         with self._lock:
             if not self.conn.closed:
+                try:
+                    self.flush_published()
+                except Exception as error:  # closing anyway: the rows are only published twice if read again
+                    logger.warning("could not delete %d published outbox rows: %s", len(self._published), error)
                 self.conn.close()
 
     # --- queries ---------------------------------------------------------------------------------
@@ -153,56 +194,86 @@ class PostgresRunStore:
         ids = {"ctx": sql.Identifier(self.context_table), "st": sql.Identifier(self.status_table),
                "runs": sql.Identifier(self.runs_table), "outbox": sql.Identifier(self.outbox_table)}
         q = lambda text: sql.SQL(text).format(**ids)  # noqa: E731
-        status_upsert = (
-            " INSERT INTO {st} (run_id, status, updated_at, result) SELECT run_id, %(status)s, now(), %(result)s FROM r"
-            " ON CONFLICT (run_id) DO UPDATE SET status = EXCLUDED.status, updated_at = now(), result = EXCLUDED.result"
-        )
-        outbox_insert = (
-            " INSERT INTO {outbox} (run_id, body, delay_ms) SELECT r.run_id, u.body, u.delay_ms FROM r,"
-            " unnest(%(bodies)s::text[], %(delays)s::int[]) WITH ORDINALITY AS u(body, delay_ms, ord) ORDER BY u.ord"
-        )
-        tail = (
-            ", c AS (UPDATE {ctx} SET context_data = (context_data || %(ctx_set)s::jsonb) - %(ctx_del)s::text[]"
-            "        WHERE %(has_ctx)s AND run_id IN (SELECT run_id FROM r))"
-            ", s AS (" + status_upsert + ")"
-            ", o AS (" + outbox_insert + ")"
-            " SELECT count(*) FROM r"
-        )
-        self._q_commit = q(
-            "WITH r AS (UPDATE {runs} SET record = %(record)s, states = states || %(states)s::jsonb,"
-            "           items = items || %(items)s::jsonb"
-            "           WHERE run_id = %(run_id)s AND (record->>'version')::int = %(expected)s RETURNING run_id)" + tail
+        # Statement names are per table set, so two stores may share a connection.
+        tag = hashlib.sha1("|".join((self.context_table, self.status_table, self.runs_table,
+                                     self.outbox_table)).encode()).hexdigest()[:12]
+        names = {what: f"flowcraft_{tag}_{what}" for what in ("commit", "load", "record")}
+        execute = lambda name: sql.SQL("EXECUTE {} (%s)").format(sql.Identifier(name))  # noqa: E731
+        upsert = (" ON CONFLICT (run_id) DO UPDATE SET status = EXCLUDED.status, updated_at = now(),"
+                  " result = EXCLUDED.result")
+        # What every commit statement returns: a row per applied run, then a row per outbox row.
+        returning = (" SELECT run_id, NULL::bigint, NULL::text, NULL::int FROM r"
+                     " UNION ALL SELECT run_id, id, body, delay_ms FROM o")
+        # The wave commit ($1: a JSON array, one object per commit; see `_wave`). Only runs rows whose
+        # version matches are locked, in run-id order, before anything is written; everything
+        # else of a run is written only once its runs row is locked by this statement.
+        wave = (
+            "WITH w AS MATERIALIZED (SELECT * FROM jsonb_to_recordset($1) AS w(run_id text, expected int, record jsonb,"
+            "         states jsonb, items jsonb, ctx_set jsonb, ctx_del text[], status text, result jsonb, jobs jsonb))"
+            ", lk AS MATERIALIZED (SELECT t.run_id FROM {runs} AS t JOIN w ON w.run_id = t.run_id"
+            "         WHERE (t.record->>'version')::int = w.expected ORDER BY t.run_id FOR UPDATE OF t)"
+            ", r AS (UPDATE {runs} AS t SET record = w.record, states = t.states || w.states, items = t.items || w.items"
+            "         FROM w JOIN lk ON lk.run_id = w.run_id"
+            "         WHERE t.run_id = w.run_id AND (t.record->>'version')::int = w.expected RETURNING t.run_id)"
+            ", c AS (UPDATE {ctx} AS t SET context_data = (t.context_data || w.ctx_set) - w.ctx_del"
+            "         FROM w JOIN r ON r.run_id = w.run_id"
+            "         WHERE t.run_id = w.run_id AND (w.ctx_set <> '{{}}'::jsonb OR cardinality(w.ctx_del) > 0))"
+            ", s AS (INSERT INTO {st} (run_id, status, updated_at, result)"
+            "         SELECT w.run_id, w.status, now(), w.result FROM w JOIN r ON r.run_id = w.run_id ORDER BY w.run_id"
+            + upsert + ")"
+            ", o AS (INSERT INTO {outbox} (run_id, body, delay_ms)"
+            "         SELECT w.run_id, j.e->>0, (j.e->>1)::int FROM w JOIN r ON r.run_id = w.run_id,"
+            "         jsonb_array_elements(w.jobs) WITH ORDINALITY AS j(e, ord) ORDER BY w.run_id, j.ord"
+            "         RETURNING id, run_id, body, delay_ms)"
+            # $2: outbox rows published since the last commit (rows a publisher elsewhere holds
+            # locked are skipped: it deletes them itself)
+            ", d AS (DELETE FROM {outbox} WHERE id = ANY($2) AND id IN"
+            "         (SELECT id FROM {outbox} WHERE id = ANY($2) FOR UPDATE SKIP LOCKED))" + returning
         )
         # Version 0: a run started by a seed client (a context row, no runs row) being adopted.
         self._q_adopt = q(
             "WITH r AS (INSERT INTO {runs} (run_id, record, states, items)"
             "           SELECT run_id, %(record)s, %(states)s, %(items)s FROM {ctx} WHERE run_id = %(run_id)s"
-            "           ON CONFLICT (run_id) DO NOTHING RETURNING run_id)" + tail
+            "           ON CONFLICT (run_id) DO NOTHING RETURNING run_id)"
+            ", c AS (UPDATE {ctx} SET context_data = (context_data || %(ctx_set)s::jsonb) - %(ctx_del)s::text[]"
+            "        WHERE %(has_ctx)s AND run_id IN (SELECT run_id FROM r))"
+            ", s AS (INSERT INTO {st} (run_id, status, updated_at, result) SELECT run_id, %(status)s, now(), %(result)s"
+            "        FROM r" + upsert + ")"
+            ", o AS (INSERT INTO {outbox} (run_id, body, delay_ms) SELECT r.run_id, j.e->>0, (j.e->>1)::int FROM r,"
+            "        jsonb_array_elements(%(jobs)s::jsonb) WITH ORDINALITY AS j(e, ord) ORDER BY j.ord"
+            "        RETURNING id, run_id, body, delay_ms)" + returning
         )
         self._q_create = q(
             "WITH r AS (INSERT INTO {ctx} (run_id, context_data) VALUES (%(run_id)s, %(context)s)"
             "           ON CONFLICT (run_id) DO NOTHING RETURNING run_id)"
             ", n AS (INSERT INTO {runs} (run_id, record, states) SELECT run_id, %(record)s, %(states)s FROM r"
             "        ON CONFLICT (run_id) DO NOTHING)"
-            ", s AS (" + status_upsert + ")"
-            ", o AS (" + outbox_insert + ")"
-            " SELECT count(*) FROM r"
+            ", s AS (INSERT INTO {st} (run_id, status, updated_at, result) SELECT run_id, %(status)s, now(), %(result)s"
+            "        FROM r" + upsert + ")"
+            ", o AS (INSERT INTO {outbox} (run_id, body, delay_ms) SELECT r.run_id, j.e->>0, (j.e->>1)::int FROM r,"
+            "        jsonb_array_elements(%(jobs)s::jsonb) WITH ORDINALITY AS j(e, ord) ORDER BY j.ord"
+            "        RETURNING id, run_id, body, delay_ms)" + returning
         )
         pick = ("(SELECT jsonb_object_agg(k, {col} -> k) FROM unnest(%({param})s::text[]) AS k WHERE {col} ? k)")
-        # One row per requested run, in the order asked; node ids and context keys travel as one
-        # JSON array per run, so any number of runs is one statement.
-        pick_json = "(SELECT jsonb_object_agg(k, {col} -> k) FROM jsonb_array_elements_text(q.{param}) AS k WHERE {col} ? k)"
-        self._q_load = q(
+        # One row per requested run, in the order asked ($1: a JSON array of [run id, node ids,
+        # context keys]), so any number of runs is one statement.
+        pick_json = "(SELECT jsonb_object_agg(k, {col} -> k) FROM jsonb_array_elements_text(q.e->{i}) AS k WHERE {col} ? k)"
+        load = (
             "SELECT c.run_id IS NOT NULL, r.record, "
-            + pick_json.format(col="r.states", param="nodes") + ", "
-            + pick_json.format(col="c.context_data", param="keys") + ", "
+            + pick_json.format(col="r.states", i=1) + ", "
+            + pick_json.format(col="c.context_data", i=2) + ", "
             "s.status, extract(epoch FROM s.updated_at)::float8"
-            " FROM unnest(%(run_ids)s::text[], %(nodes)s::jsonb[], %(keys)s::jsonb[]) WITH ORDINALITY AS q(run_id, nodes, keys, ord)"
-            " LEFT JOIN {ctx} AS c ON c.run_id = q.run_id"
-            " LEFT JOIN {runs} AS r ON r.run_id = q.run_id"
-            " LEFT JOIN {st} AS s ON s.run_id = q.run_id"
+            " FROM jsonb_array_elements($1) WITH ORDINALITY AS q(e, ord)"
+            " LEFT JOIN {ctx} AS c ON c.run_id = q.e->>0"
+            " LEFT JOIN {runs} AS r ON r.run_id = q.e->>0"
+            " LEFT JOIN {st} AS s ON s.run_id = q.e->>0"
             " ORDER BY q.ord"
         )
+        self._prepared_sql = {names["commit"]: ("jsonb, bigint[]", q(wave)), names["load"]: ("jsonb", q(load)),
+                              names["record"]: ("text", q("SELECT record FROM {runs} WHERE run_id = $1"))}
+        self._x_commit = sql.SQL("EXECUTE {} (%s, %s)").format(sql.Identifier(names["commit"]))
+        self._x_load = execute(names["load"])
+        self._x_record = execute(names["record"])
         self._q_states = q("SELECT " + pick.format(col="states", param="nodes") + " FROM {runs} WHERE run_id = %(run_id)s")
         self._q_all_states = q("SELECT states FROM {runs} WHERE run_id = %(run_id)s")
         self._q_context = q("SELECT " + pick.format(col="context_data", param="keys") + " FROM {ctx} WHERE run_id = %(run_id)s")
@@ -216,6 +287,8 @@ class PostgresRunStore:
             " SELECT id, body, delay_ms FROM {outbox} WHERE run_id = ANY(%(run_ids)s::text[]) ORDER BY id FOR UPDATE SKIP LOCKED"
         )
         self._q_outbox_delete = q("DELETE FROM {outbox} WHERE id = ANY(%(ids)s::bigint[]); COMMIT")
+        self._q_outbox_forget = q("BEGIN; SET LOCAL synchronous_commit TO OFF;"
+                                  " DELETE FROM {outbox} WHERE id = ANY(%(ids)s::bigint[]); COMMIT")
         self._q_idle = q(
             "SELECT (SELECT count(*) FROM {st} WHERE status = 'running'),"
             " array(SELECT run_id FROM {st} WHERE status = 'running'"
@@ -232,21 +305,21 @@ class PostgresRunStore:
     # --- RunStore ------------------------------------------------------------------------------
 
     @staticmethod
-    def _outbox_params(entries: Sequence[Tuple[Job, float]]) -> Dict[str, Any]:
-        return {"bodies": [job.to_json() for job, _ in entries],
-                "delays": [max(0, int(round(delay * 1000))) for _, delay in entries]}
+    def _jobs_json(commit_jobs: Sequence[Job], delayed: Sequence[Tuple[Job, float]] = ()) -> List[List[Any]]:
+        """The outbox rows of a commit as [body, delay_ms] pairs, in order."""
+        return ([[job.to_json(), 0] for job in commit_jobs]
+                + [[job.to_json(), max(0, int(round(delay * 1000)))] for job, delay in delayed])
 
     def create_run(self, record: RunRecord, context: Mapping[str, Any], states: Mapping[str, Dict[str, Any]], jobs: Sequence[Job]) -> bool:
         params = {"run_id": record.run_id, "context": _json(dict(context)), "record": _json(attrs.asdict(record)),
                   "states": _json(dict(states)), "status": record.status, "result": _json(record.result)
-                  if record.result is not None else None}
-        params.update(self._outbox_params([(j, 0.0) for j in jobs]))
+                  if record.result is not None else None, "jobs": _json(self._jobs_json(jobs))}
 
-        def op(cur: Any) -> bool:
+        def op(cur: Any) -> List[Any]:
             cur.execute(self._q_create, params)
-            return cur.fetchone()[0] == 1
+            return cur.fetchall()
 
-        return self._run(op)
+        return record.run_id in self._remember(self._run(op))
 
     def load(self, run_id: str, node_ids: Iterable[str], context_keys: Iterable[str]) -> Optional[RunSnapshot]:
         return self.load_many([(run_id, list(node_ids), list(context_keys))])[0]
@@ -254,12 +327,10 @@ class PostgresRunStore:
     def load_many(self, requests: Sequence[Tuple[str, Sequence[str], Sequence[str]]]) -> List[Optional[RunSnapshot]]:
         if not requests:
             return []
-        params = {"run_ids": [run_id for run_id, _, _ in requests],
-                  "nodes": [json.dumps(list(nodes)) for _, nodes, _ in requests],
-                  "keys": [json.dumps(list(keys)) for _, _, keys in requests]}
+        wanted = json.dumps([[run_id, list(nodes), list(keys)] for run_id, nodes, keys in requests], separators=(",", ":"))
 
         def op(cur: Any) -> List[Any]:
-            cur.execute(self._q_load, params)
+            cur.execute(self._x_load, (wanted,))
             return cur.fetchall()
 
         return [self._snapshot(run_id, row) for (run_id, _, _), row in zip(requests, self._run(op))]
@@ -304,77 +375,166 @@ class PostgresRunStore:
         found = self._select_one(self._q_items, {"run_id": run_id, "fields": fields})
         return list(found) if found else [None] * len(fields)
 
+    # --- commits --------------------------------------------------------------------------------
+
     def commit(self, commit: Commit) -> bool:
-        return self._commit_one(commit)
-
-    def _commit_one(self, commit: Commit) -> bool:
-        query, params = self._commit_statement(commit)
-
-        def op(cur: Any) -> bool:
-            cur.execute(query, params)
-            return cur.fetchone()[0] == 1
-
-        return self._run(op)
+        return self._commit_all([commit])[0]
 
     def commit_many(self, commits: Sequence[Commit]) -> List[bool]:
-        """All in one transaction, so one WAL flush serves them all (group commit). Each statement
-        is still version-checked on its own; rows are locked in run-id order so that two workers
-        committing overlapping batches cannot deadlock."""
-        if len(commits) <= 1:
-            return [self._commit_one(c) for c in commits]
+        """Apply commits of different runs together: one statement, one WAL flush (see the module
+        docstring). Each is version-checked on its own: a stale one is reported False and leaves
+        its run untouched, the others apply."""
+        return self._commit_all(commits)
+
+    def _commit_all(self, commits: Sequence[Commit]) -> List[bool]:
+        if not commits:
+            return []
+        if any(c.expected_version == 0 for c in commits) or len({c.run_id for c in commits}) < len(commits):
+            return self._commit_each(commits)
+        wave = self._wave(commits)
+
+        def op(cur: Any) -> List[Any]:
+            published = list(self._published)  # under the store's lock, as every change of the list
+            cur.execute(self._x_commit, (wave, published))
+            rows = cur.fetchall()
+            del self._published[:len(published)]
+            return rows
+
+        applied = self._remember(self._run(op))
+        return [c.run_id in applied for c in commits]
+
+    def _commit_each(self, commits: Sequence[Commit]) -> List[bool]:
+        """Adoptions of seed-protocol runs (version 0), or several commits of one run: one
+        statement per commit, in run-id order (the lock order of the wave statement), in one
+        transaction."""
         order = sorted(range(len(commits)), key=lambda i: commits[i].run_id)
-        statements = [(i, *self._commit_statement(commits[i])) for i in order]
 
-        def op(cur: Any) -> List[bool]:
-            results = [False] * len(commits)
+        def op(cur: Any) -> List[List[Any]]:
+            rows: List[List[Any]] = [[] for _ in commits]
             cur.execute("BEGIN")
-            for i, query, params in statements:
-                cur.execute(query, params)
-                results[i] = cur.fetchone()[0] == 1
+            for i in order:
+                if commits[i].expected_version == 0:
+                    cur.execute(self._q_adopt, self._adopt_params(commits[i]))
+                else:
+                    cur.execute(self._x_commit, (self._wave([commits[i]]), []))
+                rows[i] = cur.fetchall()
             cur.execute("COMMIT")
-            return results
+            return rows
 
-        return self._run(op)
+        results = self._run(op)
+        return [c.run_id in self._remember(rows) for c, rows in zip(commits, results)]
 
-    def _commit_statement(self, commit: Commit) -> Tuple[Any, Dict[str, Any]]:
-        record = attrs.asdict(commit.record)
+    @staticmethod
+    def _new_record(commit: Commit) -> Tuple[Dict[str, Any], Any]:
+        record = attrs.asdict(commit.record, recurse=False)  # its values are JSON already
         record["version"] = commit.expected_version + 1
-        has_ctx = bool(commit.context_set or commit.context_delete)
-        params = {
-            "run_id": commit.run_id, "expected": commit.expected_version, "record": _json(record),
-            "states": _json(commit.states), "items": _json(commit.items),
-            "ctx_set": _json(commit.context_set), "ctx_del": list(commit.context_delete), "has_ctx": has_ctx,
-            "status": commit.record.status,
-            "result": _json(commit.record.result) if commit.record.status in _FINAL and commit.record.result is not None else None,
+        final = commit.record.status in _FINAL and commit.record.result is not None
+        return record, (commit.record.result if final else None)
+
+    def _wave(self, commits: Sequence[Commit]) -> str:
+        """The JSON document the wave statement reads with `jsonb_to_recordset`."""
+        entries = []
+        for commit in commits:
+            record, result = self._new_record(commit)
+            entries.append({
+                "run_id": commit.run_id, "expected": commit.expected_version, "record": record,
+                "states": commit.states, "items": commit.items, "ctx_set": commit.context_set,
+                "ctx_del": list(commit.context_delete), "status": commit.record.status, "result": result,
+                "jobs": self._jobs_json(commit.jobs, commit.delayed),
+            })
+        return json.dumps(entries, separators=(",", ":"))
+
+    def _adopt_params(self, commit: Commit) -> Dict[str, Any]:
+        record, result = self._new_record(commit)
+        return {
+            "run_id": commit.run_id, "record": _json(record), "states": _json(commit.states), "items": _json(commit.items),
+            "ctx_set": _json(commit.context_set), "ctx_del": list(commit.context_delete),
+            "has_ctx": bool(commit.context_set or commit.context_delete), "status": commit.record.status,
+            "result": _json(result) if result is not None else None,
+            "jobs": _json(self._jobs_json(commit.jobs, commit.delayed)),
         }
-        params.update(self._outbox_params([(j, 0.0) for j in commit.jobs] + list(commit.delayed)))
-        return (self._q_adopt if commit.expected_version == 0 else self._q_commit), params
+
+    # --- the outbox ------------------------------------------------------------------------------
+
+    def _unpublished(self) -> Dict[str, List[Tuple[int, str, int]]]:
+        pending = getattr(self._local, "pending", None)
+        if pending is None:
+            pending = self._local.pending = {}
+        return pending
+
+    def _remember(self, rows: Sequence[Sequence[Any]]) -> Dict[str, List[Tuple[int, str, int]]]:
+        """Keep the outbox rows a commit statement returned, for this thread's next publish;
+        returns them by applied run (a run without jobs maps to an empty list)."""
+        applied: Dict[str, List[Tuple[int, str, int]]] = {}
+        for run_id, row_id, body, delay_ms in rows:
+            jobs = applied.setdefault(run_id, [])
+            if row_id is not None:
+                jobs.append((row_id, body, delay_ms))
+        pending = self._unpublished()
+        for run_id, jobs in applied.items():
+            pending.setdefault(run_id, []).extend(jobs)
+        return applied
 
     def publish_outbox(self, run_id: str, queue: Any) -> int:
         return self.publish_outboxes([run_id], queue)
 
     def publish_outboxes(self, run_ids: Sequence[str], queue: Any) -> int:
-        """Lock the runs' outbox rows, publish them (confirmed), delete them. The delete is
-        committed without waiting for its WAL flush: should it be lost in a crash, the jobs are
-        published again, and a duplicate job is dropped by the worker that takes it."""
+        """Publish (confirmed) and delete the runs' outbox rows: those this thread's commits
+        returned as they are, those of other runs read from the table (see the module docstring)."""
+        pending = self._unpublished()
+        run_ids = list(dict.fromkeys(run_ids))
+        known = {run_id for run_id in run_ids if run_id in pending}
+        # Taken out before publishing: should the publish fail, the rows stay in the table, the
+        # deliveries stay unacknowledged, and their redelivery publishes the rows from the table.
+        rows = [row for run_id in run_ids if run_id in known for row in pending.pop(run_id)]
+        others = [run_id for run_id in run_ids if run_id not in known]
+        if others:
+            return self._publish_from_table(others, rows, queue)
+        if not rows:
+            return 0
+        self._publish_rows(rows, queue)
+        with self._lock:
+            self._published.extend(row[0] for row in rows)
+            if self.defer_deletes and len(self._published) < _MAX_DEFERRED_DELETES:
+                return len(rows)
+        self.flush_published()
+        return len(rows)
+
+    def flush_published(self) -> None:
+        """Delete the outbox rows published and not deleted yet (`synchronous_commit` off)."""
+        def op(cur: Any) -> None:
+            published = list(self._published)
+            if published:
+                cur.execute(self._q_outbox_forget, {"ids": published})
+                del self._published[:len(published)]
+
+        if self._published:
+            self._run(op)
+
+    def _publish_from_table(self, run_ids: Sequence[str], rows: Sequence[Tuple[int, str, int]], queue: Any) -> int:
+        """Lock the runs' outbox rows, publish them with `rows`, delete them all."""
         def op(cur: Any) -> int:
             cur.execute(self._q_outbox_lock, {"run_ids": list(run_ids)})
-            rows = cur.fetchall()
-            if not rows:
+            ids = {row[0] for row in rows}
+            todo = list(rows) + [row for row in cur.fetchall() if row[0] not in ids]
+            if not todo:
                 cur.execute("ROLLBACK")
                 return 0
             try:
-                self._publish_rows(rows, queue)
+                self._publish_rows(todo, queue)
             except BaseException:
                 self._abort()
                 raise
-            cur.execute(self._q_outbox_delete, {"ids": [row[0] for row in rows]})
-            return len(rows)
+            cur.execute(self._q_outbox_delete, {"ids": [row[0] for row in todo]})
+            return len(todo)
 
         return self._run(op)
 
     @staticmethod
     def _publish_rows(rows: Sequence[Tuple[int, str, int]], queue: Any) -> None:
+        serialized = getattr(queue, "enqueue_serialized", None)
+        if serialized is not None:  # the bodies are the jobs' JSON already: no parse and re-dump
+            return serialized([(body, max(0, int(delay_ms)) / 1000.0) for _, body, delay_ms in rows])
         by_delay: Dict[int, List[Job]] = {}
         for _, body, delay_ms in rows:
             by_delay.setdefault(max(0, int(delay_ms)), []).append(Job.from_json(body))
@@ -382,6 +542,16 @@ class PostgresRunStore:
             queue.enqueue(jobs, delay_ms / 1000.0)
 
     def get_record(self, run_id: str) -> Optional[RunRecord]:
+        """The run's record: one primary-key read (status polls call this in a loop); a run with
+        no runs row (unknown, or started by a seed client) goes through `load`."""
+        def op(cur: Any) -> Any:
+            cur.execute(self._x_record, (run_id,))
+            row = cur.fetchone()
+            return None if row is None else row[0]
+
+        record = self._run(op)
+        if record is not None:
+            return _record_from(record)
         snap = self.load(run_id, (), ())
         return None if snap is None else snap.record
 

@@ -427,3 +427,229 @@ def test_a_batched_worker_group_commits_concurrent_runs(make_adapter: Callable[.
         assert_same_result(adapter.wait_for_result(run_id, timeout=TIMEOUT), run_in_memory(SCENARIOS[name]))
     assert counting.grouped > 0, "no group commit happened"
     assert counting.outputs and max(counting.outputs.values()) == 1
+
+
+# ================================================================================================
+# Group commit, outbox and acknowledgements: the store and the queue directly
+# ================================================================================================
+
+
+class RecordingQueue:
+    """Stands in for the queue in `publish_outboxes`: records what would be published."""
+
+    def __init__(self) -> None:
+        self.bodies: List[Any] = []
+
+    def enqueue_serialized(self, messages: Any) -> None:
+        self.bodies.extend(json.loads(body) for body, _ in messages)
+
+
+def outbox_rows(pg_conn: Any, pg_table_prefix: str, run_id: Any = None) -> List[Any]:
+    with pg_conn.cursor() as cur:
+        cur.execute(sql.SQL("SELECT run_id, body FROM {} WHERE %s IS NULL OR run_id = %s ORDER BY id").format(
+            sql.Identifier(f"{pg_table_prefix}outbox")), (run_id, run_id))
+        rows = cur.fetchall()
+    pg_conn.rollback()
+    return rows
+
+
+def started_runs(adapter: RabbitMqAdapter, count: int) -> List[str]:
+    """`count` chain runs started with their start jobs taken off the queue (no worker runs)."""
+    run_ids = [adapter.start_workflow("chain", {"start": 21}) for _ in range(count)]
+    assert adapter.queue.message_counts()[0] == count
+    channel = adapter.queue._publisher.ensure()
+    channel.queue_purge(adapter.queue.queue_name)
+    return run_ids
+
+
+def a_commit(adapter: RabbitMqAdapter, run_id: str, expected: int, marker: Any) -> Any:
+    from flowcraft.ports import Commit
+
+    return Commit(run_id, expected, adapter.store.get_record(run_id), context_set={"marker": marker},
+                  states={"load": {"it": 0, "st": "done"}}, jobs=[Job(run_id, "chain", "double")])
+
+
+def test_a_wave_commits_the_fresh_runs_and_reports_the_stale_one(make_adapter: Callable[..., RabbitMqAdapter],
+                                                                 pg_conn: Any, pg_table_prefix: str) -> None:
+    adapter = make_adapter(SCENARIOS["chain"].build())
+    store = adapter.store
+    first, stale, last = started_runs(adapter, 3)
+    versions = {r: store.get_record(r).version for r in (first, stale, last)}
+    commits = [a_commit(adapter, first, versions[first], 1), a_commit(adapter, stale, versions[stale] + 7, 2),
+               a_commit(adapter, last, versions[last], 3)]
+    assert store.commit_many(commits) == [True, False, True]
+    assert [store.get_record(r).version for r in (first, stale, last)] == [versions[first] + 1, versions[stale],
+                                                                           versions[last] + 1]
+    assert [PostgresContext(store, r).get("marker") for r in (first, stale, last)] == [1, None, 3]
+    assert store.read_states(stale, ["load"]) == {"load": {"it": 0, "st": "ready"}}
+    assert sorted(r for r, _ in outbox_rows(pg_conn, pg_table_prefix)) == sorted([first, last])
+    # the rows the statement returned are published as they are; the stale run's outbox is read from
+    # the table (it is empty: nothing of the stale commit was written)
+    recording = RecordingQueue()
+    assert store.publish_outboxes([first, stale, last], recording) == 2
+    assert sorted(b["runId"] for b in recording.bodies) == sorted([first, last])
+    assert all(b["nodeId"] == "double" for b in recording.bodies)
+    assert outbox_rows(pg_conn, pg_table_prefix) == []  # deleted once published (no worker loop: at once)
+
+
+def test_published_outbox_rows_are_deleted_by_the_next_commit_or_when_the_worker_idles(
+        make_adapter: Callable[..., RabbitMqAdapter], pg_conn: Any, pg_table_prefix: str) -> None:
+    adapter = make_adapter(SCENARIOS["chain"].build())
+    store = adapter.store
+    first, second = started_runs(adapter, 2)
+    store.defer_deletes = True  # as while a worker loop runs
+    assert store.commit_many([a_commit(adapter, first, store.get_record(first).version, 1)]) == [True]
+    assert store.publish_outboxes([first], RecordingQueue()) == 1
+    assert [r for r, _ in outbox_rows(pg_conn, pg_table_prefix)] == [first]  # published, delete deferred
+    assert store.commit_many([a_commit(adapter, second, store.get_record(second).version, 2)]) == [True]
+    assert [r for r, _ in outbox_rows(pg_conn, pg_table_prefix)] == [second]  # that commit deleted it
+    store.defer_deletes = False
+    store.publish_outboxes([second], RecordingQueue())
+    assert outbox_rows(pg_conn, pg_table_prefix) == []
+    # a worker loop: its batches' rows are deleted by the following commits, the last ones when it idles
+    scenario = SCENARIOS["chain"]
+    runs = [adapter.start_workflow("chain", dict(scenario.initial_context)) for _ in range(4)]
+    adapter.start()
+    for run_id in runs:
+        assert_same_result(adapter.wait_for_result(run_id, timeout=TIMEOUT), run_in_memory(scenario))
+    deadline = time.monotonic() + 5
+    while outbox_rows(pg_conn, pg_table_prefix) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert outbox_rows(pg_conn, pg_table_prefix) == []
+
+
+def fetch_exactly(queue: Any, count: int) -> List[Any]:
+    got: List[Any] = []
+    deadline = time.monotonic() + 10
+    while len(got) < count and time.monotonic() < deadline:
+        got += queue.fetch(count - len(got), timeout=0.5)
+    assert len(got) == count
+    return got
+
+
+@pytest.mark.parametrize("point", ["after_commit", "after_publish", "before_ack"])
+def test_a_worker_dying_after_its_group_commit_loses_and_duplicates_nothing(
+        point: str, make_adapter: Callable[..., RabbitMqAdapter], pg_conn: Any, pg_table_prefix: str) -> None:
+    """A worker dies at `point` of a batch of three runs' jobs (as after SIGKILL: its deliveries go back
+    to the queue, the outbox rows it published are not deleted). A second worker, which has not seen
+    the dead one's commit, takes the redelivered jobs: the committed jobs not published yet are found
+    in the outbox table, those published twice are dropped, and every node commits exactly once."""
+    from flowcraft.distributed import WorkerCrash
+
+    scenario = SCENARIOS["chain"]
+    first = make_adapter(scenario.build(), prefetch=8)
+    counted = [CountingStore(first.store)]
+    runs = [first.start_workflow("chain", dict(scenario.initial_context)) for _ in range(3)]
+    first.store.defer_deletes = True  # as in its worker loop
+
+    def fault(where: str) -> None:
+        if where == point:
+            raise WorkerCrash(where)
+
+    first._fault = fault  # type: ignore[method-assign]
+    with pytest.raises(WorkerCrash):
+        first.handle_batch(fetch_exactly(first.queue, 3))
+    first.queue.release()  # the dead worker's channel closes: RabbitMQ requeues its deliveries
+    assert counted[0].grouped == 3  # one group commit of the three runs
+    left = outbox_rows(pg_conn, pg_table_prefix)
+    assert sorted(r for r, _ in left) == sorted(runs) and all(json.loads(b)["nodeId"] == "double" for _, b in left)
+    second = make_adapter(scenario.build(), prefetch=8)
+    counted.append(CountingStore(second.store))
+    second.start()
+    for run_id in runs:
+        assert_same_result(second.wait_for_result(run_id, timeout=TIMEOUT), run_in_memory(scenario))
+    total = counted[0].outputs + counted[1].outputs
+    assert set(total) == {(r, n, 0) for r in runs for n in ("load", "double", "describe", "store")}
+    assert max(total.values()) == 1, total
+    time.sleep(0.3)
+    assert second.queue.message_counts() == (0, 0, 0)
+    assert outbox_rows(pg_conn, pg_table_prefix) == []
+
+
+def test_concurrent_group_commits_on_the_same_runs_neither_deadlock_nor_lose_updates(
+        postgres_dsn: str, tables: Dict[str, str]) -> None:
+    """Two stores commit waves over the same runs at the same time, in opposite orders: the rows are
+    locked in run-id order (no deadlock), and each run's version counts exactly the commits applied."""
+    from flowcraft.ports import Commit, RunRecord
+
+    stores = [PostgresRunStore(postgres_dsn, **tables) for _ in range(2)]
+    retried: List[str] = []  # a deadlock (an OperationalError) would be retried on a new connection
+    for store in stores:
+        store._reconnect = lambda: retried.append("reconnect")  # type: ignore[method-assign]
+    run_ids = [f"lock-{i:02d}" for i in range(8)]
+    for run_id in run_ids:
+        assert stores[0].create_run(RunRecord(run_id, "chain", None, "running", 1, 1), {}, {}, [])
+    applied: List[Counter] = [Counter(), Counter()]
+    errors: List[BaseException] = []
+    barrier = threading.Barrier(2)
+
+    def committer(i: int) -> None:
+        store = stores[i]
+        try:
+            for step in range(150):
+                records = {r: store.get_record(r) for r in run_ids}
+                order = run_ids if i == 0 else run_ids[::-1]
+                commits = [Commit(r, records[r].version, records[r], context_set={f"w{i}.{step}": step}) for r in order]
+                barrier.wait(timeout=10)
+                for commit, ok in zip(commits, store.commit_many(commits)):
+                    applied[i][commit.run_id] += ok
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+            barrier.abort()
+
+    threads = [threading.Thread(target=committer, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    try:
+        assert errors == [] and retried == []
+        for run_id in run_ids:
+            done = applied[0][run_id] + applied[1][run_id]
+            assert stores[0].get_record(run_id).version == 1 + done
+            assert len(PostgresContext(stores[0], run_id).to_dict()) == done
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_two_stores_can_share_a_connection(postgres_dsn: str, tables: Dict[str, str]) -> None:
+    """The hot statements are prepared per connection under names derived from the tables."""
+    from flowcraft.ports import RunRecord
+
+    conn = psycopg2.connect(postgres_dsn)
+    try:
+        one, two = PostgresRunStore(conn, **tables), PostgresRunStore(conn, **tables)
+        assert one.create_run(RunRecord("shared-1", "chain", None, "running", 1, 1), {"a": 1}, {}, [])
+        assert two.get_record("shared-1").version == 1
+        assert one.load("shared-1", [], ["a"]).context == {"a": 1}
+    finally:
+        conn.close()
+
+
+def test_acks_go_out_once_and_as_one_multiple_ack_for_the_oldest(make_adapter: Callable[..., RabbitMqAdapter]) -> None:
+    adapter = make_adapter(SCENARIOS["chain"].build(), prefetch=10)
+    queue = adapter.queue
+    queue.enqueue([Job(f"ack-{i}", "chain", "load") for i in range(5)])
+    got: List[Any] = []
+    deadline = time.monotonic() + 10
+    while len(got) < 3 and time.monotonic() < deadline:
+        got += queue.fetch(3 - len(got), timeout=0.5)
+    assert len(got) == 3  # the two others wait in the buffer: a multiple ack must not cover them
+    sent: List[Any] = []
+    channel = queue._consumer.channel
+    real_ack = channel.basic_ack
+    channel.basic_ack = lambda tag, multiple=False: (sent.append((tag, multiple)), real_ack(tag, multiple=multiple))
+    tags = [d.tag[1] for d in got]
+    queue.ack([got[1]])
+    queue.ack([got[0], got[2], got[1]])  # got[1] again: not sent twice (RabbitMQ would close the channel)
+    assert sent == [(tags[1], False), (tags[2], True)]
+    while len(got) < 5 and time.monotonic() < deadline:
+        got += queue.fetch(5 - len(got), timeout=0.5)
+    assert len(got) == 5
+    queue.ack(got[3:])
+    assert sent[-1] == (got[4].tag[1], True) and len(sent) == 3
+    assert queue._consumer.channel.is_open
+    queue.release()  # would give back anything unacknowledged
+    assert queue.fetch(5, timeout=0.5) == []
+    assert queue.message_counts() == (0, 0, 0)

@@ -52,7 +52,7 @@ pytestmark = pytest.mark.integration
 logger = logging.getLogger("tests.service_restarts")
 
 TIMEOUT = 90.0
-LATENCY = "0.03"  # seconds added to every node by the example worker's --latency
+LATENCY = "0.1"  # seconds added to every node by the example worker's --latency: runs still in flight when a service stops
 RUNS_PER_ORDER = 2
 PROGRESS_BEFORE_RESTART = 12  # node completions committed before the service goes down
 OUTAGE = 1.0  # seconds the service stays down (on top of its stop and start times)
