@@ -1,6 +1,8 @@
 """The distributed driver: workers that execute one node per job, over the ports of `ports.py`.
 
-All orchestration lives here; adapters only implement the ports. One job is handled as:
+All orchestration lives here, with `plan` (step 5: one outcome into one `Commit`) and
+`worker_context` (the context and engine node code sees); adapters only implement the ports.
+One job is handled as:
 
 1. parse it (a malformed job is dead-lettered, and its run failed, if it names one);
 2. load the run's record, the node's state and its successors' states, and the node's input;
@@ -21,27 +23,26 @@ import functools
 import logging
 import threading
 import time
-from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Mapping, MutableMapping, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import attrs
 
 from . import batching
-from .builtins import Await, child_run_id
 from .cancel import CancelToken
-from .context import DictContext
-from .errors import FlowcraftError, LoopLimitError, SerializationError
+from .errors import FlowcraftError
 from .events import Event
-from .execution import FallbackResult, NodeFailure, NodeRunner, RetryLater, item_failure, resolve_impl
-from .graph import READY, SKIPPED, Activation, CompiledGraph, GraphNode, NodeState, RoutingError, Traversal
+from .execution import NodeFailure, NodeRunner, RetryLater, resolve_impl
+from .graph import READY, SKIPPED, CompiledGraph, GraphNode, NodeState, Traversal
 from .node import NodeContext, NodeResult
+from .plan import CommitPlan, drop_unstarted_inputs, item_definition, item_job, job_event, spec_field
 from .ports import Commit, CoordinationStore, Delivery, Job, JobQueue, RunRecord, RunSnapshot, RunStatus, RunStore, item_field
-from .result import AWAITING, CANCELLED, COMPLETED, FAILED, RUNNING, STALLED, WorkflowError, WorkflowResult
+from .result import AWAITING, CANCELLED, COMPLETED, FAILED, FINAL_STATUSES, RUNNING, STALLED, WorkflowError, WorkflowResult
 from .runtime import AWAITING_DETAILS_KEY, AWAITING_IDS_KEY, FlowRuntime, new_run_id
 from .serializer import check_json
+from .worker_context import StoreContext, WithDelta, WorkerEngine
 
 logger = logging.getLogger("flowcraft.distributed")
 
-_FINAL = (COMPLETED, FAILED, CANCELLED, STALLED)
 _MAX_CONFLICTS = 1000
 
 
@@ -74,14 +75,6 @@ def _whole_load_ids(graph: CompiledGraph) -> FrozenSet[str]:
     """The nodes whose jobs load the whole run (see `DistributedAdapter._load_request`)."""
     sinks = [node_id for node_id, node in graph.nodes.items() if not node.outgoing]
     return frozenset(graph.start_ids) | frozenset(sinks if len(sinks) == 1 else ())
-
-
-def _no_states(node_ids: Sequence[str]) -> Dict[str, Dict[str, Any]]:
-    return {}  # a whole snapshot has every stored state already
-
-
-def _spec_field(parent: str, iteration: int) -> str:
-    return f"spec:{parent}:{iteration}"
 
 
 class DistributedAdapter:
@@ -209,7 +202,7 @@ class DistributedAdapter:
                 commit = self._guarded(d, self._derive_commit, p)
                 if commit is None:
                     continue
-                if chain and commit.record.status in _FINAL:  # its result must see the segment's writes
+                if chain and commit.record.status in FINAL_STATUSES:  # its result must see the segment's writes
                     late.append(p)
                     deferred.extend(d for d, _ in items[i + 1:])
                     break
@@ -237,7 +230,7 @@ class DistributedAdapter:
             self._fault("before_ack")
         self.queue.ack([p.delivery for p in prepared])
         if self.runtime.event_bus is not None:
-            self._emit_all([_job_event("job:processed", p.job) for p in prepared])
+            self._emit_all([job_event("job:processed", p.job) for p in prepared])
         return deferred
 
     def _guarded(self, delivery: Delivery, step: Callable[..., Any], *args: Any) -> Any:
@@ -277,7 +270,7 @@ class DistributedAdapter:
         self._fault("before_ack")
         self.queue.ack([delivery])
         if self.runtime.event_bus is not None:
-            self._emit_all([_job_event("job:processed", prepared.job)])
+            self._emit_all([job_event("job:processed", prepared.job)])
 
     def _resolve(self, delivery: Delivery) -> Optional[Tuple[CompiledGraph, GraphNode]]:
         """The graph and node a delivery is for; None once a malformed delivery is dead-lettered."""
@@ -386,8 +379,8 @@ class DistributedAdapter:
         if self.runtime.event_bus is not None:
             delay = self.version_mismatch_delay
             reason = f"version mismatch: run {job.run_id} needs {theirs}, this worker has {ours}: put back"
-            self._emit_all([_job_event("job:failed", job, reason=reason, dead_lettered=False, retry_in=delay),
-                            _job_event("job:enqueued", put_back, delay=delay)])
+            self._emit_all([job_event("job:failed", job, reason=reason, dead_lettered=False, retry_in=delay),
+                            job_event("job:enqueued", put_back, delay=delay)])
 
     def _reject(self, delivery: Delivery, reason: str, run_id: Optional[str]) -> None:
         """Dead-letter a job that can never succeed, and fail its run if there is one."""
@@ -395,7 +388,7 @@ class DistributedAdapter:
         self.queue.dead_letter(delivery, reason)
         if self.runtime.event_bus is not None:
             if delivery.job is not None:
-                event = _job_event("job:failed", delivery.job, reason=reason, dead_lettered=True)
+                event = job_event("job:failed", delivery.job, reason=reason, dead_lettered=True)
             else:
                 event = Event("job:failed", {"run_id": run_id, "blueprint_id": None, "node_id": None, "reason": reason,
                                              "dead_lettered": True})
@@ -412,12 +405,12 @@ class DistributedAdapter:
                                whole=snap.whole)
         if job.kind == "item":
             spec = {"id": job.node_id, "uses": job.extra.get("uses"), "params": job.extra.get("params")}
-            run_node = GraphNode(_item_definition(job.node_id, spec))
+            run_node = GraphNode(item_definition(job.node_id, spec))
             node_input = job.input
         else:
             run_node = node
             node_input = self._input(node, snap.context)
-        engine = _Engine(self, job, graph, context, snap)
+        engine = WorkerEngine(self, job, graph, context, snap)
         impl = self._impl(run_node, engine)
         if impl is None:
             return NodeFailure(run_node.id, FlowcraftError(f"node {run_node.id!r} uses {run_node.uses!r}, which is not in the registry"))
@@ -442,10 +435,10 @@ class DistributedAdapter:
                                     "delay": retry.delay})
             return retry
         if type(outcome) is not NodeFailure:
-            outcome = _WithDelta(outcome, context)
+            outcome = WithDelta(outcome, context)
         return outcome
 
-    def _impl(self, node: GraphNode, engine: "_Engine") -> Any:
+    def _impl(self, node: GraphNode, engine: "WorkerEngine") -> Any:
         return resolve_impl(self.runtime.registry, node, engine)
 
     @staticmethod
@@ -479,7 +472,7 @@ class DistributedAdapter:
         snap = prepared.snap
         if snap is None or snap.record.status not in (RUNNING, AWAITING):
             return None  # the run ended meanwhile (cancelled, failed): nothing more is written
-        plan = _Plan(self, prepared.job, prepared.graph, snap)
+        plan = CommitPlan(self, prepared.job, prepared.graph, snap)
         plan.apply(prepared.node, prepared.outcome)
         prepared.events = plan.events
         if plan.commit is not None and prepared.delivery is not None:
@@ -508,7 +501,7 @@ class DistributedAdapter:
     def _fail_run(self, run_id: str, error: WorkflowError) -> None:
         for _ in range(_MAX_CONFLICTS):
             record = self.store.get_record(run_id)
-            if record is None or record.status in _FINAL:
+            if record is None or record.status in FINAL_STATUSES:
                 return
             new = attrs.evolve(record, status=FAILED, errors=record.errors + [error.to_dict()], updated_at=self.clock())
             new.result = self._final_result(run_id, new, {}, ()).to_dict()
@@ -531,7 +524,7 @@ class DistributedAdapter:
         if record.status == FAILED or record.status == CANCELLED:
             if states is None:
                 states = {k: NodeState.from_dict(v) for k, v in self.store.read_all_states(run_id).items()}
-            _drop_unstarted_inputs(context, record, states)
+            drop_unstarted_inputs(context, record, states)
         skipped: List[str] = []
         stalled: List[str] = []
         if states is not None and graph is not None:
@@ -604,7 +597,7 @@ class DistributedAdapter:
             record = self.store.get_record(run_id)
             if record is None:
                 raise KeyError(f"unknown run {run_id!r}")
-            if record.status in _FINAL and record.result is not None:
+            if record.status in FINAL_STATUSES and record.result is not None:
                 return WorkflowResult.from_dict(record.result)
             if record.status == AWAITING:
                 return self._final_result(run_id, record, {}, ())
@@ -647,7 +640,7 @@ class DistributedAdapter:
             record = self.store.get_record(run_id)
             if record is None:
                 raise KeyError(f"unknown run {run_id!r}")
-            if record.status in _FINAL:
+            if record.status in FINAL_STATUSES:
                 return
             new = attrs.evolve(record, status=CANCELLED, updated_at=self.clock())
             new.result = self._final_result(run_id, new, {}, ()).to_dict()
@@ -689,9 +682,9 @@ class DistributedAdapter:
         return {j.parent if j.kind == "item" else j.node_id for j, _ in jobs}
 
     def _missing_items(self, run_id: str, graph: CompiledGraph, parent: str, iteration: int) -> List[Job]:
-        specs = self.store.read_items(run_id, [_spec_field(parent, iteration)])[0] or []
+        specs = self.store.read_items(run_id, [spec_field(parent, iteration)])[0] or []
         done = self.store.read_items(run_id, [item_field(parent, iteration, i) for i in range(len(specs))])
-        return [_item_job(run_id, graph.blueprint.id, parent, iteration, i, spec)
+        return [item_job(run_id, graph.blueprint.id, parent, iteration, i, spec)
                 for i, (spec, result) in enumerate(zip(specs, done)) if result is None]
 
     def _remaining(self, details: Mapping[str, Any]) -> float:
@@ -713,7 +706,7 @@ class DistributedAdapter:
 
     def _emit_jobs(self, jobs: Iterable[Job], delay: float = 0.0) -> None:
         if self.runtime.event_bus is not None:
-            self._emit_all([_job_event("job:enqueued", job, delay=delay) for job in jobs])
+            self._emit_all([job_event("job:enqueued", job, delay=delay) for job in jobs])
 
     def _emit_ended(self, record: RunRecord, jobs: Sequence[Job]) -> None:
         """A run ended outside a node's commit (cancelled, failed by a bad job, empty)."""
@@ -721,27 +714,6 @@ class DistributedAdapter:
             self._emit_jobs(jobs)
             self._emit_all([Event("workflow:finish", {"run_id": record.run_id, "blueprint_id": record.blueprint_id,
                                                       "status": record.status, "errors": list(record.errors)})])
-
-
-def _job_event(kind: str, job: Job, **extra: Any) -> Event:
-    """A `job:*` event: the job's identity (snake_case) plus `extra`."""
-    payload: Dict[str, Any] = {"run_id": job.run_id, "blueprint_id": job.blueprint_id, "node_id": job.node_id,
-                               "iteration": job.iteration, "kind": job.kind, "attempt": job.attempt, "job_key": job.key}
-    if job.parent is not None:
-        payload["parent"] = job.parent
-        payload["index"] = job.index
-    payload.update(extra)
-    return Event(kind, payload)
-
-
-def _drop_unstarted_inputs(context: Dict[str, Any], record: RunRecord, states: Mapping[str, NodeState]) -> None:
-    """A worker stores a node's input when it schedules the node, the in-memory runtime when the node
-    starts: a failed or cancelled run drops the inputs of the nodes it never started, so its final
-    context is the in-memory one. Parked nodes (wait, sleep, subflow) and expanded ones (a batch
-    with items out) did start."""
-    for node_id, state in states.items():
-        if state.status == READY and not state.pending and node_id not in record.awaiting:
-            context.pop("_inputs." + node_id, None)
 
 
 class Reconciler:
@@ -766,455 +738,6 @@ class Reconciler:
                 logger.exception("reconciling run %s failed", run_id)
                 failed += 1
         return ReconcileStats(scanned=scanned, stalled=len(idle), reconciled=reconciled, failed=failed)
-
-
-# === deriving a commit =============================================================================
-
-
-class _Plan:
-    """Turns one outcome into one `Commit`, using the pure traversal over lazily loaded states."""
-
-    def __init__(self, adapter: DistributedAdapter, job: Job, graph: CompiledGraph, snap: RunSnapshot) -> None:
-        self.adapter = adapter
-        self.job = job
-        self.graph = graph
-        self.snap = snap
-        self.record = attrs.evolve(snap.record, awaiting=dict(snap.record.awaiting), errors=list(snap.record.errors))
-        wanted_states, wanted_keys = adapter._wanted(graph.nodes[job.parent if job.kind == "item" else job.node_id])
-        loader = _no_states if snap.whole else functools.partial(adapter.store.read_states, job.run_id)
-        self.states = _LazyStates(snap.states, loader, absent=set(wanted_states) - set(snap.states))
-        self.traversal = Traversal(graph, self.states, snap.record.outstanding)
-        self.context = _LazyContext(adapter.store, job.run_id, snap.context, absent=set(wanted_keys) - set(snap.context),
-                                    whole=snap.whole)
-        self._stored_states: Optional[Dict[str, NodeState]] = (
-            {k: NodeState.from_dict(v) for k, v in snap.states.items()} if snap.whole else None)
-        self.items: Dict[str, Any] = {}
-        self.jobs: List[Job] = []
-        self.delayed: List[Tuple[Job, float]] = []
-        self.commit: Optional[Commit] = None
-        self.events: Optional[List[Event]] = [] if adapter.runtime.event_bus is not None else None
-
-    def apply(self, node: GraphNode, outcome: Any) -> None:
-        delta: Dict[str, Any] = {}
-        deleted: List[str] = []
-        if type(outcome) is _WithDelta:
-            delta, deleted = outcome.delta, outcome.deleted
-            outcome = outcome.outcome
-        self.context.overlay(delta, deleted)
-        job = self.job
-        if type(outcome) is NodeFailure and job.kind == "item":
-            self.traversal.item_done(node.id)
-            self._failed(node, item_failure(job.index, job.node_id, outcome.cause))
-        elif type(outcome) is NodeFailure:
-            self._failed(node, outcome.cause)
-        elif job.kind == "item":
-            self._item_done(node, outcome)
-        elif type(outcome) is not FallbackResult and type(outcome.output) is Await:
-            self._park(node, outcome.output.details)
-        elif type(outcome) is not FallbackResult and outcome.dynamic_nodes is not None:
-            self._expand(node, outcome.dynamic_nodes)
-        else:
-            self.record.awaiting.pop(node.id, None)
-            try:
-                self._complete(node, job.iteration, outcome)
-            except (SerializationError, RoutingError, LoopLimitError) as error:
-                self._failed(node, error)
-        self._finish()
-
-    # --- transitions ---------------------------------------------------------------------------
-
-    def _complete(self, node: GraphNode, iteration: int, outcome: Any) -> None:
-        fallback = None
-        if type(outcome) is FallbackResult:
-            fallback, outcome = outcome.node, outcome.result
-        self._record_output(node, outcome)
-        decisions = self.graph.route(node.id, outcome, self.context)
-        ready, skipped = self.traversal.complete(node.id, iteration, decisions)
-        if fallback is not None:
-            self._record_output(fallback, outcome)
-            fallback_decisions = self.graph.route(fallback.id, outcome, self.context)
-            more, more_skipped = self.traversal.complete(fallback.id, self.traversal.state(fallback.id).iteration,
-                                                         fallback_decisions, counted=False)
-            ready += more
-            skipped += more_skipped
-        if self.events is not None:
-            self._event("node:finish", node_id=node.id, output=outcome.output, action=outcome.action)
-            for edge, taken, _ in decisions:
-                self._event("edge:evaluate", source=edge.source, target=edge.target, taken=taken)
-            for skipped_id in skipped:
-                self._event("node:skipped", node_id=skipped_id)
-        self._schedule(ready)
-
-    def _record_output(self, node: GraphNode, result: NodeResult) -> None:
-        check_json(result.output, node.outputs_key)
-        self.context.set(node.outputs_key, result.output)
-        self.context.set(node.id, result.output)
-
-    def _schedule(self, ready: List[Activation]) -> None:
-        blueprint_id = self.graph.blueprint.id
-        for activation in ready:
-            target = self.graph.nodes[activation.node_id]
-            if activation.has_input and target.inputs is None:
-                self.context.set(target.inputs_key, activation.input)
-            self.jobs.append(Job(self.job.run_id, blueprint_id, activation.node_id, activation.iteration))
-
-    def _event(self, kind: str, **payload: Any) -> None:
-        self.events.append(Event(kind, {"run_id": self.job.run_id, "blueprint_id": self.graph.blueprint.id, **payload}))
-
-    def _failed(self, node: GraphNode, error: BaseException) -> None:
-        self.traversal.fail(node.id)
-        self.record.status = FAILED
-        self.record.errors.append(WorkflowError.from_exception(node.id, error).to_dict())
-        if self.events is not None:
-            self._event("node:error", node_id=node.id, error=str(error), type=type(error).__name__)
-
-    def _park(self, node: GraphNode, details: Dict[str, Any]) -> None:
-        kind = details.get("type")
-        self.record.awaiting[node.id] = dict(details, iteration=self.job.iteration)
-        if self.events is not None and (kind == "wait" or details.get("childAwaiting")):
-            self._event("workflow:pause", node_id=node.id, details=details)  # a running child or a timer is no pause
-        if kind == "sleep":
-            job = Job(self.job.run_id, self.graph.blueprint.id, node.id, self.job.iteration, kind="timer")
-            self.delayed.append((job, float(details.get("duration") or 0)))
-
-    def _expand(self, node: GraphNode, specs: List[Dict[str, Any]]) -> None:
-        if not specs:
-            return self._complete(node, self.job.iteration, NodeResult(output=[]))
-        iteration = self.job.iteration
-        self.traversal.expand(node.id, len(specs))
-        clean = [{"uses": s.get("uses"), "params": s.get("params"), "input": s.get("input"), "id": s.get("id")} for s in specs]
-        for spec in clean:
-            check_json(spec["input"], f"{node.id} item input")
-        self.items[_spec_field(node.id, iteration)] = clean
-        if self.events is not None:
-            self._event("batch:start", node_id=node.id, items=len(clean))
-        self.jobs.extend(_item_job(self.job.run_id, self.graph.blueprint.id, node.id, iteration, i, s) for i, s in enumerate(clean))
-
-    def _item_done(self, parent: GraphNode, outcome: Any) -> None:
-        job = self.job
-        try:
-            check_json(outcome.output, job.node_id)
-        except SerializationError as error:
-            return self._failed(parent, error)
-        field = item_field(parent.id, job.iteration, job.index)
-        self.items[field] = {"v": outcome.output}
-        if not self.traversal.item_done(parent.id):
-            return
-        specs = self.adapter.store.read_items(job.run_id, [_spec_field(parent.id, job.iteration)])[0] or []
-        fields = [item_field(parent.id, job.iteration, i) for i in range(len(specs))]
-        stored = self.adapter.store.read_items(job.run_id, fields)
-        results = [(self.items.get(f) or stored[i] or {}).get("v") for i, f in enumerate(fields)]
-        if self.events is not None:
-            self._event("batch:finish", node_id=parent.id, items=len(results))
-        self._complete(parent, job.iteration, NodeResult(output=results))
-
-    # --- the commit ----------------------------------------------------------------------------
-
-    def _finish(self) -> None:
-        record = self.record
-        record.outstanding = self.traversal.outstanding
-        record.updated_at = self.adapter.clock()
-        if record.status == RUNNING or record.status == AWAITING:
-            blocking = [n for n, d in record.awaiting.items() if d.get("type") == "wait" or d.get("childAwaiting")]
-            if record.outstanding <= 0 and not record.awaiting and self.graph.fallback_only_ids:
-                ready, _ = self.traversal.settle()
-                self._schedule(ready)
-                record.outstanding = self.traversal.outstanding
-            if record.outstanding <= 0 and not record.awaiting:
-                all_states = self._all_states()
-                record.status = STALLED if Traversal(self.graph, dict(all_states)).unfinished() else COMPLETED
-            elif blocking and record.outstanding == len(blocking) and len(blocking) == len(record.awaiting):
-                record.status = AWAITING
-            else:
-                record.status = RUNNING
-        changed_states = self.states.changed()
-        if record.status in _FINAL:
-            all_states = self._all_states()
-            result = self.adapter._final_result(self.job.run_id, record, self.context.delta, self.context.deleted,
-                                                all_states, self.graph, self.snap.context if self.snap.whole else None)
-            record.result = result.to_dict()
-            self.jobs.extend(self.adapter._parent_jobs(record))
-        elif record.status == AWAITING and self.snap.record.status != AWAITING:
-            self.jobs.extend(self.adapter._parent_jobs(record))
-        if self.events is not None:
-            self.events.extend(_job_event("job:enqueued", job, delay=0.0) for job in self.jobs)
-            self.events.extend(_job_event("job:enqueued", job, delay=delay) for job, delay in self.delayed)
-            if record.status == STALLED:
-                self._event("workflow:stall", stalled=result.stalled)
-            if record.status in _FINAL:
-                self._event("workflow:finish", status=record.status, errors=list(record.errors))
-        self.commit = Commit(
-            self.job.run_id, self.snap.record.version, record, context_set=dict(self.context.delta),
-            context_delete=list(self.context.deleted), states=changed_states, items=self.items,
-            jobs=self.jobs, delayed=self.delayed,
-        )
-
-    def _all_states(self) -> Dict[str, NodeState]:
-        if self._stored_states is None:  # read once per commit: only a run's last commit needs them
-            self._stored_states = {
-                k: NodeState.from_dict(v) for k, v in self.adapter.store.read_all_states(self.job.run_id).items()
-            }
-        merged = dict(self._stored_states)
-        merged.update(self.states.current())
-        return merged
-
-
-def _item_definition(node_id: str, spec: Mapping[str, Any]) -> Any:
-    from .blueprint import NodeDefinition
-
-    return NodeDefinition(id=node_id, uses=spec.get("uses") or "", params=spec.get("params"))
-
-
-def _item_job(run_id: str, blueprint_id: str, parent: str, iteration: int, index: int, spec: Mapping[str, Any]) -> Job:
-    extra = {"uses": spec.get("uses")}
-    if spec.get("params") is not None:
-        extra["params"] = spec.get("params")
-    return Job(run_id, blueprint_id, spec.get("id") or f"{parent}.{index}", iteration, kind="item", parent=parent,
-               index=index, input=spec.get("input"), extra=extra)
-
-
-class _WithDelta:
-    """An outcome together with the context changes node code made while producing it."""
-
-    __slots__ = ("outcome", "delta", "deleted")
-
-    def __init__(self, outcome: Any, context: "StoreContext") -> None:
-        self.outcome = outcome
-        self.delta, deleted = context.take_delta()
-        self.deleted = list(deleted)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.outcome, name)
-
-
-class _LazyStates(MutableMapping):
-    """Node states loaded on first use; remembers which ones the transition changed."""
-
-    def __init__(self, loaded: Mapping[str, Dict[str, Any]], loader: Callable[[List[str]], Dict[str, Dict[str, Any]]],
-                 absent: Iterable[str] = ()) -> None:
-        self._original: Dict[str, Optional[Dict[str, Any]]] = dict(loaded)
-        self._states: Dict[str, Optional[NodeState]] = {k: NodeState.from_dict(v) for k, v in loaded.items()}
-        for key in absent:  # asked for and not stored: known to be pending, no need to ask again
-            self._original[key] = None
-            self._states[key] = None
-        self._loader = loader
-
-    def _fetch(self, key: str) -> Optional[NodeState]:
-        if key not in self._states:
-            found = self._loader([key]).get(key)
-            self._original[key] = found
-            self._states[key] = NodeState.from_dict(found) if found is not None else None
-        return self._states[key]
-
-    def __getitem__(self, key: str) -> NodeState:
-        state = self._fetch(key)
-        if state is None:
-            raise KeyError(key)
-        return state
-
-    def get(self, key: str, default: Any = None) -> Any:
-        state = self._fetch(key)
-        return default if state is None else state
-
-    def __setitem__(self, key: str, value: NodeState) -> None:
-        self._fetch(key)
-        self._states[key] = value
-
-    def __delitem__(self, key: str) -> None:
-        self._states[key] = None
-
-    def __iter__(self) -> Iterator[str]:
-        return (k for k, v in self._states.items() if v is not None)
-
-    def __len__(self) -> int:
-        return sum(1 for v in self._states.values() if v is not None)
-
-    def changed(self) -> Dict[str, Dict[str, Any]]:
-        out = {}
-        for key, state in self._states.items():
-            if state is None:
-                continue
-            now = state.to_dict()
-            if now != self._original.get(key):
-                out[key] = now
-        return out
-
-    def current(self) -> Dict[str, NodeState]:
-        return {k: v for k, v in self._states.items() if v is not None}
-
-
-class _LazyContext(Mapping):
-    """The run's context as conditions see it: loaded keys, this commit's changes, then the store."""
-
-    def __init__(self, store: RunStore, run_id: str, loaded: Mapping[str, Any], absent: Iterable[str] = (),
-                 whole: bool = False) -> None:
-        self._store = store
-        self._run_id = run_id
-        self._cache: Dict[str, Any] = dict(loaded)
-        self._absent: Set[str] = set(absent)
-        self._whole = whole  # `loaded` is the whole stored context: never read the store
-        self.delta: Dict[str, Any] = {}
-        self.deleted: Set[str] = set()
-
-    def overlay(self, delta: Mapping[str, Any], deleted: Iterable[str]) -> None:
-        for key in deleted:
-            self.delete(key)
-        for key, value in delta.items():
-            self.set(key, value)
-
-    def set(self, key: str, value: Any) -> None:
-        self.delta[key] = value
-        self.deleted.discard(key)
-
-    def delete(self, key: str) -> None:
-        self.delta.pop(key, None)
-        self.deleted.add(key)
-
-    def __getitem__(self, key: str) -> Any:
-        if key in self.delta:
-            return self.delta[key]
-        if key in self.deleted or key in self._absent or (self._whole and key not in self._cache):
-            raise KeyError(key)
-        if key not in self._cache:
-            found = self._store.read_context(self._run_id, [key])
-            if key not in found:
-                self._absent.add(key)
-                raise KeyError(key)
-            self._cache[key] = found[key]
-        return self._cache[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._all())
-
-    def __len__(self) -> int:
-        return len(self._all())
-
-    def _all(self) -> Dict[str, Any]:
-        data = dict(self._cache) if self._whole else self._store.read_all_context(self._run_id)
-        data.update(self.delta)
-        for key in self.deleted:
-            data.pop(key, None)
-        return data
-
-
-class StoreContext(DictContext):
-    """The `Context` node code sees in a worker: reads go to the store (once per key), writes are
-    kept as a delta and committed with the node's completion."""
-
-    def __init__(self, store: RunStore, run_id: str, loaded: Mapping[str, Any], absent: Iterable[str] = (),
-                 whole: bool = False) -> None:
-        super().__init__(dict(loaded), track=True)
-        self._store = store
-        self._run_id = run_id
-        self._absent: Set[str] = set(absent)
-        self._complete = whole  # `loaded` is the whole stored context
-
-    def _load(self, key: str) -> None:
-        if key in self.data or key in self._absent or key in self._deleted or self._complete:
-            return
-        found = self._store.read_context(self._run_id, [key])
-        if key in found:
-            self.data[key] = found[key]
-        else:
-            self._absent.add(key)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        self._load(key)
-        return self.data.get(key, default)
-
-    def has(self, key: str) -> bool:
-        self._load(key)
-        return key in self.data
-
-    def __getitem__(self, key: str) -> Any:
-        self._load(key)
-        return self.data[key]
-
-    def __contains__(self, key: object) -> bool:
-        return self.has(key)  # type: ignore[arg-type]
-
-    def to_dict(self) -> Dict[str, Any]:
-        if not self._complete:
-            stored = self._store.read_all_context(self._run_id)
-            stored.update({k: v for k, v in self.data.items() if k in self._changed or k not in stored})
-            for key in self._deleted:
-                stored.pop(key, None)
-            self.data = stored
-            self._complete = True
-        return dict(self.data)
-
-
-class _Engine:
-    """What built-ins see when they run in a worker."""
-
-    wait_timers = False
-
-    def __init__(self, adapter: DistributedAdapter, job: Job, graph: CompiledGraph, context: StoreContext, snap: RunSnapshot) -> None:
-        self.adapter = adapter
-        self.job = job
-        self.graph = graph
-        self.context = context
-        self.snap = snap
-        self.evaluator = adapter.runtime.evaluator
-
-    def laps(self, node_id: str) -> int:
-        state = self.snap.states.get(node_id)
-        return NodeState.from_dict(state).laps if state else 0
-
-    def exit_conditions(self, node_id: str) -> List[Callable[[Mapping[str, Any]], Any]]:
-        return self.graph.exit_conditions(node_id)
-
-    def context_names(self) -> Mapping[str, Any]:
-        return _ContextNames(self.context)
-
-    def run_child(self, blueprint_id: str, context: Dict[str, Any], parent_node_id: str, iteration: int = 0) -> Any:
-        """Start the child run (once) and report its state: finished, awaiting or still running."""
-        child_id = child_run_id(self.job.run_id, parent_node_id, self.job.iteration)
-        parent = {"runId": self.job.run_id, "blueprintId": self.graph.blueprint.id, "nodeId": parent_node_id,
-                  "iteration": self.job.iteration}
-        record = self.adapter.store.get_record(child_id)
-        if record is None:
-            self.adapter.start_workflow(blueprint_id, context, child_id, parent=parent)
-            record = self.adapter.store.get_record(child_id)
-        if record is not None and record.status in _FINAL and record.result is not None:
-            return WorkflowResult.from_dict(record.result)
-        awaiting = record is not None and record.status == AWAITING
-        return _ChildRunning(child_id, awaiting, sorted(record.awaiting) if awaiting else [])
-
-
-class _ChildRunning:
-    """A child run that has not finished: the subflow node parks until it does."""
-
-    def __init__(self, run_id: str, awaiting: bool, awaiting_ids: List[str]) -> None:
-        self.run_id = run_id
-        self.status = "awaiting"  # finish_subflow parks the node on this
-        self.awaiting = awaiting_ids
-        self.child_awaiting = awaiting
-        self.serialized_context = None
-
-
-class _ContextNames(Mapping):
-    """A `StoreContext` seen as a read-only mapping (for a loop condition)."""
-
-    def __init__(self, context: StoreContext) -> None:
-        self.context = context
-
-    def __getitem__(self, key: str) -> Any:
-        if not self.context.has(key):
-            raise KeyError(key)
-        return self.context.get(key)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.context.get(key, default)
-
-    def __contains__(self, key: object) -> bool:
-        return self.context.has(key)  # type: ignore[arg-type]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.context.to_dict())
-
-    def __len__(self) -> int:
-        return len(self.context.to_dict())
 
 
 __all__ = ["DistributedAdapter", "ReconcileStats", "Reconciler", "StoreContext", "WorkerCrash"]

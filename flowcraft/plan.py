@@ -1,0 +1,380 @@
+"""How a worker turns one node outcome into one `Commit`: `CommitPlan` runs the pure `graph.Traversal`
+over node states (`LazyStates`) and a context view (`LazyContext`) loaded on first use, and collects
+the context patch, node states, batch items, jobs and events of the commit; with the helpers it
+shares with `distributed` (batch item jobs and fields, `job:*` events, a failed run's final context).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, MutableMapping, Optional, Protocol, Sequence, Set, Tuple
+
+import attrs
+
+from .builtins import Await
+from .errors import LoopLimitError, SerializationError
+from .events import Event
+from .execution import FallbackResult, NodeFailure, item_failure
+from .graph import READY, Activation, CompiledGraph, GraphNode, NodeState, RoutingError, Traversal
+from .node import NodeResult
+from .ports import Commit, Job, RunRecord, RunSnapshot, RunStore, item_field
+from .result import AWAITING, COMPLETED, FAILED, FINAL_STATUSES, RUNNING, STALLED, WorkflowError, WorkflowResult
+from .runtime import FlowRuntime
+from .serializer import check_json
+from .worker_context import WithDelta
+
+
+class PlanAdapter(Protocol):
+    """What a `CommitPlan` uses of the `DistributedAdapter` it works for (that module imports this one)."""
+
+    runtime: FlowRuntime
+    store: RunStore
+    clock: Callable[[], float]
+
+    def _wanted(self, node: GraphNode) -> Tuple[List[str], List[str]]: ...
+
+    def _final_result(self, run_id: str, record: RunRecord, delta: Mapping[str, Any], deleted: Iterable[str],
+                      states: Optional[Mapping[str, NodeState]] = None, graph: Optional[CompiledGraph] = None,
+                      stored: Optional[Mapping[str, Any]] = None) -> WorkflowResult: ...
+
+    def _parent_jobs(self, record: RunRecord) -> List[Job]: ...
+
+
+class CommitPlan:
+    """Turns one outcome into one `Commit`, using the pure traversal over lazily loaded states."""
+
+    def __init__(self, adapter: PlanAdapter, job: Job, graph: CompiledGraph, snap: RunSnapshot) -> None:
+        self.adapter = adapter
+        self.job = job
+        self.graph = graph
+        self.snap = snap
+        self.record = attrs.evolve(snap.record, awaiting=dict(snap.record.awaiting), errors=list(snap.record.errors))
+        wanted_states, wanted_keys = adapter._wanted(graph.nodes[job.parent if job.kind == "item" else job.node_id])
+        loader = _no_states if snap.whole else functools.partial(adapter.store.read_states, job.run_id)
+        self.states = LazyStates(snap.states, loader, absent=set(wanted_states) - set(snap.states))
+        self.traversal = Traversal(graph, self.states, snap.record.outstanding)
+        self.context = LazyContext(adapter.store, job.run_id, snap.context, absent=set(wanted_keys) - set(snap.context),
+                                   whole=snap.whole)
+        self._stored_states: Optional[Dict[str, NodeState]] = (
+            {k: NodeState.from_dict(v) for k, v in snap.states.items()} if snap.whole else None)
+        self.items: Dict[str, Any] = {}
+        self.jobs: List[Job] = []
+        self.delayed: List[Tuple[Job, float]] = []
+        self.commit: Optional[Commit] = None
+        self.events: Optional[List[Event]] = [] if adapter.runtime.event_bus is not None else None
+
+    def apply(self, node: GraphNode, outcome: Any) -> None:
+        delta: Dict[str, Any] = {}
+        deleted: List[str] = []
+        if type(outcome) is WithDelta:
+            delta, deleted = outcome.delta, outcome.deleted
+            outcome = outcome.outcome
+        self.context.overlay(delta, deleted)
+        job = self.job
+        if type(outcome) is NodeFailure and job.kind == "item":
+            self.traversal.item_done(node.id)
+            self._failed(node, item_failure(job.index, job.node_id, outcome.cause))
+        elif type(outcome) is NodeFailure:
+            self._failed(node, outcome.cause)
+        elif job.kind == "item":
+            self._item_done(node, outcome)
+        elif type(outcome) is not FallbackResult and type(outcome.output) is Await:
+            self._park(node, outcome.output.details)
+        elif type(outcome) is not FallbackResult and outcome.dynamic_nodes is not None:
+            self._expand(node, outcome.dynamic_nodes)
+        else:
+            self.record.awaiting.pop(node.id, None)
+            try:
+                self._complete(node, job.iteration, outcome)
+            except (SerializationError, RoutingError, LoopLimitError) as error:
+                self._failed(node, error)
+        self._finish()
+
+    # --- transitions ---------------------------------------------------------------------------
+
+    def _complete(self, node: GraphNode, iteration: int, outcome: Any) -> None:
+        fallback = None
+        if type(outcome) is FallbackResult:
+            fallback, outcome = outcome.node, outcome.result
+        self._record_output(node, outcome)
+        decisions = self.graph.route(node.id, outcome, self.context)
+        ready, skipped = self.traversal.complete(node.id, iteration, decisions)
+        if fallback is not None:
+            self._record_output(fallback, outcome)
+            fallback_decisions = self.graph.route(fallback.id, outcome, self.context)
+            more, more_skipped = self.traversal.complete(fallback.id, self.traversal.state(fallback.id).iteration,
+                                                         fallback_decisions, counted=False)
+            ready += more
+            skipped += more_skipped
+        if self.events is not None:
+            self._event("node:finish", node_id=node.id, output=outcome.output, action=outcome.action)
+            for edge, taken, _ in decisions:
+                self._event("edge:evaluate", source=edge.source, target=edge.target, taken=taken)
+            for skipped_id in skipped:
+                self._event("node:skipped", node_id=skipped_id)
+        self._schedule(ready)
+
+    def _record_output(self, node: GraphNode, result: NodeResult) -> None:
+        check_json(result.output, node.outputs_key)
+        self.context.set(node.outputs_key, result.output)
+        self.context.set(node.id, result.output)
+
+    def _schedule(self, ready: List[Activation]) -> None:
+        blueprint_id = self.graph.blueprint.id
+        for activation in ready:
+            target = self.graph.nodes[activation.node_id]
+            if activation.has_input and target.inputs is None:
+                self.context.set(target.inputs_key, activation.input)
+            self.jobs.append(Job(self.job.run_id, blueprint_id, activation.node_id, activation.iteration))
+
+    def _event(self, kind: str, **payload: Any) -> None:
+        self.events.append(Event(kind, {"run_id": self.job.run_id, "blueprint_id": self.graph.blueprint.id, **payload}))
+
+    def _failed(self, node: GraphNode, error: BaseException) -> None:
+        self.traversal.fail(node.id)
+        self.record.status = FAILED
+        self.record.errors.append(WorkflowError.from_exception(node.id, error).to_dict())
+        if self.events is not None:
+            self._event("node:error", node_id=node.id, error=str(error), type=type(error).__name__)
+
+    def _park(self, node: GraphNode, details: Dict[str, Any]) -> None:
+        kind = details.get("type")
+        self.record.awaiting[node.id] = dict(details, iteration=self.job.iteration)
+        if self.events is not None and (kind == "wait" or details.get("childAwaiting")):
+            self._event("workflow:pause", node_id=node.id, details=details)  # a running child or a timer is no pause
+        if kind == "sleep":
+            job = Job(self.job.run_id, self.graph.blueprint.id, node.id, self.job.iteration, kind="timer")
+            self.delayed.append((job, float(details.get("duration") or 0)))
+
+    def _expand(self, node: GraphNode, specs: List[Dict[str, Any]]) -> None:
+        if not specs:
+            return self._complete(node, self.job.iteration, NodeResult(output=[]))
+        iteration = self.job.iteration
+        self.traversal.expand(node.id, len(specs))
+        clean = [{"uses": s.get("uses"), "params": s.get("params"), "input": s.get("input"), "id": s.get("id")} for s in specs]
+        for spec in clean:
+            check_json(spec["input"], f"{node.id} item input")
+        self.items[spec_field(node.id, iteration)] = clean
+        if self.events is not None:
+            self._event("batch:start", node_id=node.id, items=len(clean))
+        self.jobs.extend(item_job(self.job.run_id, self.graph.blueprint.id, node.id, iteration, i, s) for i, s in enumerate(clean))
+
+    def _item_done(self, parent: GraphNode, outcome: Any) -> None:
+        job = self.job
+        try:
+            check_json(outcome.output, job.node_id)
+        except SerializationError as error:
+            return self._failed(parent, error)
+        field = item_field(parent.id, job.iteration, job.index)
+        self.items[field] = {"v": outcome.output}
+        if not self.traversal.item_done(parent.id):
+            return
+        specs = self.adapter.store.read_items(job.run_id, [spec_field(parent.id, job.iteration)])[0] or []
+        fields = [item_field(parent.id, job.iteration, i) for i in range(len(specs))]
+        stored = self.adapter.store.read_items(job.run_id, fields)
+        results = [(self.items.get(f) or stored[i] or {}).get("v") for i, f in enumerate(fields)]
+        if self.events is not None:
+            self._event("batch:finish", node_id=parent.id, items=len(results))
+        self._complete(parent, job.iteration, NodeResult(output=results))
+
+    # --- the commit ----------------------------------------------------------------------------
+
+    def _finish(self) -> None:
+        record = self.record
+        record.outstanding = self.traversal.outstanding
+        record.updated_at = self.adapter.clock()
+        if record.status == RUNNING or record.status == AWAITING:
+            blocking = [n for n, d in record.awaiting.items() if d.get("type") == "wait" or d.get("childAwaiting")]
+            if record.outstanding <= 0 and not record.awaiting and self.graph.fallback_only_ids:
+                ready, _ = self.traversal.settle()
+                self._schedule(ready)
+                record.outstanding = self.traversal.outstanding
+            if record.outstanding <= 0 and not record.awaiting:
+                all_states = self._all_states()
+                record.status = STALLED if Traversal(self.graph, dict(all_states)).unfinished() else COMPLETED
+            elif blocking and record.outstanding == len(blocking) and len(blocking) == len(record.awaiting):
+                record.status = AWAITING
+            else:
+                record.status = RUNNING
+        changed_states = self.states.changed()
+        if record.status in FINAL_STATUSES:
+            all_states = self._all_states()
+            result = self.adapter._final_result(self.job.run_id, record, self.context.delta, self.context.deleted,
+                                                all_states, self.graph, self.snap.context if self.snap.whole else None)
+            record.result = result.to_dict()
+            self.jobs.extend(self.adapter._parent_jobs(record))
+        elif record.status == AWAITING and self.snap.record.status != AWAITING:
+            self.jobs.extend(self.adapter._parent_jobs(record))
+        if self.events is not None:
+            self.events.extend(job_event("job:enqueued", job, delay=0.0) for job in self.jobs)
+            self.events.extend(job_event("job:enqueued", job, delay=delay) for job, delay in self.delayed)
+            if record.status == STALLED:
+                self._event("workflow:stall", stalled=result.stalled)
+            if record.status in FINAL_STATUSES:
+                self._event("workflow:finish", status=record.status, errors=list(record.errors))
+        self.commit = Commit(
+            self.job.run_id, self.snap.record.version, record, context_set=dict(self.context.delta),
+            context_delete=list(self.context.deleted), states=changed_states, items=self.items,
+            jobs=self.jobs, delayed=self.delayed,
+        )
+
+    def _all_states(self) -> Dict[str, NodeState]:
+        if self._stored_states is None:  # read once per commit: only a run's last commit needs them
+            self._stored_states = {
+                k: NodeState.from_dict(v) for k, v in self.adapter.store.read_all_states(self.job.run_id).items()
+            }
+        merged = dict(self._stored_states)
+        merged.update(self.states.current())
+        return merged
+
+
+class LazyStates(MutableMapping):
+    """Node states loaded on first use; remembers which ones the transition changed."""
+
+    def __init__(self, loaded: Mapping[str, Dict[str, Any]], loader: Callable[[List[str]], Dict[str, Dict[str, Any]]],
+                 absent: Iterable[str] = ()) -> None:
+        self._original: Dict[str, Optional[Dict[str, Any]]] = dict(loaded)
+        self._states: Dict[str, Optional[NodeState]] = {k: NodeState.from_dict(v) for k, v in loaded.items()}
+        for key in absent:  # asked for and not stored: known to be pending, no need to ask again
+            self._original[key] = None
+            self._states[key] = None
+        self._loader = loader
+
+    def _fetch(self, key: str) -> Optional[NodeState]:
+        if key not in self._states:
+            found = self._loader([key]).get(key)
+            self._original[key] = found
+            self._states[key] = NodeState.from_dict(found) if found is not None else None
+        return self._states[key]
+
+    def __getitem__(self, key: str) -> NodeState:
+        state = self._fetch(key)
+        if state is None:
+            raise KeyError(key)
+        return state
+
+    def get(self, key: str, default: Any = None) -> Any:
+        state = self._fetch(key)
+        return default if state is None else state
+
+    def __setitem__(self, key: str, value: NodeState) -> None:
+        self._fetch(key)
+        self._states[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        self._states[key] = None
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k, v in self._states.items() if v is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for v in self._states.values() if v is not None)
+
+    def changed(self) -> Dict[str, Dict[str, Any]]:
+        out = {}
+        for key, state in self._states.items():
+            if state is None:
+                continue
+            now = state.to_dict()
+            if now != self._original.get(key):
+                out[key] = now
+        return out
+
+    def current(self) -> Dict[str, NodeState]:
+        return {k: v for k, v in self._states.items() if v is not None}
+
+
+class LazyContext(Mapping):
+    """The run's context as conditions see it: loaded keys, this commit's changes, then the store."""
+
+    def __init__(self, store: RunStore, run_id: str, loaded: Mapping[str, Any], absent: Iterable[str] = (),
+                 whole: bool = False) -> None:
+        self._store = store
+        self._run_id = run_id
+        self._cache: Dict[str, Any] = dict(loaded)
+        self._absent: Set[str] = set(absent)
+        self._whole = whole  # `loaded` is the whole stored context: never read the store
+        self.delta: Dict[str, Any] = {}
+        self.deleted: Set[str] = set()
+
+    def overlay(self, delta: Mapping[str, Any], deleted: Iterable[str]) -> None:
+        for key in deleted:
+            self.delete(key)
+        for key, value in delta.items():
+            self.set(key, value)
+
+    def set(self, key: str, value: Any) -> None:
+        self.delta[key] = value
+        self.deleted.discard(key)
+
+    def delete(self, key: str) -> None:
+        self.delta.pop(key, None)
+        self.deleted.add(key)
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self.delta:
+            return self.delta[key]
+        if key in self.deleted or key in self._absent or (self._whole and key not in self._cache):
+            raise KeyError(key)
+        if key not in self._cache:
+            found = self._store.read_context(self._run_id, [key])
+            if key not in found:
+                self._absent.add(key)
+                raise KeyError(key)
+            self._cache[key] = found[key]
+        return self._cache[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    def _all(self) -> Dict[str, Any]:
+        data = dict(self._cache) if self._whole else self._store.read_all_context(self._run_id)
+        data.update(self.delta)
+        for key in self.deleted:
+            data.pop(key, None)
+        return data
+
+
+def _no_states(node_ids: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    return {}  # a whole snapshot has every stored state already
+
+
+def spec_field(parent: str, iteration: int) -> str:
+    return f"spec:{parent}:{iteration}"
+
+
+def item_definition(node_id: str, spec: Mapping[str, Any]) -> Any:
+    from .blueprint import NodeDefinition
+
+    return NodeDefinition(id=node_id, uses=spec.get("uses") or "", params=spec.get("params"))
+
+
+def item_job(run_id: str, blueprint_id: str, parent: str, iteration: int, index: int, spec: Mapping[str, Any]) -> Job:
+    extra = {"uses": spec.get("uses")}
+    if spec.get("params") is not None:
+        extra["params"] = spec.get("params")
+    return Job(run_id, blueprint_id, spec.get("id") or f"{parent}.{index}", iteration, kind="item", parent=parent,
+               index=index, input=spec.get("input"), extra=extra)
+
+
+def job_event(kind: str, job: Job, **extra: Any) -> Event:
+    """A `job:*` event: the job's identity (snake_case) plus `extra`."""
+    payload: Dict[str, Any] = {"run_id": job.run_id, "blueprint_id": job.blueprint_id, "node_id": job.node_id,
+                               "iteration": job.iteration, "kind": job.kind, "attempt": job.attempt, "job_key": job.key}
+    if job.parent is not None:
+        payload["parent"] = job.parent
+        payload["index"] = job.index
+    payload.update(extra)
+    return Event(kind, payload)
+
+
+def drop_unstarted_inputs(context: Dict[str, Any], record: RunRecord, states: Mapping[str, NodeState]) -> None:
+    """A worker stores a node's input when it schedules the node, the in-memory runtime when the node
+    starts: a failed or cancelled run drops the inputs of the nodes it never started, so its final
+    context is the in-memory one. Parked nodes (wait, sleep, subflow) and expanded ones (a batch
+    with items out) did start."""
+    for node_id, state in states.items():
+        if state.status == READY and not state.pending and node_id not in record.awaiting:
+            context.pop("_inputs." + node_id, None)
