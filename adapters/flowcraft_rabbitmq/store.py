@@ -61,6 +61,10 @@ def _json(value: Any) -> psycopg2.extras.Json:
     return psycopg2.extras.Json(value, dumps=lambda v: json.dumps(v, separators=(",", ":")))
 
 
+def _listed(names: Optional[Iterable[str]]) -> Optional[List[str]]:
+    return None if names is None else list(names)
+
+
 def _record_from(data: Mapping[str, Any]) -> RunRecord:
     fields = {f.name for f in attrs.fields(RunRecord)}
     return RunRecord(**{k: v for k, v in data.items() if k in fields})
@@ -68,6 +72,8 @@ def _record_from(data: Mapping[str, Any]) -> RunRecord:
 
 class PostgresRunStore:
     """Runs in PostgreSQL; see the module docstring. Thread-safe (one connection behind a lock)."""
+
+    whole_loads = True  # load_many takes None for "all node states" and "the whole context"
 
     def __init__(
         self,
@@ -256,8 +262,9 @@ class PostgresRunStore:
         )
         pick = ("(SELECT jsonb_object_agg(k, {col} -> k) FROM unnest(%({param})s::text[]) AS k WHERE {col} ? k)")
         # One row per requested run, in the order asked ($1: a JSON array of [run id, node ids,
-        # context keys]), so any number of runs is one statement.
-        pick_json = "(SELECT jsonb_object_agg(k, {col} -> k) FROM jsonb_array_elements_text(q.e->{i}) AS k WHERE {col} ? k)"
+        # context keys], null ids or keys for all of them), so any number of runs is one statement.
+        pick_json = ("CASE WHEN q.e->{i} = 'null'::jsonb THEN {col} ELSE"
+                     " (SELECT jsonb_object_agg(k, {col} -> k) FROM jsonb_array_elements_text(q.e->{i}) AS k WHERE {col} ? k) END")
         load = (
             "SELECT c.run_id IS NOT NULL, r.record, "
             + pick_json.format(col="r.states", i=1) + ", "
@@ -321,27 +328,30 @@ class PostgresRunStore:
 
         return record.run_id in self._remember(self._run(op))
 
-    def load(self, run_id: str, node_ids: Iterable[str], context_keys: Iterable[str]) -> Optional[RunSnapshot]:
-        return self.load_many([(run_id, list(node_ids), list(context_keys))])[0]
+    def load(self, run_id: str, node_ids: Optional[Iterable[str]], context_keys: Optional[Iterable[str]]) -> Optional[RunSnapshot]:
+        return self.load_many([(run_id, node_ids, context_keys)])[0]
 
-    def load_many(self, requests: Sequence[Tuple[str, Sequence[str], Sequence[str]]]) -> List[Optional[RunSnapshot]]:
+    def load_many(self, requests: Sequence[Tuple[str, Optional[Iterable[str]], Optional[Iterable[str]]]]) -> List[Optional[RunSnapshot]]:
+        """One statement for all the runs asked (None for node ids and context keys: the whole run)."""
         if not requests:
             return []
-        wanted = json.dumps([[run_id, list(nodes), list(keys)] for run_id, nodes, keys in requests], separators=(",", ":"))
+        wanted = json.dumps([[run_id, _listed(nodes), _listed(keys)] for run_id, nodes, keys in requests],
+                            separators=(",", ":"))
 
         def op(cur: Any) -> List[Any]:
             cur.execute(self._x_load, (wanted,))
             return cur.fetchall()
 
-        return [self._snapshot(run_id, row) for (run_id, _, _), row in zip(requests, self._run(op))]
+        return [self._snapshot(run_id, row, nodes is None and keys is None)
+                for (run_id, nodes, keys), row in zip(requests, self._run(op))]
 
-    def _snapshot(self, run_id: str, row: Sequence[Any]) -> Optional[RunSnapshot]:
+    def _snapshot(self, run_id: str, row: Sequence[Any], whole: bool) -> Optional[RunSnapshot]:
         has_context, record, states, context, status, updated_at = row
         if record is not None:
-            return RunSnapshot(_record_from(record), states or {}, context or {})
+            return RunSnapshot(_record_from(record), states or {}, context or {}, whole)
         if not has_context:
             return None
-        return RunSnapshot(self._seed_record(run_id, status, updated_at), {}, context or {})
+        return RunSnapshot(self._seed_record(run_id, status, updated_at), {}, context or {}, whole)
 
     @staticmethod
     def _seed_record(run_id: str, status: Optional[str], updated_at: Optional[float]) -> RunRecord:

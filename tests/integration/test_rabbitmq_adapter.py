@@ -653,3 +653,24 @@ def test_acks_go_out_once_and_as_one_multiple_ack_for_the_oldest(make_adapter: C
     queue.release()  # would give back anything unacknowledged
     assert queue.fetch(5, timeout=0.5) == []
     assert queue.message_counts() == (0, 0, 0)
+
+
+def test_whole_loads_read_every_state_and_the_whole_context(make_adapter: Callable[..., RabbitMqAdapter]) -> None:
+    """`load_many` with None for node ids and context keys gives the whole run (`whole` set), so a
+    chain's start and last node read nothing else; named ids and keys give just those."""
+    flow = (create_flow("wholechain").node("a", lambda ctx: ctx.context.get("seed") + 1)
+            .node("b", lambda ctx: ctx.input * 10).edge("a", "b"))
+    adapter = make_adapter([flow])
+    store = adapter.store
+    run_id = adapter.start_workflow("wholechain", {"seed": 4, "other": "x"})
+    whole, named = store.load_many([(run_id, None, None), (run_id, ["a"], ["seed"])])
+    assert whole.whole and whole.context == {"seed": 4, "other": "x"} and set(whole.states) == {"a"}
+    assert not named.whole and named.context == {"seed": 4} and set(named.states) == {"a"}
+    reads: List[str] = []
+    for name in ("read_context", "read_all_context", "read_states", "read_all_states"):
+        original = getattr(store, name)
+        setattr(store, name, (lambda n, f: lambda *a, **k: (reads.append(n), f(*a, **k))[1])(name, original))
+    adapter.start()
+    result = adapter.wait_for_result(run_id, timeout=TIMEOUT)
+    assert result.status == "completed" and result.context["_outputs.b"] == 50
+    assert reads == []
