@@ -50,7 +50,10 @@ def advance(snap: RunSnapshot, commit: Commit) -> RunSnapshot:
     context.update(commit.context_set)
     for key in commit.context_delete:
         context.pop(key, None)
-    return RunSnapshot(attrs.evolve(commit.record, version=snap.record.version), states, context, snap.whole)
+    record = commit.record  # a plan's own copy, never changed after; it keeps the version loaded
+    if record.version != snap.record.version:
+        record = attrs.evolve(record, version=snap.record.version)
+    return RunSnapshot(record, states, context, snap.whole)
 
 
 def merge(commits: Sequence[Commit]) -> Commit:

@@ -8,15 +8,13 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, MutableMapping, Optional, Protocol, Sequence, Set, Tuple
 
-import attrs
-
 from .builtins import Await
 from .errors import LoopLimitError, SerializationError
 from .events import Event
 from .execution import FallbackResult, NodeFailure, item_failure
 from .graph import READY, Activation, CompiledGraph, GraphNode, NodeState, RoutingError, Traversal
 from .node import NodeResult
-from .ports import Commit, Job, RunRecord, RunSnapshot, RunStore, item_field
+from .ports import Commit, Job, RunRecord, RunSnapshot, RunStore, copy_record, item_field
 from .result import AWAITING, COMPLETED, FAILED, FINAL_STATUSES, RUNNING, STALLED, WorkflowError, WorkflowResult
 from .runtime import FlowRuntime
 from .serializer import check_json
@@ -47,7 +45,7 @@ class CommitPlan:
         self.job = job
         self.graph = graph
         self.snap = snap
-        self.record = attrs.evolve(snap.record, awaiting=dict(snap.record.awaiting), errors=list(snap.record.errors))
+        self.record = copy_record(snap.record)
         wanted_states, wanted_keys = adapter._wanted(graph.nodes[job.parent if job.kind == "item" else job.node_id])
         loader = _no_states if snap.whole else functools.partial(adapter.store.read_states, job.run_id)
         self.states = LazyStates(snap.states, loader, absent=set(wanted_states) - set(snap.states))

@@ -170,6 +170,14 @@ class RunRecord:
     result: Optional[Dict[str, Any]] = None
 
 
+def copy_record(record: RunRecord) -> RunRecord:
+    """A copy whose `awaiting` and `errors` can change without touching `record` (a worker copies
+    the loaded record once per node execution; this is cheaper than `attrs.evolve`)."""
+    return RunRecord(record.run_id, record.blueprint_id, record.blueprint_version, record.status, record.version,
+                     record.outstanding, dict(record.awaiting), list(record.errors), record.parent, record.updated_at,
+                     record.result)
+
+
 @attrs.define
 class RunSnapshot:
     """What a worker loaded for one decision: the record, some node states, some context keys."""

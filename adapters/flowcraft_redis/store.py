@@ -33,6 +33,8 @@ def _encode_field(value: Any) -> str:
 
 
 def _decode_field(text: str) -> Any:
+    if len(text) >= 2 and text[0] == '"' and text[-1] == '"' and "\\" not in text and '"' not in text[1:-1]:
+        return text[1:-1]  # a plain JSON string (a blueprint id or version): no decoder needed
     if text in _EMPTY:
         empty = _EMPTY[text]
         return type(empty)() if empty is not None else None  # a fresh {} or [] each time
