@@ -42,8 +42,10 @@ end
 
 local function apply(expected)
   local ttl, final = tonumber(take()), take()
-  chunked('HSET', KEYS[kb + 1], tonumber(take()), 2)
-  redis.call('HSET', KEYS[kb + 1], 'version', tostring(expected + 1))
+  local fields = tonumber(take())
+  local record = {'version', tostring(expected + 1)}
+  for i = 1, fields * 2 do record[#record + 1] = take() end
+  redis.call('HSET', KEYS[kb + 1], unpack(record))
   chunked('HSET', KEYS[kb + 2], tonumber(take()), 2)
   chunked('HDEL', KEYS[kb + 2], tonumber(take()), 1)
   chunked('HSET', KEYS[kb + 3], tonumber(take()), 2)
