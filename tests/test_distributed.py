@@ -378,22 +378,7 @@ def test_resume_of_a_run_that_is_not_awaiting_is_refused() -> None:
 
 
 def test_awaiting_child_makes_the_parent_await_and_resume_reaches_the_child() -> None:
-    child = (
-        create_flow("gated-child")
-        .node("c1", lambda ctx: 1)
-        .wait("gate")
-        .node("c2", lambda ctx: {"c2": ctx.input})
-        .edge("c1", "gate")
-        .edge("gate", "c2")
-    )
-    parent = (
-        create_flow("gated-parent")
-        .node("p0", lambda ctx: 0)
-        .subflow("sub", "gated-child", outputs={"out": "c2"})
-        .node("p2", lambda ctx: ctx.input)
-        .edge("p0", "sub")
-        .edge("sub", "p2")
-    )
+    parent, child = _gated()  # p0 -> sub (a child run: c1 -> gate (wait) -> c2) -> p2
     runtime = make_runtime([parent, child])
     paused_in_memory = parent.run(runtime)
     expected = parent.resume(runtime, paused_in_memory.serialized_context, output="ok")
