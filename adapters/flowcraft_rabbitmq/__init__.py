@@ -7,7 +7,8 @@ from .adapter import RabbitMqAdapter, create_rabbitmq_reconciler
 from flowcraft_redis import RedisCoordinationStore  # shared with the Redis adapter, as the SPEC asks
 from .queue import REASON_HEADER, RabbitMqQueue
 from .schema import ensure_schema, validate_identifier
-from .store import PostgresContext, PostgresRunStore, StoreUnavailable
+from .context import PostgresContext
+from .store import PostgresRunStore, StoreUnavailable
 
 __all__ = [
     "PostgresContext", "PostgresRunStore", "RabbitMqAdapter", "RabbitMqQueue", "REASON_HEADER", "RedisCoordinationStore",

@@ -10,7 +10,8 @@ from flowcraft.distributed import DistributedAdapter, Reconciler
 
 from .queue import DEFAULT_PREFETCH, RabbitMqQueue
 from .schema import DEFAULT_CONTEXT_TABLE, DEFAULT_STATUS_TABLE, validate_identifier
-from .store import PostgresContext, PostgresRunStore
+from .context import PostgresContext
+from .store import PostgresRunStore
 
 logger = logging.getLogger("flowcraft.rabbitmq.adapter")
 

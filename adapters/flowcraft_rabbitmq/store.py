@@ -29,7 +29,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
@@ -44,6 +43,7 @@ from psycopg2 import sql
 
 from flowcraft.ports import Commit, Job, RunRecord, RunSnapshot
 
+from .queries import Queries
 from .schema import DEFAULT_CONTEXT_TABLE, DEFAULT_STATUS_TABLE, default_table_names, ensure_schema, validate_identifier
 
 logger = logging.getLogger("flowcraft.rabbitmq.store")
@@ -114,7 +114,7 @@ class PostgresRunStore:
         self._prepared_on: Any = None  # the connection the hot statements are prepared on
         if create_schema:
             ensure_schema(self.conn, self.context_table, self.status_table, self.runs_table, self.outbox_table)
-        self._build_queries()
+        self.sql = Queries(self.context_table, self.status_table, self.runs_table, self.outbox_table)
         self._prepare()
 
     def _prepare(self) -> None:
@@ -168,7 +168,7 @@ class PostgresRunStore:
 
     def _prepare_statements(self, cur: Any) -> None:
         """PREPARE the hot statements on the current connection (lazily: the tables must exist)."""
-        for name, (types, text) in self._prepared_sql.items():
+        for name, (types, text) in self.sql.prepared.items():
             try:
                 cur.execute(sql.SQL("PREPARE {} ({}) AS ").format(sql.Identifier(name), sql.SQL(types)) + text)
             except psycopg2.errors.DuplicatePreparedStatement:
@@ -196,119 +196,6 @@ class PostgresRunStore:
 
     # --- queries ---------------------------------------------------------------------------------
 
-    def _build_queries(self) -> None:
-        ids = {"ctx": sql.Identifier(self.context_table), "st": sql.Identifier(self.status_table),
-               "runs": sql.Identifier(self.runs_table), "outbox": sql.Identifier(self.outbox_table)}
-        q = lambda text: sql.SQL(text).format(**ids)  # noqa: E731
-        # Statement names are per table set, so two stores may share a connection.
-        tag = hashlib.sha1("|".join((self.context_table, self.status_table, self.runs_table,
-                                     self.outbox_table)).encode()).hexdigest()[:12]
-        names = {what: f"flowcraft_{tag}_{what}" for what in ("commit", "load", "record")}
-        execute = lambda name: sql.SQL("EXECUTE {} (%s)").format(sql.Identifier(name))  # noqa: E731
-        upsert = (" ON CONFLICT (run_id) DO UPDATE SET status = EXCLUDED.status, updated_at = now(),"
-                  " result = EXCLUDED.result")
-        # What every commit statement returns: a row per applied run, then a row per outbox row.
-        returning = (" SELECT run_id, NULL::bigint, NULL::text, NULL::int FROM r"
-                     " UNION ALL SELECT run_id, id, body, delay_ms FROM o")
-        # The wave commit ($1: a JSON array, one object per commit; see `_wave`). Only runs rows whose
-        # version matches are locked, in run-id order, before anything is written; everything
-        # else of a run is written only once its runs row is locked by this statement.
-        wave = (
-            "WITH w AS MATERIALIZED (SELECT * FROM jsonb_to_recordset($1) AS w(run_id text, expected int, record jsonb,"
-            "         states jsonb, items jsonb, ctx_set jsonb, ctx_del text[], status text, result jsonb, jobs jsonb))"
-            ", lk AS MATERIALIZED (SELECT t.run_id FROM {runs} AS t JOIN w ON w.run_id = t.run_id"
-            "         WHERE (t.record->>'version')::int = w.expected ORDER BY t.run_id FOR UPDATE OF t)"
-            ", r AS (UPDATE {runs} AS t SET record = w.record, states = t.states || w.states, items = t.items || w.items"
-            "         FROM w JOIN lk ON lk.run_id = w.run_id"
-            "         WHERE t.run_id = w.run_id AND (t.record->>'version')::int = w.expected RETURNING t.run_id)"
-            ", c AS (UPDATE {ctx} AS t SET context_data = (t.context_data || w.ctx_set) - w.ctx_del"
-            "         FROM w JOIN r ON r.run_id = w.run_id"
-            "         WHERE t.run_id = w.run_id AND (w.ctx_set <> '{{}}'::jsonb OR cardinality(w.ctx_del) > 0))"
-            ", s AS (INSERT INTO {st} (run_id, status, updated_at, result)"
-            "         SELECT w.run_id, w.status, now(), w.result FROM w JOIN r ON r.run_id = w.run_id ORDER BY w.run_id"
-            + upsert + ")"
-            ", o AS (INSERT INTO {outbox} (run_id, body, delay_ms)"
-            "         SELECT w.run_id, j.e->>0, (j.e->>1)::int FROM w JOIN r ON r.run_id = w.run_id,"
-            "         jsonb_array_elements(w.jobs) WITH ORDINALITY AS j(e, ord) ORDER BY w.run_id, j.ord"
-            "         RETURNING id, run_id, body, delay_ms)"
-            # $2: outbox rows published since the last commit (rows a publisher elsewhere holds
-            # locked are skipped: it deletes them itself)
-            ", d AS (DELETE FROM {outbox} WHERE id = ANY($2) AND id IN"
-            "         (SELECT id FROM {outbox} WHERE id = ANY($2) FOR UPDATE SKIP LOCKED))" + returning
-        )
-        # Version 0: a run started by a seed client (a context row, no runs row) being adopted.
-        self._q_adopt = q(
-            "WITH r AS (INSERT INTO {runs} (run_id, record, states, items)"
-            "           SELECT run_id, %(record)s, %(states)s, %(items)s FROM {ctx} WHERE run_id = %(run_id)s"
-            "           ON CONFLICT (run_id) DO NOTHING RETURNING run_id)"
-            ", c AS (UPDATE {ctx} SET context_data = (context_data || %(ctx_set)s::jsonb) - %(ctx_del)s::text[]"
-            "        WHERE %(has_ctx)s AND run_id IN (SELECT run_id FROM r))"
-            ", s AS (INSERT INTO {st} (run_id, status, updated_at, result) SELECT run_id, %(status)s, now(), %(result)s"
-            "        FROM r" + upsert + ")"
-            ", o AS (INSERT INTO {outbox} (run_id, body, delay_ms) SELECT r.run_id, j.e->>0, (j.e->>1)::int FROM r,"
-            "        jsonb_array_elements(%(jobs)s::jsonb) WITH ORDINALITY AS j(e, ord) ORDER BY j.ord"
-            "        RETURNING id, run_id, body, delay_ms)" + returning
-        )
-        self._q_create = q(
-            "WITH r AS (INSERT INTO {ctx} (run_id, context_data) VALUES (%(run_id)s, %(context)s)"
-            "           ON CONFLICT (run_id) DO NOTHING RETURNING run_id)"
-            ", n AS (INSERT INTO {runs} (run_id, record, states) SELECT run_id, %(record)s, %(states)s FROM r"
-            "        ON CONFLICT (run_id) DO NOTHING)"
-            ", s AS (INSERT INTO {st} (run_id, status, updated_at, result) SELECT run_id, %(status)s, now(), %(result)s"
-            "        FROM r" + upsert + ")"
-            ", o AS (INSERT INTO {outbox} (run_id, body, delay_ms) SELECT r.run_id, j.e->>0, (j.e->>1)::int FROM r,"
-            "        jsonb_array_elements(%(jobs)s::jsonb) WITH ORDINALITY AS j(e, ord) ORDER BY j.ord"
-            "        RETURNING id, run_id, body, delay_ms)" + returning
-        )
-        pick = ("(SELECT jsonb_object_agg(k, {col} -> k) FROM unnest(%({param})s::text[]) AS k WHERE {col} ? k)")
-        # One row per requested run, in the order asked ($1: a JSON array of [run id, node ids,
-        # context keys], null ids or keys for all of them), so any number of runs is one statement.
-        pick_json = ("CASE WHEN q.e->{i} = 'null'::jsonb THEN {col} ELSE"
-                     " (SELECT jsonb_object_agg(k, {col} -> k) FROM jsonb_array_elements_text(q.e->{i}) AS k WHERE {col} ? k) END")
-        load = (
-            "SELECT c.run_id IS NOT NULL, r.record, "
-            + pick_json.format(col="r.states", i=1) + ", "
-            + pick_json.format(col="c.context_data", i=2) + ", "
-            "s.status, extract(epoch FROM s.updated_at)::float8"
-            " FROM jsonb_array_elements($1) WITH ORDINALITY AS q(e, ord)"
-            " LEFT JOIN {ctx} AS c ON c.run_id = q.e->>0"
-            " LEFT JOIN {runs} AS r ON r.run_id = q.e->>0"
-            " LEFT JOIN {st} AS s ON s.run_id = q.e->>0"
-            " ORDER BY q.ord"
-        )
-        self._prepared_sql = {names["commit"]: ("jsonb, bigint[]", q(wave)), names["load"]: ("jsonb", q(load)),
-                              names["record"]: ("text", q("SELECT record FROM {runs} WHERE run_id = $1"))}
-        self._x_commit = sql.SQL("EXECUTE {} (%s, %s)").format(sql.Identifier(names["commit"]))
-        self._x_load = execute(names["load"])
-        self._x_record = execute(names["record"])
-        self._q_states = q("SELECT " + pick.format(col="states", param="nodes") + " FROM {runs} WHERE run_id = %(run_id)s")
-        self._q_all_states = q("SELECT states FROM {runs} WHERE run_id = %(run_id)s")
-        self._q_context = q("SELECT " + pick.format(col="context_data", param="keys") + " FROM {ctx} WHERE run_id = %(run_id)s")
-        self._q_all_context = q("SELECT context_data FROM {ctx} WHERE run_id = %(run_id)s")
-        self._q_items = q(
-            "SELECT (SELECT jsonb_agg(items -> u.f ORDER BY u.i) FROM unnest(%(fields)s::text[]) WITH ORDINALITY AS u(f, i))"
-            " FROM {runs} WHERE run_id = %(run_id)s"
-        )
-        self._q_outbox_lock = q(
-            "BEGIN; SET LOCAL synchronous_commit TO OFF;"
-            " SELECT id, body, delay_ms FROM {outbox} WHERE run_id = ANY(%(run_ids)s::text[]) ORDER BY id FOR UPDATE SKIP LOCKED"
-        )
-        self._q_outbox_delete = q("DELETE FROM {outbox} WHERE id = ANY(%(ids)s::bigint[]); COMMIT")
-        self._q_outbox_forget = q("BEGIN; SET LOCAL synchronous_commit TO OFF;"
-                                  " DELETE FROM {outbox} WHERE id = ANY(%(ids)s::bigint[]); COMMIT")
-        self._q_idle = q(
-            "SELECT (SELECT count(*) FROM {st} WHERE status = 'running'),"
-            " array(SELECT run_id FROM {st} WHERE status = 'running'"
-            "       AND updated_at <= now() - make_interval(secs => %(idle)s) ORDER BY updated_at LIMIT %(limit)s)"
-        )
-        self._q_touch = q("UPDATE {st} SET updated_at = now() WHERE run_id = %(run_id)s AND status = 'running'")
-        self._q_set_key = q(
-            "UPDATE {ctx} SET context_data = context_data || jsonb_build_object(%(key)s::text, %(value)s::jsonb)"
-            " WHERE run_id = %(run_id)s"
-        )
-        self._q_delete_key = q("UPDATE {ctx} SET context_data = context_data - %(key)s::text WHERE run_id = %(run_id)s")
-        self._q_run_ids = q("SELECT run_id FROM {ctx} ORDER BY run_id")
-
     # --- RunStore ------------------------------------------------------------------------------
 
     @staticmethod
@@ -323,7 +210,7 @@ class PostgresRunStore:
                   if record.result is not None else None, "jobs": _json(self._jobs_json(jobs))}
 
         def op(cur: Any) -> List[Any]:
-            cur.execute(self._q_create, params)
+            cur.execute(self.sql.create, params)
             return cur.fetchall()
 
         return record.run_id in self._remember(self._run(op))
@@ -339,7 +226,7 @@ class PostgresRunStore:
                             separators=(",", ":"))
 
         def op(cur: Any) -> List[Any]:
-            cur.execute(self._x_load, (wanted,))
+            cur.execute(self.sql.exec_load, (wanted,))
             return cur.fetchall()
 
         return [self._snapshot(run_id, row, nodes is None and keys is None)
@@ -367,22 +254,22 @@ class PostgresRunStore:
         return self._run(op)
 
     def read_states(self, run_id: str, node_ids: Iterable[str]) -> Dict[str, Dict[str, Any]]:
-        return self._select_one(self._q_states, {"run_id": run_id, "nodes": list(node_ids)}) or {}
+        return self._select_one(self.sql.states, {"run_id": run_id, "nodes": list(node_ids)}) or {}
 
     def read_all_states(self, run_id: str) -> Dict[str, Dict[str, Any]]:
-        return self._select_one(self._q_all_states, {"run_id": run_id}) or {}
+        return self._select_one(self.sql.all_states, {"run_id": run_id}) or {}
 
     def read_context(self, run_id: str, keys: Iterable[str]) -> Dict[str, Any]:
-        return self._select_one(self._q_context, {"run_id": run_id, "keys": list(keys)}) or {}
+        return self._select_one(self.sql.context, {"run_id": run_id, "keys": list(keys)}) or {}
 
     def read_all_context(self, run_id: str) -> Dict[str, Any]:
-        return self._select_one(self._q_all_context, {"run_id": run_id}) or {}
+        return self._select_one(self.sql.all_context, {"run_id": run_id}) or {}
 
     def read_items(self, run_id: str, fields: Sequence[str]) -> List[Any]:
         fields = list(fields)
         if not fields:
             return []
-        found = self._select_one(self._q_items, {"run_id": run_id, "fields": fields})
+        found = self._select_one(self.sql.items, {"run_id": run_id, "fields": fields})
         return list(found) if found else [None] * len(fields)
 
     # --- commits --------------------------------------------------------------------------------
@@ -405,7 +292,7 @@ class PostgresRunStore:
 
         def op(cur: Any) -> List[Any]:
             published = list(self._published)  # under the store's lock, as every change of the list
-            cur.execute(self._x_commit, (wave, published))
+            cur.execute(self.sql.exec_commit, (wave, published))
             rows = cur.fetchall()
             del self._published[:len(published)]
             return rows
@@ -424,9 +311,9 @@ class PostgresRunStore:
             cur.execute("BEGIN")
             for i in order:
                 if commits[i].expected_version == 0:
-                    cur.execute(self._q_adopt, self._adopt_params(commits[i]))
+                    cur.execute(self.sql.adopt, self._adopt_params(commits[i]))
                 else:
-                    cur.execute(self._x_commit, (self._wave([commits[i]]), []))
+                    cur.execute(self.sql.exec_commit, (self._wave([commits[i]]), []))
                 rows[i] = cur.fetchall()
             cur.execute("COMMIT")
             return rows
@@ -515,7 +402,7 @@ class PostgresRunStore:
         def op(cur: Any) -> None:
             published = list(self._published)
             if published:
-                cur.execute(self._q_outbox_forget, {"ids": published})
+                cur.execute(self.sql.outbox_forget, {"ids": published})
                 del self._published[:len(published)]
 
         if self._published:
@@ -524,7 +411,7 @@ class PostgresRunStore:
     def _publish_from_table(self, run_ids: Sequence[str], rows: Sequence[Tuple[int, str, int]], queue: Any) -> int:
         """Lock the runs' outbox rows, publish them with `rows`, delete them all."""
         def op(cur: Any) -> int:
-            cur.execute(self._q_outbox_lock, {"run_ids": list(run_ids)})
+            cur.execute(self.sql.outbox_lock, {"run_ids": list(run_ids)})
             ids = {row[0] for row in rows}
             todo = list(rows) + [row for row in cur.fetchall() if row[0] not in ids]
             if not todo:
@@ -535,7 +422,7 @@ class PostgresRunStore:
             except BaseException:
                 self._abort()
                 raise
-            cur.execute(self._q_outbox_delete, {"ids": [row[0] for row in todo]})
+            cur.execute(self.sql.outbox_delete, {"ids": [row[0] for row in todo]})
             return len(todo)
 
         return self._run(op)
@@ -555,7 +442,7 @@ class PostgresRunStore:
         """The run's record: one primary-key read (status polls call this in a loop); a run with
         no runs row (unknown, or started by a seed client) goes through `load`."""
         def op(cur: Any) -> Any:
-            cur.execute(self._x_record, (run_id,))
+            cur.execute(self.sql.exec_record, (run_id,))
             row = cur.fetchone()
             return None if row is None else row[0]
 
@@ -567,12 +454,12 @@ class PostgresRunStore:
 
     def touch(self, run_id: str, updated_at: float) -> None:
         """The status row's `updated_at` is the database's clock, as in every commit."""
-        self._run(lambda cur: cur.execute(self._q_touch, {"run_id": run_id}))
+        self._run(lambda cur: cur.execute(self.sql.touch, {"run_id": run_id}))
 
     def idle_runs(self, idle_seconds: float, limit: int = 1000) -> Tuple[int, List[str]]:
         """`(running runs scanned, ids of those whose status row is older than idle_seconds)`."""
         def op(cur: Any) -> Tuple[int, List[str]]:
-            cur.execute(self._q_idle, {"idle": float(idle_seconds), "limit": int(limit)})
+            cur.execute(self.sql.idle, {"idle": float(idle_seconds), "limit": int(limit)})
             scanned, ids = cur.fetchone()
             return int(scanned), list(ids)
 
@@ -583,60 +470,19 @@ class PostgresRunStore:
     def set_key(self, run_id: str, key: str, value: Any) -> None:
         """Patch one context key in place (`context_data || {key: value}`)."""
         def op(cur: Any) -> None:
-            cur.execute(self._q_set_key, {"run_id": run_id, "key": key, "value": _json(value)})
+            cur.execute(self.sql.set_key, {"run_id": run_id, "key": key, "value": _json(value)})
 
         self._run(op)
 
     def delete_key(self, run_id: str, key: str) -> None:
         def op(cur: Any) -> None:
-            cur.execute(self._q_delete_key, {"run_id": run_id, "key": key})
+            cur.execute(self.sql.delete_key, {"run_id": run_id, "key": key})
 
         self._run(op)
 
     def run_ids(self) -> List[str]:
         def op(cur: Any) -> List[str]:
-            cur.execute(self._q_run_ids)
+            cur.execute(self.sql.run_ids)
             return [row[0] for row in cur.fetchall()]
 
         return self._run(op)
-
-
-_ABSENT = object()
-
-
-class PostgresContext:
-    """One run's context in its `context_data` JSONB column, read and patched key by key.
-
-    `get`/`has` read one key (`context_data -> key`), `set`/`delete` patch one key in place
-    (never rewriting the document), `to_dict` reads the whole document. Changes made here are
-    outside any node commit: use it from clients and tools, not from node code (node code gets a
-    context whose changes commit with the node's completion)."""
-
-    def __init__(self, store: PostgresRunStore, run_id: str) -> None:
-        self.store = store
-        self.run_id = run_id
-
-    def get(self, key: str, default: Any = None) -> Any:
-        found = self.store.read_context(self.run_id, [key])
-        return found.get(key, default)
-
-    def has(self, key: str) -> bool:
-        return key in self.store.read_context(self.run_id, [key])
-
-    def set(self, key: str, value: Any) -> None:
-        self.store.set_key(self.run_id, key, value)
-
-    def delete(self, key: str) -> None:
-        self.store.delete_key(self.run_id, key)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return self.store.read_all_context(self.run_id)
-
-    def __getitem__(self, key: str) -> Any:
-        value = self.get(key, _ABSENT)
-        if value is _ABSENT:
-            raise KeyError(key)
-        return value
-
-    def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and self.has(key)

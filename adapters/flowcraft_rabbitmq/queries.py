@@ -1,0 +1,127 @@
+"""The SQL of `PostgresRunStore`, composed once per set of table names: identifiers validated and
+quoted with `psycopg2.sql`, every value a query parameter. The hot statements (wave commit, wave
+load, record) are server-side prepared: `prepared` maps their names to (argument types, body),
+and the `exec_*` statements run them."""
+from __future__ import annotations
+
+import hashlib
+from typing import Dict, Tuple
+
+from psycopg2 import sql
+
+
+class Queries:
+    """Every statement the store runs, for one context, status, runs and outbox table."""
+
+    def __init__(self, context_table: str, status_table: str, runs_table: str, outbox_table: str) -> None:
+        ids = {"ctx": sql.Identifier(context_table), "st": sql.Identifier(status_table),
+               "runs": sql.Identifier(runs_table), "outbox": sql.Identifier(outbox_table)}
+        q = lambda text: sql.SQL(text).format(**ids)  # noqa: E731
+        # Statement names are per table set, so two stores may share a connection.
+        tag = hashlib.sha1("|".join((context_table, status_table, runs_table,
+                                     outbox_table)).encode()).hexdigest()[:12]
+        names = {what: f"flowcraft_{tag}_{what}" for what in ("commit", "load", "record")}
+        execute = lambda name: sql.SQL("EXECUTE {} (%s)").format(sql.Identifier(name))  # noqa: E731
+        upsert = (" ON CONFLICT (run_id) DO UPDATE SET status = EXCLUDED.status, updated_at = now(),"
+                  " result = EXCLUDED.result")
+        # What every commit statement returns: a row per applied run, then a row per outbox row.
+        returning = (" SELECT run_id, NULL::bigint, NULL::text, NULL::int FROM r"
+                     " UNION ALL SELECT run_id, id, body, delay_ms FROM o")
+        # The wave commit ($1: a JSON array, one object per commit; see `_wave`). Only runs rows whose
+        # version matches are locked, in run-id order, before anything is written; everything
+        # else of a run is written only once its runs row is locked by this statement.
+        wave = (
+            "WITH w AS MATERIALIZED (SELECT * FROM jsonb_to_recordset($1) AS w(run_id text, expected int, record jsonb,"
+            "         states jsonb, items jsonb, ctx_set jsonb, ctx_del text[], status text, result jsonb, jobs jsonb))"
+            ", lk AS MATERIALIZED (SELECT t.run_id FROM {runs} AS t JOIN w ON w.run_id = t.run_id"
+            "         WHERE (t.record->>'version')::int = w.expected ORDER BY t.run_id FOR UPDATE OF t)"
+            ", r AS (UPDATE {runs} AS t SET record = w.record, states = t.states || w.states, items = t.items || w.items"
+            "         FROM w JOIN lk ON lk.run_id = w.run_id"
+            "         WHERE t.run_id = w.run_id AND (t.record->>'version')::int = w.expected RETURNING t.run_id)"
+            ", c AS (UPDATE {ctx} AS t SET context_data = (t.context_data || w.ctx_set) - w.ctx_del"
+            "         FROM w JOIN r ON r.run_id = w.run_id"
+            "         WHERE t.run_id = w.run_id AND (w.ctx_set <> '{{}}'::jsonb OR cardinality(w.ctx_del) > 0))"
+            ", s AS (INSERT INTO {st} (run_id, status, updated_at, result)"
+            "         SELECT w.run_id, w.status, now(), w.result FROM w JOIN r ON r.run_id = w.run_id ORDER BY w.run_id"
+            + upsert + ")"
+            ", o AS (INSERT INTO {outbox} (run_id, body, delay_ms)"
+            "         SELECT w.run_id, j.e->>0, (j.e->>1)::int FROM w JOIN r ON r.run_id = w.run_id,"
+            "         jsonb_array_elements(w.jobs) WITH ORDINALITY AS j(e, ord) ORDER BY w.run_id, j.ord"
+            "         RETURNING id, run_id, body, delay_ms)"
+            # $2: outbox rows published since the last commit (rows a publisher elsewhere holds
+            # locked are skipped: it deletes them itself)
+            ", d AS (DELETE FROM {outbox} WHERE id = ANY($2) AND id IN"
+            "         (SELECT id FROM {outbox} WHERE id = ANY($2) FOR UPDATE SKIP LOCKED))" + returning
+        )
+        # Version 0: a run started by a seed client (a context row, no runs row) being adopted.
+        self.adopt = q(
+            "WITH r AS (INSERT INTO {runs} (run_id, record, states, items)"
+            "           SELECT run_id, %(record)s, %(states)s, %(items)s FROM {ctx} WHERE run_id = %(run_id)s"
+            "           ON CONFLICT (run_id) DO NOTHING RETURNING run_id)"
+            ", c AS (UPDATE {ctx} SET context_data = (context_data || %(ctx_set)s::jsonb) - %(ctx_del)s::text[]"
+            "        WHERE %(has_ctx)s AND run_id IN (SELECT run_id FROM r))"
+            ", s AS (INSERT INTO {st} (run_id, status, updated_at, result) SELECT run_id, %(status)s, now(), %(result)s"
+            "        FROM r" + upsert + ")"
+            ", o AS (INSERT INTO {outbox} (run_id, body, delay_ms) SELECT r.run_id, j.e->>0, (j.e->>1)::int FROM r,"
+            "        jsonb_array_elements(%(jobs)s::jsonb) WITH ORDINALITY AS j(e, ord) ORDER BY j.ord"
+            "        RETURNING id, run_id, body, delay_ms)" + returning
+        )
+        self.create = q(
+            "WITH r AS (INSERT INTO {ctx} (run_id, context_data) VALUES (%(run_id)s, %(context)s)"
+            "           ON CONFLICT (run_id) DO NOTHING RETURNING run_id)"
+            ", n AS (INSERT INTO {runs} (run_id, record, states) SELECT run_id, %(record)s, %(states)s FROM r"
+            "        ON CONFLICT (run_id) DO NOTHING)"
+            ", s AS (INSERT INTO {st} (run_id, status, updated_at, result) SELECT run_id, %(status)s, now(), %(result)s"
+            "        FROM r" + upsert + ")"
+            ", o AS (INSERT INTO {outbox} (run_id, body, delay_ms) SELECT r.run_id, j.e->>0, (j.e->>1)::int FROM r,"
+            "        jsonb_array_elements(%(jobs)s::jsonb) WITH ORDINALITY AS j(e, ord) ORDER BY j.ord"
+            "        RETURNING id, run_id, body, delay_ms)" + returning
+        )
+        pick = ("(SELECT jsonb_object_agg(k, {col} -> k) FROM unnest(%({param})s::text[]) AS k WHERE {col} ? k)")
+        # One row per requested run, in the order asked ($1: a JSON array of [run id, node ids,
+        # context keys], null ids or keys for all of them), so any number of runs is one statement.
+        pick_json = ("CASE WHEN q.e->{i} = 'null'::jsonb THEN {col} ELSE"
+                     " (SELECT jsonb_object_agg(k, {col} -> k) FROM jsonb_array_elements_text(q.e->{i}) AS k WHERE {col} ? k) END")
+        load = (
+            "SELECT c.run_id IS NOT NULL, r.record, "
+            + pick_json.format(col="r.states", i=1) + ", "
+            + pick_json.format(col="c.context_data", i=2) + ", "
+            "s.status, extract(epoch FROM s.updated_at)::float8"
+            " FROM jsonb_array_elements($1) WITH ORDINALITY AS q(e, ord)"
+            " LEFT JOIN {ctx} AS c ON c.run_id = q.e->>0"
+            " LEFT JOIN {runs} AS r ON r.run_id = q.e->>0"
+            " LEFT JOIN {st} AS s ON s.run_id = q.e->>0"
+            " ORDER BY q.ord"
+        )
+        self.prepared: Dict[str, Tuple[str, sql.Composable]] = {names["commit"]: ("jsonb, bigint[]", q(wave)), names["load"]: ("jsonb", q(load)),
+                              names["record"]: ("text", q("SELECT record FROM {runs} WHERE run_id = $1"))}
+        self.exec_commit = sql.SQL("EXECUTE {} (%s, %s)").format(sql.Identifier(names["commit"]))
+        self.exec_load = execute(names["load"])
+        self.exec_record = execute(names["record"])
+        self.states = q("SELECT " + pick.format(col="states", param="nodes") + " FROM {runs} WHERE run_id = %(run_id)s")
+        self.all_states = q("SELECT states FROM {runs} WHERE run_id = %(run_id)s")
+        self.context = q("SELECT " + pick.format(col="context_data", param="keys") + " FROM {ctx} WHERE run_id = %(run_id)s")
+        self.all_context = q("SELECT context_data FROM {ctx} WHERE run_id = %(run_id)s")
+        self.items = q(
+            "SELECT (SELECT jsonb_agg(items -> u.f ORDER BY u.i) FROM unnest(%(fields)s::text[]) WITH ORDINALITY AS u(f, i))"
+            " FROM {runs} WHERE run_id = %(run_id)s"
+        )
+        self.outbox_lock = q(
+            "BEGIN; SET LOCAL synchronous_commit TO OFF;"
+            " SELECT id, body, delay_ms FROM {outbox} WHERE run_id = ANY(%(run_ids)s::text[]) ORDER BY id FOR UPDATE SKIP LOCKED"
+        )
+        self.outbox_delete = q("DELETE FROM {outbox} WHERE id = ANY(%(ids)s::bigint[]); COMMIT")
+        self.outbox_forget = q("BEGIN; SET LOCAL synchronous_commit TO OFF;"
+                                  " DELETE FROM {outbox} WHERE id = ANY(%(ids)s::bigint[]); COMMIT")
+        self.idle = q(
+            "SELECT (SELECT count(*) FROM {st} WHERE status = 'running'),"
+            " array(SELECT run_id FROM {st} WHERE status = 'running'"
+            "       AND updated_at <= now() - make_interval(secs => %(idle)s) ORDER BY updated_at LIMIT %(limit)s)"
+        )
+        self.touch = q("UPDATE {st} SET updated_at = now() WHERE run_id = %(run_id)s AND status = 'running'")
+        self.set_key = q(
+            "UPDATE {ctx} SET context_data = context_data || jsonb_build_object(%(key)s::text, %(value)s::jsonb)"
+            " WHERE run_id = %(run_id)s"
+        )
+        self.delete_key = q("UPDATE {ctx} SET context_data = context_data - %(key)s::text WHERE run_id = %(run_id)s")
+        self.run_ids = q("SELECT run_id FROM {ctx} ORDER BY run_id")
