@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
-from flowcraft.distributed import DistributedAdapter, Reconciler
+from flowcraft.distributed import DistributedAdapter, ReconcileStats, Reconciler
 
 from .queue import DEFAULT_PREFETCH, RabbitMqQueue
 from .schema import DEFAULT_CONTEXT_TABLE, DEFAULT_STATUS_TABLE, validate_identifier
@@ -83,10 +83,19 @@ class RabbitMqAdapter(DistributedAdapter):
 def create_rabbitmq_reconciler(adapter: RabbitMqAdapter, status_table_name: Optional[str] = None,
                                stalled_threshold_seconds: float = 300.0, limit: int = 1000, **_: Any) -> Reconciler:
     """A `Reconciler` over the adapter's status table: runs `running` whose `updated_at` is older than
-    `stalled_threshold_seconds` get their frontier re-enqueued (`reconciler.run()` -> stats)."""
+    `stalled_threshold_seconds` get their frontier re-enqueued (`reconciler.run()` -> stats); outbox
+    rows older than that threshold (a killed worker's) are published again and deleted."""
     if status_table_name is not None:
         validate_identifier(status_table_name, "status table name")
         if status_table_name != adapter.store.status_table:
             raise ValueError(f"status_table_name {status_table_name!r} is not the adapter's status table "
                              f"{adapter.store.status_table!r}")
-    return Reconciler(adapter, stalled_threshold_seconds=stalled_threshold_seconds, limit=limit)
+    return _OutboxSweepingReconciler(adapter, stalled_threshold_seconds=stalled_threshold_seconds, limit=limit)
+
+
+class _OutboxSweepingReconciler(Reconciler):
+    def run(self) -> ReconcileStats:
+        swept = self.adapter.store.sweep_outbox(self.stalled_threshold_seconds, self.adapter.queue, self.limit)
+        if swept:
+            logger.info("reconciler: published %d outbox row(s) left behind again", swept)
+        return super().run()

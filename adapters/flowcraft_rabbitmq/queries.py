@@ -110,6 +110,13 @@ class Queries:
             "BEGIN; SET LOCAL synchronous_commit TO OFF;"
             " SELECT id, body, delay_ms FROM {outbox} WHERE run_id = ANY(%(run_ids)s::text[]) ORDER BY id FOR UPDATE SKIP LOCKED"
         )
+        # rows older than a reconciler's threshold: left by a worker killed after it published them
+        # (their delete was deferred) or, rarely, before (its redelivered job published them since)
+        self.outbox_stale = q(
+            "BEGIN; SET LOCAL synchronous_commit TO OFF;"
+            " SELECT id, body, delay_ms FROM {outbox} WHERE created_at <= now() - make_interval(secs => %(age)s)"
+            " ORDER BY id LIMIT %(limit)s FOR UPDATE SKIP LOCKED"
+        )
         self.outbox_delete = q("DELETE FROM {outbox} WHERE id = ANY(%(ids)s::bigint[]); COMMIT")
         self.outbox_forget = q("BEGIN; SET LOCAL synchronous_commit TO OFF;"
                                   " DELETE FROM {outbox} WHERE id = ANY(%(ids)s::bigint[]); COMMIT")

@@ -13,8 +13,9 @@ plus two tables of the adapter's own:
   (with its ``version``), its node states and its batch items; a run started by a seed client has
   no row here until a worker adopts it.
 * ``<outbox>`` (default ``flowcraft_outbox``): ``id BIGSERIAL PRIMARY KEY, run_id TEXT NOT NULL,
-  body TEXT NOT NULL, delay_ms INT NOT NULL DEFAULT 0`` -- jobs committed with a node's completion
-  and not yet confirmed by RabbitMQ.
+  body TEXT NOT NULL, delay_ms INT NOT NULL DEFAULT 0, created_at TIMESTAMPTZ NOT NULL DEFAULT
+  now()`` -- jobs committed with a node's completion and not yet confirmed by RabbitMQ (or confirmed
+  and not yet deleted: a worker killed there leaves them, and the reconciler sweeps old rows).
 
 Every identifier goes through `validate_identifier` and `psycopg2.sql.Identifier`; every value is a
 query parameter.
@@ -71,7 +72,9 @@ def ensure_schema(conn: Any, context_table_name: str = DEFAULT_CONTEXT_TABLE,
         sql.SQL("CREATE TABLE IF NOT EXISTS {} (run_id TEXT PRIMARY KEY, record JSONB NOT NULL,"
                 " states JSONB NOT NULL DEFAULT '{{}}', items JSONB NOT NULL DEFAULT '{{}}')").format(ident(runs)),
         sql.SQL("CREATE TABLE IF NOT EXISTS {} (id BIGSERIAL PRIMARY KEY, run_id TEXT NOT NULL, body TEXT NOT NULL,"
-                " delay_ms INT NOT NULL DEFAULT 0)").format(ident(outbox)),
+                " delay_ms INT NOT NULL DEFAULT 0, created_at TIMESTAMPTZ NOT NULL DEFAULT now())").format(ident(outbox)),
+        # outbox tables made before created_at existed
+        sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS created_at TIMESTAMPTZ NOT NULL DEFAULT now()").format(ident(outbox)),
         sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (run_id)").format(ident(outbox_index), ident(outbox)),
     ]
     autocommit = conn.autocommit

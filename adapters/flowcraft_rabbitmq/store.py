@@ -408,10 +408,22 @@ class PostgresRunStore:
         if self._published:
             self._run(op)
 
+    def sweep_outbox(self, older_than_seconds: float, queue: Any, limit: int = 1000) -> int:
+        """Publish again and delete outbox rows older than `older_than_seconds` (any run's): what a
+        killed worker left behind. Publishing a job twice is harmless (the duplicate is dropped)."""
+        return self._publish_locked(self.sql.outbox_stale, {"age": float(older_than_seconds), "limit": int(limit)},
+                                    (), queue)
+
     def _publish_from_table(self, run_ids: Sequence[str], rows: Sequence[Tuple[int, str, int]], queue: Any) -> int:
         """Lock the runs' outbox rows, publish them with `rows`, delete them all."""
+        return self._publish_locked(self.sql.outbox_lock, {"run_ids": list(run_ids)}, rows, queue)
+
+    def _publish_locked(self, lock_query: Any, params: Mapping[str, Any], rows: Sequence[Tuple[int, str, int]],
+                        queue: Any) -> int:
+        """Lock outbox rows with `lock_query` (it opens a transaction), publish them with `rows`,
+        delete them all."""
         def op(cur: Any) -> int:
-            cur.execute(self.sql.outbox_lock, {"run_ids": list(run_ids)})
+            cur.execute(lock_query, params)
             ids = {row[0] for row in rows}
             todo = list(rows) + [row for row in cur.fetchall() if row[0] not in ids]
             if not todo:

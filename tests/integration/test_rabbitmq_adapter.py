@@ -674,3 +674,41 @@ def test_whole_loads_read_every_state_and_the_whole_context(make_adapter: Callab
     result = adapter.wait_for_result(run_id, timeout=TIMEOUT)
     assert result.status == "completed" and result.context["_outputs.b"] == 50
     assert reads == []
+
+
+def test_reconciler_sweeps_outbox_rows_a_killed_worker_left(make_adapter: Callable[..., RabbitMqAdapter],
+                                                            pg_conn: Any, amqp_connection: Any,
+                                                            amqp_queue_name: str) -> None:
+    """Outbox rows older than the threshold (a worker killed after publishing them, before their
+    deferred delete) are published again and deleted by the reconciler; younger ones stay, and the
+    duplicate job is dropped, so each node still commits once."""
+    scenario = SCENARIOS["chain"]
+    adapter = make_adapter(scenario.build())
+    adapter.start()
+    run_id = adapter.start_workflow("chain", dict(scenario.initial_context))
+    result = adapter.wait_for_result(run_id, timeout=TIMEOUT)
+    adapter.stop()
+    outbox = sql.Identifier(adapter.store.outbox_table)
+    left = Job(run_id, "chain", scenario.build()[0].to_blueprint().nodes[0].id).to_json()
+    with pg_conn.cursor() as cur:  # one old row, as a killed worker leaves it, and one fresh row
+        cur.execute(sql.SQL("INSERT INTO {} (run_id, body, created_at) VALUES (%s, %s, now() - interval '1 hour'),"
+                            " (%s, %s, now())").format(outbox), (run_id, left, run_id, left))
+    pg_conn.commit()
+    reconciler = create_rabbitmq_reconciler(adapter=adapter, stalled_threshold_seconds=60)
+    assert reconciler.run().stalled == 0
+    with pg_conn.cursor() as cur:
+        cur.execute(sql.SQL("SELECT count(*), min(created_at) > now() - interval '1 minute' FROM {}").format(outbox))
+        assert cur.fetchone() == (1, True)  # the old row is gone, the fresh one stays
+    pg_conn.commit()
+    channel = amqp_connection.channel()
+    waiting = lambda: channel.queue_declare(amqp_queue_name, durable=True, passive=True).method.message_count  # noqa: E731
+    assert waiting() == 1  # the old row's job, published again
+    adapter.start()  # it is a duplicate: the worker drops it
+    deadline = time.monotonic() + TIMEOUT
+    while waiting() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert waiting() == 0
+    channel.close()
+    time.sleep(0.3)
+    final = adapter.wait_for_result(run_id, timeout=TIMEOUT)
+    assert final.status == "completed" and final.context == result.context
