@@ -1,7 +1,7 @@
 """`RqQueue`: the `JobQueue` port on an RQ queue (the design is in `rq_adapter`'s module doc).
 
 Every Flowcraft job becomes the RQ job ``run_node("<job JSON>")``. RQ jobs are created by one
-server-side script, `_PUBLISH_LUA`, from the hash fields RQ's own ``Job.to_dict()`` gives (the way
+server-side script, `lua/rq_publish.lua`, from the hash fields RQ's own ``Job.to_dict()`` gives (the way
 RQ's ``enqueue(..., unique=True)`` does it): it checks the deterministic job id, takes the entry
 off the outbox when it comes from there, writes the job hash and pushes the id onto RQ's queue (or
 its scheduled registry) atomically, in one round trip, which the run store can pipeline with a
@@ -29,58 +29,13 @@ from rq.utils import now as rq_now
 from flowcraft.ports import Delivery, Job
 
 from . import rq_jobs
-from ._util import to_text, translate_errors
+from ._util import load_script, to_text, translate_errors
 from .keys import QueueKeys, validate_simple
 from .rq_settings import DEAD_LETTER_META_KEY, META_KEY, RqSettings, due_second
 
 logger = logging.getLogger("flowcraft.redis.rq")
 
 RUN_NODE = f"{rq_jobs.run_node.__module__}.{rq_jobs.run_node.__qualname__}"
-
-# Create the RQ jobs of Flowcraft jobs (RqQueue.publish).
-# KEYS: 1 outbox list, 2 outbox delayed zset, 3 RQ queue list, 4 RQ scheduled registry zset,
-#       5 RQ's set of queues; then per entry i (from 0): 6+2i its RQ job hash, 7+2i the hash of its spare id
-# ARGV: 1 number of entries; then per entry: source ("-" none, "L" the outbox list, "Z" the outbox
-#       delayed zset), the outbox list value or zset member, RQ job id, spare id, due second ("" = now),
-#       n, then n field/value pairs of the RQ job hash
-# An outbox entry is published by the call that removes it, and only by that one (publishers may
-# race). No second RQ job is made under an id that is queued, scheduled or deferred: that job reads
-# the run after this commit anyway. An id taken by a job that runs or has ended gives way to the
-# spare id. Returns {RQ jobs created, entries left in the outbox (list + delayed zset)}.
-_PUBLISH_LUA = """
-local WAITING = {queued = true, scheduled = true, deferred = true}
-local pos = 2
-local created = 0
-for e = 0, tonumber(ARGV[1]) - 1 do
-  local source, value, id, spare, due = ARGV[pos], ARGV[pos + 1], ARGV[pos + 2], ARGV[pos + 3], ARGV[pos + 4]
-  local first = pos + 6
-  pos = first + 2 * tonumber(ARGV[pos + 5])
-  local mine = true
-  if source == 'L' then
-    mine = redis.call('LREM', KEYS[1], -1, value) == 1
-  elseif source == 'Z' then
-    mine = redis.call('ZREM', KEYS[2], value) == 1
-  end
-  if mine then
-    local key = KEYS[6 + 2 * e]
-    local status = redis.call('HGET', key, 'status')
-    if not (status and WAITING[status]) then
-      if status or redis.call('EXISTS', key) == 1 then
-        id, key = spare, KEYS[7 + 2 * e]
-      end
-      redis.call('HSET', key, unpack(ARGV, first, pos - 1))
-      if due == '' then
-        redis.call('RPUSH', KEYS[3], id)
-      else
-        redis.call('ZADD', KEYS[4], due, id)
-      end
-      created = created + 1
-    end
-  end
-end
-if created > 0 then redis.call('SADD', KEYS[5], KEYS[3]) end
-return {created, redis.call('LLEN', KEYS[1]) + redis.call('ZCARD', KEYS[2])}
-"""
 
 
 class Entry(NamedTuple):
@@ -123,7 +78,7 @@ class RqQueue:
         self._meta = {META_KEY: settings.to_meta()}
         self._fixed_keys = [self.outbox.ready, self.outbox.delayed, self.rq.key,
                             self.rq.scheduled_job_registry.key, self.rq.redis_queues_keys]
-        self._publish = client.register_script(_PUBLISH_LUA)
+        self._publish = load_script(client, "rq_publish.lua")
         self._local = threading.local()
 
     def job_id(self, job: Job) -> str:
@@ -142,7 +97,7 @@ class RqQueue:
 
     @translate_errors
     def publish(self, entries: Sequence[Entry]) -> Tuple[int, int]:
-        """Create the RQ jobs of `entries` in one script call (see `_PUBLISH_LUA`); return (RQ jobs
+        """Create the RQ jobs of `entries` in one script call (see `lua/rq_publish.lua`); return (RQ jobs
         created, entries left in the outbox)."""
         if not entries:
             return 0, 0
@@ -152,11 +107,11 @@ class RqQueue:
 
     @property
     def publish_script(self) -> Any:
-        """The registered `_PUBLISH_LUA` (its ``sha`` for EVALSHA in a pipeline)."""
+        """The registered `lua/rq_publish.lua` (its ``sha`` for EVALSHA in a pipeline)."""
         return self._publish
 
     def publish_call(self, entries: Sequence[Entry]) -> Tuple[List[Any], List[Any]]:
-        """The KEYS and ARGV of the `_PUBLISH_LUA` call that publishes `entries`."""
+        """The KEYS and ARGV of the `lua/rq_publish.lua` call that publishes `entries`."""
         keys: List[Any] = list(self._fixed_keys)
         args: List[Any] = [len(entries)]
         for entry in entries:
