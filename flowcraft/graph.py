@@ -429,14 +429,15 @@ class Traversal:
         skipped: List[str] = []
         if st.iteration != iteration or st.status == DONE:
             return ready, skipped  # a stale or repeated completion changes nothing
-        if self.graph.nodes[node_id].back_edges_out and self.graph.cycle_caps:
+        loops_back = self.graph.nodes[node_id].back_edges_out
+        if loops_back and self.graph.cycle_caps:
             error = self._cycle_limit(decisions)
             if error is not None:
                 if counted:
                     self.outstanding += 1  # unchanged: the caller fails the node, which counts it
                 raise error
         st.status = DONE
-        if not self.graph.nodes[node_id].back_edges_out:
+        if not loops_back:
             nodes, states = self.graph.nodes, self.states
             for edge, taken, value in decisions:
                 target = nodes[edge.target]
