@@ -59,3 +59,12 @@ class UnknownNodeError(FlowcraftError, LookupError):
 
 class ServiceUnavailable(FlowcraftError, ConnectionError):
     """A store or queue cannot be reached. Never a node's fault: workers back off and retry."""
+
+
+class StoreRejected(FlowcraftError, ValueError):
+    """A store refused to hold what a commit carries (a value too large for it, a character it
+    cannot store). Never an outage: the run at fault fails with this message; `run_id` names it."""
+
+    def __init__(self, message: str, run_id: "str | None" = None) -> None:
+        super().__init__(message)
+        self.run_id = run_id

@@ -236,10 +236,16 @@ class RunStore(Protocol):
         """Item fields in the order asked (None where missing)."""
 
     def commit(self, commit: Commit) -> bool:
-        """Apply atomically iff the version matches; False otherwise (nothing written)."""
+        """Apply atomically iff the version matches; False otherwise (nothing written).
+
+        Raises `flowcraft.errors.StoreRejected` (nothing written) when the store cannot hold what
+        the commit carries; `ConnectionError` only for outages."""
 
     def commit_many(self, commits: Sequence[Commit]) -> List[bool]:
-        """`commit` each, in order (each atomic on its own; one round trip where the store can)."""
+        """`commit` each, in order (each atomic on its own; one round trip where the store can).
+
+        Raises `StoreRejected` (nothing written) when one of them cannot be held; the driver then
+        commits them one by one to find the run at fault."""
 
     def publish_outbox(self, run_id: str, queue: JobQueue) -> int:
         """Publish jobs committed but not yet in the queue; return how many (0 where the store
