@@ -70,10 +70,28 @@ MAX_INT_BITS = 100_000  # largest int produced by ** or *
 MAX_REPEAT_ITEMS = 100_000  # largest str/list/tuple produced by *
 MAX_CONCAT_ITEMS = 1_000_000  # largest str/list/tuple produced by +
 MAX_ROUND_DIGITS = 10_000  # largest |ndigits| accepted by round()
+# Work on values. Lists built by repetition share their items, so a value can be small in memory
+# but huge *logically* (`[[0]*100000]*100000` holds 10^10 items), and comparing, hashing or
+# printing it runs in C, holding the GIL, for as long as that logical size takes. Sizes below
+# are logical: every item of every list, tuple and dict (keys and values), nested, counted once
+# per reference; a string counts as one item plus one per STR_CHARS_PER_ITEM characters.
+MAX_VISIT_ITEMS = 10_000_000  # most items a comparison, 'in', hashing, min()/max() may walk,
+#                               and the largest logical size '*' may build
+MAX_STR_CHARS = 20_000_000  # longest text (estimated) str() may make of a list, tuple or dict
+MAX_INT_DIGITS = 5_000  # longest string int() converts (decimal conversion is quadratic)
+MAX_FOLDED_CHARS = 256  # a constant sub-expression is folded (and kept) only when its text
+#                         form is at most this long; larger ones are computed when evaluated
+STR_CHARS_PER_ITEM = 64
 CACHE_SIZE = 1024
 
 _JS_CONSTANTS = {"true": True, "false": False, "null": None, "undefined": None}
 _SEQUENCES = (list, tuple, str)
+_CONTAINERS = (list, tuple, dict)  # the values whose operations walk nested items
+_CONTAINER_CLASSES = frozenset(_CONTAINERS)
+# Exact classes that are never containers: the hot-path test before any size is measured.
+_SCALAR_CLASSES = frozenset({int, float, str, bool, type(None)})
+_NUMBER_CLASSES = frozenset({int, float, bool, type(None)})
+_INT_CLASSES = frozenset({int, bool})
 _MISSING = object()
 
 
@@ -90,17 +108,166 @@ class _Refused(Exception):
 
 
 # --------------------------------------------------------------------------------------------
+# Logical sizes (what an operation on a value would walk)
+# --------------------------------------------------------------------------------------------
+def _logical_size(value: Any, limit: int, text: bool = False) -> int:
+    """The logical size of `value`, or some number above `limit` as soon as it exceeds `limit`.
+
+    Containers are memoised by id(), so a DAG of shared lists costs one pass per distinct object
+    (a value cannot change while one operation measures it). With ``text`` the measure is an
+    estimate of the length of ``str(value)`` instead. Scalars are never walked: a string's size
+    comes from its length, a number's from its class (or its bit length, for text).
+    """
+    if not isinstance(value, _CONTAINERS):
+        return _leaf_size(value, text)
+    try:
+        return _walk(value, limit, text, {})
+    except RecursionError:  # nested deeper than Python can compare or print anyway
+        return limit + 1
+
+
+def _leaf_size(value: Any, text: bool) -> int:
+    cls = value.__class__
+    if cls is str:
+        if not text:
+            return 1 + len(value) // STR_CHARS_PER_ITEM
+        # repr() escapes unprintable characters, up to 10 characters each ('\U000e0001').
+        return len(value) * (1 if value.isprintable() else 10) + 2
+    if not text:
+        return 1
+    if cls is bool:
+        return 5
+    if isinstance(value, int):
+        return 2 + value.bit_length() * 30103 // 100_000  # the sign and digits
+    return 24  # a float's repr is at most 24 characters; other objects: a guess
+
+
+def _walk(value: Any, limit: int, text: bool, memo: Dict[int, int]) -> int:
+    key = id(value)
+    known = memo.get(key)
+    if known is not None:
+        return limit + 1 if known < 0 else known  # < 0: the value contains itself
+    memo[key] = -1
+    n = len(value)
+    if isinstance(value, dict):
+        parts: Tuple[Any, ...] = (value.keys(), value.values())
+        n *= 2
+    else:
+        parts = (value,)
+    total = 2 + 2 * n if text else 1  # brackets and separators
+    if total + n > limit:  # every item counts at least one
+        return total + n
+    for part in parts:
+        total += _items_size(part, n, limit - total, text, memo)
+        if total > limit:
+            return total
+    memo[key] = total
+    return total
+
+
+def _items_size(items: Any, n: int, limit: int, text: bool, memo: Dict[int, int]) -> int:
+    """The summed sizes of `items` (about `n` of them), stopping once above `limit`."""
+    if n > 8:  # flat lists of one kind are measured at C speed
+        kinds = set(map(type, items))
+        if kinds <= _NUMBER_CLASSES:
+            if not text:
+                return len(items)
+            if kinds <= _INT_CLASSES:
+                return (5 if bool in kinds else 2) * len(items) + sum(
+                    map(int.bit_length, items)
+                ) * 30103 // 100_000
+            return 24 * len(items)
+        if len(kinds) == 1 and str in kinds:
+            chars = sum(map(len, items))
+            if not text:
+                return len(items) + chars // STR_CHARS_PER_ITEM
+            return 2 * len(items) + chars * (1 if all(map(str.isprintable, items)) else 10)
+    total = 0
+    for item in items:
+        if item.__class__ in _SCALAR_CLASSES or not isinstance(item, _CONTAINERS):
+            total += _leaf_size(item, text)
+        else:
+            total += _walk(item, limit - total, text, memo)
+        if total > limit:
+            break
+    return total
+
+
+def _check_compare(what: str, a: Any, b: Any, equality: bool) -> None:
+    """Refuse comparing two containers when both exceed MAX_VISIT_ITEMS.
+
+    Comparing walks both values in step and stops at the end of the smaller, so its cost is
+    bounded by the smaller logical size; one small side makes any comparison cheap.
+    """
+    if not (isinstance(a, _CONTAINERS) and isinstance(b, _CONTAINERS)):
+        return
+    ca, cb = a.__class__, b.__class__
+    if ca is not cb and ca in _CONTAINER_CLASSES and cb in _CONTAINER_CLASSES:
+        return  # a list and a tuple (or a dict) are unequal and unordered at once
+    if equality and ca is cb and len(a) != len(b):
+        return  # '==' of lengths that differ returns at once
+    if _flat(a) or _flat(b):
+        return  # a few scalars: a few comparisons
+    limit = MAX_VISIT_ITEMS
+    if _logical_size(a, limit) > limit and _logical_size(b, limit) > limit:
+        raise _Refused(
+            f"{what} of two values each larger than {limit} items (counted through nested "
+            f"lists) is refused (limit MAX_VISIT_ITEMS)"
+        )
+
+
+def _flat(value: Any) -> bool:
+    """A short list or tuple of scalars: the common case, so tested before any measuring."""
+    if value.__class__ is dict or len(value) > 16:
+        return False
+    for item in value:
+        if item.__class__ not in _SCALAR_CLASSES:
+            return False
+    return True
+
+
+def _check_hash(what: str, key: Any) -> None:
+    """Hashing a tuple walks it (tuples do not cache their hash)."""
+    limit = MAX_VISIT_ITEMS
+    if _logical_size(key, limit) > limit:
+        raise _Refused(
+            f"{what} with a key larger than {limit} items is refused (limit MAX_VISIT_ITEMS)"
+        )
+
+
+def _check_walked(what: str, values: Tuple[Any, ...]) -> None:
+    """Refuse a function that walks its arguments when they hold more than MAX_VISIT_ITEMS."""
+    for value in values:
+        if value.__class__ not in _SCALAR_CLASSES:
+            break
+    else:
+        return  # the common case: numbers and strings
+    limit = MAX_VISIT_ITEMS
+    total = 0
+    for value in values:
+        if value.__class__ not in _SCALAR_CLASSES and isinstance(value, _CONTAINERS):
+            total += _logical_size(value, limit - total)
+            if total > limit:
+                raise _Refused(
+                    f"{what} of values larger than {limit} items (counted through nested "
+                    f"lists) is refused (limit MAX_VISIT_ITEMS)"
+                )
+
+
+# --------------------------------------------------------------------------------------------
 # Whitelisted functions
 # --------------------------------------------------------------------------------------------
 def _safe_min(*args: Any, **kwargs: Any) -> Any:
-    if set(kwargs) - {"default"}:
+    if kwargs and set(kwargs) - {"default"}:
         raise _Refused("min() accepts only the keyword argument 'default'")
+    _check_walked("min()", args)  # it compares the items: at most their logical size
     return min(*args, **kwargs)
 
 
 def _safe_max(*args: Any, **kwargs: Any) -> Any:
-    if set(kwargs) - {"default"}:
+    if kwargs and set(kwargs) - {"default"}:
         raise _Refused("max() accepts only the keyword argument 'default'")
+    _check_walked("max()", args)
     return max(*args, **kwargs)
 
 
@@ -111,20 +278,42 @@ def _safe_round(number: Any, ndigits: Any = None) -> Any:
 
 
 def _safe_str(*args: Any, **kwargs: Any) -> str:
-    if args and isinstance(args[0], int) and args[0].bit_length() > MAX_INT_BITS:
-        raise _Refused("str() of an integer this large is refused")
+    value = args[0] if args else kwargs.get("object", "")
+    cls = value.__class__
+    if cls is int or (cls not in _SCALAR_CLASSES and isinstance(value, int)):
+        if value.bit_length() > MAX_INT_BITS:
+            raise _Refused("str() of an integer this large is refused")
+    elif cls not in _SCALAR_CLASSES:
+        if isinstance(value, _CONTAINERS):
+            size = _logical_size(value, MAX_STR_CHARS, text=True)
+            if size > MAX_STR_CHARS:
+                raise _Refused(
+                    f"str() would produce more than {MAX_STR_CHARS} characters "
+                    f"(limit MAX_STR_CHARS)"
+                )
     return str(*args, **kwargs)
+
+
+def _safe_int(*args: Any, **kwargs: Any) -> int:
+    value = args[0] if args else None
+    if isinstance(value, (str, bytes)) and len(value) > MAX_INT_DIGITS:
+        raise _Refused(
+            f"int() of a string longer than {MAX_INT_DIGITS} characters is refused "
+            f"(limit MAX_INT_DIGITS)"
+        )
+    return int(*args, **kwargs)
 
 
 _safe_min.__name__, _safe_max.__name__, _safe_round.__name__, _safe_str.__name__ = (
     "min", "max", "round", "str",
 )
+_safe_int.__name__ = "int"
 
 #: The default whitelist of callable functions, by the bare name used in expressions.
 DEFAULT_FUNCTIONS: Mapping[str, Callable[..., Any]] = {
     "len": len,
     "str": _safe_str,
-    "int": int,
+    "int": _safe_int,
     "float": float,
     "bool": bool,
     "abs": abs,
@@ -147,6 +336,8 @@ def _get_attr(value: Any, name: str) -> Any:
 
 def _get_item(value: Any, key: Any) -> Any:
     if value.__class__ is dict or isinstance(value, Mapping):
+        if isinstance(key, tuple):
+            _check_hash("a lookup", key)
         try:
             return value.get(key)
         except TypeError:  # unhashable key
@@ -162,10 +353,14 @@ def _get_item(value: Any, key: Any) -> Any:
     return None
 
 
-def _ordering(op: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+def _ordering(op: Callable[[Any, Any], Any], symbol: str) -> Callable[[Any, Any], Any]:
+    what = f"{symbol!r}"
+
     def compare(a: Any, b: Any) -> Any:
         if a is None or b is None:
             return False
+        if a.__class__ not in _SCALAR_CLASSES and b.__class__ not in _SCALAR_CLASSES:
+            _check_compare(what, a, b, False)
         try:
             return op(a, b)
         except TypeError:
@@ -175,13 +370,44 @@ def _ordering(op: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
     return compare
 
 
+def _eq(a: Any, b: Any) -> Any:
+    if a.__class__ not in _SCALAR_CLASSES and b.__class__ not in _SCALAR_CLASSES:
+        _check_compare("'=='", a, b, True)
+    return a == b
+
+
+def _ne(a: Any, b: Any) -> Any:
+    if a.__class__ not in _SCALAR_CLASSES and b.__class__ not in _SCALAR_CLASSES:
+        _check_compare("'!='", a, b, True)
+    return a != b
+
+
 def _contains(a: Any, b: Any) -> bool:
     if b is None:
         return False
+    if a.__class__ not in _SCALAR_CLASSES:
+        _check_contains(a, b)
     try:
         return a in b
     except TypeError:
         return False
+
+
+def _check_contains(a: Any, b: Any) -> None:
+    """`a in b` compares a with each item of a list or tuple (each costs at most the smaller of
+    the two), and hashes a for anything else. A scalar `a` compares with any item at once."""
+    if isinstance(b, (list, tuple)):
+        if not isinstance(a, _CONTAINERS) or not b:
+            return
+        limit = MAX_VISIT_ITEMS
+        share = limit // len(b)
+        if _logical_size(a, share) > share and _logical_size(b, limit) > limit:
+            raise _Refused(
+                f"'in' would compare more than {limit} items (counted through nested lists) "
+                f"(limit MAX_VISIT_ITEMS)"
+            )
+    elif isinstance(a, tuple) and not isinstance(b, str):
+        _check_hash("'in'", a)
 
 
 def _not_contains(a: Any, b: Any) -> bool:
@@ -206,9 +432,31 @@ def _mul(a: Any, b: Any) -> Any:
                 raise _Refused(f"'*' would produce an integer larger than {MAX_INT_BITS} bits")
         elif isinstance(b, _SEQUENCES):
             _check_size("'*'", len(b) * a, MAX_REPEAT_ITEMS)
+            if b.__class__ is not str:
+                _check_repeat(b, a)
     elif isinstance(a, _SEQUENCES) and isinstance(b, int):
         _check_size("'*'", len(a) * b, MAX_REPEAT_ITEMS)
+        if a.__class__ is not str:
+            _check_repeat(a, b)
     return a * b
+
+
+def _check_repeat(items: Any, times: int) -> None:
+    """Refuse a repetition whose result would be logically larger than MAX_VISIT_ITEMS.
+
+    The result shares the items of `items`, so it is cheap to build, but everything that later
+    walks it (comparing, printing) would visit each shared item once per reference.
+    """
+    if times <= 1 or not items:
+        return
+    limit = MAX_VISIT_ITEMS
+    share = limit // times
+    size = _logical_size(items, share + 1)
+    if (size - 1) * times + 1 > limit:
+        raise _Refused(
+            f"'*' would build a value of more than {limit} items counted through nested lists "
+            f"(limit MAX_VISIT_ITEMS)"
+        )
 
 
 def _pow(a: Any, b: Any) -> Any:
@@ -250,15 +498,19 @@ _UNARYOPS: Dict[type, Callable[[Any], Any]] = {
     ast.UAdd: operator.pos,
 }
 _ORDERING = {ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge}
+_ORDERING_SYMBOLS = {ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">="}
 _COMPARE: Dict[type, Callable[[Any, Any], Any]] = {
-    ast.Eq: operator.eq,
-    ast.NotEq: operator.ne,
+    ast.Eq: _eq,
+    ast.NotEq: _ne,
     ast.Is: operator.is_,
     ast.IsNot: operator.is_not,
     ast.In: _contains,
     ast.NotIn: _not_contains,
-    **{kind: _ordering(op) for kind, op in _ORDERING.items()},
+    **{kind: _ordering(op, _ORDERING_SYMBOLS[kind]) for kind, op in _ORDERING.items()},
 }
+# Comparing with a constant costs at most the constant's size, which folding keeps small
+# (MAX_FOLDED_CHARS), so those comparisons skip the size checks.
+_UNCHECKED = {_eq: operator.eq, _ne: operator.ne}
 _FORBIDDEN_NODES = {
     "Lambda": "lambda",
     "ListComp": "list comprehension",
@@ -366,19 +618,34 @@ _FOLDABLE = (int, float, str, bool, type(None), tuple)
 
 
 def _fold(node: _Node, children: List[_Node]) -> _Node:
-    """Replace `node` by its value when every child is a constant and evaluation succeeds."""
+    """Replace `node` by its value when every child is a constant and evaluation succeeds.
+
+    Only small values are folded (MAX_FOLDED_CHARS): a large one would be kept by the compiled
+    expression for as long as it is cached, and would make the next fold up the tree walk it
+    again (`((0,)*100000,)*100000` was quadratic). Since constants are small, each fold costs
+    a bounded amount and compiling stays linear in the source's length.
+    """
     if not all(child.const for child in children):
         return node
     try:
         value = node.fn({})
     except Exception:  # let the error happen at run time, where it is reported
         return node
-    if isinstance(value, _FOLDABLE) and (not isinstance(value, tuple) or _frozen(value)):
+    if isinstance(value, _FOLDABLE) and _small_frozen(value):
         return _constant(value)
     return node
 
 
+def _small_frozen(value: Any) -> bool:
+    if isinstance(value, (str, tuple)) and len(value) > MAX_FOLDED_CHARS // 2:
+        return False  # cheap first: a tuple's text has at least two characters per item
+    if _logical_size(value, MAX_FOLDED_CHARS, text=True) > MAX_FOLDED_CHARS:
+        return False
+    return not isinstance(value, tuple) or _frozen(value)
+
+
 def _frozen(value: tuple) -> bool:
+    # Only called on tuples already measured as small, so the recursion is short.
     return all(isinstance(v, _FOLDABLE) and (not isinstance(v, tuple) or _frozen(v)) for v in value)
 
 
@@ -606,6 +873,7 @@ class _Compiler:
             op = ops[0]
             if right.const:
                 k = right.value
+                op = _UNCHECKED.get(op, op)
 
                 def compare_const(names: Names) -> Any:
                     return op(lf(names), k)
@@ -656,8 +924,22 @@ class _Compiler:
     def c_Dict(self, node: ast.Dict) -> _Node:
         if any(k is None for k in node.keys):
             raise self.fail("unpacking with '**'")
-        pairs = tuple((self.compile(k).fn, self.compile(v).fn) for k, v in zip(node.keys, node.values))
+        pairs = tuple((self._dict_key(k), self.compile(v).fn) for k, v in zip(node.keys, node.values))
         return _Node(lambda names: {k(names): v(names) for k, v in pairs})
+
+    def _dict_key(self, node: ast.AST) -> CompiledExpression:
+        key = self.compile(node)
+        if key.const:
+            return key.fn  # small: hashing it is cheap
+        get = key.fn
+
+        def checked_key(names: Names) -> Any:
+            value = get(names)
+            if isinstance(value, tuple):
+                _check_hash("a dict literal", value)
+            return value
+
+        return checked_key
 
     # --- calls -------------------------------------------------------------------------------
     def c_Call(self, node: ast.Call) -> _Node:
