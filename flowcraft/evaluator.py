@@ -40,8 +40,31 @@ Language
   Names, attributes and literal subscript keys starting with ``__`` are refused.
 
 Cost is bounded: sources longer than ``max_length`` and trees deeper than ``max_depth`` are refused
-when compiled; at run time ``**``, ``*``, ``+`` and ``round`` refuse results that would be huge.
-Every failure raises `ExpressionError` naming the expression.
+when compiled, and compiling is linear in the source's length; at run time ``**``, ``*``, ``+``
+and ``round`` refuse results that would be huge. Every failure raises `ExpressionError` naming
+the expression (and, for a limit, the name of the limit).
+
+Sizes are also bounded *logically*. Repetition shares items, so ``[[0]*100000]*100000`` is small
+in memory but holds 10^10 items, and comparing, hashing or printing it would run in C, holding the
+GIL, for hours. The logical size of a value counts every item of every list, tuple and dict (keys
+and values), nested, once per reference (a string counts one item plus one per
+``STR_CHARS_PER_ITEM`` characters). It is measured before the work, in one pass per distinct
+object (memoised by id()), stopping as soon as it exceeds the limit; numbers and strings are never
+walked, so ordinary conditions pay a class check only. The limits are module constants:
+
+* ``MAX_VISIT_ITEMS`` (10,000,000): the most items one operation may walk: ``==``/``!=``/ordering
+  (refused when *both* sides exceed it: a comparison stops at the end of the smaller), ``in``,
+  hashing a tuple (dict lookups and literals), ``min``/``max``; also the largest logical size
+  ``*`` may build and an expression's value may have (the runtime stores a transform's value).
+  A context value of a million numbers compares fine.
+* ``MAX_STR_CHARS`` (20,000,000): the longest text ``str()`` may make of a list, tuple or dict
+  (estimated from the items before converting).
+* ``MAX_INT_DIGITS`` (5,000): the longest string ``int()`` converts.
+* ``MAX_FOLDED_CHARS`` (256): constant sub-expressions (``2*60``, ``('a', 'b')``) are computed
+  once when compiled only when the text form of the value is at most this long; larger ones are
+  computed at each evaluation, so a compiled expression never keeps a large value.
+
+Functions added with ``functions=`` are trusted code: they must bound their own cost.
 """
 from __future__ import annotations
 
@@ -199,8 +222,8 @@ def _check_compare(what: str, a: Any, b: Any, equality: bool) -> None:
     Comparing walks both values in step and stops at the end of the smaller, so its cost is
     bounded by the smaller logical size; one small side makes any comparison cheap.
     """
-    if not (isinstance(a, _CONTAINERS) and isinstance(b, _CONTAINERS)):
-        return
+    if a is b or not (isinstance(a, _CONTAINERS) and isinstance(b, _CONTAINERS)):
+        return  # an object equals itself item by item: Python compares identity first
     ca, cb = a.__class__, b.__class__
     if ca is not cb and ca in _CONTAINER_CLASSES and cb in _CONTAINER_CLASSES:
         return  # a list and a tuple (or a dict) are unequal and unordered at once
@@ -644,6 +667,13 @@ def _small_frozen(value: Any) -> bool:
     return not isinstance(value, tuple) or _frozen(value)
 
 
+def _repeats_past_folding(a: Any, b: Any) -> bool:
+    """True when `a * b` repeats a sequence past what folding keeps (so it is not built)."""
+    if isinstance(a, int) and isinstance(b, _SEQUENCES):
+        a, b = b, a
+    return isinstance(a, _SEQUENCES) and isinstance(b, int) and len(a) * b > MAX_FOLDED_CHARS
+
+
 def _frozen(value: tuple) -> bool:
     # Only called on tuples already measured as small, so the recursion is short.
     return all(isinstance(v, _FOLDABLE) and (not isinstance(v, tuple) or _frozen(v)) for v in value)
@@ -791,18 +821,22 @@ class _Compiler:
         _, op = _BINOPS[kind]
         left, right = self.compile(node.left), self.compile(node.right)
         lf, rf = left.fn, right.fn
+        if op is _mul and left.const and right.const and _repeats_past_folding(left.value, right.value):
+            children = []  # not folded: do not even build it (see _fold)
+        else:
+            children = [left, right]
         if right.const:
             k = right.value
 
             def binop_const(names: Names) -> Any:
                 return op(lf(names), k)
 
-            return _fold(_Node(binop_const), [left, right])
+            return _fold(_Node(binop_const), children) if children else _Node(binop_const)
 
         def binop(names: Names) -> Any:
             return op(lf(names), rf(names))
 
-        return _fold(_Node(binop), [left, right])
+        return _fold(_Node(binop), children) if children else _Node(binop)
 
     def c_UnaryOp(self, node: ast.UnaryOp) -> _Node:
         op = _UNARYOPS[type(node.op)]
@@ -1113,12 +1147,28 @@ class SafeEvaluator:
         return _finish(source, node)
 
 
+def _check_result(value: Any) -> None:
+    """Refuse a value whose logical size exceeds MAX_VISIT_ITEMS: whatever receives it (the
+    runtime storing a transform's value as JSON) would walk every shared item once per reference.
+    A list literal repeating a name (`[x, x, x, ...]`) multiplies sizes without any '*'."""
+    if isinstance(value, _CONTAINERS) and not _flat(value):
+        limit = MAX_VISIT_ITEMS
+        if _logical_size(value, limit) > limit:
+            raise _Refused(
+                f"its value holds more than {limit} items counted through nested lists "
+                f"(limit MAX_VISIT_ITEMS)"
+            )
+
+
 def _finish(source: str, node: _Node) -> CompiledExpression:
     fn = node.fn
 
     def compiled(names: Names) -> Any:
         try:
-            return fn(names)
+            value = fn(names)
+            if value.__class__ not in _SCALAR_CLASSES:
+                _check_result(value)
+            return value
         except Exception as exc:
             if names is None:
                 return compiled({})
