@@ -262,3 +262,110 @@ def test_limits_are_documented_module_constants() -> None:
         assert isinstance(getattr(evaluator, name), int) and name in evaluator.__doc__, name
     with pytest.raises(ExpressionError, match="MAX_VISIT_ITEMS"):
         SafeEvaluator().evaluate("[x] * 11", {"x": [0] * (MAX_VISIT_ITEMS // 10)})
+
+
+# ----------------------------------------------------------------------------------------------
+# Fuzzing: generated expressions, each timed and its memory peak measured in a capped child
+# ----------------------------------------------------------------------------------------------
+FUZZ_CHILD = """
+import sys, time, tracemalloc
+from hypothesis import HealthCheck, given, settings, strategies as st
+from flowcraft.evaluator import SafeEvaluator
+from flowcraft.errors import ExpressionError
+
+SECONDS, PEAK_MB, EXAMPLES = {seconds}, {peak_mb}, {examples}
+L = [0] * 100000
+names = {{
+    "x": 3, "y": -2, "f": 0.5, "s": "abc", "long": "ab" * 50000, "nul": "a\\x00b",
+    "wide": list(range(100000)), "nested": [[L] * 100000] * 100000,
+    "other": [[[0] * 100000] * 100000] * 100000,  # equal to nested, sharing nothing with it
+    "tup": ((0,) * 100000,) * 100000, "d": {{"k": [1, 2], "n": None, "__class__": 1}},
+}}
+names["deep"] = [names["nested"], [names["other"]] * 3]
+
+SMALL = [
+    "0", "1", "-1", "7", "100000", "10**6", "2**64", "1e308", "0.1", "'a'", "'ab'", "''", "'\\\\x00'",
+    "true", "false", "null", "undefined", "None", "[]", "()", "{{}}", "[0]", "(0,)", "[[0]]",
+    "x", "y", "f", "s", "nul", "d", "missing", "d.k", "d.n", "d['__class__']",
+]
+BIG = ["nested", "other", "deep", "tup", "wide", "long", "nested[0]", "nested.length"]
+ESCAPES = ["x.__class__", "__import__('os')", "''.join", "d.__class__"]  # refused when compiled
+FUNCTIONS = ["len", "str", "int", "float", "bool", "abs", "min", "max", "round"] * 3 + [
+    "sum", "sorted", "eval", "getattr", "type", "print"]
+REPEATS = ["0", "1", "2", "3", "10", "100", "1000", "100000", "1000000", "10**9", "-1", "True"]
+OPERATORS = ["+", "-", "*", "/", "//", "%", "**"]
+COMPARISONS = ["==", "!=", "<", "<=", ">", ">=", "in", "not in", "is", "is not", "===", "!=="]
+
+
+def extend(e):
+    seq = st.lists(e, max_size=4)
+    compare = st.tuples(e, st.sampled_from(COMPARISONS), e).map(lambda t: "(%s %s %s)" % t)
+    return st.one_of(
+        compare, compare,  # comparisons and walking functions, the costly ones, twice as often
+        st.tuples(st.sampled_from(["str", "min", "max"]), e).map(lambda t: "%s(%s)" % t),
+        st.tuples(e, st.sampled_from(OPERATORS), e).map(lambda t: "(%s %s %s)" % t),
+        st.tuples(e, st.sampled_from(REPEATS)).map(lambda t: "(%s * %s)" % t),
+        st.tuples(st.sampled_from(REPEATS), e).map(lambda t: "(%s * %s)" % t),
+        seq.map(lambda items: "[%s]" % ", ".join(items)),
+        seq.map(lambda items: "(%s,)" % ", ".join(items) if items else "()"),
+        st.lists(st.tuples(e, e), max_size=2).map(
+            lambda kv: "{{%s}}" % ", ".join("%s: %s" % p for p in kv)),
+        st.tuples(e, st.sampled_from(COMPARISONS), e).map(lambda t: "(%s %s %s)" % t),
+        st.tuples(e, st.sampled_from(["<", "==", "<="]), e, e).map(
+            lambda t: "(%s %s %s %s %s)" % (t[0], t[1], t[2], t[1], t[3])),
+        st.tuples(st.sampled_from(FUNCTIONS), st.lists(e, max_size=3)).map(
+            lambda t: "%s(%s)" % (t[0], ", ".join(t[1]))),
+        st.tuples(st.sampled_from(["min", "max", "str", "int", "round"]), e, e).map(
+            lambda t: "%s(%s, default=%s)" % t if t[0] in ("min", "max") else "%s(%s, %s)" % t),
+        st.tuples(e, e).map(lambda t: "%s[%s]" % t),
+        st.tuples(e, e, e).map(lambda t: "%s[%s:%s]" % t),
+        st.tuples(e, st.sampled_from([".length", ".k", ".__class__", "['__dict__']", "[::-1]",
+                                     "[0]", "[-1]"])).map("".join),
+        st.tuples(st.sampled_from(["not ", "!", "-", "+"]), e).map(lambda t: "(%s%s)" % t),
+        st.tuples(e, st.sampled_from(["and", "or", "&&", "||"]), e).map(lambda t: "(%s %s %s)" % t),
+        st.tuples(e, e, e).map(lambda t: "(%s if %s else %s)" % t),
+    )
+
+
+leaves = st.one_of(st.sampled_from(SMALL), st.sampled_from(BIG), st.sampled_from(ESCAPES))
+expressions = st.recursive(leaves, extend, max_leaves=10)
+worst = {{"seconds": 0.0, "peak_mb": 0.0, "source": ""}}
+counts = {{"value": 0, "refused": 0}}
+
+
+@settings(max_examples=EXAMPLES, deadline=None, database=None,
+          suppress_health_check=list(HealthCheck))
+@given(expressions)
+def fuzz(source):
+    tracemalloc.start()  # around the evaluation only: tracing hypothesis would slow it down
+    started = time.perf_counter()
+    try:
+        SafeEvaluator().compile(source)(names)
+        counts["value"] += 1
+    except ExpressionError:  # the only exception allowed out
+        counts["refused"] += 1
+    finally:
+        seconds = time.perf_counter() - started
+        peak_mb = tracemalloc.get_traced_memory()[1] / 2**20
+        tracemalloc.stop()
+    if seconds > worst["seconds"]:
+        worst.update(seconds=seconds, source=source)
+    worst["peak_mb"] = max(worst["peak_mb"], peak_mb)
+    assert seconds < SECONDS, f"{{source!r}} took {{seconds:.2f}}s"
+    assert peak_mb < PEAK_MB, f"{{source!r}} peaked at {{peak_mb:.1f}} MB"
+
+
+fuzz()
+import json
+print("OK " + json.dumps({{"counts": counts, "worst": worst}}))
+"""
+
+
+@pytest.mark.slow
+def test_fuzzed_expressions_raise_only_expression_errors_within_time_and_memory() -> None:
+    code = FUZZ_CHILD.format(seconds=FAST_SECONDS, peak_mb=100, examples=600)
+    result = run_bounded(code, timeout=120, memory_mb=1024)
+    assert result.ok and "OK " in result.stdout, result.describe()
+    report = json.loads(result.stdout.split("OK ", 1)[1])
+    # Both paths were exercised: expressions that evaluate and expressions that are refused.
+    assert report["counts"]["value"] > 100 and report["counts"]["refused"] > 100, report
