@@ -145,8 +145,8 @@ def _logical_size(value: Any, limit: int, text: bool = False) -> int:
         return _leaf_size(value, text)
     try:
         return _walk(value, limit, text, {})
-    except RecursionError:  # nested deeper than Python can compare or print anyway
-        return limit + 1
+    except RecursionError:  # Python could not compare or print it either
+        raise _Refused("a value is nested too deeply to be measured") from None
 
 
 def _leaf_size(value: Any, text: bool) -> int:
@@ -166,6 +166,7 @@ def _leaf_size(value: Any, text: bool) -> int:
 
 
 def _walk(value: Any, limit: int, text: bool, memo: Dict[int, int]) -> int:
+    # One frame per level of nesting, so as deep a value as Python itself can compare.
     key = id(value)
     known = memo.get(key)
     if known is not None:
@@ -181,39 +182,40 @@ def _walk(value: Any, limit: int, text: bool, memo: Dict[int, int]) -> int:
     if total + n > limit:  # every item counts at least one
         return total + n
     for part in parts:
-        total += _items_size(part, n, limit - total, text, memo)
+        flat = _flat_size(part, text) if len(part) > 8 else None
+        if flat is not None:
+            total += flat
+        else:
+            for item in part:
+                if item.__class__ in _SCALAR_CLASSES or not isinstance(item, _CONTAINERS):
+                    total += _leaf_size(item, text)
+                else:
+                    total += _walk(item, limit - total, text, memo)
+                if total > limit:
+                    return total
         if total > limit:
             return total
     memo[key] = total
     return total
 
 
-def _items_size(items: Any, n: int, limit: int, text: bool, memo: Dict[int, int]) -> int:
-    """The summed sizes of `items` (about `n` of them), stopping once above `limit`."""
-    if n > 8:  # flat lists of one kind are measured at C speed
-        kinds = set(map(type, items))
-        if kinds <= _NUMBER_CLASSES:
-            if not text:
-                return len(items)
-            if kinds <= _INT_CLASSES:
-                return (5 if bool in kinds else 2) * len(items) + sum(
-                    map(int.bit_length, items)
-                ) * 30103 // 100_000
-            return 24 * len(items)
-        if len(kinds) == 1 and str in kinds:
-            chars = sum(map(len, items))
-            if not text:
-                return len(items) + chars // STR_CHARS_PER_ITEM
-            return 2 * len(items) + chars * (1 if all(map(str.isprintable, items)) else 10)
-    total = 0
-    for item in items:
-        if item.__class__ in _SCALAR_CLASSES or not isinstance(item, _CONTAINERS):
-            total += _leaf_size(item, text)
-        else:
-            total += _walk(item, limit - total, text, memo)
-        if total > limit:
-            break
-    return total
+def _flat_size(items: Any, text: bool) -> Optional[int]:
+    """The summed sizes of `items` when they are all numbers or all strings (measured at C speed),
+    else None."""
+    kinds = set(map(type, items))
+    if kinds <= _NUMBER_CLASSES:
+        if not text:
+            return len(items)
+        if kinds <= _INT_CLASSES:
+            bits = sum(map(int.bit_length, items))
+            return (5 if bool in kinds else 2) * len(items) + bits * 30103 // 100_000
+        return 24 * len(items)
+    if len(kinds) == 1 and str in kinds:
+        chars = sum(map(len, items))
+        if not text:
+            return len(items) + chars // STR_CHARS_PER_ITEM
+        return 2 * len(items) + chars * (1 if all(map(str.isprintable, items)) else 10)
+    return None
 
 
 def _check_compare(what: str, a: Any, b: Any, equality: bool) -> None:
@@ -229,8 +231,8 @@ def _check_compare(what: str, a: Any, b: Any, equality: bool) -> None:
         return  # a list and a tuple (or a dict) are unequal and unordered at once
     if equality and ca is cb and len(a) != len(b):
         return  # '==' of lengths that differ returns at once
-    if _flat(a) or _flat(b):
-        return  # a few scalars: a few comparisons
+    if _small(a) >= 0 or _small(b) >= 0:
+        return  # one side has a few items: a few comparisons
     limit = MAX_VISIT_ITEMS
     if _logical_size(a, limit) > limit and _logical_size(b, limit) > limit:
         raise _Refused(
@@ -239,14 +241,37 @@ def _check_compare(what: str, a: Any, b: Any, equality: bool) -> None:
         )
 
 
-def _flat(value: Any) -> bool:
-    """A short list or tuple of scalars: the common case, so tested before any measuring."""
-    if value.__class__ is dict or len(value) > 16:
-        return False
+SMALL_ITEMS = 64  # a container of at most this many items, nested, is never measured
+
+
+def _small(value: Any, budget: int = SMALL_ITEMS) -> int:
+    """What is left of `budget` after counting the items of a container, nested; negative as soon
+    as it is exhausted. The common case (a few items) tested without measuring: no memo, so a
+    shared item counts once per reference, which can only overcount."""
+    if value.__class__ is dict or isinstance(value, dict):
+        budget -= 2 * len(value)
+        if budget < 0:
+            return budget
+        for item in value.values():
+            if item.__class__ not in _SCALAR_CLASSES and isinstance(item, _CONTAINERS):
+                budget = _small(item, budget)
+                if budget < 0:
+                    return budget
+        for item in value:
+            if item.__class__ is not str and isinstance(item, tuple):  # the hashable container
+                budget = _small(item, budget)
+                if budget < 0:
+                    return budget
+        return budget
+    budget -= len(value)
+    if budget < 0:
+        return budget
     for item in value:
-        if item.__class__ not in _SCALAR_CLASSES:
-            return False
-    return True
+        if item.__class__ not in _SCALAR_CLASSES and isinstance(item, _CONTAINERS):
+            budget = _small(item, budget)
+            if budget < 0:
+                return budget
+    return budget
 
 
 def _check_hash(what: str, key: Any) -> None:
@@ -1151,7 +1176,7 @@ def _check_result(value: Any) -> None:
     """Refuse a value whose logical size exceeds MAX_VISIT_ITEMS: whatever receives it (the
     runtime storing a transform's value as JSON) would walk every shared item once per reference.
     A list literal repeating a name (`[x, x, x, ...]`) multiplies sizes without any '*'."""
-    if isinstance(value, _CONTAINERS) and not _flat(value):
+    if isinstance(value, _CONTAINERS) and _small(value) < 0:
         limit = MAX_VISIT_ITEMS
         if _logical_size(value, limit) > limit:
             raise _Refused(

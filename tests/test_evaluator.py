@@ -805,3 +805,86 @@ def test_garbage_only_raises_expression_error(source: str) -> None:
         fn(GARBAGE_NAMES)
     except ExpressionError:
         pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Logical sizes (issue 11, item 3; the hostile cases are in tests/test_hostile_expressions.py)
+# ----------------------------------------------------------------------------------------------
+def _doubling_dag(levels: int) -> list:
+    value: Any = 0
+    for _ in range(levels):
+        value = [value, value]  # 2 references to one object: 2**levels leaves logically
+    return value
+
+
+def test_logical_size_walks_each_shared_object_once() -> None:
+    dag = _doubling_dag(200)  # 2**201 - 1 items logically, 200 distinct lists
+    assert evaluator_module._logical_size(dag, 2**300) == 2**201 - 1
+    assert evaluator_module._logical_size(dag, 1000) > 1000
+    assert evaluator_module._logical_size([[0] * 10] * 10, 10**6) == 1 + 10 * 11
+    assert evaluator_module._logical_size("x" * 640, 10) == 11  # strings: not walked
+    assert evaluator_module._logical_size({"a": [1, 2]}, 100) == 1 + 1 + 3
+
+
+def test_logical_size_of_a_value_containing_itself_exceeds_any_limit() -> None:
+    cyclic: list = [1]
+    cyclic.append(cyclic)
+    assert evaluator_module._logical_size(cyclic, 10**9) > 10**9
+    with pytest.raises(ExpressionError, match="MAX_VISIT_ITEMS"):
+        run("x == y", x=cyclic, y=[1, cyclic])
+
+
+def test_shared_values_are_refused_by_logical_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(evaluator_module, "MAX_VISIT_ITEMS", 1000)  # read at each call
+    dag, other = _doubling_dag(40), _doubling_dag(40)
+    for source in ("x == y", "x != y", "x < y", "x >= y", "[x] == [y]", "x in [y]", "min(x, y)"):
+        with pytest.raises(ExpressionError, match="MAX_VISIT_ITEMS"):
+            run(source, x=dag, y=other)
+    with pytest.raises(ExpressionError, match="MAX_VISIT_ITEMS"):
+        run("[[0] * 100] * 10")
+    assert run("len([[0] * 100] * 9)") == 9
+    assert run("x == x and x[0] is x[1]", x=dag) is True  # identity: Python does not walk it
+    assert run("0 in x and x != [1]", x=dag) is False  # a scalar, a short side: cheap
+    assert run("len(x[0][1]) == len(y[1][0]) == 2", x=dag, y=other) is True
+
+
+def test_str_of_shared_values_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(evaluator_module, "MAX_STR_CHARS", 1000)
+    with pytest.raises(ExpressionError, match="MAX_STR_CHARS"):
+        run("str(x)", x=_doubling_dag(20))
+    with pytest.raises(ExpressionError, match="MAX_STR_CHARS"):
+        run("str(object=x)", x=["y" * 600, "y" * 600])
+    assert run("str(x)", x=_doubling_dag(3)) == str(_doubling_dag(3))
+    assert run("str([1.5, None, True, -12345678901234567890])") == "[1.5, None, True, -12345678901234567890]"
+
+
+def test_hashing_large_tuples_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(evaluator_module, "MAX_VISIT_ITEMS", 1000)
+    key = ((0,) * 100,) * 100
+    for source in ("d[k]", "k in d", "{k: 1}"):
+        with pytest.raises(ExpressionError, match="MAX_VISIT_ITEMS"):
+            run(source, d={}, k=key)
+    assert run("d[k]", d={(1, 2): "yes"}, k=(1, 2)) == "yes"
+
+
+def test_values_logically_too_large_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(evaluator_module, "MAX_VISIT_ITEMS", 1000)
+    with pytest.raises(ExpressionError, match="MAX_VISIT_ITEMS"):
+        run("[x, x]", x=[0] * 600)  # a transform's value is stored: walked in full
+    assert run("[x, 1]", x=[0] * 600) == [[0] * 600, 1]
+
+
+def test_int_of_long_strings_is_refused() -> None:
+    with pytest.raises(ExpressionError, match="MAX_INT_DIGITS"):
+        run("int(s)", s="1" * 5001)
+    assert run("int(s, 16)", s="f" * 100) == int("f" * 100, 16)
+
+
+def test_only_small_constants_are_folded() -> None:
+    compiler = evaluator_module._Compiler("", evaluator_module.DEFAULT_FUNCTIONS)
+    small = compiler.compile(ast.parse("(1, 'a') * 3 + (2 ** 10,)", mode="eval").body)
+    assert small.const and small.value == (1, "a", 1, "a", 1, "a", 1024)
+    for source in ("(0,) * 1000", "'a' * 1000", "2 ** 10000", "((0,) * 100,) * 100"):
+        node = compiler.compile(ast.parse(source, mode="eval").body)
+        assert not node.const, source
+    assert run("len(((0,) * 100,) * 100)") == 100
