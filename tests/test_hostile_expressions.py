@@ -9,10 +9,7 @@ size takes (a worker would freeze and stop heartbeating). The child builds such 
 from __future__ import annotations
 
 import json
-import time
 import tracemalloc
-from pathlib import Path
-from typing import Any
 
 import pytest
 
