@@ -33,6 +33,7 @@ from typing import Any, List, Optional
 import redis
 from rq import Queue
 from rq.exceptions import StopRequested
+from rq.defaults import DEFAULT_LOGGING_DATE_FORMAT, DEFAULT_LOGGING_FORMAT
 from rq.job import JOB_ID_PATTERN, JobStatus
 from rq.job import Job as RqJob
 from rq.registry import ScheduledJobRegistry
@@ -209,6 +210,26 @@ class FlowcraftWorker(SimpleWorker):
             self.refuse(job, queue, f"the worker failed while handling it ({type(error).__name__}: "
                                     f"{_short(str(error))})")
 
+    def _start_scheduler(self, burst: bool = False, logging_level: Optional[str] = "INFO",
+                         date_format: str = DEFAULT_LOGGING_DATE_FORMAT,
+                         log_format: str = DEFAULT_LOGGING_FORMAT) -> None:
+        """RQ's own (``--with-scheduler``), with a `FlowcraftScheduler` instead of an `RQScheduler`."""
+        level = logging_level if logging_level is not None else self.log.level
+        self.scheduler = FlowcraftScheduler(self.queues, connection=self.connection, serializer=self.serializer,
+                                            logging_level=level, date_format=date_format, log_format=log_format)
+        self.scheduler.acquire_locks()
+        if not self.scheduler.acquired_locks:
+            return
+        if not burst:
+            self.scheduler.start()
+            return
+        try:
+            self.scheduler.register_birth()
+            self.scheduler.enqueue_scheduled_jobs()
+        finally:
+            self.scheduler.release_locks()
+            self.scheduler.register_death()
+
     def refuse(self, job: Any, queue: Any, reason: str) -> None:
         """Dead-letter `job` (taken from `queue`): a clean failed RQ job under its id, in the queue's
         FailedJobRegistry, with `reason`; what the hash held besides its data is dropped."""
@@ -232,6 +253,42 @@ class FlowcraftWorker(SimpleWorker):
             Result.create_failure(dead, ttl, reason, worker_name=self.name, pipeline=pipe)  # job.latest_result()
             self.increment_failed_job_count(pipe)
             pipe.execute()
+
+
+def promote_due_jobs(queue: Any) -> int:
+    """Move the due jobs of `queue`'s scheduled registry to the queue, as RQ's scheduler does, but
+    read as `FlowcraftJob`s (RQ's scheduler stops on a hash it cannot read): a job that is not ours
+    is pushed as it is, for the worker to dead-letter; an entry that is not a job id is dropped."""
+    registry = ScheduledJobRegistry(queue=queue)
+    job_ids = registry.get_jobs_to_schedule(int(time.time()))
+    if not job_ids:
+        return 0
+    valid = [job_id for job_id in job_ids if is_job_id(job_id)]
+    jobs = FlowcraftJob.fetch_many(valid, connection=queue.connection, serializer=JSONSerializer)
+    with queue.connection.pipeline() as pipe:
+        for job_id, job in zip(valid, jobs):
+            if job is not None and job.refusal is None:
+                queue.enqueue_job(job, pipeline=pipe)
+            elif job is not None:
+                pipe.rpush(queue.key, job_id)
+        for job_id in job_ids:
+            registry.remove(job_id, pipeline=pipe)
+        pipe.execute()
+    if len(valid) < len(job_ids):
+        _log_dropped(registry.key, [job_id for job_id in job_ids if not is_job_id(job_id)])
+    return len(job_ids)
+
+
+class FlowcraftScheduler(RQScheduler):
+    """RQ's scheduler (``rq worker --with-scheduler``) with the promotion of `promote_due_jobs`."""
+
+    def enqueue_scheduled_jobs(self) -> None:
+        self._status = self.Status.WORKING
+        if not self._scheduled_job_registries and self._acquired_locks:
+            self.prepare_registries()
+        for registry in self._scheduled_job_registries:
+            promote_due_jobs(FlowcraftQueue(registry.name, connection=self.connection, serializer=JSONSerializer))
+        self._status = self.Status.STARTED
 
 
 def _ours(given: Any, ours: type, rq_default: type) -> type:
@@ -366,21 +423,7 @@ class InProcessWorker(FlowcraftWorker):
         self._holds_lock = bool(self._acquire(keys=[self._lock_key], args=[self.name, self.lock_ttl]))
         if not self._holds_lock:
             return
-        registry = ScheduledJobRegistry(queue=self._queue)
-        job_ids = registry.get_jobs_to_schedule(int(time.time()))
-        if not job_ids:
-            return
-        valid = [job_id for job_id in job_ids if is_job_id(job_id)]
-        jobs = FlowcraftJob.fetch_many(valid, connection=self.connection, serializer=self.serializer)
-        with self.connection.pipeline() as pipe:
-            for job_id, job in zip(valid, jobs):
-                if job is not None and job.refusal is None:
-                    self._queue.enqueue_job(job, pipeline=pipe)
-                elif job is not None:  # not ours: the worker dead-letters it when it dequeues it
-                    pipe.rpush(self._queue.key, job_id)
-            for job_id in job_ids:
-                registry.remove(job_id, pipeline=pipe)
-            pipe.execute()
+        promote_due_jobs(self._queue)
 
     def close(self) -> None:
         """Give back the scheduler lock and the connections."""
@@ -392,5 +435,5 @@ class InProcessWorker(FlowcraftWorker):
         self.connection.connection_pool.disconnect()
 
 
-__all__ = ["FlowcraftJob", "FlowcraftQueue", "FlowcraftWorker", "InProcessWorker", "MAX_JOB_BYTES", "RefusedJob",
-           "is_job_id"]
+__all__ = ["FlowcraftJob", "FlowcraftQueue", "FlowcraftScheduler", "FlowcraftWorker", "InProcessWorker", "MAX_JOB_BYTES",
+           "RefusedJob", "is_job_id", "promote_due_jobs"]

@@ -150,23 +150,29 @@ def test_adapter_work_never_imports_a_named_module(adapter: Any, evil_module: Di
 
 def test_stock_command_line_with_flowcraft_worker_refuses_foreign_jobs(adapter: Any, evil_module: Dict[str, Any],
                                                                        tmp_path: Path) -> None:
-    """``rq worker -w flowcraft_redis.rq_worker.FlowcraftWorker --burst`` (no --serializer: it reads
-    JSON anyway, never pickle), the evil module on the worker's PYTHONPATH."""
+    """``rq worker -w flowcraft_redis.rq_worker.FlowcraftWorker --burst --with-scheduler`` (no
+    --serializer: it reads JSON anyway, never pickle), the evil module on the worker's PYTHONPATH,
+    a garbage job due in the scheduled registry."""
     pwned = tmp_path / "pwned"
     queue = rq_queue_of(adapter)
     first = adapter.start_workflow("chain3", {"start": 3})
     system = queue.enqueue("os.system", f"touch {pwned}")
     named = queue.enqueue(f"{evil_module['name']}.boom", "x")
     second = adapter.start_workflow("chain3", {"start": 4})
-    proc = run_stock_worker(adapter, "flowcraft_redis.rq_worker.FlowcraftWorker", evil_module["path"])
+    garbage = f"sched-garbage-{adapter.queue_name}"  # RQ's own scheduler stops on it
+    adapter.redis.hset(f"rq:job:{garbage}", mapping={"data": "[", "status": "scheduled", "timeout": "never"})
+    adapter.redis.zadd(queue.scheduled_job_registry.key, {garbage: 0, "bad id!": 0})
+    proc = run_stock_worker(adapter, "flowcraft_redis.rq_worker.FlowcraftWorker", evil_module["path"],
+                            "--with-scheduler")
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
     assert not pwned.exists() and not evil_module["imported"].exists() and not evil_module["called"].exists()
     assert_completed(adapter, [first, second])
     letters = reasons(adapter)
-    assert sorted(letters) == sorted([system.id, named.id])
+    assert sorted(letters) == sorted([system.id, named.id, garbage])
     assert "'os.system'" in letters[system.id] and "refused" in letters[system.id]
+    assert "hash is malformed" in letters[garbage] and queue.scheduled_job_registry.count == 0
     assert f"'{evil_module['name']}.boom'" in letters[named.id]
     assert "serializer" in output and "ignored" in output  # the pickle default was not used
 
@@ -243,6 +249,8 @@ _CHILD = """
     for name, fields in hostile.items():
         raw(name + "-" + {queue!r}, **fields)
     client.rpush(queue.key, "not a job id!", b"\\xff\\xfe")  # entries RQ cannot even parse
+    client.hset("rq:job:sched-garbage-" + {queue!r}, mapping=dict(data="[", status="scheduled"))
+    client.zadd(queue.scheduled_job_registry.key, {{"sched-garbage-" + {queue!r}: 0, "bad id!": 0}})  # due now
     runs.append(adapter.start_workflow("chain3", {{"start": len(runs)}}))
     queue.enqueue(RUN_NODE, flowcraft_deep, job_id="flowcraft-deep-" + {queue!r})  # deep JSON inside the job
     runs.append(adapter.start_workflow("chain3", {{"start": len(runs)}}))
@@ -256,6 +264,7 @@ _CHILD = """
         meta = client.hget("rq:job:" + job_id, "meta")
         letters[job_id] = json.loads(meta).get("flowcraft_dead_letter") if meta else None
     print(json.dumps({{"statuses": [s.status for s in statuses], "letters": letters,
+                      "scheduled": queue.scheduled_job_registry.count,
                       "queued": queue.count, "intermediate": client.llen(queue.intermediate_queue_key)}}))
 """
 
@@ -287,5 +296,6 @@ def test_hostile_rq_data_is_dead_lettered_and_the_worker_serves_the_rest(
     for name, words in expected.items():
         assert words in letters[f"{name}-{rq_queue}"], (name, letters[f"{name}-{rq_queue}"])
     assert f"flowcraft-deep-{rq_queue}" in letters  # failed once (after the merge: dead-lettered as malformed)
-    assert len(letters) == len(_HOSTILE) + 1, sorted(letters)
-    assert report["queued"] == 0 and report["intermediate"] == 0, report  # nothing left stuck, nothing requeued
+    assert "not readable JSON" in letters[f"sched-garbage-{rq_queue}"]  # promoted by the worker, then refused
+    assert len(letters) == len(_HOSTILE) + 2, sorted(letters)
+    assert report["queued"] == report["intermediate"] == report["scheduled"] == 0, report  # nothing left stuck
