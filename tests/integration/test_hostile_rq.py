@@ -299,3 +299,62 @@ def test_hostile_rq_data_is_dead_lettered_and_the_worker_serves_the_rest(
     assert "not readable JSON" in letters[f"sched-garbage-{rq_queue}"]  # promoted by the worker, then refused
     assert len(letters) == len(_HOSTILE) + 2, sorted(letters)
     assert report["queued"] == report["intermediate"] == report["scheduled"] == 0, report  # nothing left stuck
+
+
+_CHILD_VALUES = """
+    import json, sys
+    sys.path[:0] = [{tests!r}, {here!r}]
+    import redis
+    import flowcraft_redis.rq_adapter as rq_adapter
+    from flowcraft import FlowRuntime, create_flow
+    from flowcraft_redis import RqAdapter
+    from test_hostile_rq import hostile_app
+
+    def deep(ctx):
+        value = []
+        for _ in range(1100):
+            value = [value]
+        return value
+
+    runtime = hostile_app()
+    runtime.add_blueprint(create_flow("nan").node("a", lambda ctx: 1).node("b", lambda ctx: ctx.input)
+                          .edge("a", "b", transform="float('nan')"))
+    runtime.add_blueprint(create_flow("deep").node("a", deep).node("b", lambda ctx: 1).edge("a", "b"))
+    adapter = RqAdapter(runtime, redis.Redis.from_url("redis://127.0.0.1:6379/0"), {queue!r}, prefix={prefix!r},
+                        poll_timeout=0.1, retry_intervals=(0, 0, 0))
+    workers = []
+
+    class Counted(rq_adapter.InProcessWorker):
+        def __init__(self, a):
+            workers.append(self)
+            super().__init__(a)
+
+    rq_adapter.InProcessWorker = Counted
+    runs = []
+    for i in range(3):  # several jobs queued at once (the batched path of the other workers)
+        runs += [("nan", adapter.start_workflow("nan")), ("deep", adapter.start_workflow("deep")),
+                 ("chain3", adapter.start_workflow("chain3", {{"start": i}}))]
+    adapter.work(burst=True)
+    assert len(workers) == 1 and workers[0].error is None, [w.error for w in workers]
+    for flow, run_id in runs:
+        result = adapter.wait_for_result(run_id, timeout=10)
+        print(json.dumps([flow, result.status, result.errors[0].message if result.errors else ""]))
+"""
+
+
+def test_hostile_values_fail_their_run_and_the_worker_serves_the_rest(
+        redis_prefix: str, rq_queue: str) -> None:  # noqa: F811
+    """Item 5 on RQ: a transform producing NaN and a node value nested past the JSON limit, three
+    runs each queued at once with legitimate runs: one worker, never restarted, ends every run."""
+    result = run_bounded(_CHILD_VALUES.format(tests=TESTS, here=HERE, queue=rq_queue, prefix=redis_prefix),
+                         timeout=60, memory_mb=768)
+    assert result.ok, result.describe()
+    lines = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert len(lines) == 9, result.describe()
+    for flow, status, message in lines:
+        if flow == "chain3":
+            assert status == "completed", (flow, status, message)
+        elif flow == "deep":
+            assert status == "failed" and ("RecursionError" in message or "nest" in message), (flow, status, message)
+        else:  # NaN: stored as JSON allows it, or refused by the core: either way the run ends
+            assert status in ("completed", "failed"), (flow, status, message)
