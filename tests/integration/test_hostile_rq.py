@@ -17,7 +17,7 @@ import sys
 import textwrap
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Dict, List
 
 import pytest
 
@@ -36,7 +36,7 @@ from flowcraft.ports import Job  # noqa: E402
 from flowcraft_redis import RqAdapter  # noqa: E402
 from flowcraft_redis.rq_adapter import RUN_NODE  # noqa: E402
 from flowcraft_redis.rq_settings import DEAD_LETTER_META_KEY  # noqa: E402
-from test_rq_adapter import RQ_CLI, delete_rq_queue, rq_queue, worker_env  # noqa: E402,F401
+from test_rq_adapter import RQ_CLI, rq_queue, worker_env  # noqa: E402,F401 (rq_queue: a fixture)
 
 pytestmark = pytest.mark.integration
 
@@ -70,6 +70,11 @@ def evil_module(tmp_path: Path) -> Dict[str, Any]:
             open({str(called)!r}, "w").write("called")
     """))
     return {"name": name, "path": str(tmp_path), "imported": imported, "called": called}
+
+
+def own_id(adapter: Any, name: str) -> str:
+    """An RQ job id with the queue name in it: the `rq_queue` fixture deletes its keys."""
+    return f"{name}-{adapter.queue_name}"
 
 
 def rq_queue_of(adapter: Any) -> Any:
@@ -110,7 +115,7 @@ def test_adapter_work_refuses_os_system(adapter: Any, tmp_path: Path) -> None:
     """The issue's attack, exactly: ``enqueue("os.system", "touch pwned")`` then ``work(burst=True)``."""
     pwned = tmp_path / "pwned"
     before = adapter.start_workflow("chain3", {"start": 1})
-    attack = rq_queue_of(adapter).enqueue("os.system", f"touch {pwned}")
+    attack = rq_queue_of(adapter).enqueue("os.system", f"touch {pwned}", job_id=own_id(adapter, "attack"))
     after = adapter.start_workflow("chain3", {"start": 2})
     assert adapter.work(burst=True) >= 7  # the attack and 2 x 3 nodes, in one RQ worker
     assert not pwned.exists()
@@ -133,10 +138,10 @@ def test_adapter_work_never_imports_a_named_module(adapter: Any, evil_module: Di
     boom = f"{evil_module['name']}.boom"
     queue = rq_queue_of(adapter)
     run_id = adapter.start_workflow("chain3", {"start": 5})
-    named = queue.enqueue(boom, "x")
+    named = queue.enqueue(boom, "x", job_id=own_id(adapter, "named"))
     body = Job("r-x", "chain3", "a").to_json()
-    on_success = queue.enqueue(RUN_NODE, body, on_success=rq.Callback(boom))
-    on_failure = queue.enqueue(RUN_NODE, body, on_failure=rq.Callback(boom))
+    on_success = queue.enqueue(RUN_NODE, body, on_success=rq.Callback(boom), job_id=own_id(adapter, "on-success"))
+    on_failure = queue.enqueue(RUN_NODE, body, on_failure=rq.Callback(boom), job_id=own_id(adapter, "on-failure"))
     adapter.work(burst=True)
     assert not evil_module["imported"].exists() and not evil_module["called"].exists()
     assert evil_module["name"] not in sys.modules
@@ -156,8 +161,8 @@ def test_stock_command_line_with_flowcraft_worker_refuses_foreign_jobs(adapter: 
     pwned = tmp_path / "pwned"
     queue = rq_queue_of(adapter)
     first = adapter.start_workflow("chain3", {"start": 3})
-    system = queue.enqueue("os.system", f"touch {pwned}")
-    named = queue.enqueue(f"{evil_module['name']}.boom", "x")
+    system = queue.enqueue("os.system", f"touch {pwned}", job_id=own_id(adapter, "system"))
+    named = queue.enqueue(f"{evil_module['name']}.boom", "x", job_id=own_id(adapter, "named"))
     second = adapter.start_workflow("chain3", {"start": 4})
     garbage = f"sched-garbage-{adapter.queue_name}"  # RQ's own scheduler stops on it
     adapter.redis.hset(f"rq:job:{garbage}", mapping={"data": "[", "status": "scheduled", "timeout": "never"})
@@ -180,7 +185,7 @@ def test_stock_command_line_with_flowcraft_worker_refuses_foreign_jobs(adapter: 
 def test_a_stock_rq_worker_runs_foreign_jobs(adapter: Any, tmp_path: Path) -> None:
     """What the README warns about: RQ's own SimpleWorker trusts its queue and runs a foreign job."""
     pwned = tmp_path / "pwned"
-    rq_queue_of(adapter).enqueue("os.system", f"touch {pwned}")
+    rq_queue_of(adapter).enqueue("os.system", f"touch {pwned}", job_id=own_id(adapter, "attack"))
     proc = run_stock_worker(adapter, "rq.worker.SimpleWorker", str(tmp_path), "--serializer",
                             "rq.serializers.JSONSerializer")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
