@@ -6,11 +6,12 @@ otherwise), start a worker in one of two ways:
 
     python examples/rq_worker.py        # RqAdapter.work(): an RQ worker inside this process
 
-    FLOWCRAFT_APP=examples.rq_worker:runtime rq worker -w rq.worker.SimpleWorker \\
+    FLOWCRAFT_APP=examples.rq_worker:runtime rq worker -w flowcraft_redis.rq_worker.FlowcraftWorker \\
         --serializer rq.serializers.JSONSerializer --with-scheduler flowcraft-queue
 
 (the second is RQ's own command line; ``FLOWCRAFT_APP`` tells the job function where the runtime
-is, ``--with-scheduler`` fires the sleep below). Then start runs with ``python examples/rq_client.py``.
+is, ``--with-scheduler`` fires the sleep below; `FlowcraftWorker` runs Flowcraft jobs only, where
+RQ's own worker classes would run any function a job in the queue names). Then start runs with ``python examples/rq_client.py``.
 
 Settings: REDIS_URL, FLOWCRAFT_QUEUE (the RQ queue, default ``flowcraft-queue``), FLOWCRAFT_PREFIX
 (a key prefix for the run state, default none). SIGTERM or Ctrl-C stops the worker after the job

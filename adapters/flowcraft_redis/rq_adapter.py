@@ -2,14 +2,20 @@
 
 Run state, the commit protocol, coordination and the reconciler are those of `RedisAdapter`
 (`RedisRunStore`, `RedisCoordinationStore`, `create_redis_reconciler`); only the queue differs:
-every Flowcraft job is an RQ job, executed by `RqAdapter.work()` or by a stock ``rq worker``::
+every Flowcraft job is an RQ job, executed by `RqAdapter.work()` or by RQ's command line with our
+worker class (`rq_worker.FlowcraftWorker`)::
 
-    FLOWCRAFT_APP=myapp.workflows:runtime rq worker -w rq.worker.SimpleWorker \\
+    FLOWCRAFT_APP=myapp.workflows:runtime rq worker -w flowcraft_redis.rq_worker.FlowcraftWorker \\
         --serializer rq.serializers.JSONSerializer --with-scheduler flowcraft-queue
 
+Both run Flowcraft jobs only: an RQ job that is not exactly ``run_node(<one string>)`` (another
+function, callbacks, an unreadable hash...) is dead-lettered before RQ imports anything it names.
+RQ's own worker classes run Flowcraft jobs too, but they run ANY job of the queue: RQ trusts its
+queue, so whoever can write its Redis keys runs code in such a worker.
+
 Modules: `rq_settings` (the settings a job carries), `rq_queue` (`RqQueue`, the making of RQ
-jobs), `rq_store` (`RqRunStore`, commits with their publication), `rq_worker` (the RQ worker of
-`work()`), `rq_jobs` (the job function).
+jobs), `rq_store` (`RqRunStore`, commits with their publication), `rq_worker` (`FlowcraftWorker`,
+which refuses foreign jobs, and the RQ worker of `work()`), `rq_jobs` (the job function).
 
 RQ jobs
     ``flowcraft_redis.rq_jobs.run_node("<job JSON>")`` on the RQ queue `queue_name`, serialized
@@ -68,7 +74,9 @@ Acknowledgement and dead letters
     is dead-lettered: the function raises `DeadLettered(reason)` with RQ retries turned off, so RQ
     files it in its FailedJobRegistry (``rq:failed:<queue>``) with the reason as the exception (and
     in ``meta["flowcraft_dead_letter"]``; `RqQueue.dead_letters()` lists them); the run, if known,
-    is failed with that reason; the worker goes on.
+    is failed with that reason; the worker goes on. An RQ job that is not a Flowcraft job at all
+    (another function, callbacks, an unreadable hash) never reaches the job function:
+    `FlowcraftWorker` files it there itself, its reason starting with "refused: " (see `rq_worker`).
 
 A SIGKILLed ``rq worker``
     Nothing committed is lost or committed twice; recovery is not immediate:

@@ -1,10 +1,10 @@
 """The function RQ workers call for Flowcraft jobs: ``flowcraft_redis.rq_jobs.run_node``.
 
 Every RQ job of `RqAdapter` is ``run_node(<job JSON>)`` (serialized with RQ's `JSONSerializer`),
-so a stock worker runs Flowcraft jobs:
+so RQ's command line runs Flowcraft jobs; with our worker class, which runs nothing else:
 
-    FLOWCRAFT_APP=myapp.workflows:runtime \\
-        rq worker -w rq.worker.SimpleWorker --serializer rq.serializers.JSONSerializer --with-scheduler flowcraft-queue
+    FLOWCRAFT_APP=myapp.workflows:runtime rq worker -w flowcraft_redis.rq_worker.FlowcraftWorker \\
+        --serializer rq.serializers.JSONSerializer --with-scheduler flowcraft-queue
 
 `run_node` needs the app's `FlowRuntime` (registry and blueprints); it finds it in one of two ways:
 
@@ -15,7 +15,8 @@ so a stock worker runs Flowcraft jobs:
   settings the job carries in ``meta["flowcraft"]`` (key prefix, state TTL, retry mode... of the
   adapter that enqueued it), once per process: it is cached by (app, queue, settings, connection).
   With the forking ``rq.worker.Worker`` every job runs in a fresh work horse, so the cache does not
-  outlive the job; ``rq.worker.SimpleWorker`` keeps it (and is much faster for short nodes).
+  outlive the job; ``rq.worker.SimpleWorker`` (and `FlowcraftWorker`, a SimpleWorker) keeps it (and
+  is much faster for short nodes). RQ's own classes also run any other job of the queue.
 """
 from __future__ import annotations
 

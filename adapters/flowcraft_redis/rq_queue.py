@@ -187,11 +187,14 @@ class RqQueue:
     @translate_errors
     def dead_letters(self) -> List[Dict[str, Any]]:
         """The dead-lettered jobs in RQ's FailedJobRegistry: ``{"body", "reason", "rqJobId"}``."""
+        from .rq_worker import FlowcraftJob, is_job_id  # reads any hash without raising or importing
+
         registry = self.rq.failed_job_registry
+        job_ids = [job_id for job_id in registry.get_job_ids() if is_job_id(job_id)]
         out = []
-        for rq_job in RqJob.fetch_many(registry.get_job_ids(), connection=self.client, serializer=JSONSerializer):
+        for rq_job in FlowcraftJob.fetch_many(job_ids, connection=self.client, serializer=JSONSerializer):
             reason = (rq_job.meta or {}).get(DEAD_LETTER_META_KEY) if rq_job is not None else None
-            if reason is not None:
+            if isinstance(reason, str):
                 out.append({"body": rq_job.args[0] if rq_job.args else None, "reason": reason, "rqJobId": rq_job.id})
         return out
 

@@ -1,7 +1,8 @@
 """`RqAdapter` (SPEC 7 and 7b): Flowcraft jobs as RQ jobs, against a real Redis.
 
 Runs are executed by `RqAdapter.work()` (an RQ SimpleWorker in this process) and by stock
-``rq worker`` processes (the RQ command line from the venv, told the app with ``FLOWCRAFT_APP``;
+``rq worker`` processes (the RQ command line from the venv with our worker class, `FlowcraftWorker`,
+or RQ's own, told the app with ``FLOWCRAFT_APP``;
 this module is that app: `rq_app`). Scenario results are compared with the in-memory runtime.
 
 Isolation: every test has its own key prefix (`redis_prefix`, deleted afterwards) and its own RQ
@@ -246,7 +247,10 @@ def worker_env(**extra: str) -> Dict[str, str]:
     return env
 
 
-def rq_worker_command(queue: str, redis_url: str, *, burst: bool = True, worker_class: str = "rq.worker.SimpleWorker",
+FLOWCRAFT_WORKER = "flowcraft_redis.rq_worker.FlowcraftWorker"  # the worker class we recommend for `rq worker`
+
+
+def rq_worker_command(queue: str, redis_url: str, *, burst: bool = True, worker_class: str = FLOWCRAFT_WORKER,
                       scheduler: bool = False) -> List[str]:
     command = [RQ_CLI, "worker", "--url", redis_url, "-w", worker_class,
                "--serializer", "rq.serializers.JSONSerializer", "--path", TESTS, "--path", HERE,
@@ -258,7 +262,7 @@ def rq_worker_command(queue: str, redis_url: str, *, burst: bool = True, worker_
     return command + [queue]
 
 
-def run_rq_worker_burst(queue: str, redis_url: str, worker_class: str = "rq.worker.SimpleWorker") -> None:
+def run_rq_worker_burst(queue: str, redis_url: str, worker_class: str = FLOWCRAFT_WORKER) -> None:
     proc = subprocess.run(rq_worker_command(queue, redis_url, worker_class=worker_class), cwd=ROOT,
                           env=worker_env(FLOWCRAFT_APP="test_rq_adapter:rq_app"), capture_output=True, text=True,
                           timeout=120)
@@ -736,10 +740,14 @@ def test_stock_rq_worker_runs_the_scenarios_like_memory(make_adapter: Callable[.
     assert_quiet(client)
 
 
-def test_stock_forking_rq_worker(make_adapter: Callable[..., RqAdapter], redis_url: str, rq_queue: str) -> None:
+@pytest.mark.parametrize("worker_class", ["rq.worker.Worker", "rq.worker.SimpleWorker"])
+def test_stock_rq_worker_classes(make_adapter: Callable[..., RqAdapter], redis_url: str, rq_queue: str,
+                                 worker_class: str) -> None:
+    """RQ's own worker classes run Flowcraft jobs too (the forking one, and SimpleWorker); unlike
+    FlowcraftWorker they run any job their queue holds (test_hostile_rq)."""
     client = make_adapter()
     run_id = start_scenario(client, SCENARIOS["chain"])
-    run_rq_worker_burst(rq_queue, redis_url, worker_class="rq.worker.Worker")
+    run_rq_worker_burst(rq_queue, redis_url, worker_class=worker_class)
     assert_same_result(client.wait_for_result(run_id, timeout=5), run_in_memory(SCENARIOS["chain"]))
     assert_quiet(client)
 

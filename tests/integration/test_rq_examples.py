@@ -91,7 +91,7 @@ def test_example_worker_serves_both_example_clients(example_env: Dict[str, str])
 
 @pytest.mark.slow
 def test_stock_rq_worker_runs_the_example_app(example_env: Dict[str, str]) -> None:
-    command = [RQ_CLI, "worker", "--url", example_env["REDIS_URL"], "-w", "rq.worker.SimpleWorker",
+    command = [RQ_CLI, "worker", "--url", example_env["REDIS_URL"], "-w", "flowcraft_redis.rq_worker.FlowcraftWorker",
                "--serializer", "rq.serializers.JSONSerializer", "--with-scheduler",
                "--name", f"{example_env['FLOWCRAFT_QUEUE']}-worker", example_env["FLOWCRAFT_QUEUE"]]
     worker = start_worker(command, example_env)
