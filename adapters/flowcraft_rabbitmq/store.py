@@ -464,7 +464,7 @@ class PostgresRunStore:
     def _commit_all(self, commits: Sequence[Commit]) -> List[bool]:
         if not commits:
             return []
-        if any(_has_nul(c.run_id) for c in commits):  # no such run can exist: stale, as an unknown run's
+        if any("\x00" in c.run_id for c in commits):  # no such run can exist: stale, as an unknown run's
             kept = iter(self._commit_all([c for c in commits if not _has_nul(c.run_id)]))
             return [False if _has_nul(c.run_id) else next(kept) for c in commits]
         if any(c.expected_version == 0 for c in commits) or len({c.run_id for c in commits}) < len(commits):

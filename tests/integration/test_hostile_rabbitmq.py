@@ -167,7 +167,7 @@ def test_nul_in_run_id_is_dead_lettered_and_the_worker_serves_the_others(
     chain_ok(client, after)
     dead = dead_letters(amqp_connection, amqp_queue_name)
     assert [body for body, _ in dead] == [hostile]  # the body unchanged: it can be requeued as it came
-    assert_bounded_reason(dead[0][1], "\\x00")
+    assert_bounded_reason(dead[0][1])
     assert client.store.run_ids() == sorted([before, after])  # nothing of the attacker's was created
     assert_queue_drained(client)
 
