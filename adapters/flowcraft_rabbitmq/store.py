@@ -103,8 +103,8 @@ def _refusal(error: BaseException) -> Optional[str]:
         return str(error)
     if isinstance(error, ValueError) and "cannot contain NUL" in str(error):  # psycopg2, before sending
         return "a text value holds a NUL character"
-    if isinstance(error, MemoryError):  # building the statement: this commit is too large for the worker
-        return "out of memory encoding the statement"
+    if isinstance(error, MemoryError):  # building the statement or reading its rows
+        return "out of memory: the statement or its result is too large for this worker"
     return None
 
 
@@ -578,7 +578,8 @@ class PostgresRunStore:
         # Taken out before publishing: should the publish fail, the rows stay in the table, the
         # deliveries stay unacknowledged, and their redelivery publishes the rows from the table.
         rows = [row for run_id in run_ids if run_id in known for row in pending.pop(run_id)]
-        others = [run_id for run_id in run_ids if run_id not in known]
+        # (an id holding NUL has no rows, and psycopg2 would refuse to send it)
+        others = [run_id for run_id in run_ids if run_id not in known and "\x00" not in run_id]
         if others:
             return self._publish_from_table(others, rows, queue)
         if not rows:

@@ -36,7 +36,6 @@ from flowcraft_rabbitmq import (  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
-WORKER_TIMEOUT = 60.0
 MB = 1_000_000
 
 
@@ -69,16 +68,33 @@ def worker_adapter(config: Dict[str, Any]) -> RabbitMqAdapter:
     )
 
 
-# The worker, in a child: serves what is queued, then says how many deliveries it handled.
+# The worker, in a child: a worker thread serves the queue until the runs given are over and the
+# dead letters expected are in (or the time is up); the child exits 1 if the worker thread died.
 WORKER = """
-import json, logging, sys
+import json, logging, sys, threading, time
 sys.path[:0] = ["tests", "tests/integration"]
 logging.basicConfig(level=logging.WARNING)
 from test_hostile_rabbitmq import worker_adapter
-adapter = worker_adapter(json.loads({config!r}))
-served = adapter.work(burst=True)
+config = json.loads({config!r})
+adapter = worker_adapter(config)
+served = []
+thread = threading.Thread(target=lambda: served.append(adapter.work()), daemon=True)
+thread.start()
+
+def finished():
+    records = [adapter.store.get_record(run_id) for run_id in config["runs"]]
+    ready, _, dead = adapter.queue.message_counts()
+    over = all(r is not None and r.status in ("completed", "failed", "cancelled", "stalled") for r in records)
+    return over and ready == 0 and dead >= config["dead"]
+
+deadline = time.monotonic() + config["seconds"]
+while thread.is_alive() and not finished() and time.monotonic() < deadline:
+    time.sleep(0.05)
+alive = thread.is_alive()
+adapter.stop(timeout=10)
 adapter.close()
-print("SERVED", served)
+print("ALIVE", alive, "FINISHED", finished() if alive else None, "SERVED", served[0] if served else None)
+sys.exit(0 if alive else 1)
 """
 
 
@@ -119,13 +135,14 @@ def dead_letters(amqp_connection: Any, queue: str) -> List[Tuple[bytes, Dict[str
     return out
 
 
-def run_worker(config: Dict[str, Any], timeout: float = WORKER_TIMEOUT, memory_mb: int = 1024) -> int:
-    """Run the worker in a bounded child until the queue is empty; the deliveries it served."""
-    result = run_bounded(WORKER.format(config=json.dumps(config)), timeout=timeout, memory_mb=memory_mb)
+def run_worker(config: Dict[str, Any], runs: List[str], dead: int, seconds: float = 30.0, memory_mb: int = 1024) -> int:
+    """Run a worker in a bounded child until `runs` are over and `dead` dead letters are in; assert
+    it stayed alive and did not run out of time. Returns how many deliveries it served."""
+    child = dict(config, runs=runs, dead=dead, seconds=seconds)
+    result = run_bounded(WORKER.format(config=json.dumps(child)), timeout=seconds + 30, memory_mb=memory_mb)
     assert result.ok, "the worker crashed or hung:\n" + result.describe()
-    served = [line for line in result.stdout.splitlines() if line.startswith("SERVED ")]
-    assert served, result.describe()
-    return int(served[-1].split()[1])
+    assert "ALIVE True FINISHED True" in result.stdout, "the runs did not finish in time:\n" + result.describe()
+    return int(result.stdout.split("SERVED")[-1].split()[0])
 
 
 def assert_bounded_reason(headers: Dict[str, Any], *fragments: str) -> str:
@@ -161,7 +178,7 @@ def test_nul_in_run_id_is_dead_lettered_and_the_worker_serves_the_others(
     hostile = json.dumps({"runId": "run\x00; DROP", "blueprintId": "chain", "nodeId": "load"}).encode()
     publish(amqp_connection, amqp_queue_name, hostile)
     after = client.start_workflow("chain", {"start": 21})
-    served = run_worker(config)
+    served = run_worker(config, [before, after], dead=1)
     assert served >= 9  # 4 nodes of each chain, and the hostile delivery
     chain_ok(client, before)
     chain_ok(client, after)
@@ -180,7 +197,7 @@ def test_nul_in_node_id_of_a_real_run_is_dead_lettered_and_fails_no_run(
     hostile = json.dumps({"runId": victim, "blueprintId": "chain", "nodeId": "lo\x00ad"}).encode()
     publish(amqp_connection, amqp_queue_name, hostile)
     bystander = client.start_workflow("chain", {"start": 21})
-    run_worker(config)
+    run_worker(config, [victim, bystander], dead=1)
     chain_ok(client, bystander)
     dead = dead_letters(amqp_connection, amqp_queue_name)
     assert [body for body, _ in dead] == [hostile]
@@ -205,6 +222,7 @@ def test_nul_ids_never_reach_postgresql_and_reads_find_nothing(client: RabbitMqA
     assert store.read_context(real, ["st\x00art", "start"]) == {"start": 21}
     assert store.read_items(bad, ["f"]) == [None] and store.read_items(real, ["f\x00", "g"]) == [None, None]
     store.touch(bad, time.time())
+    assert store.publish_outboxes([bad], client.queue) == 0 and store.idle_runs(0.0)[0] == 1
     record = store.get_record(real)
     assert store.commit(Commit(bad, 1, RunRecord(bad, "chain"))) is False  # no such run: as a stale commit
     assert store.commit_many([Commit(bad, 1, RunRecord(bad, "chain")),
@@ -240,9 +258,7 @@ def test_a_200_kb_field_is_dead_lettered_once_with_a_bounded_reason(
     hostile = json.dumps(job).encode()
     publish(amqp_connection, amqp_queue_name, hostile)
     bystander = client.start_workflow("chain", {"start": 21})
-    started = time.monotonic()
-    run_worker(config, timeout=30)
-    assert time.monotonic() - started < 30
+    run_worker(config, [victim, bystander], dead=1)
     chain_ok(client, victim)
     chain_ok(client, bystander)
     dead = dead_letters(amqp_connection, amqp_queue_name)
@@ -270,7 +286,7 @@ def test_a_node_output_postgresql_refuses_fails_its_run_and_the_window_completes
     bad_key = client.start_workflow("emit", {"spec": "nul-key"})
     big = client.start_workflow("emit", {"spec": 2 * MB})  # 2 MB: PostgreSQL holds it
     good.append(client.start_workflow("emit", {"spec": 10}))
-    run_worker(config)
+    run_worker(config, good + [bad, bad_key, big], dead=0)
     for run_id in good:
         result = client.wait_for_result(run_id, timeout=5)
         assert result.status == "completed" and result.context["measure"] == 10, (result.status, result.errors)
@@ -290,7 +306,7 @@ def test_a_single_job_whose_output_postgresql_refuses_fails_its_run(
     """The same refusal on the one-job path (prefetch 1): the run fails, the worker goes on."""
     bad = client.start_workflow("emit", {"spec": "nul"})
     good = client.start_workflow("chain", {"start": 21})
-    run_worker(dict(config, prefetch=1))
+    run_worker(dict(config, prefetch=1), [bad, good], dead=0)
     chain_ok(client, good)
     result = client.wait_for_result(bad, timeout=5)
     assert result.status == "failed"
