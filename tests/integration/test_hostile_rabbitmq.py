@@ -367,6 +367,17 @@ def test_a_run_id_too_long_for_the_index_is_refused_not_an_outage(client: Rabbit
     assert store.get_record(run_id) is None
 
 
+def test_a_result_too_large_for_postgresql_is_refused_not_an_outage(client: RabbitMqAdapter) -> None:
+    """A statement whose result PostgreSQL cannot build (a program limit, class 54, which psycopg2
+    files under `OperationalError`) is refused at once: before, it was taken for a lost connection,
+    reconnected for, run again and reported as `StoreUnavailable`."""
+    store = client.store
+    pid = store.backend_pid
+    with pytest.raises(StoreRejected, match="requested length too large"):
+        store._run(lambda cur: cur.execute("SELECT repeat('xx', 600000000)"))  # checked before allocating
+    assert store.backend_pid == pid and store.run_ids() == []
+
+
 def test_a_nul_run_id_at_start_is_refused(client: RabbitMqAdapter) -> None:
     with pytest.raises(StoreRejected, match="the run id"):
         client.store.create_run(RunRecord("a\x00b", "emit", version=1), {}, {}, [])
