@@ -95,7 +95,8 @@ def _refusal(error: BaseException) -> Optional[str]:
     if isinstance(error, psycopg2.Error):
         code = error.pgcode or ""
         primary = getattr(error.diag, "message_primary", None) or str(error).split("\n", 1)[0]
-        if code[:2] in _REFUSED_CLASSES or (code == "XX000" and primary.startswith("invalid memory alloc request size")):
+        if (code[:2] in _REFUSED_CLASSES or isinstance(error, psycopg2.DataError)
+                or (code == "XX000" and primary.startswith("invalid memory alloc request size"))):
             detail = getattr(error.diag, "message_detail", None)
             return (f"{primary} ({detail})" if detail else primary)[:_MAX_WHY]
         return None
