@@ -4,8 +4,14 @@ Queues (all durable):
 
 * ``<queue>`` -- the jobs; declared plainly (``durable=True``, no ``x-`` arguments) so that the seed
   client's ``assertQueue(queue, {durable: true})`` declares the very same queue.
-* ``<queue>.dead`` -- dead letters, fed by explicit publishes of the original body with the reason
-  in the ``x-flowcraft-reason`` header.
+* ``<queue>.dead`` -- dead letters, fed by explicit publishes of the original body, unchanged (so
+  it can be requeued as it came), with the reason in the ``x-flowcraft-reason`` header. A reason
+  quotes the job, which an attacker may make huge: AMQP headers travel in one frame (``frame_max``,
+  128 KB by default), and a larger one makes RabbitMQ close the connection at every attempt. So the
+  header holds at most `MAX_REASON_BYTES` of UTF-8 (a longer reason is cut, ending with
+  ``... [reason cut: N bytes in all]``, its full length also in ``x-flowcraft-reason-bytes``), and
+  control characters (NUL included) and unencodable surrogates are escaped (``\\x00``). The full
+  reason is in the worker's log.
 * ``<queue>.delay`` -- delayed jobs: each message carries its delay as a per-message
   ``expiration``; when it expires RabbitMQ dead-letters it (``x-dead-letter-exchange: ""``,
   ``x-dead-letter-routing-key: <queue>``) into the main queue. RabbitMQ only expires messages at the
@@ -32,7 +38,7 @@ import collections
 import logging
 import threading
 import time
-from typing import Any, Callable, Deque, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import pika
 import pika.exceptions
@@ -42,6 +48,8 @@ from flowcraft.ports import Delivery, Job
 logger = logging.getLogger("flowcraft.rabbitmq.queue")
 
 REASON_HEADER = "x-flowcraft-reason"
+REASON_BYTES_HEADER = "x-flowcraft-reason-bytes"  # the full reason's UTF-8 length, when the header is cut
+MAX_REASON_BYTES = 4096  # UTF-8 bytes of a reason in its header: far below any frame_max
 _AMQP_ERRORS = (pika.exceptions.AMQPError, ConnectionError, OSError)
 _IDLE_AFTER = 0.05  # seconds without deliveries before `on_idle` is called
 # Unacknowledged deliveries a consumer may hold. The worker handles what it holds as one batch (a
@@ -49,6 +57,19 @@ _IDLE_AFTER = 0.05  # seconds without deliveries before `on_idle` is called
 # node executions/s of 10 on the 20x20 chain benchmark. Lower it for slow node code, where a
 # worker holding many jobs keeps them from idle workers.
 DEFAULT_PREFETCH = 40
+
+
+def _header_text(reason: Any) -> Tuple[str, Optional[int]]:
+    """The reason as a header may hold it: control characters and lone surrogates escaped, at most
+    `MAX_REASON_BYTES` of UTF-8; and the full reason's length when it had to be cut (else None)."""
+    text = str(reason)
+    if not text.isprintable():  # NUL, newlines and other control characters, as repr writes them
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    raw = text.encode("utf-8", "backslashreplace")  # a lone surrogate cannot be UTF-8
+    if len(raw) <= MAX_REASON_BYTES:
+        return raw.decode("utf-8"), None
+    marker = f"... [reason cut: {len(raw)} bytes in all]"
+    return raw[:MAX_REASON_BYTES - len(marker)].decode("utf-8", "ignore") + marker, len(raw)
 
 
 def _parameters(connection_or_url: Any) -> pika.connection.Parameters:
@@ -357,7 +378,13 @@ class RabbitMqQueue:
                 link.drop()
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
-        props = pika.BasicProperties(delivery_mode=2, headers={REASON_HEADER: reason})
+        """Publish the delivery's body unchanged to the dead-letter queue with the reason in a
+        bounded header (see the module docstring), then acknowledge it."""
+        text, full_length = _header_text(reason)
+        headers: Dict[str, Any] = {REASON_HEADER: text}
+        if full_length is not None:
+            headers[REASON_BYTES_HEADER] = full_length
+        props = pika.BasicProperties(delivery_mode=2, headers=headers)
         self._publish([(self.dead_queue, delivery.body, props)])
         self.ack([delivery])
 

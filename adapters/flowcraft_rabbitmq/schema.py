@@ -27,15 +27,16 @@ from typing import Any, Optional, Tuple
 
 from psycopg2 import sql
 
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")  # matched whole (`fullmatch`): `$` would take "x\n"
 
 DEFAULT_CONTEXT_TABLE = "flowcraft_contexts"
 DEFAULT_STATUS_TABLE = "flowcraft_statuses"
 
 
 def validate_identifier(name: Any, what: str = "table name") -> str:
-    """Return `name` if it is a plain SQL identifier (letters, digits, `_`, at most 63 chars)."""
-    if not isinstance(name, str) or not _IDENTIFIER.match(name):
+    """Return `name` if it is a plain SQL identifier (letters, digits, `_`, at most 63 chars), all
+    of it: a trailing newline (or anything else) after a valid name is refused."""
+    if not isinstance(name, str) or not _IDENTIFIER.fullmatch(name):
         raise ValueError(
             f"invalid {what} {name!r}: use 1-63 letters, digits or underscores, not starting with a digit "
             f"(pattern {_IDENTIFIER.pattern})"

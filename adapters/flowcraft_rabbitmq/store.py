@@ -21,6 +21,16 @@
   thread did not just commit (a redelivered job whose commit crashed before its publish, a retried
   start, `reconcile`), it reads the run's outbox rows under `SELECT ... FOR UPDATE SKIP LOCKED`, as
   a crashed worker's rows must still go out.
+* What PostgreSQL refuses to hold is the run's fault, never an outage: a data error (class 22:
+  the JSON escape of NUL in a JSONB string, NaN, ...), a program limit (class 54: a JSONB string
+  or document over 256 MB, a run id too long for the primary key index, a string buffer over
+  1 GB), "invalid memory alloc request size", psycopg2's refusal of NUL in a text parameter, or a
+  value `json.dumps` cannot encode. The statement is rolled back (nothing written, the connection
+  stays usable), never retried, and `flowcraft.errors.StoreRejected` is raised, naming the run
+  (when the commit is of one) and, where it can be found, the context key, node state or item at
+  fault. An id holding NUL cannot be in PostgreSQL: reads of one find nothing and commits of its
+  run do not apply, without asking the server; error messages (which quote hostile ids) are stored
+  with NUL escaped. So recording a hostile job's failure never raises again.
 * A dropped connection (PostgreSQL restart, `pg_terminate_backend`) is replaced with exponential
   backoff, and the failed operation is retried once on the new connection (statements are prepared
   again). Every operation is safe to retry: a commit is a single statement or one transaction
@@ -31,6 +41,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -41,6 +52,7 @@ import psycopg2.errors
 import psycopg2.extras
 from psycopg2 import sql
 
+from flowcraft.errors import StoreRejected
 from flowcraft.ports import Commit, Job, RunRecord, RunSnapshot
 
 from .queries import Queries
@@ -51,14 +63,148 @@ logger = logging.getLogger("flowcraft.rabbitmq.store")
 _FINAL = ("completed", "failed", "cancelled", "stalled")
 _CONNECTION_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)
 _MAX_DEFERRED_DELETES = 5000  # published outbox rows whose delete may wait for the next commit
+# SQLSTATE classes of a statement's values refused: data exception, program limit exceeded
+_REFUSED_CLASSES = ("22", "54")
+_MAX_STATEMENT = (1 << 30) - 1  # PostgreSQL holds no value (nor statement) of 1 GB or more: not sent
+_MAX_WHY = 500  # characters of PostgreSQL's own explanation kept (its details may quote a token)
 
 
 class StoreUnavailable(ConnectionError):
     """PostgreSQL could not be reached again within the reconnect timeout."""
 
 
+class _Unencodable(ValueError):
+    """`json.dumps` failed on a value to be stored (the message says why)."""
+
+
+def _dumps(value: Any) -> str:
+    try:
+        return json.dumps(value, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError, MemoryError) as error:
+        raise _Unencodable(f"not encodable as JSON: {type(error).__name__}: {error}") from None
+
+
 def _json(value: Any) -> psycopg2.extras.Json:
-    return psycopg2.extras.Json(value, dumps=lambda v: json.dumps(v, separators=(",", ":")))
+    return psycopg2.extras.Json(value, dumps=_dumps)
+
+
+def _refusal(error: BaseException) -> Optional[str]:
+    """Why PostgreSQL (or psycopg2) refused what a statement carries, or None when `error` is not
+    such a refusal (a lost connection, a deadlock, a bug). Never the statement's text: PostgreSQL's
+    `LINE 1: ...` echoes the values."""
+    if isinstance(error, psycopg2.Error):
+        code = error.pgcode or ""
+        primary = getattr(error.diag, "message_primary", None) or str(error).split("\n", 1)[0]
+        if (code[:2] in _REFUSED_CLASSES or isinstance(error, psycopg2.DataError)
+                or (code == "XX000" and primary.startswith("invalid memory alloc request size"))):
+            detail = getattr(error.diag, "message_detail", None)
+            return (f"{primary} ({detail})" if detail else primary)[:_MAX_WHY]
+        return None
+    if isinstance(error, _Unencodable):
+        return str(error)
+    if isinstance(error, ValueError) and "cannot contain NUL" in str(error):  # psycopg2, before sending
+        return "a text value holds a NUL character"
+    if isinstance(error, MemoryError):  # building the statement or reading its rows
+        return "out of memory: the statement or its result is too large for this worker"
+    return None
+
+
+def _rejected_read(why: str) -> StoreRejected:
+    return StoreRejected(f"PostgreSQL refused a read: {why}")
+
+
+def _short(name: Any, limit: int = 120) -> str:
+    """`repr(name)`, cut to `limit` characters: names of things at fault come from blueprints and jobs."""
+    text = repr(name)
+    return text if len(text) <= limit else text[:limit] + f"...({len(text)} chars)"
+
+
+def _nul(item: Any) -> bool:
+    return isinstance(item, str) and "\x00" in item
+
+
+def _not_finite(item: Any) -> bool:
+    return isinstance(item, float) and not math.isfinite(item)
+
+
+def _holds(value: Any, test: Callable[[Any], bool]) -> bool:
+    """Whether a JSON value holds a scalar or key passing `test` (iterative: values may be deep)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if test(item):
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return False
+
+
+def _culprit(commit: Commit, why: str) -> str:
+    """What in `commit` PostgreSQL refused, for the message: the first part holding NUL (when that
+    is why), else the first one `json.dumps` cannot encode, else the largest. Only on the error path."""
+    if why.startswith("index row"):  # only ids are indexed
+        return "the run id, too long for the primary key index"
+    parts: List[Tuple[str, Any]] = [("the run id", commit.run_id)]
+    parts += [(f"context key {_short(k)}", {k: v}) for k, v in commit.context_set.items()]
+    parts += [(f"the state of node {_short(n)}", {n: v}) for n, v in commit.states.items()]
+    parts += [(f"batch item {_short(f)}", {f: v}) for f, v in commit.items.items()]
+    parts += [("the run's record", attrs.asdict(commit.record, recurse=False))]
+    # job bodies are stored as text: NUL and NaN come in them escaped or quoted, never refused
+    test = _nul if ("NUL" in why or "Unicode escape" in why) else _not_finite if "NaN" in why or "Infinity" in why else None
+    if test is not None:
+        return next((label for label, value in parts if _holds(value, test)), "")
+    parts += [(f"job {job.key}", job.input) for job in list(commit.jobs) + [j for j, _ in commit.delayed]]
+    largest, size = "", -1
+    for label, value in parts:
+        try:
+            length = len(_dumps(value))
+        except _Unencodable:
+            return label
+        if length > size:
+            largest, size = f"{label} (the largest part, {length:,} bytes of JSON)", length
+    return largest
+
+
+def _rejected_commits(commits: Sequence[Commit], why: str) -> StoreRejected:
+    """The `StoreRejected` of commits PostgreSQL refused: naming the run (and the part at fault)
+    when they are of one run; for a wave of several, the core commits them one by one to find it."""
+    run_ids = {c.run_id for c in commits}
+    if len(run_ids) > 1:
+        return StoreRejected(f"PostgreSQL refused a group commit of {len(run_ids)} runs: {why}")
+    run_id = commits[0].run_id
+    culprit = next((found for c in commits for found in [_culprit(c, why)] if found), "")
+    at = f" (at fault: {culprit})" if culprit else ""
+    return StoreRejected(f"PostgreSQL cannot store the commit of run {_short(run_id)}{at}: {why}", run_id)
+
+
+def _storable(value: Any) -> Any:
+    """Error entries (small) with NUL and lone surrogates in their strings escaped as repr does."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            value = value.replace("\x00", "\\x00")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            value = value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value
+    if isinstance(value, dict):
+        return {_storable(k): _storable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_storable(v) for v in value]
+    return value
+
+
+def _has_nul(*ids: Optional[str]) -> bool:
+    """An id PostgreSQL cannot hold (TEXT and JSONB strings never contain NUL)."""
+    return any(isinstance(i, str) and "\x00" in i for i in ids)
+
+
+def _without_nul(names: Optional[Iterable[str]]) -> Optional[List[str]]:
+    """Node ids or context keys to look up, less those holding NUL (no JSONB key can)."""
+    return None if names is None else [n for n in names if "\x00" not in n]
 
 
 def _listed(names: Optional[Iterable[str]]) -> Optional[List[str]]:
@@ -148,8 +294,11 @@ class PostgresRunStore:
                 time.sleep(delay)
                 delay = min(delay * 2, self.max_backoff)
 
-    def _run(self, operation: Callable[[Any], Any]) -> Any:
-        """Run `operation(cursor)`; after a dropped connection, reconnect and run it once more."""
+    def _run(self, operation: Callable[[Any], Any], reject: Optional[Callable[[str], StoreRejected]] = None) -> Any:
+        """Run `operation(cursor)`; after a dropped connection, reconnect and run it once more.
+        What PostgreSQL refuses to hold (`_refusal`) is rolled back and raised as `reject(why)`
+        (a `StoreRejected`), never retried: psycopg2 files some refusals (program limits) under
+        `OperationalError`, as it does a lost connection."""
         with self._lock:
             for attempt in (1, 2):
                 try:
@@ -157,14 +306,18 @@ class PostgresRunStore:
                         if self._prepared_on is not self.conn:
                             self._prepare_statements(cur)
                         return operation(cur)
-                except _CONNECTION_ERRORS as error:
-                    if attempt == 2:
-                        raise StoreUnavailable(f"PostgreSQL operation failed after reconnecting: {error}") from error
-                    logger.warning("PostgreSQL connection lost (%s): reconnecting", error)
-                    self._reconnect()
-                except BaseException:
+                except BaseException as error:
+                    why = _refusal(error)
+                    if why is None and isinstance(error, _CONNECTION_ERRORS):
+                        if attempt == 2:
+                            raise StoreUnavailable(f"PostgreSQL operation failed after reconnecting: {error}") from error
+                        logger.warning("PostgreSQL connection lost (%s): reconnecting", error)
+                        self._reconnect()
+                        continue
                     self._abort()
-                    raise
+                    if why is None:
+                        raise
+                    raise (reject or _rejected_read)(why) from None
 
     def _prepare_statements(self, cur: Any) -> None:
         """PREPARE the hot statements on the current connection (lazily: the tables must exist)."""
@@ -213,7 +366,11 @@ class PostgresRunStore:
             cur.execute(self.sql.create, params)
             return cur.fetchall()
 
-        return record.run_id in self._remember(self._run(op))
+        def reject(why: str) -> StoreRejected:
+            as_commit = Commit(record.run_id, 0, record, context_set=dict(context), states=dict(states), jobs=list(jobs))
+            return _rejected_commits([as_commit], why)
+
+        return record.run_id in self._remember(self._run(op, reject))
 
     def load(self, run_id: str, node_ids: Optional[Iterable[str]], context_keys: Optional[Iterable[str]]) -> Optional[RunSnapshot]:
         return self.load_many([(run_id, node_ids, context_keys)])[0]
@@ -222,8 +379,10 @@ class PostgresRunStore:
         """One statement for all the runs asked (None for node ids and context keys: the whole run)."""
         if not requests:
             return []
-        wanted = json.dumps([[run_id, _listed(nodes), _listed(keys)] for run_id, nodes, keys in requests],
-                            separators=(",", ":"))
+        requests = [(run_id, _listed(nodes), _listed(keys)) for run_id, nodes, keys in requests]
+        wanted = json.dumps(requests, separators=(",", ":"))
+        if "\\u0000" in wanted and any(_has_nul(r, *(n or ()), *(k or ())) for r, n, k in requests):
+            return self._load_without_nul(requests)  # a hostile job's ids: JSONB would refuse the request
 
         def op(cur: Any) -> List[Any]:
             cur.execute(self.sql.exec_load, (wanted,))
@@ -231,6 +390,14 @@ class PostgresRunStore:
 
         return [self._snapshot(run_id, row, nodes is None and keys is None)
                 for (run_id, nodes, keys), row in zip(requests, self._run(op))]
+
+    def _load_without_nul(self, requests: Sequence[Tuple[str, Optional[Iterable[str]], Optional[Iterable[str]]]]
+                          ) -> List[Optional[RunSnapshot]]:
+        """`load_many` of requests some of whose ids hold NUL: those runs are unknown, those node
+        ids and keys absent."""
+        requests = [(run_id, _without_nul(nodes), _without_nul(keys)) for run_id, nodes, keys in requests]
+        found = iter(self.load_many([r for r in requests if not _has_nul(r[0])]))
+        return [None if _has_nul(run_id) else next(found) for run_id, _, _ in requests]
 
     def _snapshot(self, run_id: str, row: Sequence[Any], whole: bool) -> Optional[RunSnapshot]:
         has_context, record, states, context, status, updated_at = row
@@ -253,22 +420,34 @@ class PostgresRunStore:
 
         return self._run(op)
 
+    # Reads of an id holding NUL find nothing without asking: PostgreSQL could hold no such thing
+    # (and psycopg2 refuses to send it), so recording a hostile job's failure never raises.
+
     def read_states(self, run_id: str, node_ids: Iterable[str]) -> Dict[str, Dict[str, Any]]:
-        return self._select_one(self.sql.states, {"run_id": run_id, "nodes": list(node_ids)}) or {}
+        if _has_nul(run_id):
+            return {}
+        return self._select_one(self.sql.states, {"run_id": run_id, "nodes": _without_nul(node_ids)}) or {}
 
     def read_all_states(self, run_id: str) -> Dict[str, Dict[str, Any]]:
-        return self._select_one(self.sql.all_states, {"run_id": run_id}) or {}
+        return {} if _has_nul(run_id) else self._select_one(self.sql.all_states, {"run_id": run_id}) or {}
 
     def read_context(self, run_id: str, keys: Iterable[str]) -> Dict[str, Any]:
-        return self._select_one(self.sql.context, {"run_id": run_id, "keys": list(keys)}) or {}
+        if _has_nul(run_id):
+            return {}
+        return self._select_one(self.sql.context, {"run_id": run_id, "keys": _without_nul(keys)}) or {}
 
     def read_all_context(self, run_id: str) -> Dict[str, Any]:
-        return self._select_one(self.sql.all_context, {"run_id": run_id}) or {}
+        return {} if _has_nul(run_id) else self._select_one(self.sql.all_context, {"run_id": run_id}) or {}
 
     def read_items(self, run_id: str, fields: Sequence[str]) -> List[Any]:
         fields = list(fields)
         if not fields:
             return []
+        if _has_nul(run_id):
+            return [None] * len(fields)
+        if _has_nul(*fields):  # asked as "" (no item field is empty), read as absent
+            found = self.read_items(run_id, ["" if _has_nul(f) else f for f in fields])
+            return [None if _has_nul(f) else value for f, value in zip(fields, found)]
         found = self._select_one(self.sql.items, {"run_id": run_id, "fields": fields})
         return list(found) if found else [None] * len(fields)
 
@@ -286,6 +465,9 @@ class PostgresRunStore:
     def _commit_all(self, commits: Sequence[Commit]) -> List[bool]:
         if not commits:
             return []
+        if any("\x00" in c.run_id for c in commits):  # no such run can exist: stale, as an unknown run's
+            kept = iter(self._commit_all([c for c in commits if not _has_nul(c.run_id)]))
+            return [False if _has_nul(c.run_id) else next(kept) for c in commits]
         if any(c.expected_version == 0 for c in commits) or len({c.run_id for c in commits}) < len(commits):
             return self._commit_each(commits)
         wave = self._wave(commits)
@@ -297,7 +479,7 @@ class PostgresRunStore:
             del self._published[:len(published)]
             return rows
 
-        applied = self._remember(self._run(op))
+        applied = self._remember(self._run(op, lambda why: _rejected_commits(commits, why)))
         return [c.run_id in applied for c in commits]
 
     def _commit_each(self, commits: Sequence[Commit]) -> List[bool]:
@@ -318,18 +500,25 @@ class PostgresRunStore:
             cur.execute("COMMIT")
             return rows
 
-        results = self._run(op)
+        results = self._run(op, lambda why: _rejected_commits(commits, why))
         return [c.run_id in self._remember(rows) for c, rows in zip(commits, results)]
 
     @staticmethod
     def _new_record(commit: Commit) -> Tuple[Dict[str, Any], Any]:
         record = attrs.asdict(commit.record, recurse=False)  # its values are JSON already
         record["version"] = commit.expected_version + 1
+        # Errors quote what failed, a hostile job's ids too: what JSONB cannot hold is escaped, so
+        # that recording a failure never fails in turn.
+        if record["errors"]:
+            record["errors"] = _storable(record["errors"])
+        if record["result"] and record["result"].get("errors"):
+            record["result"] = dict(record["result"], errors=_storable(record["result"]["errors"]))
         final = commit.record.status in _FINAL and commit.record.result is not None
-        return record, (commit.record.result if final else None)
+        return record, (record["result"] if final else None)
 
     def _wave(self, commits: Sequence[Commit]) -> str:
-        """The JSON document the wave statement reads with `jsonb_to_recordset`."""
+        """The JSON document the wave statement reads with `jsonb_to_recordset` (`StoreRejected`
+        when a value cannot be encoded)."""
         entries = []
         for commit in commits:
             record, result = self._new_record(commit)
@@ -339,7 +528,13 @@ class PostgresRunStore:
                 "ctx_del": list(commit.context_delete), "status": commit.record.status, "result": result,
                 "jobs": self._jobs_json(commit.jobs, commit.delayed),
             })
-        return json.dumps(entries, separators=(",", ":"))
+        try:
+            wave = _dumps(entries)
+        except _Unencodable as error:
+            raise _rejected_commits(commits, str(error)) from None
+        if len(wave) >= _MAX_STATEMENT:  # ASCII (`ensure_ascii`): characters are bytes
+            raise _rejected_commits(commits, f"{len(wave):,} bytes of JSON, over PostgreSQL's 1 GB for any value")
+        return wave
 
     def _adopt_params(self, commit: Commit) -> Dict[str, Any]:
         record, result = self._new_record(commit)
@@ -384,7 +579,8 @@ class PostgresRunStore:
         # Taken out before publishing: should the publish fail, the rows stay in the table, the
         # deliveries stay unacknowledged, and their redelivery publishes the rows from the table.
         rows = [row for run_id in run_ids if run_id in known for row in pending.pop(run_id)]
-        others = [run_id for run_id in run_ids if run_id not in known]
+        # (an id holding NUL has no rows, and psycopg2 would refuse to send it)
+        others = [run_id for run_id in run_ids if run_id not in known and "\x00" not in run_id]
         if others:
             return self._publish_from_table(others, rows, queue)
         if not rows:
@@ -453,6 +649,9 @@ class PostgresRunStore:
     def get_record(self, run_id: str) -> Optional[RunRecord]:
         """The run's record: one primary-key read (status polls call this in a loop); a run with
         no runs row (unknown, or started by a seed client) goes through `load`."""
+        if _has_nul(run_id):
+            return None  # no such run can exist (see the reads above)
+
         def op(cur: Any) -> Any:
             cur.execute(self.sql.exec_record, (run_id,))
             row = cur.fetchone()
@@ -466,7 +665,8 @@ class PostgresRunStore:
 
     def touch(self, run_id: str, updated_at: float) -> None:
         """The status row's `updated_at` is the database's clock, as in every commit."""
-        self._run(lambda cur: cur.execute(self.sql.touch, {"run_id": run_id}))
+        if not _has_nul(run_id):
+            self._run(lambda cur: cur.execute(self.sql.touch, {"run_id": run_id}))
 
     def idle_runs(self, idle_seconds: float, limit: int = 1000) -> Tuple[int, List[str]]:
         """`(running runs scanned, ids of those whose status row is older than idle_seconds)`."""
@@ -484,7 +684,8 @@ class PostgresRunStore:
         def op(cur: Any) -> None:
             cur.execute(self.sql.set_key, {"run_id": run_id, "key": key, "value": _json(value)})
 
-        self._run(op)
+        self._run(op, lambda why: StoreRejected(f"PostgreSQL cannot store context key {_short(key)} of run "
+                                                f"{_short(run_id)}: {why}", run_id))
 
     def delete_key(self, run_id: str, key: str) -> None:
         def op(cur: Any) -> None:

@@ -266,7 +266,7 @@ def test_malformed_messages_are_dead_lettered_and_the_worker_goes_on(
     assert "unknown blueprint 'unknown-bp'" in reasons[2]
 
 
-@pytest.mark.parametrize("bad", ["x; DROP TABLE y", "1abc", "a" * 64, "", "name-with-dash", 'q"uote'])
+@pytest.mark.parametrize("bad", ["x; DROP TABLE y", "1abc", "a" * 64, "", "name-with-dash", 'q"uote', "x_runs\n", "x\x00"])
 def test_table_names_are_validated_identifiers(bad: str, make_adapter: Callable[..., RabbitMqAdapter], pg_conn: Any,
                                                tables: Dict[str, str]) -> None:
     with pytest.raises(ValueError, match="invalid context table name"):
