@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Mapping, Muta
 from .blueprint import EdgeDefinition, NodeConfig, NodeDefinition, WorkflowBlueprint
 from .errors import BlueprintError, ExpressionError, LoopLimitError
 from .node import NodeResult
+from .serializer import check_json
 
 PENDING, READY, DONE, SKIPPED = "pending", "ready", "done", "skipped"
 LOOP_CONTROLLER = "loop-controller"
@@ -324,6 +325,7 @@ class CompiledGraph:
             value = result.output
             if taken and edge.transform is not None:
                 value = self._evaluate(edge, "transform", edge.transform, {"input": result.output, "context": context})
+                check_json(value, f"transform of edge {edge.source!r} -> {edge.target!r}")  # it becomes a stored input
             decisions.append((edge, taken, value if taken else None))
         return decisions
 

@@ -174,7 +174,10 @@ class CommitPlan:
         results = [(self.items.get(f) or stored[i] or {}).get("v") for i, f in enumerate(fields)]
         if self.events is not None:
             self._event("batch:finish", node_id=parent.id, items=len(results))
-        self._complete(parent, job.iteration, NodeResult(output=results))
+        try:
+            self._complete(parent, job.iteration, NodeResult(output=results))
+        except (SerializationError, RoutingError, LoopLimitError) as error:
+            self._failed(parent, error)
 
     # --- the commit ----------------------------------------------------------------------------
 

@@ -371,7 +371,7 @@ class _Run:
             fallback, outcome = outcome.node, outcome.result
         try:
             output = outcome.output
-            if type(output) not in _SCALARS:
+            if type(output) not in _SCALARS or type(output) is float:  # a float may be NaN
                 check_json(output, node.outputs_key)
             data = self.data
             data[node.outputs_key] = output

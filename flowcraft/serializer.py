@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Dict, Protocol
 
 from .errors import SerializationError
@@ -10,8 +11,10 @@ _SCALARS = (str, int, float, bool, type(None))
 
 
 def check_json(value: Any, key: str) -> None:
-    """Raise `SerializationError` naming `key` unless `value` is plain JSON data."""
-    if type(value) in _SCALARS:
+    """Raise `SerializationError` naming `key` unless `value` is plain JSON data (JSON has no NaN
+    or Infinity: a float that is not finite is refused too)."""
+    kind = type(value)
+    if kind in _SCALARS and (kind is not float or math.isfinite(value)):
         return
     problem = _find_problem(value, key)
     if problem:
@@ -20,10 +23,13 @@ def check_json(value: Any, key: str) -> None:
 
 def _find_problem(value: Any, path: str) -> str:
     stack = [(value, path)]
+    isfinite = math.isfinite
     while stack:
         item, where = stack.pop()
         kind = type(item)
         if kind in _SCALARS or isinstance(item, _SCALARS):
+            if isinstance(item, float) and not isfinite(item):
+                return f"value at {where!r} is {item!r}, which JSON cannot hold (no NaN or Infinity)"
             continue
         if isinstance(item, (list, tuple)):
             stack.extend((v, f"{where}[{i}]") for i, v in enumerate(item))
@@ -48,7 +54,7 @@ class JsonSerializer:
 
     def dumps(self, data: Dict[str, Any]) -> str:
         try:
-            return json.dumps(data, separators=(",", ":"))
+            return json.dumps(data, separators=(",", ":"), allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise SerializationError(f"context is not JSON-serialisable: {exc}") from None
 
