@@ -433,6 +433,8 @@ class DistributedAdapter:
             return NodeResult(output=snap.context.get(node.inputs_key))
         context = StoreContext(self.store, job.run_id, snap.context,
                                absent=set(self._wanted_for(job, node)[1]) - set(snap.context), whole=snap.whole)
+        context.max_value_bytes = self.runtime.max_value_bytes  # and what one node writes (see FlowRuntime)
+        context.max_context_bytes = self.runtime.max_context_bytes
         if job.kind == "item":  # what it runs and its input as committed; the job's own fields are ignored
             key, spec = self._item_spec
             if key != job.key:

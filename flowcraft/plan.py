@@ -17,7 +17,7 @@ from .node import NodeResult
 from .ports import Commit, Job, RunRecord, RunSnapshot, RunStore, copy_record, item_field
 from .result import AWAITING, COMPLETED, FAILED, FINAL_STATUSES, RUNNING, STALLED, WorkflowError, WorkflowResult
 from .runtime import FlowRuntime
-from .serializer import check_json
+from .serializer import DEFAULT_MAX_VALUE_BYTES, check_json
 from .worker_context import WithDelta
 
 
@@ -112,7 +112,7 @@ class CommitPlan:
         self._schedule(ready)
 
     def _record_output(self, node: GraphNode, result: NodeResult) -> None:
-        check_json(result.output, node.outputs_key)
+        check_json(result.output, node.outputs_key, self.adapter.runtime.max_value_bytes)
         self.context.set(node.outputs_key, result.output)
         self.context.set(node.id, result.output)
 
@@ -148,7 +148,7 @@ class CommitPlan:
             return self._complete(node, self.job.iteration, NodeResult(output=[]))
         iteration = self.job.iteration
         try:
-            fields = batch_fields(node.id, iteration, specs)
+            fields = batch_fields(node.id, iteration, specs, self.adapter.runtime.max_value_bytes)
         except SerializationError as error:
             return self._failed(node, error)
         self.traversal.expand(node.id, len(specs))
@@ -161,7 +161,7 @@ class CommitPlan:
     def _item_done(self, parent: GraphNode, outcome: Any) -> None:
         job = self.job
         try:
-            check_json(outcome.output, job.node_id)
+            check_json(outcome.output, job.node_id, self.adapter.runtime.max_value_bytes)
         except SerializationError as error:
             return self._failed(parent, error)
         field = item_field(parent.id, job.iteration, job.index)
@@ -357,7 +357,8 @@ def input_field(parent: str, iteration: int, index: int) -> str:
 _SPEC_KEYS = ("uses", "params", "id")
 
 
-def batch_fields(parent: str, iteration: int, specs: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
+def batch_fields(parent: str, iteration: int, specs: Sequence[Mapping[str, Any]],
+                 max_value_bytes: Optional[int] = DEFAULT_MAX_VALUE_BYTES) -> Dict[str, Any]:
     """The item fields a batch's expansion commits: one header, then one field per item holding its
     input, so an item job reads its own item and nothing of the others (a batch of n items costs
     O(n), not O(n^2)). The header holds the definition the items share (a `batch-scatter`'s are all
@@ -369,7 +370,7 @@ def batch_fields(parent: str, iteration: int, specs: Sequence[Mapping[str, Any]]
     for i, spec in enumerate(specs):
         where = f"{parent} item input [{i}]"
         value = spec.get("input")
-        check_json(value, where)
+        check_json(value, where, max_value_bytes)
         own: Dict[str, Any] = {"input": value}
         for key in _SPEC_KEYS:
             mine = spec.get(key)
@@ -377,7 +378,7 @@ def batch_fields(parent: str, iteration: int, specs: Sequence[Mapping[str, Any]]
                 continue
             if key != "id" and mine == header[key]:
                 continue
-            check_json(mine, f"{where}.{key}")
+            check_json(mine, f"{where}.{key}", max_value_bytes)
             own[key] = mine
         fields[input_field(parent, iteration, i)] = own
     return fields
