@@ -568,10 +568,36 @@ class DistributedAdapter:
         if record.status == AWAITING:
             context[AWAITING_IDS_KEY] = sorted(record.awaiting)
             context[AWAITING_DETAILS_KEY] = record.awaiting
+        elif record.status in FINAL_STATUSES:
+            self._bound_context(record, context)
         return WorkflowResult(
             status=record.status, context=context, errors=[WorkflowError.from_dict(e) for e in record.errors],
             run_id=run_id, awaiting=sorted(record.awaiting) if record.status == AWAITING else [], skipped=skipped, stalled=stalled,
         )
+
+    def _bound_context(self, record: RunRecord, context: Dict[str, Any]) -> None:
+        """A worker bounds what each node writes (`max_context_bytes`), not what a run gathers over
+        many nodes: a finished run's context over the bound fails the run (`record` changes), and
+        its result leaves out the largest values, named in the error, rather than carry them."""
+        bound = self.runtime.max_context_bytes
+        if bound is None:
+            return
+        sizes = {key: check_json(value, key, None) for key, value in context.items()}
+        total = sum(sizes.values())
+        if total <= bound:
+            return
+        dropped = []
+        for key in sorted(sizes, key=sizes.__getitem__, reverse=True):
+            if total <= bound:
+                break
+            total -= sizes[key]
+            dropped.append(key)
+            del context[key]
+        message = (f"the run's context is at least {sum(sizes.values())} bytes as JSON, over the bound of {bound} "
+                   f"(max_context_bytes); left out of the result: {dropped}")
+        if record.status != CANCELLED:
+            record.status = FAILED
+        record.errors.append(WorkflowError(None, message, "ValueTooLarge").to_dict())
 
     @staticmethod
     def _parent_jobs(record: RunRecord) -> List[Job]:

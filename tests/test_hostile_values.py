@@ -204,6 +204,25 @@ def test_max_context_bytes_bounds_what_a_run_writes() -> None:
     assert FlowRuntime(max_context_bytes=None).run(flow.to_blueprint(), registry=flow.registry).status == "completed"
 
 
+def test_max_context_bytes_bounds_a_distributed_runs_final_context() -> None:
+    """A worker bounds each node's writes; a run that gathers more over several nodes fails at its
+    end, and its result leaves the largest values out, naming them."""
+    flow = (create_flow("gather").node("a", lambda ctx: ctx.context.set("one", "a" * 1500))
+            .node("b", lambda ctx: ctx.context.set("two", "b" * 1400)).node("c", lambda ctx: "done")
+            .edge("a", "b").edge("b", "c"))
+    rt = FlowRuntime(max_context_bytes=2500)
+    rt.add_blueprint(flow)
+    ad = InMemoryAdapter(rt, fetch_batch=4)
+    run_ids = [ad.start_workflow("gather") for _ in range(2)]
+    ad.work(burst=True)
+    for run_id in run_ids:
+        result = ad.wait_for_result(run_id, timeout=5)
+        assert result.status == "failed"
+        assert "max_context_bytes" in result.errors[-1].message and "'one'" in result.errors[-1].message
+        assert "one" not in result.context and result.context["_outputs.c"] == "done"
+        assert ad.get_status(run_id).status == "failed"
+
+
 def test_check_json_sizes_and_bounds() -> None:
     assert check_json("abc", "k") == 5
     text = {"a": ["x" * 100, 1, None, True, 2.5], "b": {"c": "y" * 50}}
