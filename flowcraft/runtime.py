@@ -42,10 +42,10 @@ class FlowRuntime:
     the run fails with `LoopLimitError`, in memory and distributed alike; None removes the cap.
 
     `max_value_bytes` bounds one value (a context key, a node output, a batch item's input or
-    output, an edge's transformed value) and `max_context_bytes` what a run's nodes write to its
-    context (in memory: the whole run; in a worker: one node's commit), both as JSON (default 16 MiB
-    and 256 MiB; None: no bound). Past them the node fails with `ValueTooLarge` naming the key, and
-    so does the run, in both drivers."""
+    output, an edge's transformed value) and `max_context_bytes` a run's context (in memory: all a
+    run's nodes write; in a worker: what one node writes, and a finished run's whole context), both
+    as JSON (default 16 MiB and 256 MiB; None: no bound). Past them the node fails with
+    `ValueTooLarge` naming the key, and so does the run, in both drivers."""
 
     def __init__(
         self,
