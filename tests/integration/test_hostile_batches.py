@@ -125,3 +125,39 @@ ad.close()
     for per_item_bytes, per_item_commands in seen["samples"]:
         assert per_item_bytes < 2000, seen["samples"]
         assert per_item_commands <= 4, seen["samples"]
+
+
+def test_postgres_stores_batch_items_a_row_per_field(amqp_url: str, postgres_dsn: str, redis_url: str, redis_prefix: str,
+                                                      amqp_queue_name: str, pg_table_prefix: str, pg_conn: Any) -> None:
+    """On PostgreSQL an item's commit writes its own row and its job reads its own rows: the run's
+    item document (`<runs>.items`) is never read or rewritten whole per item."""
+    import redis as redis_client
+
+    from flowcraft import FlowRuntime, create_flow
+    from flowcraft_rabbitmq import RabbitMqAdapter, RedisCoordinationStore
+
+    n = 50
+    flow = (create_flow("pgitems").node("make", lambda ctx: list(range(n)))
+            .batch("each", lambda ctx: ctx.input * 3, input_key="make", output_key="out").edge("make", "each"))
+    runtime = FlowRuntime()
+    runtime.add_blueprint(flow)
+    coordination = RedisCoordinationStore(redis_client.Redis.from_url(redis_url), prefix=redis_prefix)
+    adapter = RabbitMqAdapter(runtime, coordination, amqp_url, postgres_dsn, queue_name=amqp_queue_name, poll_timeout=0.2,
+                              context_table_name=f"{pg_table_prefix}contexts", status_table_name=f"{pg_table_prefix}statuses")
+    try:
+        adapter.start()
+        run_id = adapter.start_workflow("pgitems")
+        result = adapter.wait_for_result(run_id, timeout=60)
+    finally:
+        adapter.close()
+        coordination.client.close()
+    assert result.status == "completed", result.errors
+    assert result.context["out"] == [3 * i for i in range(n)]
+    with pg_conn.cursor() as cur:
+        cur.execute(f'SELECT count(*) FROM "{pg_table_prefix}items" WHERE run_id = %s', (run_id,))
+        rows = cur.fetchone()[0]
+        cur.execute(f'SELECT items FROM "{pg_table_prefix}runs" WHERE run_id = %s', (run_id,))
+        document = cur.fetchone()[0]
+    pg_conn.rollback()
+    assert rows == 1 + 2 * n  # the header, each item's input and each item's result
+    assert document == {}
