@@ -100,8 +100,11 @@ class Queries:
             " LEFT JOIN {st} AS s ON s.run_id = q.e->>0"
             " ORDER BY q.ord"
         )
+        # a finished run's result is stored once, in its status row, not in its record too
+        record = ("SELECT CASE WHEN s.result IS NULL THEN r.record ELSE r.record || jsonb_build_object('result', s.result) END"
+                  " FROM {runs} AS r LEFT JOIN {st} AS s ON s.run_id = r.run_id WHERE r.run_id = $1")
         self.prepared: Dict[str, Tuple[str, sql.Composable]] = {names["commit"]: ("jsonb, bigint[]", q(wave)), names["load"]: ("jsonb", q(load)),
-                              names["record"]: ("text", q("SELECT record FROM {runs} WHERE run_id = $1"))}
+                              names["record"]: ("text", q(record))}
         self.exec_commit = sql.SQL("EXECUTE {} (%s, %s)").format(sql.Identifier(names["commit"]))
         self.exec_load = execute(names["load"])
         self.exec_record = execute(names["record"])

@@ -326,6 +326,8 @@ class PostgresRunStore:
         record = attrs.asdict(commit.record, recurse=False)  # its values are JSON already
         record["version"] = commit.expected_version + 1
         final = commit.record.status in _FINAL and commit.record.result is not None
+        if final:
+            record["result"] = None  # stored once, in the status row (get_record reads it from there)
         return record, (commit.record.result if final else None)
 
     def _wave(self, commits: Sequence[Commit]) -> str:
