@@ -1,7 +1,9 @@
-"""Forged batch items and the per-item cost of a batch on a real Redis (issue 11, items 7 and 10).
+"""Forged batch items and the per-item cost of a batch on a real Redis (issue 11, items 7 and 10),
+batch items a row per field on PostgreSQL, and a finished run's context stored once (item 9).
 
-Each case runs in a child process with a memory cap and a timeout (`run_bounded`); the child uses
-this test's key prefix (deleted afterwards) and its own queue, and prints one JSON line of what it saw.
+The hostile cases run in a child process with a memory cap and a timeout (`run_bounded`); the child
+uses this test's key prefix (deleted afterwards) and its own queue, and prints one JSON line of what
+it saw.
 """
 from __future__ import annotations
 
@@ -161,3 +163,63 @@ def test_postgres_stores_batch_items_a_row_per_field(amqp_url: str, postgres_dsn
     pg_conn.rollback()
     assert rows == 1 + 2 * n  # the header, each item's input and each item's result
     assert document == {}
+
+
+def test_a_finished_runs_context_is_stored_once_on_redis(redis_client: Any, redis_prefix: str) -> None:
+    """The context hash and the seed's status key hold a finished run's context; the record does not
+    hold a third copy, and the result read back is still the whole one."""
+    from flowcraft import FlowRuntime, create_flow
+    from flowcraft_redis import RedisAdapter
+    from flowcraft_redis.keys import RunKeys
+
+    flow = create_flow("once").node("a", lambda ctx: ctx.context.set("big", "v" * 5000)).node("b", lambda ctx: 1).edge("a", "b")
+    runtime = FlowRuntime()
+    runtime.add_blueprint(flow)
+    adapter = RedisAdapter(runtime, redis_client, queue_name=f"fcq-{uuid.uuid4().hex[:8]}", prefix=redis_prefix)
+    try:
+        run_id = adapter.start_workflow("once")
+        adapter.work(burst=True)
+        result = adapter.wait_for_result(run_id, timeout=10)
+        status = adapter.get_status(run_id)
+    finally:
+        adapter.close()
+    keys = RunKeys(redis_prefix)
+    assert result.status == "completed" and result.context["big"] == "v" * 5000
+    assert status.result["context"]["big"] == "v" * 5000
+    assert redis_client.hget(keys.record(run_id), "result") == b"null"
+    assert json.loads(redis_client.get(keys.status(run_id)))["result"]["context"]["big"] == "v" * 5000
+    stored = sum(len(v) for v in redis_client.hgetall(keys.record(run_id)).values())
+    assert stored < 1000, stored
+
+
+def test_a_finished_runs_context_is_stored_once_on_postgres(amqp_url: str, postgres_dsn: str, redis_url: str,
+                                                            redis_prefix: str, amqp_queue_name: str,
+                                                            pg_table_prefix: str, pg_conn: Any) -> None:
+    import redis as redis_client
+
+    from flowcraft import FlowRuntime, create_flow
+    from flowcraft_rabbitmq import RabbitMqAdapter, RedisCoordinationStore
+
+    flow = create_flow("once").node("a", lambda ctx: ctx.context.set("big", "v" * 5000)).node("b", lambda ctx: 1).edge("a", "b")
+    runtime = FlowRuntime()
+    runtime.add_blueprint(flow)
+    coordination = RedisCoordinationStore(redis_client.Redis.from_url(redis_url), prefix=redis_prefix)
+    adapter = RabbitMqAdapter(runtime, coordination, amqp_url, postgres_dsn, queue_name=amqp_queue_name, poll_timeout=0.2,
+                              context_table_name=f"{pg_table_prefix}contexts", status_table_name=f"{pg_table_prefix}statuses")
+    try:
+        adapter.start()
+        run_id = adapter.start_workflow("once")
+        result = adapter.wait_for_result(run_id, timeout=60)
+        status = adapter.get_status(run_id)
+    finally:
+        adapter.close()
+        coordination.client.close()
+    assert result.status == "completed" and result.context["big"] == "v" * 5000
+    assert status.result["context"]["big"] == "v" * 5000
+    with pg_conn.cursor() as cur:
+        cur.execute(f'SELECT record->\'result\' FROM "{pg_table_prefix}runs" WHERE run_id = %s', (run_id,))
+        in_record = cur.fetchone()[0]
+        cur.execute(f'SELECT result->\'context\'->>\'big\' FROM "{pg_table_prefix}statuses" WHERE run_id = %s', (run_id,))
+        in_status = cur.fetchone()[0]
+    pg_conn.rollback()
+    assert in_record is None and in_status == "v" * 5000
