@@ -223,3 +223,34 @@ def test_a_finished_runs_context_is_stored_once_on_postgres(amqp_url: str, postg
         in_status = cur.fetchone()[0]
     pg_conn.rollback()
     assert in_record is None and in_status == "v" * 5000
+
+
+def test_nan_from_a_transform_fails_the_runs_on_rabbitmq_and_the_worker_goes_on(
+        amqp_url: str, postgres_dsn: str, redis_url: str, redis_prefix: str, amqp_queue_name: str,
+        pg_table_prefix: str) -> None:
+    """Issue 11, item 5's NaN: three such runs queued used to crash the RabbitMQ/PostgreSQL worker."""
+    code = f'''
+import json, redis
+from flowcraft import FlowRuntime, create_flow
+from flowcraft_rabbitmq import RabbitMqAdapter, RedisCoordinationStore
+bp = {{"id": "nan", "nodes": [{{"id": "a", "uses": "src"}}, {{"id": "b", "uses": "echo"}}],
+      "edges": [{{"source": "a", "target": "b", "transform": "float('nan')"}}]}}
+rt = FlowRuntime(registry={{"src": lambda ctx: 1, "echo": lambda ctx: ctx.input}}, blueprints=[bp])
+rt.add_blueprint(create_flow("plain").node("p", lambda ctx: "fine"))
+coordination = RedisCoordinationStore(redis.Redis.from_url({redis_url!r}), prefix={redis_prefix!r})
+ad = RabbitMqAdapter(rt, coordination, {amqp_url!r}, {postgres_dsn!r}, queue_name={amqp_queue_name!r}, poll_timeout=0.2,
+                     context_table_name={pg_table_prefix + "contexts"!r}, status_table_name={pg_table_prefix + "statuses"!r})
+runs = [ad.start_workflow("nan") for _ in range(3)] + [ad.start_workflow("plain")]
+ad.start()
+results = [ad.wait_for_result(r, timeout=60) for r in runs]
+alive = ad._thread is not None and ad._thread.is_alive()
+ad.close()
+print("RESULT " + json.dumps({{"statuses": [r.status for r in results], "alive": alive,
+                               "errors": [[e.message for e in r.errors] for r in results]}}))
+'''
+    result = run_bounded(code, timeout=120, memory_mb=1024)
+    assert result.ok, result.describe()
+    seen = json.loads([line for line in result.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
+    assert seen["statuses"] == ["failed"] * 3 + ["completed"]
+    assert all("NaN" in errors[0] for errors in seen["errors"][:3])
+    assert seen["alive"]
