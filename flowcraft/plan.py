@@ -366,6 +366,7 @@ def batch_fields(parent: str, iteration: int, specs: Sequence[Mapping[str, Any]]
     carry none of it: a worker runs what these committed fields say, never what a job says."""
     first = specs[0]
     header = {"n": len(specs), "uses": first.get("uses"), "params": first.get("params")}
+    check_json(header["params"], f"{parent} item params", max_value_bytes)
     fields: Dict[str, Any] = {spec_field(parent, iteration): header}
     for i, spec in enumerate(specs):
         where = f"{parent} item input [{i}]"
