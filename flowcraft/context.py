@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, Iterator, Optional, Protocol, Set, Tuple
 
-from .serializer import check_json
+from .serializer import DEFAULT_MAX_CONTEXT_BYTES, DEFAULT_MAX_VALUE_BYTES, ValueTooLarge, check_json
 
 _MISSING = object()
 
@@ -27,20 +27,27 @@ class Context(Protocol):
 class DictContext:
     """A `Context` over a dict. With `track=True` it records set and deleted keys."""
 
-    __slots__ = ("data", "_changed", "_deleted", "_tracking", "on_change")
+    __slots__ = ("data", "_changed", "_deleted", "_tracking", "on_change", "max_value_bytes", "max_context_bytes",
+                 "_sizes", "_total")
 
-    def __init__(self, data: Optional[Dict[str, Any]] = None, *, track: bool = False) -> None:
+    def __init__(self, data: Optional[Dict[str, Any]] = None, *, track: bool = False,
+                 max_value_bytes: Optional[int] = DEFAULT_MAX_VALUE_BYTES,
+                 max_context_bytes: Optional[int] = DEFAULT_MAX_CONTEXT_BYTES) -> None:
         self.data: Dict[str, Any] = data if data is not None else {}
         self._changed: Dict[str, Any] = {}
         self._deleted: Set[str] = set()
         self._tracking = track
         self.on_change: Optional[Callable[[str, Any, bool], None]] = None
+        self.max_value_bytes = max_value_bytes  # bounds on one value and on what is written here, as JSON
+        self.max_context_bytes = max_context_bytes
+        self._sizes: Dict[str, int] = {}  # the size of each value written here (the initial data is not counted)
+        self._total = 0
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.data.get(key, default)
 
     def set(self, key: str, value: Any) -> None:
-        check_json(value, key)
+        self.charge(key, check_json(value, key, self.max_value_bytes))
         self.data[key] = value
         if self._tracking:
             self._changed[key] = value
@@ -51,7 +58,21 @@ class DictContext:
     def has(self, key: str) -> bool:
         return key in self.data
 
+    def charge(self, key: str, size: int) -> None:
+        """Count `size` bytes for `key` (replacing what it held) against `max_context_bytes`;
+        `ValueTooLarge` naming the key if the values written would pass the bound."""
+        bound = self.max_context_bytes
+        if bound is None:
+            return
+        total = self._total - self._sizes.get(key, 0) + size
+        if total > bound:
+            raise ValueTooLarge(f"setting {key!r} ({size} bytes as JSON) makes the run's context at least {total} bytes, "
+                                f"over the bound of {bound} (max_context_bytes)")
+        self._sizes[key] = size
+        self._total = total
+
     def delete(self, key: str) -> None:
+        self._total -= self._sizes.pop(key, 0)
         self.data.pop(key, None)
         if self._tracking:
             self._changed.pop(key, None)

@@ -34,7 +34,8 @@ from .events import Event
 from .execution import NodeFailure, NodeRunner, RetryLater, resolve_impl
 from .graph import READY, SKIPPED, CompiledGraph, GraphNode, NodeState, Traversal
 from .node import NodeContext, NodeResult
-from .plan import CommitPlan, drop_unstarted_inputs, item_definition, item_job, job_event, spec_field
+from .plan import (CommitPlan, batch_item, batch_size, drop_unstarted_inputs, input_field, item_definition, item_job,
+                   job_event, spec_field)
 from .ports import Commit, CoordinationStore, Delivery, Job, JobQueue, RunRecord, RunSnapshot, RunStatus, RunStore, item_field
 from .result import AWAITING, CANCELLED, COMPLETED, FAILED, FINAL_STATUSES, RUNNING, STALLED, WorkflowError, WorkflowResult
 from .runtime import AWAITING_DETAILS_KEY, AWAITING_IDS_KEY, FlowRuntime, new_run_id
@@ -111,6 +112,7 @@ class DistributedAdapter:
         self._thread: Optional[threading.Thread] = None
         self._busy = threading.Lock()
         self._whole_loads = bool(getattr(store, "whole_loads", False))  # see RunStore.load_many
+        self._item_spec: Tuple[str, Dict[str, Any]] = ("", {})  # the last batch item read by `_executable`
 
     # === worker ==================================================================================
 
@@ -187,7 +189,8 @@ class DistributedAdapter:
         resolved = [items for segment in segments
                     for items in [[(d, r) for d in segment for r in [self._guarded(d, self._resolve, d)] if r is not None]]
                     if items]
-        snaps = self.store.load_many([self._load_request(items[0][0].job.run_id, [r for _, r in items]) for items in resolved])
+        snaps = self.store.load_many([self._load_request(items[0][0].job.run_id, [r for _, r in items], [d.job for d, _ in items])
+                                      for items in resolved])
         prepared: List[_Prepared] = []
         chains: List[List[Tuple[_Prepared, Commit]]] = []
         late: List[_Prepared] = []  # executed; its commit is derived again once its segment's is in
@@ -324,17 +327,27 @@ class DistributedAdapter:
             keys.extend(node.inputs.values())
         return node_ids, keys
 
-    def _load(self, job: Job, graph: CompiledGraph, node: GraphNode) -> Optional[RunSnapshot]:
-        return self.store.load_many([self._load_request(job.run_id, [(graph, node)])])[0]
+    @classmethod
+    def _wanted_for(cls, job: Job, node: GraphNode) -> Tuple[List[str], List[str]]:
+        """`_wanted` of a job; a batch item (`node` is its parent) needs its parent's state, not
+        the parent's input (the whole list): the item's own input is a field of its own."""
+        if job.kind == "item":
+            return [node.id] + [e.target for e in node.outgoing], ["blueprintId", "blueprintVersion"]
+        return cls._wanted(node)
 
-    def _load_request(self, run_id: str, nodes: Sequence[Tuple[CompiledGraph, GraphNode]]
+    def _load(self, job: Job, graph: CompiledGraph, node: GraphNode) -> Optional[RunSnapshot]:
+        return self.store.load_many([self._load_request(job.run_id, [(graph, node)], [job])])[0]
+
+    def _load_request(self, run_id: str, nodes: Sequence[Tuple[CompiledGraph, GraphNode]], jobs: Sequence[Job]
                       ) -> Tuple[str, Optional[List[str]], Optional[List[str]]]:
-        """What to load for jobs of one run: the whole run for a start node (it often reads the
-        initial context) or the graph's only sink (its commit usually ends the run, and the result
-        needs everything), else just the node states and context keys the jobs need."""
-        if self._whole_loads and any(node.id in _whole_load_ids(graph) for graph, node in nodes):
+        """What to load for `jobs` (for `nodes`) of one run: the whole run for a start node (it often
+        reads the initial context) or the graph's only sink (its commit usually ends the run, and the
+        result needs everything), else just the node states and context keys the jobs need. A batch
+        item never loads the whole run (that would cost the batch's size per item)."""
+        if self._whole_loads and any(node.id in _whole_load_ids(graph) and job.kind != "item"
+                                     for (graph, node), job in zip(nodes, jobs)):
             return run_id, None, None
-        return (run_id, *batching.wanted_union([self._wanted(node) for _, node in nodes]))
+        return (run_id, *batching.wanted_union([self._wanted_for(job, node) for (_, node), job in zip(nodes, jobs)]))
 
     def _adopt(self, job: Job, graph: CompiledGraph, node: GraphNode, snap: RunSnapshot) -> RunSnapshot:
         """A run started by a seed client (context only): initialise its traversal, adopting this
@@ -357,12 +370,29 @@ class DistributedAdapter:
             return False
         parked = snap.record.awaiting.get(node.id)
         if job.kind == "item":
-            return state.pending > 0 and self.store.read_items(job.run_id, [item_field(node.id, job.iteration, job.index)])[0] is None
+            return state.pending > 0 and self._item_to_run(job, node) is not None
         if job.kind == "timer":
             return parked is not None and parked.get("type") == "sleep"
         if parked is not None and parked.get("type") in ("wait", "sleep"):
             return False  # only a resume (wait) or its timer (sleep) finishes it
         return state.pending == 0  # an expanded node finishes with its last item, not by running again
+
+    def _item_to_run(self, job: Job, node: GraphNode) -> Optional[Dict[str, Any]]:
+        """What batch item `job.index` of `node` runs and its input, read from the run's committed
+        item fields in one read (never from the job: a queue writer could name anything there);
+        None when the item is done already or the job names no item of the batch (then dropped)."""
+        fields = [item_field(node.id, job.iteration, job.index), spec_field(node.id, job.iteration),
+                  input_field(node.id, job.iteration, job.index)]
+        done, header, own = self.store.read_items(job.run_id, fields)
+        if done is not None:
+            return None
+        spec = batch_item(node.id, job.index, header, own)
+        if spec is None or spec["id"] != job.node_id:
+            logger.warning("dropping job %s: batch %r of run %s has no item %r at index %r", job.key, node.id,
+                           job.run_id, job.node_id, job.index)
+            return None
+        self._item_spec = (job.key, spec)
+        return spec
 
     def _version_mismatch(self, delivery: Delivery, job: Job, record: RunRecord, graph: CompiledGraph) -> None:
         now = self.clock()
@@ -401,12 +431,16 @@ class DistributedAdapter:
     def _execute(self, job: Job, graph: CompiledGraph, node: GraphNode, snap: RunSnapshot) -> Any:
         if job.kind == "timer":
             return NodeResult(output=snap.context.get(node.inputs_key))
-        context = StoreContext(self.store, job.run_id, snap.context, absent=set(self._wanted(node)[1]) - set(snap.context),
-                               whole=snap.whole)
-        if job.kind == "item":
-            spec = {"id": job.node_id, "uses": job.extra.get("uses"), "params": job.extra.get("params")}
+        context = StoreContext(self.store, job.run_id, snap.context,
+                               absent=set(self._wanted_for(job, node)[1]) - set(snap.context), whole=snap.whole)
+        context.max_value_bytes = self.runtime.max_value_bytes  # and what one node writes (see FlowRuntime)
+        context.max_context_bytes = self.runtime.max_context_bytes
+        if job.kind == "item":  # what it runs and its input as committed; the job's own fields are ignored
+            key, spec = self._item_spec
+            if key != job.key:
+                spec = self._item_to_run(job, node) or {}
             run_node = GraphNode(item_definition(job.node_id, spec))
-            node_input = job.input
+            node_input = spec.get("input")
         else:
             run_node = node
             node_input = self._input(node, snap.context)
@@ -534,10 +568,36 @@ class DistributedAdapter:
         if record.status == AWAITING:
             context[AWAITING_IDS_KEY] = sorted(record.awaiting)
             context[AWAITING_DETAILS_KEY] = record.awaiting
+        elif record.status in FINAL_STATUSES:
+            self._bound_context(record, context)
         return WorkflowResult(
             status=record.status, context=context, errors=[WorkflowError.from_dict(e) for e in record.errors],
             run_id=run_id, awaiting=sorted(record.awaiting) if record.status == AWAITING else [], skipped=skipped, stalled=stalled,
         )
+
+    def _bound_context(self, record: RunRecord, context: Dict[str, Any]) -> None:
+        """A worker bounds what each node writes (`max_context_bytes`), not what a run gathers over
+        many nodes: a finished run's context over the bound fails the run (`record` changes), and
+        its result leaves out the largest values, named in the error, rather than carry them."""
+        bound = self.runtime.max_context_bytes
+        if bound is None:
+            return
+        sizes = {key: check_json(value, key, None) for key, value in context.items()}
+        total = sum(sizes.values())
+        if total <= bound:
+            return
+        dropped = []
+        for key in sorted(sizes, key=sizes.__getitem__, reverse=True):
+            if total <= bound:
+                break
+            total -= sizes[key]
+            dropped.append(key)
+            del context[key]
+        message = (f"the run's context is at least {sum(sizes.values())} bytes as JSON, over the bound of {bound} "
+                   f"(max_context_bytes); left out of the result: {dropped}")
+        if record.status != CANCELLED:
+            record.status = FAILED
+        record.errors.append(WorkflowError(None, message, "ValueTooLarge").to_dict())
 
     @staticmethod
     def _parent_jobs(record: RunRecord) -> List[Job]:
@@ -682,10 +742,13 @@ class DistributedAdapter:
         return {j.parent if j.kind == "item" else j.node_id for j, _ in jobs}
 
     def _missing_items(self, run_id: str, graph: CompiledGraph, parent: str, iteration: int) -> List[Job]:
-        specs = self.store.read_items(run_id, [spec_field(parent, iteration)])[0] or []
-        done = self.store.read_items(run_id, [item_field(parent, iteration, i) for i in range(len(specs))])
-        return [item_job(run_id, graph.blueprint.id, parent, iteration, i, spec)
-                for i, (spec, result) in enumerate(zip(specs, done)) if result is None]
+        header = self.store.read_items(run_id, [spec_field(parent, iteration)])[0]
+        size = batch_size(header)
+        done = self.store.read_items(run_id, [item_field(parent, iteration, i) for i in range(size)])
+        missing = [i for i, result in enumerate(done) if result is None]
+        own = self.store.read_items(run_id, [input_field(parent, iteration, i) for i in missing])
+        items = [(i, batch_item(parent, i, header, o)) for i, o in zip(missing, own)]
+        return [item_job(run_id, graph.blueprint.id, parent, iteration, i, spec["id"]) for i, spec in items if spec]
 
     def _remaining(self, details: Mapping[str, Any]) -> float:
         import datetime as _dt

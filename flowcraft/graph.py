@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Mapping, Muta
 from .blueprint import EdgeDefinition, NodeConfig, NodeDefinition, WorkflowBlueprint
 from .errors import BlueprintError, ExpressionError, LoopLimitError
 from .node import NodeResult
+from .serializer import DEFAULT_MAX_VALUE_BYTES, check_json
 
 PENDING, READY, DONE, SKIPPED = "pending", "ready", "done", "skipped"
 LOOP_CONTROLLER = "loop-controller"
@@ -174,7 +175,7 @@ class CompiledGraph:
 
     def __init__(
         self, blueprint: WorkflowBlueprint, evaluator: Any = None, *, strict: bool = False,
-        max_cycle_iterations: Optional[int] = MAX_CYCLE_ITERATIONS,
+        max_cycle_iterations: Optional[int] = MAX_CYCLE_ITERATIONS, max_value_bytes: Optional[int] = DEFAULT_MAX_VALUE_BYTES,
     ) -> None:
         if evaluator is None:
             from .evaluator import default_evaluator
@@ -182,6 +183,7 @@ class CompiledGraph:
             evaluator = default_evaluator()
         blueprint.validate(evaluator)
         self.blueprint = blueprint
+        self.max_value_bytes = max_value_bytes  # the bound on an edge's transformed value (see FlowRuntime)
         self.evaluator = evaluator
         self.nodes: Dict[str, GraphNode] = {n.id: GraphNode(n) for n in blueprint.nodes}
         self.edges: Tuple[Edge, ...] = tuple(Edge(i, e, evaluator) for i, e in enumerate(blueprint.edges))
@@ -324,6 +326,7 @@ class CompiledGraph:
             value = result.output
             if taken and edge.transform is not None:
                 value = self._evaluate(edge, "transform", edge.transform, {"input": result.output, "context": context})
+                check_json(value, f"transform of edge {edge.source!r} -> {edge.target!r}", self.max_value_bytes)
             decisions.append((edge, taken, value if taken else None))
         return decisions
 

@@ -17,7 +17,7 @@ from .node import NodeResult
 from .ports import Commit, Job, RunRecord, RunSnapshot, RunStore, copy_record, item_field
 from .result import AWAITING, COMPLETED, FAILED, FINAL_STATUSES, RUNNING, STALLED, WorkflowError, WorkflowResult
 from .runtime import FlowRuntime
-from .serializer import check_json
+from .serializer import DEFAULT_MAX_VALUE_BYTES, check_json
 from .worker_context import WithDelta
 
 
@@ -28,7 +28,7 @@ class PlanAdapter(Protocol):
     store: RunStore
     clock: Callable[[], float]
 
-    def _wanted(self, node: GraphNode) -> Tuple[List[str], List[str]]: ...
+    def _wanted_for(self, job: Job, node: GraphNode) -> Tuple[List[str], List[str]]: ...
 
     def _final_result(self, run_id: str, record: RunRecord, delta: Mapping[str, Any], deleted: Iterable[str],
                       states: Optional[Mapping[str, NodeState]] = None, graph: Optional[CompiledGraph] = None,
@@ -46,7 +46,7 @@ class CommitPlan:
         self.graph = graph
         self.snap = snap
         self.record = copy_record(snap.record)
-        wanted_states, wanted_keys = adapter._wanted(graph.nodes[job.parent if job.kind == "item" else job.node_id])
+        wanted_states, wanted_keys = adapter._wanted_for(job, graph.nodes[job.parent if job.kind == "item" else job.node_id])
         loader = _no_states if snap.whole else functools.partial(adapter.store.read_states, job.run_id)
         self.states = LazyStates(snap.states, loader, absent=set(wanted_states) - set(snap.states))
         self.traversal = Traversal(graph, self.states, snap.record.outstanding)
@@ -112,7 +112,7 @@ class CommitPlan:
         self._schedule(ready)
 
     def _record_output(self, node: GraphNode, result: NodeResult) -> None:
-        check_json(result.output, node.outputs_key)
+        check_json(result.output, node.outputs_key, self.adapter.runtime.max_value_bytes)
         self.context.set(node.outputs_key, result.output)
         self.context.set(node.id, result.output)
 
@@ -147,32 +147,37 @@ class CommitPlan:
         if not specs:
             return self._complete(node, self.job.iteration, NodeResult(output=[]))
         iteration = self.job.iteration
+        try:
+            fields = batch_fields(node.id, iteration, specs, self.adapter.runtime.max_value_bytes)
+        except SerializationError as error:
+            return self._failed(node, error)
         self.traversal.expand(node.id, len(specs))
-        clean = [{"uses": s.get("uses"), "params": s.get("params"), "input": s.get("input"), "id": s.get("id")} for s in specs]
-        for spec in clean:
-            check_json(spec["input"], f"{node.id} item input")
-        self.items[spec_field(node.id, iteration)] = clean
+        self.items.update(fields)
         if self.events is not None:
-            self._event("batch:start", node_id=node.id, items=len(clean))
-        self.jobs.extend(item_job(self.job.run_id, self.graph.blueprint.id, node.id, iteration, i, s) for i, s in enumerate(clean))
+            self._event("batch:start", node_id=node.id, items=len(specs))
+        run_id, blueprint_id = self.job.run_id, self.graph.blueprint.id
+        self.jobs.extend(item_job(run_id, blueprint_id, node.id, iteration, i, spec.get("id")) for i, spec in enumerate(specs))
 
     def _item_done(self, parent: GraphNode, outcome: Any) -> None:
         job = self.job
         try:
-            check_json(outcome.output, job.node_id)
+            check_json(outcome.output, job.node_id, self.adapter.runtime.max_value_bytes)
         except SerializationError as error:
             return self._failed(parent, error)
         field = item_field(parent.id, job.iteration, job.index)
         self.items[field] = {"v": outcome.output}
         if not self.traversal.item_done(parent.id):
             return
-        specs = self.adapter.store.read_items(job.run_id, [spec_field(parent.id, job.iteration)])[0] or []
-        fields = [item_field(parent.id, job.iteration, i) for i in range(len(specs))]
+        header = self.adapter.store.read_items(job.run_id, [spec_field(parent.id, job.iteration)])[0]
+        fields = [item_field(parent.id, job.iteration, i) for i in range(batch_size(header))]
         stored = self.adapter.store.read_items(job.run_id, fields)
         results = [(self.items.get(f) or stored[i] or {}).get("v") for i, f in enumerate(fields)]
         if self.events is not None:
             self._event("batch:finish", node_id=parent.id, items=len(results))
-        self._complete(parent, job.iteration, NodeResult(output=results))
+        try:
+            self._complete(parent, job.iteration, NodeResult(output=results))
+        except (SerializationError, RoutingError, LoopLimitError) as error:
+            self._failed(parent, error)
 
     # --- the commit ----------------------------------------------------------------------------
 
@@ -340,7 +345,69 @@ def _no_states(node_ids: Sequence[str]) -> Dict[str, Dict[str, Any]]:
 
 
 def spec_field(parent: str, iteration: int) -> str:
+    """The store field of a batch's header: its size and the definition its items share."""
     return f"spec:{parent}:{iteration}"
+
+
+def input_field(parent: str, iteration: int, index: int) -> str:
+    """The store field of batch item `index`'s input (and of its definition, where it has its own)."""
+    return f"in:{parent}:{iteration}:{index}"
+
+
+_SPEC_KEYS = ("uses", "params", "id")
+
+
+def batch_fields(parent: str, iteration: int, specs: Sequence[Mapping[str, Any]],
+                 max_value_bytes: Optional[int] = DEFAULT_MAX_VALUE_BYTES) -> Dict[str, Any]:
+    """The item fields a batch's expansion commits: one header, then one field per item holding its
+    input, so an item job reads its own item and nothing of the others (a batch of n items costs
+    O(n), not O(n^2)). The header holds the definition the items share (a `batch-scatter`'s are all
+    alike); an item whose `uses`, `params` or `id` differ carries its own in its field. Item jobs
+    carry none of it: a worker runs what these committed fields say, never what a job says."""
+    first = specs[0]
+    header = {"n": len(specs), "uses": first.get("uses"), "params": first.get("params")}
+    check_json(header["params"], f"{parent} item params", max_value_bytes)
+    fields: Dict[str, Any] = {spec_field(parent, iteration): header}
+    for i, spec in enumerate(specs):
+        where = f"{parent} item input [{i}]"
+        value = spec.get("input")
+        check_json(value, where, max_value_bytes)
+        own: Dict[str, Any] = {"input": value}
+        for key in _SPEC_KEYS:
+            mine = spec.get(key)
+            if key == "id" and (mine is None or mine == f"{parent}.{i}"):
+                continue
+            if key != "id" and mine == header[key]:
+                continue
+            check_json(mine, f"{where}.{key}", max_value_bytes)
+            own[key] = mine
+        fields[input_field(parent, iteration, i)] = own
+    return fields
+
+
+def batch_size(header: Any) -> int:
+    """How many items the batch of this header has (a list: the whole specs, as stored before
+    item inputs were stored per item)."""
+    if isinstance(header, list):
+        return len(header)
+    if isinstance(header, Mapping) and type(header.get("n")) is int:
+        return max(0, header["n"])
+    return 0
+
+
+def batch_item(parent: str, index: int, header: Any, own: Any) -> Optional[Dict[str, Any]]:
+    """Item `index`'s definition and input (`id`, `uses`, `params`, `input`) from the committed
+    header and item field; None when the batch has no such item."""
+    if type(index) is not int or not 0 <= index < batch_size(header):
+        return None
+    if isinstance(header, list):  # stored before item inputs were stored per item
+        spec = header[index]
+        return {"id": spec.get("id") or f"{parent}.{index}", "uses": spec.get("uses"), "params": spec.get("params"),
+                "input": spec.get("input")}
+    if not isinstance(own, Mapping):
+        return None
+    return {"id": own.get("id") or f"{parent}.{index}", "uses": own.get("uses", header.get("uses")),
+            "params": own.get("params", header.get("params")), "input": own.get("input")}
 
 
 def item_definition(node_id: str, spec: Mapping[str, Any]) -> Any:
@@ -349,12 +416,9 @@ def item_definition(node_id: str, spec: Mapping[str, Any]) -> Any:
     return NodeDefinition(id=node_id, uses=spec.get("uses") or "", params=spec.get("params"))
 
 
-def item_job(run_id: str, blueprint_id: str, parent: str, iteration: int, index: int, spec: Mapping[str, Any]) -> Job:
-    extra = {"uses": spec.get("uses")}
-    if spec.get("params") is not None:
-        extra["params"] = spec.get("params")
-    return Job(run_id, blueprint_id, spec.get("id") or f"{parent}.{index}", iteration, kind="item", parent=parent,
-               index=index, input=spec.get("input"), extra=extra)
+def item_job(run_id: str, blueprint_id: str, parent: str, iteration: int, index: int, item_id: Optional[str] = None) -> Job:
+    """The job of batch item `index`: its identity only (what it runs and its input are committed)."""
+    return Job(run_id, blueprint_id, item_id or f"{parent}.{index}", iteration, kind="item", parent=parent, index=index)
 
 
 def job_event(kind: str, job: Job, **extra: Any) -> Event:

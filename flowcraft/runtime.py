@@ -18,7 +18,7 @@ from .execution import FallbackResult, NodeFailure, NodeRunner, item_failure, re
 from .graph import MAX_CYCLE_ITERATIONS, Activation, CompiledGraph, GraphNode, RoutingError, Traversal
 from .node import NodeContext, NodeResult, to_result
 from .result import AWAITING, CANCELLED, COMPLETED, FAILED, STALLED, WorkflowError, WorkflowResult
-from .serializer import JsonSerializer, check_json
+from .serializer import DEFAULT_MAX_CONTEXT_BYTES, DEFAULT_MAX_VALUE_BYTES, JsonSerializer, check_json
 
 logger = logging.getLogger("flowcraft.runtime")
 
@@ -39,7 +39,13 @@ class FlowRuntime:
     """Runs blueprints in memory. Holds the node registry, known blueprints, and run options.
 
     `max_cycle_iterations` caps a cycle that no loop controller governs (a raw back edge): past it
-    the run fails with `LoopLimitError`, in memory and distributed alike; None removes the cap."""
+    the run fails with `LoopLimitError`, in memory and distributed alike; None removes the cap.
+
+    `max_value_bytes` bounds one value (a context key, a node output, a batch item's input or
+    output, an edge's transformed value) and `max_context_bytes` a run's context (in memory: all a
+    run's nodes write; in a worker: what one node writes, and a finished run's whole context), both
+    as JSON (default 16 MiB and 256 MiB; None: no bound). Past them the node fails with
+    `ValueTooLarge` naming the key, and so does the run, in both drivers."""
 
     def __init__(
         self,
@@ -51,6 +57,8 @@ class FlowRuntime:
         evaluator: Any = None,
         serializer: Any = None,
         max_cycle_iterations: Optional[int] = MAX_CYCLE_ITERATIONS,
+        max_value_bytes: Optional[int] = DEFAULT_MAX_VALUE_BYTES,
+        max_context_bytes: Optional[int] = DEFAULT_MAX_CONTEXT_BYTES,
     ) -> None:
         if evaluator is None:
             from .evaluator import default_evaluator
@@ -63,6 +71,8 @@ class FlowRuntime:
         self.evaluator = evaluator
         self.serializer = serializer if serializer is not None else JsonSerializer()
         self.max_cycle_iterations = max_cycle_iterations
+        self.max_value_bytes = max_value_bytes
+        self.max_context_bytes = max_context_bytes
         self.blueprints: Dict[str, WorkflowBlueprint] = {}
         for item in (blueprints.values() if isinstance(blueprints, Mapping) else blueprints or ()):
             self.add_blueprint(item)
@@ -104,7 +114,8 @@ class FlowRuntime:
         cached = self._graphs.get(key)
         if cached is not None and cached[0] is bp:
             return cached[1]
-        graph = CompiledGraph(bp, self.evaluator, strict=strict, max_cycle_iterations=self.max_cycle_iterations)
+        graph = CompiledGraph(bp, self.evaluator, strict=strict, max_cycle_iterations=self.max_cycle_iterations,
+                              max_value_bytes=self.max_value_bytes)
         if len(self._graphs) >= _GRAPH_CACHE_SIZE:
             self._graphs.pop(next(iter(self._graphs)))
         self._graphs[key] = (bp, graph)
@@ -227,7 +238,7 @@ class _Run:
         self.batches: Dict[str, List[Any]] = {}  # parent node id -> its dynamic nodes' outputs
         self.graph = graph
         self.data = data
-        self.context = DictContext(data)
+        self.context = DictContext(data, max_value_bytes=runtime.max_value_bytes, max_context_bytes=runtime.max_context_bytes)
         self.registry = registry
         self.run_id = run_id
         self.blueprint_id = graph.blueprint.id
@@ -371,8 +382,9 @@ class _Run:
             fallback, outcome = outcome.node, outcome.result
         try:
             output = outcome.output
-            if type(output) not in _SCALARS:
-                check_json(output, node.outputs_key)
+            size = check_json(output, node.outputs_key, self.runtime.max_value_bytes)
+            self.context.charge(node.outputs_key, size)
+            self.context.charge(node.id, size)
             data = self.data
             data[node.outputs_key] = output
             data[node.id] = output
@@ -424,7 +436,7 @@ class _Run:
             return self._fail(parent, item_failure(activation.index, activation.node_id, outcome.cause))
         results = self.batches[parent.id]
         try:
-            check_json(outcome.output, f"{activation.node_id}")
+            check_json(outcome.output, f"{activation.node_id}", self.runtime.max_value_bytes)
         except SerializationError as error:
             self.traversal.item_done(parent.id)
             return self._fail(parent, error)
@@ -486,7 +498,9 @@ class _Run:
 
     def _record(self, node: GraphNode, result: NodeResult) -> None:
         output = result.output
-        check_json(output, node.outputs_key)
+        size = check_json(output, node.outputs_key, self.runtime.max_value_bytes)
+        self.context.charge(node.outputs_key, size)
+        self.context.charge(node.id, size)
         self.data[node.outputs_key] = output
         self.data[node.id] = output
 

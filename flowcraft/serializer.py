@@ -2,39 +2,94 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, Protocol
+import math
+from typing import Any, Dict, List, Optional, Protocol, Tuple
 
 from .errors import SerializationError
 
 _SCALARS = (str, int, float, bool, type(None))
+_CONTAINERS = (list, tuple, dict)
+
+DEFAULT_MAX_VALUE_BYTES = 16 * 1024 * 1024
+"""The default bound on one value (a context key, a node output, a batch item), as JSON."""
+DEFAULT_MAX_CONTEXT_BYTES = 256 * 1024 * 1024
+"""The default bound on a run's whole context, as JSON."""
 
 
-def check_json(value: Any, key: str) -> None:
-    """Raise `SerializationError` naming `key` unless `value` is plain JSON data."""
-    if type(value) in _SCALARS:
-        return
-    problem = _find_problem(value, key)
-    if problem:
-        raise SerializationError(problem)
+class ValueTooLarge(SerializationError):
+    """A value (or a run's context) is larger than its bound; the node, and so the run, fails."""
 
 
-def _find_problem(value: Any, path: str) -> str:
-    stack = [(value, path)]
+def check_json(value: Any, key: str, max_bytes: Optional[int] = DEFAULT_MAX_VALUE_BYTES) -> int:
+    """Raise `SerializationError` naming `key` unless `value` is plain JSON data (JSON has no NaN
+    or Infinity: a float that is not finite is refused too), `ValueTooLarge` if its JSON is larger
+    than `max_bytes` (None: no bound). Returns its size as JSON, estimated on the walk the check
+    makes anyway (close for text, which makes up large values; escapes and non-ASCII text count
+    one byte per character)."""
+    kind = type(value)
+    if kind is str:
+        size = len(value) + 2
+    elif kind is int:
+        size = value.bit_length() * 3 // 10 + 2
+    elif kind in _SCALARS and (kind is not float or math.isfinite(value)):
+        return 8
+    else:
+        problem, size = _walk(value, key, max_bytes)
+        if problem:
+            raise SerializationError(problem)
+    if max_bytes is not None and size > max_bytes:
+        raise ValueTooLarge(f"value of {key!r} is too large: at least {size} bytes as JSON, over the bound of "
+                            f"{max_bytes} (max_value_bytes)")
+    return size
+
+
+def _path(where: str, step: Any) -> str:
+    return f"{where}[{step}]" if type(step) is int else f"{where}.{step}"
+
+
+def _walk(value: Any, path: str, max_bytes: Optional[int]) -> Tuple[str, int]:
+    """(the first problem found or "", the size as JSON so far). Plain scalars in a container are
+    counted where the container is expanded; paths are formatted only for containers and for the
+    problem reported."""
+    stack: List[Tuple[Any, str, Any]] = [(value, path, None)]
+    isfinite = math.isfinite
+    size = 0
+    limit = max_bytes if max_bytes is not None else -1
     while stack:
-        item, where = stack.pop()
+        item, where, step = stack.pop()
         kind = type(item)
-        if kind in _SCALARS or isinstance(item, _SCALARS):
-            continue
-        if isinstance(item, (list, tuple)):
-            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(item))
-        elif isinstance(item, dict):
-            for k, v in item.items():
-                if not isinstance(k, str):
-                    return f"value at {where!r} has a non-string key {k!r}: not JSON-serialisable"
-                stack.append((v, f"{where}.{k}"))
+        if kind is list or kind is tuple or kind is dict or isinstance(item, _CONTAINERS):
+            here = where if step is None else _path(where, step)
+            size += 2
+            if isinstance(item, dict):
+                pairs = item.items()
+                for k in item:
+                    if not isinstance(k, str):
+                        return f"value at {here!r} has a non-string key {k!r}: not JSON-serialisable", size
+                    size += len(k) + 3
+            else:
+                pairs = enumerate(item)
+            for k, v in pairs:
+                t = type(v)
+                if t is str:
+                    size += len(v) + 3
+                elif t is int:
+                    size += v.bit_length() * 3 // 10 + 2
+                elif v is None or t is bool or (t is float and v - v == 0.0):  # v - v is NaN for inf and NaN
+                    size += 6
+                else:
+                    stack.append((v, here, k))
+        elif isinstance(item, _SCALARS):  # a subclass of one, or a float that is not finite
+            if isinstance(item, float) and not isfinite(item):
+                where = where if step is None else _path(where, step)
+                return f"value at {where!r} is {item!r}, which JSON cannot hold (no NaN or Infinity)", size
+            size += len(item) + 3 if isinstance(item, str) else 6
         else:
-            return f"value at {where!r} is a {kind.__name__}, which is not JSON-serialisable"
-    return ""
+            where = where if step is None else _path(where, step)
+            return f"value at {where!r} is a {kind.__name__}, which is not JSON-serialisable", size
+        if 0 <= limit < size:
+            break  # too large already: the caller says so, without walking the rest
+    return "", size
 
 
 class Serializer(Protocol):
@@ -48,7 +103,7 @@ class JsonSerializer:
 
     def dumps(self, data: Dict[str, Any]) -> str:
         try:
-            return json.dumps(data, separators=(",", ":"))
+            return json.dumps(data, separators=(",", ":"), allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise SerializationError(f"context is not JSON-serialisable: {exc}") from None
 

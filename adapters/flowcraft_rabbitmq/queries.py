@@ -9,13 +9,16 @@ from typing import Dict, Tuple
 
 from psycopg2 import sql
 
+from .schema import items_table_name
+
 
 class Queries:
     """Every statement the store runs, for one context, status, runs and outbox table."""
 
     def __init__(self, context_table: str, status_table: str, runs_table: str, outbox_table: str) -> None:
         ids = {"ctx": sql.Identifier(context_table), "st": sql.Identifier(status_table),
-               "runs": sql.Identifier(runs_table), "outbox": sql.Identifier(outbox_table)}
+               "runs": sql.Identifier(runs_table), "outbox": sql.Identifier(outbox_table),
+               "items": sql.Identifier(items_table_name(runs_table))}
         q = lambda text: sql.SQL(text).format(**ids)  # noqa: E731
         # Statement names are per table set, so two stores may share a connection.
         tag = hashlib.sha1("|".join((context_table, status_table, runs_table,
@@ -35,12 +38,16 @@ class Queries:
             "         states jsonb, items jsonb, ctx_set jsonb, ctx_del text[], status text, result jsonb, jobs jsonb))"
             ", lk AS MATERIALIZED (SELECT t.run_id FROM {runs} AS t JOIN w ON w.run_id = t.run_id"
             "         WHERE (t.record->>'version')::int = w.expected ORDER BY t.run_id FOR UPDATE OF t)"
-            ", r AS (UPDATE {runs} AS t SET record = w.record, states = t.states || w.states, items = t.items || w.items"
+            ", r AS (UPDATE {runs} AS t SET record = w.record, states = t.states || w.states"
             "         FROM w JOIN lk ON lk.run_id = w.run_id"
             "         WHERE t.run_id = w.run_id AND (t.record->>'version')::int = w.expected RETURNING t.run_id)"
             ", c AS (UPDATE {ctx} AS t SET context_data = (t.context_data || w.ctx_set) - w.ctx_del"
             "         FROM w JOIN r ON r.run_id = w.run_id"
             "         WHERE t.run_id = w.run_id AND (w.ctx_set <> '{{}}'::jsonb OR cardinality(w.ctx_del) > 0))"
+            # batch items, a row per field (never the run's whole item document per item)
+            ", i AS (INSERT INTO {items} (run_id, field, value)"
+            "         SELECT w.run_id, e.key, e.value FROM w JOIN r ON r.run_id = w.run_id, jsonb_each(w.items) AS e"
+            "         ORDER BY w.run_id, e.key ON CONFLICT (run_id, field) DO UPDATE SET value = EXCLUDED.value)"
             ", s AS (INSERT INTO {st} (run_id, status, updated_at, result)"
             "         SELECT w.run_id, w.status, now(), w.result FROM w JOIN r ON r.run_id = w.run_id ORDER BY w.run_id"
             + upsert + ")"
@@ -93,8 +100,11 @@ class Queries:
             " LEFT JOIN {st} AS s ON s.run_id = q.e->>0"
             " ORDER BY q.ord"
         )
+        # a finished run's result is stored once, in its status row, not in its record too
+        record = ("SELECT CASE WHEN s.result IS NULL THEN r.record ELSE r.record || jsonb_build_object('result', s.result) END"
+                  " FROM {runs} AS r LEFT JOIN {st} AS s ON s.run_id = r.run_id WHERE r.run_id = $1")
         self.prepared: Dict[str, Tuple[str, sql.Composable]] = {names["commit"]: ("jsonb, bigint[]", q(wave)), names["load"]: ("jsonb", q(load)),
-                              names["record"]: ("text", q("SELECT record FROM {runs} WHERE run_id = $1"))}
+                              names["record"]: ("text", q(record))}
         self.exec_commit = sql.SQL("EXECUTE {} (%s, %s)").format(sql.Identifier(names["commit"]))
         self.exec_load = execute(names["load"])
         self.exec_record = execute(names["record"])
@@ -102,9 +112,12 @@ class Queries:
         self.all_states = q("SELECT states FROM {runs} WHERE run_id = %(run_id)s")
         self.context = q("SELECT " + pick.format(col="context_data", param="keys") + " FROM {ctx} WHERE run_id = %(run_id)s")
         self.all_context = q("SELECT context_data FROM {ctx} WHERE run_id = %(run_id)s")
+        # the fields asked, in order; a run made before the items table has them in its runs row
         self.items = q(
-            "SELECT (SELECT jsonb_agg(items -> u.f ORDER BY u.i) FROM unnest(%(fields)s::text[]) WITH ORDINALITY AS u(f, i))"
-            " FROM {runs} WHERE run_id = %(run_id)s"
+            "SELECT (SELECT jsonb_agg(COALESCE(i.value, r.items -> u.f) ORDER BY u.n)"
+            "        FROM unnest(%(fields)s::text[]) WITH ORDINALITY AS u(f, n)"
+            "        LEFT JOIN {items} AS i ON i.run_id = r.run_id AND i.field = u.f)"
+            " FROM {runs} AS r WHERE r.run_id = %(run_id)s"
         )
         self.outbox_lock = q(
             "BEGIN; SET LOCAL synchronous_commit TO OFF;"

@@ -12,6 +12,10 @@ plus two tables of the adapter's own:
   states JSONB NOT NULL DEFAULT '{}', items JSONB NOT NULL DEFAULT '{}'`` -- the run's record
   (with its ``version``), its node states and its batch items; a run started by a seed client has
   no row here until a worker adopts it.
+* ``<items>`` (``<runs>`` with ``runs`` replaced by ``items``, default ``flowcraft_items``):
+  ``run_id TEXT, field TEXT, value JSONB NOT NULL, PRIMARY KEY (run_id, field)`` -- batch items (a
+  batch's header, each item's input and result), one row per field, so an item job reads and writes
+  its own item only (runs made before this table keep theirs in ``<runs>.items``, still read).
 * ``<outbox>`` (default ``flowcraft_outbox``): ``id BIGSERIAL PRIMARY KEY, run_id TEXT NOT NULL,
   body TEXT NOT NULL, delay_ms INT NOT NULL DEFAULT 0, created_at TIMESTAMPTZ NOT NULL DEFAULT
   now()`` -- jobs committed with a node's completion and not yet confirmed by RabbitMQ (or confirmed
@@ -55,6 +59,14 @@ def default_table_names(context_table_name: str, runs_table_name: Optional[str] 
     return validate_identifier(runs, "runs table name"), validate_identifier(outbox, "outbox table name")
 
 
+def items_table_name(runs_table_name: str) -> str:
+    """The batch items table that goes with a runs table (`flowcraft_runs` -> `flowcraft_items`,
+    `x` -> `x_items`)."""
+    runs = validate_identifier(runs_table_name, "runs table name")
+    name = runs[: -len("runs")] + "items" if runs.endswith("runs") else runs[:57] + "_items"
+    return validate_identifier(name, "items table name")
+
+
 def ensure_schema(conn: Any, context_table_name: str = DEFAULT_CONTEXT_TABLE,
                   status_table_name: str = DEFAULT_STATUS_TABLE, runs_table_name: Optional[str] = None,
                   outbox_table_name: Optional[str] = None) -> None:
@@ -72,6 +84,8 @@ def ensure_schema(conn: Any, context_table_name: str = DEFAULT_CONTEXT_TABLE,
         sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (updated_at) WHERE status = 'running'").format(ident(index), ident(status)),
         sql.SQL("CREATE TABLE IF NOT EXISTS {} (run_id TEXT PRIMARY KEY, record JSONB NOT NULL,"
                 " states JSONB NOT NULL DEFAULT '{{}}', items JSONB NOT NULL DEFAULT '{{}}')").format(ident(runs)),
+        sql.SQL("CREATE TABLE IF NOT EXISTS {} (run_id TEXT NOT NULL, field TEXT NOT NULL, value JSONB NOT NULL,"
+                " PRIMARY KEY (run_id, field))").format(ident(items_table_name(runs))),
         sql.SQL("CREATE TABLE IF NOT EXISTS {} (id BIGSERIAL PRIMARY KEY, run_id TEXT NOT NULL, body TEXT NOT NULL,"
                 " delay_ms INT NOT NULL DEFAULT 0, created_at TIMESTAMPTZ NOT NULL DEFAULT now())").format(ident(outbox)),
         # outbox tables made before created_at existed

@@ -514,7 +514,10 @@ class PostgresRunStore:
         if record["result"] and record["result"].get("errors"):
             record["result"] = dict(record["result"], errors=_storable(record["result"]["errors"]))
         final = commit.record.status in _FINAL and commit.record.result is not None
-        return record, (record["result"] if final else None)
+        result = record["result"] if final else None
+        if final:
+            record["result"] = None  # stored once, in the status row (get_record reads it from there)
+        return record, result
 
     def _wave(self, commits: Sequence[Commit]) -> str:
         """The JSON document the wave statement reads with `jsonb_to_recordset` (`StoreRejected`

@@ -7,10 +7,12 @@ With the default prefix "" the keys are exactly the seed's (`workflow:state:<run
 key                                    type        holds
 =====================================  ==========  ================================================
 ``<p>workflow:state:<runId>``          hash        the run's context, one JSON value per field
-``<p>workflow:status:<runId>``         string      JSON ``{"status", "result"}`` once the run ended
+``<p>workflow:status:<runId>``         string      JSON ``{"status", "result"}`` once the run ended (the
+                                                   only copy of the result: the record has none)
 ``<p>flowcraft:run:<runId>``           hash        the run record (version, status, outstanding...)
 ``<p>flowcraft:states:<runId>``        hash        node states, JSON per node id
-``<p>flowcraft:items:<runId>``         hash        batch item specs and results, JSON per field
+``<p>flowcraft:items:<runId>``         hash        batch headers, each item's input and result, JSON
+                                                   per field (an item job reads only its own)
 ``<p><queue>``                         list        ready jobs (LPUSH in, taken from the right)
 ``<p><queue>:processing:<workerId>``   list        jobs a worker holds until it acks them
 ``<p><queue>:delayed``                 zset        delayed jobs, score = due time (unix seconds)

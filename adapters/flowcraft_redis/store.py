@@ -42,10 +42,13 @@ def _decode_field(text: str) -> Any:
 
 
 def record_fields(record: RunRecord) -> List[Tuple[str, str]]:
-    """A record as hash fields (the version is written by the commit script)."""
+    """A record as hash fields (the version is written by the commit script). A finished run's
+    result (its whole context) is stored once, in the status key, not in the record too."""
     fields = [("status", record.status), ("outstanding", str(int(record.outstanding))),
               ("updated_at", repr(float(record.updated_at)))]
-    fields += [(name, _encode_field(getattr(record, name))) for name in _JSON_FIELDS]
+    final = record.status in FINAL_STATUSES
+    fields += [(name, "null" if final and name == "result" else _encode_field(getattr(record, name)))
+               for name in _JSON_FIELDS]
     return fields
 
 
@@ -308,9 +311,14 @@ class RedisRunStore:
         pipe = self.client.pipeline(transaction=False)
         pipe.hgetall(self.keys.record(run_id))
         pipe.exists(self.keys.context(run_id))
-        raw, has_context = pipe.execute()
+        pipe.get(self.keys.status(run_id))
+        raw, has_context, status = pipe.execute()
         if raw:
-            return parse_record(run_id, raw)
+            record = parse_record(run_id, raw)
+            found = decode(status) if record.result is None and record.status in FINAL_STATUSES else None
+            if isinstance(found, dict):
+                record.result = found.get("result")  # a finished run's result is stored there only
+            return record
         return RunRecord(run_id, version=0, updated_at=self.clock()) if has_context else None
 
     @translate_errors

@@ -178,7 +178,7 @@ def init_schema(args: Any) -> dict:
     _import_adapter("flowcraft_rabbitmq", "rabbitmq")
     import psycopg2
     from flowcraft_rabbitmq import ensure_schema
-    from flowcraft_rabbitmq.schema import default_table_names
+    from flowcraft_rabbitmq.schema import default_table_names, items_table_name
 
     address = url(args, "postgres")
     with reaching("PostgreSQL", address):
@@ -189,4 +189,5 @@ def init_schema(args: Any) -> dict:
     finally:
         conn.close()
     runs, outbox = default_table_names(context_table)
-    return {"context_table": context_table, "status_table": status_table, "runs_table": runs, "outbox_table": outbox}
+    return {"context_table": context_table, "status_table": status_table, "runs_table": runs, "outbox_table": outbox,
+            "items_table": items_table_name(runs)}

@@ -22,16 +22,15 @@ local function take()
   local v = ARGV[pos]; pos = pos + 1; return v
 end
 
--- call `cmd key <n*width args>` in chunks
+-- call `cmd key <n*width args>` in chunks, straight from ARGV (no table built per entry: a batch's
+-- expansion carries an item field and a job per item, and the script blocks Redis while it runs)
 local function chunked(cmd, key, n, width)
-  local args = {}
-  for i = 1, n * width do
-    args[#args + 1] = take()
-    if #args >= CHUNK * width then
-      redis.call(cmd, key, unpack(args)); args = {}
-    end
+  local last = pos + n * width - 1
+  while pos <= last do
+    local upto = math.min(pos + CHUNK * width - 1, last)
+    redis.call(cmd, key, unpack(ARGV, pos, upto))
+    pos = upto + 1
   end
-  if #args > 0 then redis.call(cmd, key, unpack(args)) end
 end
 
 local function version_matches(expected)
