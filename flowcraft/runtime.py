@@ -267,7 +267,10 @@ class FlowRuntime:
             return None
 
         def emit(kind: str, payload: Dict[str, Any]) -> None:
-            bus.emit(Event(kind, {"run_id": run_id, "blueprint_id": blueprint_id, **payload}))
+            try:
+                bus.emit(Event(kind, {"run_id": run_id, "blueprint_id": blueprint_id, **payload}))
+            except Exception:  # an observer must never break a run (nor a worker)
+                logger.exception("the event bus failed on %s", kind)
 
         return emit
 

@@ -168,7 +168,7 @@ class InMemoryRunStore:
         if marker is None:
             return
         for name, value in parts:
-            if marker in json.dumps(value):
+            if marker in json.dumps(value, ensure_ascii=False):
                 raise StoreRejected(f"run {run_id}: the store cannot hold {name}", run_id)
 
     def _refuse_commit(self, commit: Commit) -> None:
