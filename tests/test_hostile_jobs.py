@@ -32,10 +32,26 @@ CHAIN_NODES = ("load", "double", "store")
 MARK = "\u2620POISON"  # what the fake store is told it cannot hold (as PostgreSQL cannot hold a NUL)
 
 
+def nested(depth: int) -> List[Any]:
+    value: List[Any] = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+def _load(value: Any) -> Any:
+    """The chain's first node: its input, or (for the hostile cases) what a store cannot hold."""
+    if value == "poison":
+        return MARK
+    if value == "deep":
+        return nested(5000)
+    return value
+
+
 def chain_runtime(**settings_: Any) -> FlowRuntime:
     flow = (
         create_flow("chain")
-        .node("load", lambda ctx: MARK if ctx.input == "poison" else ctx.input, inputs="start")
+        .node("load", lambda ctx: _load(ctx.input), inputs="start")
         .node("double", lambda ctx: ctx.input * 2)
         .node("store", lambda ctx: [ctx.input])
         .edge("load", "double")
@@ -44,6 +60,9 @@ def chain_runtime(**settings_: Any) -> FlowRuntime:
     runtime = FlowRuntime(**settings_)
     runtime.add_blueprint(flow)
     return runtime
+
+
+deep_runtime = chain_runtime  # "deep" makes its first node output a value nested 5,000 levels
 
 
 def batch_adapter(**settings_: Any) -> InMemoryAdapter:
