@@ -22,7 +22,7 @@ _JOB_FIELDS = {"runId", "blueprintId", "nodeId", "iteration", "attempt", "input"
 # Bounds on what a queue message may be (anyone who can write to the queue can write anything):
 MAX_JOB_BYTES = 16 * 1024 * 1024  # a larger body is malformed (only a batch item's input rides in its job)
 MAX_JOB_DEPTH = 128  # containers nested deeper than this (the job object is level 1) make a job malformed
-MAX_ID_LENGTH = 2048  # runId, blueprintId, nodeId, parent: characters (a subflow child's run id grows per level)
+MAX_ID_LENGTH = 512  # runId, blueprintId, nodeId, parent: characters (as the Redis adapter's keys; a subflow child's run id grows per level)
 MAX_JOB_NUMBER = 2 ** 53  # iteration, attempt and index are whole numbers in [0, MAX_JOB_NUMBER]
 # A job identity field holds no control character (C0, DEL, C1) and no lone surrogate: they break
 # stores, headers and logs (a NUL in a RabbitMQ header, a surrogate in UTF-8).
