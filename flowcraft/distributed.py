@@ -4,7 +4,9 @@ All orchestration lives here, with `plan` (step 5: one outcome into one `Commit`
 `worker_context` (the context and engine node code sees); adapters only implement the ports.
 One job is handled as:
 
-1. parse it (a malformed job is dead-lettered, and its run failed, if it names one);
+1. parse it, within bounds (`ports.load_job_json`): a malformed job is dead-lettered, and its run
+   failed only when the job carries that run's own identity (the run exists, is of the blueprint
+   named, which has the node named); a job naming a blueprint or node its run lacks fails nobody;
 2. load the run's record, the node's state and its successors' states, and the node's input;
 3. skip it if the node is not ready at the job's iteration (a duplicate, or stale after a loop lap);
 4. run the node code (the only step that may run twice, after a crash);
@@ -12,6 +14,11 @@ One job is handled as:
    context patch, node states, outstanding count, status and successor jobs in ONE version-checked
    `Commit`; on a version conflict, reload and derive again (the node code is not run again);
 6. publish any outbox, then acknowledge the delivery.
+
+Every step of every path (one job, or a batch: `handle_batch`) is guarded: an error other than an
+outage (`ConnectionError`, `OSError`: the loop backs off) fails that job or its run, never the
+worker nor the other jobs of its batch; a commit the store refuses (`StoreRejected`) fails its run
+with a commit carrying none of the refused values.
 
 A crash anywhere before 5 redelivers the job and the node runs again; after 5 the redelivered job
 finds the node done and only acknowledges. A join fires exactly once because its readiness is part
@@ -734,7 +741,11 @@ class DistributedAdapter:
 
     def start_workflow(self, blueprint_or_id: Any, initial_context: Optional[Mapping[str, Any]] = None,
                        run_id: Optional[str] = None, *, parent: Optional[Dict[str, Any]] = None) -> str:
-        """Create a run and enqueue its start nodes; return its id."""
+        """Create a run and enqueue its start nodes; return its id.
+
+        `run_id` must be a valid identity (`ports.identity_problem`) of no existing run: naming an
+        existing one raises `ValueError` (it is never handed back, nor its context). `parent` is
+        for a subflow's child (started twice by a redelivered parent job, it is the same run)."""
         blueprint = self.runtime.blueprint(blueprint_or_id)
         if blueprint.id not in self.runtime.blueprints:
             self.runtime.add_blueprint(blueprint)
