@@ -42,6 +42,10 @@ MAX_RETRY_DELAY = 3600.0  # seconds
 MAX_NODE_TIMEOUT = 86400.0  # seconds
 
 
+def _whole(number: float) -> Any:
+    return int(number) if float(number).is_integer() else number
+
+
 def subflow_depth_error(node_id: str, depth: int, limit: int) -> SubflowError:
     """The error of a subflow node whose child would be nested past `max_subflow_depth` (the same
     in memory and distributed)."""
@@ -132,8 +136,8 @@ class FlowRuntime:
                     value = getattr(config, attr)
                     if cap is not None and isinstance(value, (int, float)) and value > cap:
                         unit = "ms" if wire != 1 else ""
-                        found.append(f"node {node.id!r}: {field}={value * wire:g}{unit} is more than the runtime's "
-                                     f"{setting}={cap:g}{' s' if unit else ''}")
+                        found.append(f"node {node.id!r}: {field}={_whole(value * wire)}{unit} is more than the "
+                                     f"runtime's {setting}={_whole(cap)}{' s' if unit else ''}")
             if node.uses == LOOP_CONTROLLER and node.params and node.params.get("maxIterations") is not None:
                 value = node.params["maxIterations"]
                 if type(value) is not int or value < 1:

@@ -249,6 +249,24 @@ def test_a_failing_event_bus_never_stops_the_batch() -> None:
     assert [adapter.wait_for_result(r, timeout=1).context["store"] for r in runs] == [[0], [2], [4], [6]]
 
 
+def test_a_bug_escaping_the_batched_path_never_kills_the_worker() -> None:
+    class Buggy(InMemoryAdapter):
+        calls = 0
+
+        def _handle_wave(self, segments: Any) -> Any:
+            Buggy.calls += 1
+            if Buggy.calls == 1:  # half-way through the first wave's bookkeeping
+                self._ack_quietly([segments[0][0]])
+                raise RuntimeError("a bug")
+            return super()._handle_wave(segments)
+
+    adapter = Buggy(chain_runtime(), fetch_batch=8)
+    runs = [adapter.start_workflow("chain", {"start": i}) for i in range(4)]
+    adapter.drain(timeout=10)  # the batch is handled again job by job
+    assert [adapter.wait_for_result(r, timeout=1).context.get("store") for r in runs][1:] == [[2], [4], [6]]
+    assert adapter.queue.pending == 0
+
+
 # --- item 8: a self-referencing subflow -----------------------------------------------------------
 
 
@@ -337,8 +355,8 @@ def test_blueprint_caps_are_refused_naming_node_field_and_cap() -> None:
     def bp(**config: Any) -> Dict[str, Any]:
         return {"id": "capped", "nodes": [{"id": "a", "uses": "u", "config": config}]}
 
-    cases = [(bp(maxRetries=1_000_000), "maxRetries=1e+06 is more than the runtime's max_node_attempts=100"),
-             (bp(retryDelay=10 ** 12), "max_retry_delay=3600 s"),
+    cases = [(bp(maxRetries=1_000_000), "node 'a': maxRetries=1000000 is more than the runtime's max_node_attempts=100"),
+             (bp(retryDelay=10 ** 12), "node 'a': retryDelay=1000000000000ms is more than the runtime's max_retry_delay=3600 s"),
              (bp(timeout=10 ** 12), "max_node_timeout=86400 s"),
              ({"id": "capped", "nodes": [{"id": "loop", "uses": "loop-controller",
                                           "params": {"condition": "true", "maxIterations": 10 ** 9}}]},
