@@ -7,11 +7,15 @@ milliseconds; in Python they are seconds.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import attrs
 
 from .errors import BlueprintError, ExpressionError
+from .ports import identity_problem
+
+MAX_BLUEPRINT_DEPTH = 64  # lists/objects nested deeper than this (the blueprint object is level 1) are refused
 
 JOIN_STRATEGIES = ("all", "any")
 Inputs = Union[str, Dict[str, str], None]
@@ -86,7 +90,8 @@ class NodeConfig:
         ):
             found.append(f"{where}: maxRetries must be a whole number >= 1, not {self.max_retries!r}")
         for name, value in (("retryDelay", self.retry_delay), ("timeout", self.timeout)):
-            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0):
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                      or not 0 <= value < math.inf):
                 found.append(f"{where}: {name} must be a non-negative number of milliseconds, not {value!r}")
         if self.fallback is not None and not isinstance(self.fallback, str):
             found.append(f"{where}: fallback must be a node id, not {self.fallback!r}")
@@ -195,10 +200,16 @@ class WorkflowBlueprint:
 
     @classmethod
     def from_dict(cls, data: Any) -> "WorkflowBlueprint":
-        """Build and validate; raises `BlueprintError` listing every problem."""
+        """Build and validate; raises `BlueprintError` listing every problem.
+
+        Refused before anything else: nesting deeper than `MAX_BLUEPRINT_DEPTH`, and NaN or
+        infinite numbers anywhere (each named by the node and field holding it)."""
         problems = _shape_problems(data)
         if not isinstance(data, Mapping):
             raise BlueprintError(problems)
+        unsafe = _value_problems(data)
+        if unsafe:
+            raise BlueprintError(unsafe, data.get("id") if isinstance(data.get("id"), str) else None)
         data = dict(data)
         known = {key: data.pop(key) for key in _BLUEPRINT_KEYS if data.get(key) is not None}
         lists = {key: known.get(key) if isinstance(known.get(key), list) else [] for key in ("nodes", "edges")}
@@ -219,7 +230,9 @@ class WorkflowBlueprint:
     def from_json(cls, text: Union[str, bytes]) -> "WorkflowBlueprint":
         try:
             data = json.loads(text)
-        except ValueError as exc:
+        except RecursionError:
+            raise BlueprintError([f"not valid JSON: nested deeper than {MAX_BLUEPRINT_DEPTH} levels"]) from None
+        except (ValueError, TypeError) as exc:
             raise BlueprintError([f"not valid JSON: {exc}"]) from None
         return cls.from_dict(data)
 
@@ -246,6 +259,8 @@ class WorkflowBlueprint:
             found.append("missing 'id'")
         elif not isinstance(self.id, str) or not self.id:
             found.append(f"blueprint id must be a non-empty string, not {self.id!r}")
+        elif identity_problem(self.id):
+            found.append(f"blueprint id {identity_problem(self.id)}")
         ids = set()
         for index, node in enumerate(self.nodes):
             where = f"node {node.id!r}" if isinstance(node.id, str) and node.id else f"node #{index}"
@@ -253,6 +268,8 @@ class WorkflowBlueprint:
                 found.append(f"{where}: missing 'id'")
             elif not isinstance(node.id, str) or not node.id:
                 found.append(f"{where}: id must be a non-empty string, not {node.id!r}")
+            elif identity_problem(node.id):
+                found.append(f"{where}: id {identity_problem(node.id)}")
             elif node.id in ids:
                 found.append(f"{where}: duplicate node id")
             else:
@@ -331,6 +348,32 @@ def _shape_problems(data: Any) -> List[str]:
     if "metadata" in data and data["metadata"] is not None and not isinstance(data["metadata"], Mapping):
         found.append("'metadata' must be an object")
     return found
+
+
+def _value_problems(data: Mapping[str, Any]) -> List[str]:
+    """Nesting past `MAX_BLUEPRINT_DEPTH` and non-finite numbers, walked iteratively (a deep
+    document never recurses here); a node's values are named by the node's id and the field."""
+    found: List[str] = []
+    stack: List[Tuple[Any, str, int]] = [(data, "", 1)]
+    while stack and len(found) < 20:
+        value, path, depth = stack.pop()
+        if type(value) is float and not math.isfinite(value):
+            found.append(f"{path}: {value!r} is not allowed, a blueprint holds finite numbers only")
+        if not isinstance(value, (Mapping, list, tuple)):
+            continue
+        if depth > MAX_BLUEPRINT_DEPTH:
+            found.append(f"{path}: nested deeper than {MAX_BLUEPRINT_DEPTH} levels")
+            continue
+        pairs = value.items() if isinstance(value, Mapping) else enumerate(value)
+        for key, child in pairs:
+            if path == "nodes" and isinstance(child, Mapping) and isinstance(child.get("id"), str):
+                child_path = f"node {child['id']!r}"
+            elif path.startswith("node ") and depth == 3:
+                child_path = f"{path}: {key}"
+            else:
+                child_path = f"{path}[{key}]" if isinstance(key, int) else (f"{path}.{key}" if path else str(key))
+            stack.append((child, child_path, depth + 1))
+    return sorted(found)
 
 
 def _default_evaluator() -> Any:

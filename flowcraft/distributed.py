@@ -4,7 +4,9 @@ All orchestration lives here, with `plan` (step 5: one outcome into one `Commit`
 `worker_context` (the context and engine node code sees); adapters only implement the ports.
 One job is handled as:
 
-1. parse it (a malformed job is dead-lettered, and its run failed, if it names one);
+1. parse it, within bounds (`ports.load_job_json`): a malformed job is dead-lettered, and its run
+   failed only when the job carries that run's own identity (the run exists, is of the blueprint
+   named, which has the node named); a job naming a blueprint or node its run lacks fails nobody;
 2. load the run's record, the node's state and its successors' states, and the node's input;
 3. skip it if the node is not ready at the job's iteration (a duplicate, or stale after a loop lap);
 4. run the node code (the only step that may run twice, after a crash);
@@ -12,6 +14,11 @@ One job is handled as:
    context patch, node states, outstanding count, status and successor jobs in ONE version-checked
    `Commit`; on a version conflict, reload and derive again (the node code is not run again);
 6. publish any outbox, then acknowledge the delivery.
+
+Every step of every path (one job, or a batch: `handle_batch`) is guarded: an error other than an
+outage (`ConnectionError`, `OSError`: the loop backs off) fails that job or its run, never the
+worker nor the other jobs of its batch; a commit the store refuses (`StoreRejected`) fails its run
+with a commit carrying none of the refused values.
 
 A crash anywhere before 5 redelivers the job and the node runs again; after 5 the redelivered job
 finds the node done and only acknowledges. A join fires exactly once because its readiness is part
@@ -29,26 +36,46 @@ import attrs
 
 from . import batching
 from .cancel import CancelToken
-from .errors import FlowcraftError
+from .errors import FlowcraftError, StoreRejected
 from .events import Event
 from .execution import NodeFailure, NodeRunner, RetryLater, resolve_impl
 from .graph import READY, SKIPPED, CompiledGraph, GraphNode, NodeState, Traversal
 from .node import NodeContext, NodeResult
 from .plan import (CommitPlan, batch_item, batch_size, drop_unstarted_inputs, input_field, item_definition, item_job,
                    job_event, spec_field)
-from .ports import Commit, CoordinationStore, Delivery, Job, JobQueue, RunRecord, RunSnapshot, RunStatus, RunStore, item_field
+from .ports import (Commit, CoordinationStore, Delivery, Job, JobQueue, RunRecord, RunSnapshot, RunStatus, RunStore,
+                    identity_problem, item_field)
 from .result import AWAITING, CANCELLED, COMPLETED, FAILED, FINAL_STATUSES, RUNNING, STALLED, WorkflowError, WorkflowResult
-from .runtime import AWAITING_DETAILS_KEY, AWAITING_IDS_KEY, FlowRuntime, new_run_id
+from .runtime import AWAITING_DETAILS_KEY, AWAITING_IDS_KEY, FlowRuntime, new_run_id, subflow_depth_error
 from .serializer import check_json
 from .worker_context import StoreContext, WithDelta, WorkerEngine
 
 logger = logging.getLogger("flowcraft.distributed")
 
 _MAX_CONFLICTS = 1000
+CLOCK_SKEW = 300.0  # seconds: a job's `firstSeen` further in the future than this is taken as now
+_MAX_REASON = 2000  # characters of a failure reason kept in a dead letter or a run's errors
+_UNLOADED = object()  # a run whose load failed: its deliveries were dead-lettered
+Identity = Tuple[str, str, str]  # (run id, blueprint id, node id) a job names
+
+
+def safe_reason(text: str) -> str:
+    """A failure reason fit for any store, header or log: control characters and lone surrogates
+    escaped (the reason often quotes what a hostile job carried), at most `_MAX_REASON` characters."""
+    if not text.isprintable():
+        text = "".join(ch if ch.isprintable() and not 0xD800 <= ord(ch) <= 0xDFFF else repr(ch)[1:-1] for ch in text)
+    return text if len(text) <= _MAX_REASON else text[:_MAX_REASON - 3] + "..."
+
+
+def _identity(job: Job) -> Identity:
+    return job.run_id, job.blueprint_id, job.parent if job.kind == "item" and job.parent else job.node_id
 
 
 class WorkerCrash(BaseException):
     """Raised by fault injection to simulate a worker dying at a given point (tests only)."""
+
+
+_OUTAGES = (WorkerCrash, ConnectionError, OSError)  # escape every guard: the loop backs off (or the test crashes)
 
 
 @attrs.frozen
@@ -140,7 +167,7 @@ class DistributedAdapter:
                     if len(deliveries) == 1:
                         self.handle(deliveries[0])
                     else:
-                        self.handle_batch(deliveries)
+                        self._handle_batch_guarded(deliveries)
                     processed += len(deliveries)
                 backoff = 0.0
             except (ConnectionError, OSError) as error:
@@ -173,8 +200,27 @@ class DistributedAdapter:
             self._thread = None
 
     def handle(self, delivery: Delivery) -> None:
-        """Process one delivery; errors in node code never escape, infrastructure errors do."""
-        self._guarded(delivery, self._process, delivery)
+        """Process one delivery; errors in node code (or in the worker) never escape, infrastructure
+        errors (`ConnectionError`, `OSError`) do."""
+        try:
+            self._guarded(delivery, self._process, delivery)
+        except _OUTAGES:
+            raise
+        except Exception:  # the guard's own handling failed: drop the delivery rather than die on it
+            logger.exception("worker: could not even dead-letter a delivery; dropping it")
+            self._ack_quietly([delivery])
+
+    def _handle_batch_guarded(self, deliveries: Sequence[Delivery]) -> None:
+        """`handle_batch`; should a bug escape it, each delivery is handled again on its own (a
+        delivery already done is found done and only acknowledged): the worker never dies of one."""
+        try:
+            self.handle_batch(deliveries)
+        except _OUTAGES:
+            raise
+        except Exception:
+            logger.exception("worker: a batch of %d deliveries failed; handling them one by one", len(deliveries))
+            for delivery in deliveries:
+                self.handle(delivery)
 
     def handle_batch(self, deliveries: Sequence[Delivery]) -> None:
         """Process several deliveries with one load and one commit round per wave (see
@@ -189,13 +235,14 @@ class DistributedAdapter:
         resolved = [items for segment in segments
                     for items in [[(d, r) for d in segment for r in [self._guarded(d, self._resolve, d)] if r is not None]]
                     if items]
-        snaps = self.store.load_many([self._load_request(items[0][0].job.run_id, [r for _, r in items], [d.job for d, _ in items])
-                                      for items in resolved])
+        snaps = self._load_wave(resolved)
         prepared: List[_Prepared] = []
         chains: List[List[Tuple[_Prepared, Commit]]] = []
         late: List[_Prepared] = []  # executed; its commit is derived again once its segment's is in
         deferred: List[Delivery] = []
         for items, snap in zip(resolved, snaps):
+            if snap is _UNLOADED:
+                continue
             chain: List[Tuple[_Prepared, Commit]] = []
             for i, (d, (graph, node)) in enumerate(items):
                 p = self._guarded(d, self._prepare, d, graph, node, snap)
@@ -216,9 +263,11 @@ class DistributedAdapter:
                     break
             if chain:
                 chains.append(chain)
-        applied = self.store.commit_many([batching.merge([c for _, c in chain]) for chain in chains])
+        applied = self._commit_wave(chains)
         for chain, ok in zip(chains, applied):
             for p, _ in chain:
+                if ok is None:
+                    break  # the store refused it: its run failed
                 if not ok:
                     self._guarded(p.delivery, self._recommit, p)
                 elif p.events:
@@ -227,26 +276,125 @@ class DistributedAdapter:
             self._guarded(p.delivery, self._recommit, p)
         for p in prepared:
             self._fault("after_commit")
-        self.store.publish_outboxes(list(dict.fromkeys(p.job.run_id for p in prepared)), self.queue)
+        self._publish_wave(list(dict.fromkeys(p.job.run_id for p in prepared)))
         for p in prepared:
             self._fault("after_publish")
             self._fault("before_ack")
-        self.queue.ack([p.delivery for p in prepared])
+        self._ack_quietly([p.delivery for p in prepared])
         if self.runtime.event_bus is not None:
             self._emit_all([job_event("job:processed", p.job) for p in prepared])
         return deferred
+
+    # Each step of a wave that touches the store for several runs at once falls back, when it
+    # fails other than by an outage, to one run at a time: the run at fault fails (or its
+    # deliveries are dead-lettered), the other jobs of the batch go on.
+
+    def _load_wave(self, resolved: List[List[Tuple[Delivery, Tuple[CompiledGraph, GraphNode]]]]) -> List[Any]:
+        requests = [self._load_request(items[0][0].job.run_id, [r for _, r in items], [d.job for d, _ in items])
+                    for items in resolved]
+        try:
+            return self.store.load_many(requests)
+        except _OUTAGES:
+            raise
+        except Exception:
+            logger.exception("worker: loading %d runs at once failed; loading them one by one", len(requests))
+        snaps: List[Any] = []
+        for items, request in zip(resolved, requests):
+            try:
+                snaps.append(self.store.load_many([request])[0])
+            except _OUTAGES:
+                raise
+            except Exception as error:
+                for delivery, _ in items:
+                    self._reject(delivery, f"worker error: cannot load run {request[0]!r}: {type(error).__name__}: {error}",
+                                 _identity(delivery.job))
+                snaps.append(_UNLOADED)
+        return snaps
+
+    def _commit_wave(self, chains: List[List[Tuple["_Prepared", Commit]]]) -> List[Optional[bool]]:
+        """Apply each chain's merged commit: True, False (a version conflict) or None (refused: the
+        run failed)."""
+        commits = [batching.merge([c for _, c in chain]) for chain in chains]
+        try:
+            return list(self.store.commit_many(commits))
+        except _OUTAGES:
+            raise
+        except StoreRejected:
+            pass  # one of them cannot be held: find it
+        except Exception:
+            logger.exception("worker: committing %d runs at once failed; committing them one by one", len(commits))
+        return [self._commit_alone(chain[0][0], commit) for chain, commit in zip(chains, commits)]
+
+    def _commit_alone(self, prepared: "_Prepared", commit: Commit) -> Optional[bool]:
+        try:
+            return self.store.commit(commit)
+        except _OUTAGES:
+            raise
+        except StoreRejected as error:
+            self._fail_refused(prepared, str(error), "StoreRejected")
+        except Exception as error:
+            logger.exception("worker: committing run %s failed", commit.run_id)
+            self._fail_refused(prepared, f"worker error: {type(error).__name__}: {error}", "WorkerError")
+        return None
+
+    def _fail_refused(self, prepared: "_Prepared", reason: str, error_type: str) -> None:
+        """A commit the store refused: fail the run with a commit that carries none of its values
+        (the deliveries are acknowledged by the caller)."""
+        logger.error("run %s failed: the store refused the commit of %s: %s", prepared.job.run_id, prepared.job.key, reason)
+        self._fail_quietly(prepared.job.run_id, WorkflowError(prepared.node.id, safe_reason(reason), error_type))
+
+    def _publish_wave(self, run_ids: List[str]) -> None:
+        try:
+            self.store.publish_outboxes(run_ids, self.queue)
+            return
+        except _OUTAGES:
+            raise
+        except Exception:
+            logger.exception("worker: publishing the jobs of %d runs failed; publishing them one by one", len(run_ids))
+        for run_id in run_ids:
+            try:
+                self.store.publish_outbox(run_id, self.queue)
+            except _OUTAGES:
+                raise
+            except Exception as error:
+                logger.exception("worker: publishing the jobs of run %s failed", run_id)
+                self._fail_quietly(run_id, WorkflowError(None, safe_reason(
+                    f"worker error: cannot publish the run's jobs: {type(error).__name__}: {error}"), "WorkerError"))
+
+    def _ack_quietly(self, deliveries: List[Delivery]) -> None:
+        """Acknowledge; a delivery the queue cannot acknowledge (other than by an outage) is logged."""
+        try:
+            self.queue.ack(deliveries)
+            return
+        except _OUTAGES:
+            raise
+        except Exception:
+            if len(deliveries) == 1:
+                logger.exception("worker: acknowledging a delivery failed")
+                return
+        for delivery in deliveries:
+            self._ack_quietly([delivery])
+
+    def _fail_quietly(self, run_id: str, error: WorkflowError) -> None:
+        """`_fail_run`, where a failure to record the failure is logged, never raised (but outages)."""
+        try:
+            self._fail_run(run_id, error)
+        except _OUTAGES:
+            raise
+        except Exception:
+            logger.exception("worker: could not record the failure of run %s", run_id)
 
     def _guarded(self, delivery: Delivery, step: Callable[..., Any], *args: Any) -> Any:
         """Run one step of a delivery's processing; a bug or an unreadable run dead-letters the
         delivery (never retried forever) and gives None, infrastructure errors escape."""
         try:
             return step(*args)
-        except (WorkerCrash, ConnectionError, OSError):
+        except _OUTAGES:
             raise
         except Exception as error:
             logger.exception("job %s failed in the worker", delivery.job.key if delivery.job else delivery.body[:80])
-            run_id = delivery.job.run_id if delivery.job else delivery.run_id_hint()
-            self._reject(delivery, f"worker error: {type(error).__name__}: {error}", run_id)
+            identity = _identity(delivery.job) if delivery.job else delivery.identity_hint()
+            self._reject(delivery, f"worker error: {type(error).__name__}: {error}", identity)
             return None
 
     def after_outage(self) -> None:
@@ -279,15 +427,15 @@ class DistributedAdapter:
         """The graph and node a delivery is for; None once a malformed delivery is dead-lettered."""
         job = delivery.job
         if job is None:
-            return self._reject(delivery, f"malformed job: {delivery.error}", delivery.run_id_hint())
+            return self._reject(delivery, f"malformed job: {delivery.error}", delivery.identity_hint())
         blueprint = self.runtime.blueprints.get(job.blueprint_id)
-        if blueprint is None:
-            return self._reject(delivery, f"unknown blueprint {job.blueprint_id!r}", job.run_id)
+        if blueprint is None:  # not a job of any run this worker can serve: someone else's run is not failed
+            return self._reject(delivery, f"unknown blueprint {job.blueprint_id!r}", None)
         graph = self.runtime.graph(blueprint)
         node_id = job.parent if job.kind == "item" else job.node_id
         node = graph.nodes.get(node_id)
         if node is None:
-            return self._reject(delivery, f"unknown node {node_id!r} in blueprint {job.blueprint_id!r}", job.run_id)
+            return self._reject(delivery, f"unknown node {node_id!r} in blueprint {job.blueprint_id!r}", None)
         return graph, node
 
     def _prepare(self, delivery: Delivery, graph: CompiledGraph, node: GraphNode, snap: Optional[RunSnapshot]) -> Optional["_Prepared"]:
@@ -299,7 +447,10 @@ class DistributedAdapter:
         if snap.record.version == 0:
             snap = self._adopt(job, graph, node, snap)
         record = snap.record
-        if record.blueprint_id != graph.blueprint.id or record.blueprint_version != graph.blueprint.version:
+        if record.blueprint_id != graph.blueprint.id:  # not a job of this run: dead-letter it only
+            return self._reject(delivery, f"run {job.run_id!r} is a run of blueprint {record.blueprint_id!r}, "
+                                          f"not of {job.blueprint_id!r}", None)
+        if record.blueprint_version != graph.blueprint.version:
             return self._version_mismatch(delivery, job, record, graph)
         if record.status not in (RUNNING, AWAITING) or not self._executable(job, graph, node, snap):
             self.store.publish_outbox(job.run_id, self.queue)  # a crash may have left committed jobs unpublished
@@ -396,12 +547,14 @@ class DistributedAdapter:
 
     def _version_mismatch(self, delivery: Delivery, job: Job, record: RunRecord, graph: CompiledGraph) -> None:
         now = self.clock()
-        first_seen = job.first_seen if job.first_seen is not None else now
+        first_seen = job.first_seen
+        if first_seen is None or first_seen > now + CLOCK_SKEW:  # from the future: a forged or broken clock
+            first_seen = now
         theirs = f"{record.blueprint_id}@{record.blueprint_version}"
         ours = f"{graph.blueprint.id}@{graph.blueprint.version}"
         if now - first_seen >= self.version_mismatch_ttl:
             reason = f"version mismatch: run {job.run_id} needs {theirs}, no worker with it took the job in {self.version_mismatch_ttl:g}s"
-            return self._reject(delivery, reason, job.run_id)  # the job is gone: the run cannot finish
+            return self._reject(delivery, reason, _identity(job))  # the job is gone: the run cannot finish
         logger.warning("job %s needs blueprint %s, this worker has %s: put back", job.key, theirs, ours)
         put_back = job.with_(first_seen=first_seen)
         self.queue.enqueue([put_back], self.version_mismatch_delay)
@@ -412,19 +565,36 @@ class DistributedAdapter:
             self._emit_all([job_event("job:failed", job, reason=reason, dead_lettered=False, retry_in=delay),
                             job_event("job:enqueued", put_back, delay=delay)])
 
-    def _reject(self, delivery: Delivery, reason: str, run_id: Optional[str]) -> None:
-        """Dead-letter a job that can never succeed, and fail its run if there is one."""
+    def _reject(self, delivery: Delivery, reason: str, identity: Optional[Identity]) -> None:
+        """Dead-letter a job that can never succeed; fail its run too when `identity` is that of
+        the run (the run exists, is of that blueprint, which has that node): a job naming a run
+        with a blueprint or node it does not have is only dead-lettered, failing nobody's run."""
+        reason = safe_reason(reason)
         logger.error("dead-lettering a job: %s", reason)
-        self.queue.dead_letter(delivery, reason)
+        try:
+            self.queue.dead_letter(delivery, reason)
+        except _OUTAGES:
+            raise
+        except Exception:  # a queue that cannot take it as a dead letter: never redeliver it forever
+            logger.exception("worker: dead-lettering a delivery failed; dropping it")
+            self._ack_quietly([delivery])
         if self.runtime.event_bus is not None:
             if delivery.job is not None:
                 event = job_event("job:failed", delivery.job, reason=reason, dead_lettered=True)
             else:
-                event = Event("job:failed", {"run_id": run_id, "blueprint_id": None, "node_id": None, "reason": reason,
-                                             "dead_lettered": True})
+                event = Event("job:failed", {"run_id": identity[0] if identity else None, "blueprint_id": None,
+                                             "node_id": None, "reason": reason, "dead_lettered": True})
             self._emit_all([event])
-        if run_id:
-            self._fail_run(run_id, WorkflowError(delivery.job.node_id if delivery.job else None, reason, "InvalidJob"))
+        if identity is not None and self._names_its_run(identity):
+            self._fail_quietly(identity[0], WorkflowError(identity[2], reason, "InvalidJob"))
+
+    def _names_its_run(self, identity: Identity) -> bool:
+        run_id, blueprint_id, node_id = identity
+        record = self.store.get_record(run_id)
+        if record is None or record.blueprint_id not in (blueprint_id, None):  # None: seeded, not adopted yet
+            return False
+        blueprint = self.runtime.blueprints.get(blueprint_id)
+        return blueprint is not None and node_id in self.runtime.graph(blueprint).nodes
 
     # === executing ===============================================================================
 
@@ -494,7 +664,12 @@ class DistributedAdapter:
             commit = self._derive_commit(prepared)
             if commit is None:
                 return set()
-            if self.store.commit(commit):
+            try:
+                applied = self.store.commit(commit)
+            except StoreRejected as error:
+                self._fail_refused(prepared, str(error), "StoreRejected")
+                return set()
+            if applied:
                 if prepared.events:
                     self._emit_all(prepared.events)
                 return {j.node_id if j.kind != "item" else j.parent for j in commit.jobs}
@@ -538,9 +713,24 @@ class DistributedAdapter:
             if record is None or record.status in FINAL_STATUSES:
                 return
             new = attrs.evolve(record, status=FAILED, errors=record.errors + [error.to_dict()], updated_at=self.clock())
-            new.result = self._final_result(run_id, new, {}, ()).to_dict()
+            try:
+                new.result = self._final_result(run_id, new, {}, ()).to_dict()
+            except _OUTAGES:
+                raise
+            except Exception:  # an unreadable context must not stop the run from failing
+                logger.exception("run %s: its context cannot be read; it fails with an empty result context", run_id)
+                new.result = None
+            if new.result is None:
+                new.result = WorkflowResult(FAILED, {}, [WorkflowError.from_dict(e) for e in new.errors], run_id).to_dict()
             jobs = self._parent_jobs(new)
-            if self.store.commit(Commit(run_id, record.version, new, jobs=jobs)):
+            try:
+                applied = self.store.commit(Commit(run_id, record.version, new, jobs=jobs))
+            except StoreRejected:  # the result's context cannot be held again: fail with none of it
+                if not new.result.get("context"):
+                    raise
+                new.result = WorkflowResult(FAILED, {}, [WorkflowError.from_dict(e) for e in new.errors], run_id).to_dict()
+                applied = self.store.commit(Commit(run_id, record.version, new, jobs=jobs))
+            if applied:
                 self.store.publish_outbox(run_id, self.queue)
                 self._emit_ended(new, jobs)
                 return
@@ -611,12 +801,21 @@ class DistributedAdapter:
 
     def start_workflow(self, blueprint_or_id: Any, initial_context: Optional[Mapping[str, Any]] = None,
                        run_id: Optional[str] = None, *, parent: Optional[Dict[str, Any]] = None) -> str:
-        """Create a run and enqueue its start nodes; return its id."""
+        """Create a run and enqueue its start nodes; return its id.
+
+        `run_id` must be a valid identity (`ports.identity_problem`) of no existing run: naming an
+        existing one raises `ValueError` (it is never handed back, nor its context). `parent` is
+        for a subflow's child (started twice by a redelivered parent job, it is the same run)."""
         blueprint = self.runtime.blueprint(blueprint_or_id)
         if blueprint.id not in self.runtime.blueprints:
             self.runtime.add_blueprint(blueprint)
         graph = self.runtime.graph(blueprint)
         run_id = run_id or new_run_id()
+        problem = identity_problem(run_id)
+        if problem is not None:
+            raise ValueError(f"run id {run_id!r} {problem}")
+        if parent is not None:
+            parent = self._child_parent(parent)
         context = dict(initial_context or {})
         for key, value in context.items():
             check_json(value, key)
@@ -629,7 +828,10 @@ class DistributedAdapter:
             record.status = COMPLETED
             record.outstanding = 0
         if not self.store.create_run(record, context, states, jobs):
-            self.store.publish_outbox(run_id, self.queue)  # it exists (a retried start): make sure its jobs went out
+            existing = self.store.get_record(run_id)
+            if parent is None or existing is None or not _same_parent(existing.parent, parent):
+                raise ValueError(f"run {run_id!r} exists already: start a new run with another run id")
+            self.store.publish_outbox(run_id, self.queue)  # a subflow's child started twice: make sure its jobs went out
             return run_id
         if record.status == COMPLETED:
             record.result = WorkflowResult(COMPLETED, context, run_id=run_id).to_dict()
@@ -642,6 +844,16 @@ class DistributedAdapter:
             if record.status == COMPLETED:
                 self._emit_ended(record, self._parent_jobs(record))
         return run_id
+
+    def _child_parent(self, parent: Dict[str, Any]) -> Dict[str, Any]:
+        """A subflow child's parent reference with the child's depth (its parent's + 1); raises
+        `SubflowError` past the runtime's `max_subflow_depth`, as in memory."""
+        above = self.store.get_record(parent["runId"])
+        depth = 1 + int(((above.parent if above is not None else None) or {}).get("depth", 0))
+        limit = self.runtime.max_subflow_depth
+        if limit is not None and depth > limit:
+            raise subflow_depth_error(parent["nodeId"], depth, limit)
+        return dict(parent, depth=depth)
 
     def get_status(self, run_id: str) -> Optional[RunStatus]:
         record = self.store.get_record(run_id)
@@ -764,8 +976,13 @@ class DistributedAdapter:
     def _emit_all(self, events: Iterable[Event]) -> None:
         bus = self.runtime.event_bus
         if bus is not None:
-            for event in events:
-                bus.emit(event)
+            try:
+                for event in events:
+                    bus.emit(event)
+            except _OUTAGES:
+                raise
+            except Exception:  # an observer must never break a worker
+                logger.exception("worker: the event bus failed")
 
     def _emit_jobs(self, jobs: Iterable[Job], delay: float = 0.0) -> None:
         if self.runtime.event_bus is not None:
@@ -777,6 +994,10 @@ class DistributedAdapter:
             self._emit_jobs(jobs)
             self._emit_all([Event("workflow:finish", {"run_id": record.run_id, "blueprint_id": record.blueprint_id,
                                                       "status": record.status, "errors": list(record.errors)})])
+
+
+def _same_parent(stored: Optional[Mapping[str, Any]], parent: Mapping[str, Any]) -> bool:
+    return bool(stored) and all(stored.get(k) == parent.get(k) for k in ("runId", "nodeId", "iteration"))
 
 
 class Reconciler:

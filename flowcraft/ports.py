@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import attrs
@@ -17,9 +19,118 @@ import attrs
 _MISSING = object()
 _JOB_FIELDS = {"runId", "blueprintId", "nodeId", "iteration", "attempt", "input", "parent", "index", "kind", "firstSeen"}
 
+# Bounds on what a queue message may be (anyone who can write to the queue can write anything):
+MAX_JOB_BYTES = 16 * 1024 * 1024  # a larger body is malformed (only a batch item's input rides in its job)
+MAX_JOB_DEPTH = 128  # containers nested deeper than this (the job object is level 1) make a job malformed
+MAX_ID_LENGTH = 512  # runId, blueprintId, nodeId, parent: characters (as the Redis adapter's keys; a subflow child's run id grows per level)
+MAX_JOB_NUMBER = 2 ** 53  # iteration, attempt and index are whole numbers in [0, MAX_JOB_NUMBER]
+# A job identity field holds no control character (C0, DEL, C1) and no lone surrogate: they break
+# stores, headers and logs (a NUL in a RabbitMQ header, a surrogate in UTF-8).
+_BAD_ID_CHAR = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
 
 class MalformedJob(ValueError):
     """A queue message that is not a valid job; the message says what is wrong."""
+
+
+def identity_problem(value: Any) -> Optional[str]:
+    """What is wrong with `value` as a job identity (a run, blueprint or node id); None if nothing.
+
+    An identity is a non-empty string of at most `MAX_ID_LENGTH` characters without control
+    characters or lone surrogates. O(len(value))."""
+    if not isinstance(value, str):
+        return f"must be a string, not {type(value).__name__}"
+    if not value:
+        return "must not be empty"
+    if len(value) > MAX_ID_LENGTH:
+        return f"is {len(value)} characters long, more than {MAX_ID_LENGTH}"
+    bad = None if value.isprintable() else _BAD_ID_CHAR.search(value)  # printable: no control character
+    if bad is not None:
+        return f"contains the control character {bad.group()!r} at position {bad.start()}"
+    return None
+
+
+def nesting_exceeds(value: Any, limit: int) -> bool:
+    """Whether `value` holds lists/dicts nested more than `limit` deep (`value` itself is level 1
+    when it is one). Iterative, O(number of containers): safe on any depth."""
+    stack = [(value, 1)] if type(value) in (dict, list) else []
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if type(item) is dict else item
+        stack.extend((child, depth + 1) for child in children if type(child) in (dict, list))
+    return False
+
+
+def _reject_constant(name: str) -> Any:
+    raise MalformedJob(f"{name} is not a JSON number")
+
+
+# Only C-speed checks on every job: a Python hook called per value would double the cost of a job
+# with an input. A number that overflows to infinity is refused where the worker reads one (firstSeen).
+_decode_job = json.JSONDecoder(parse_constant=_reject_constant).decode  # built once: jobs are parsed per delivery
+_IDENTITY_KEYS = ('"runId"', '"blueprintId"', '"nodeId"', '"parent"', '"kind"')
+
+
+def _top_level_duplicate(text: str) -> Optional[str]:
+    """A key the job object itself holds twice (parsers disagree on which one counts), if any."""
+    duplicates: List[Optional[str]] = []
+
+    def pairs_hook(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+        seen: set = set()
+        duplicates.append(next((k for k, _ in pairs if k in seen or seen.add(k)), None))  # type: ignore[func-returns-value]
+        return dict(pairs)
+
+    json.JSONDecoder(object_pairs_hook=pairs_hook).decode(text)
+    return duplicates[-1] if duplicates else None  # the outermost object is built last
+
+
+def load_job_json(body: Any) -> Any:
+    """Parse a queue message's JSON, within the bounds above; raise only `MalformedJob`.
+
+    Bytes must be UTF-8; NaN/Infinity literals and a job identity field given twice are refused; nesting is bounded before anything recurses on the value (a deep enough document
+    makes the parser itself raise RecursionError, turned into `MalformedJob` here). O(len(body))."""
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        if len(body) > MAX_JOB_BYTES:
+            raise MalformedJob(f"the body is {len(body)} bytes, more than {MAX_JOB_BYTES}")
+        try:
+            text = bytes(body).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise MalformedJob(f"not valid JSON: not UTF-8: {exc}") from None
+    elif isinstance(body, str):
+        text = body
+        if len(text) > MAX_JOB_BYTES:
+            raise MalformedJob(f"the body is {len(text)} characters, more than {MAX_JOB_BYTES}")
+    else:
+        raise MalformedJob(f"a job body must be bytes or text, not {type(body).__name__}")
+    try:
+        data = _decode_job(text)
+    except MalformedJob as exc:
+        raise MalformedJob(f"not valid JSON: {exc}") from None
+    except RecursionError:
+        raise MalformedJob(f"not valid JSON: nested deeper than {MAX_JOB_DEPTH} levels") from None
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise MalformedJob(f"not valid JSON: {exc}") from None
+    # the count of opening brackets bounds the depth: the walk is needed only for bodies with many
+    if text.count("[") + text.count("{") > MAX_JOB_DEPTH and nesting_exceeds(data, MAX_JOB_DEPTH):
+        raise MalformedJob(f"nested deeper than {MAX_JOB_DEPTH} levels")
+    if isinstance(data, dict) and any(text.count(key) > 1 for key in _IDENTITY_KEYS):  # given twice?
+        duplicate = _top_level_duplicate(text)
+        if duplicate is not None:
+            raise MalformedJob(f"not valid JSON: duplicate key {duplicate[:80]!r}")
+    return data
+
+
+def _whole_number(name: str, value: Any) -> int:
+    if type(value) is not int or not 0 <= value <= MAX_JOB_NUMBER:
+        raise MalformedJob(f"field {name!r} must be a whole number in [0, {MAX_JOB_NUMBER}], not {_short(value)}")
+    return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value) if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 _compact_json = json.JSONEncoder(separators=(",", ":")).encode  # built once: jobs are encoded per node execution
@@ -73,29 +184,37 @@ class Job:
 
     @classmethod
     def from_json(cls, body: Any) -> "Job":
-        """Parse a queue message; raise `MalformedJob` saying exactly what is wrong."""
-        try:
-            data = json.loads(body)
-        except (ValueError, TypeError, UnicodeDecodeError) as exc:
-            raise MalformedJob(f"not valid JSON: {exc}") from None
-        return cls.from_dict(data)
+        """Parse a queue message; raise `MalformedJob` (and nothing else) saying what is wrong.
+
+        Bounded by `MAX_JOB_BYTES` and `MAX_JOB_DEPTH`; see `load_job_json` and `from_dict`."""
+        return cls.from_dict(load_job_json(body))
 
     @classmethod
     def from_dict(cls, data: Any) -> "Job":
+        """Check every field: identities (`identity_problem`), whole numbers, the kind, and
+        `firstSeen` (a finite number >= 0; one in the future is taken as now by the worker)."""
         if not isinstance(data, Mapping):
             raise MalformedJob(f"a job must be a JSON object, not {type(data).__name__}")
         missing = [k for k in ("runId", "blueprintId", "nodeId") if not isinstance(data.get(k), str) or not data.get(k)]
         if missing:
             raise MalformedJob(f"missing or empty field(s) {missing}")
-        iteration, attempt, index = data.get("iteration", 0), data.get("attempt", 1), data.get("index")
-        for name, value in (("iteration", iteration), ("attempt", attempt)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise MalformedJob(f"field {name!r} must be a non-negative whole number, not {value!r}")
+        for name in ("runId", "blueprintId", "nodeId", "parent"):
+            problem = identity_problem(data[name]) if data.get(name) is not None else None
+            if problem is not None:
+                raise MalformedJob(f"field {name!r} {problem}")
+        iteration = _whole_number("iteration", data.get("iteration", 0))
+        attempt = _whole_number("attempt", data.get("attempt", 1))
+        index = data.get("index")
+        if index is not None:
+            _whole_number("index", index)
         kind = data.get("kind", "node")
         if kind not in ("node", "timer", "child", "item"):
-            raise MalformedJob(f"unknown job kind {kind!r}")
-        if kind == "item" and (not isinstance(data.get("parent"), str) or not isinstance(index, int)):
+            raise MalformedJob(f"unknown job kind {_short(kind)}")
+        if kind == "item" and (data.get("parent") is None or index is None):
             raise MalformedJob("an item job needs 'parent' and a whole-number 'index'")
+        first_seen = data.get("firstSeen")
+        if first_seen is not None and (type(first_seen) not in (int, float) or not 0 <= first_seen < math.inf):
+            raise MalformedJob(f"field 'firstSeen' must be a finite number of seconds >= 0, not {_short(first_seen)}")
         return cls(
             run_id=data["runId"], blueprint_id=data["blueprintId"], node_id=data["nodeId"], iteration=iteration,
             attempt=max(1, attempt), kind=kind, parent=data.get("parent"), index=index, input=data.get("input"),
@@ -118,20 +237,39 @@ class Delivery:
 
     @classmethod
     def parse(cls, body: Any, tag: Any, redelivered: bool = False) -> "Delivery":
-        raw = body if isinstance(body, bytes) else str(body).encode()
+        """A delivery of `body`; never raises: an unreadable body gives a delivery with an `error`."""
+        if isinstance(body, (bytes, bytearray, memoryview)):
+            raw = bytes(body)
+        elif isinstance(body, str):
+            raw = body.encode("utf-8", "surrogatepass")  # a lone surrogate then fails as invalid UTF-8
+        else:
+            return cls(b"", tag, None, f"a job body must be bytes or text, not {type(body).__name__}", redelivered)
         try:
             return cls(raw, tag, Job.from_json(raw), None, redelivered)
         except MalformedJob as exc:
             return cls(raw, tag, None, str(exc), redelivered)
 
+    def identity_hint(self) -> Optional[Tuple[str, str, str]]:
+        """(runId, blueprintId, nodeId) of an unreadable message when all three can still be read
+        out of it as valid identities (`nodeId` is `parent` for an item job); else None."""
+        try:
+            data = load_job_json(self.body)
+        except MalformedJob:
+            return None
+        if not isinstance(data, dict):
+            return None
+        node_field = "parent" if data.get("kind") == "item" else "nodeId"
+        found = tuple(data.get(k) for k in ("runId", "blueprintId", node_field))
+        return found if all(identity_problem(v) is None for v in found) else None  # type: ignore[return-value]
+
     def run_id_hint(self) -> Optional[str]:
         """The run id of an unreadable message, when one can still be read out of it."""
         try:
-            data = json.loads(self.body)
-        except (ValueError, TypeError, UnicodeDecodeError):
+            data = load_job_json(self.body)
+        except MalformedJob:
             return None
         run_id = data.get("runId") if isinstance(data, dict) else None
-        return run_id if isinstance(run_id, str) and run_id else None
+        return run_id if identity_problem(run_id) is None else None
 
 
 class JobQueue(Protocol):

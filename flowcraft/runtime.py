@@ -9,7 +9,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .blueprint import NodeDefinition, WorkflowBlueprint
-from .builtins import Await, child_run_id, finish_subflow, utc_now
+from .builtins import LOOP_CONTROLLER, Await, SubflowError, child_run_id, finish_subflow, utc_now
 from .cancel import CancelToken
 from .context import DictContext
 from .errors import BlueprintError, FlowcraftError, LoopLimitError, SerializationError, UnknownNodeError
@@ -34,6 +34,24 @@ def new_run_id() -> str:
     return os.urandom(16).hex()
 _GRAPH_CACHE_SIZE = 256
 
+# Defaults of the runtime's bounds on what a blueprint may ask for (blueprints are untrusted input).
+MAX_SUBFLOW_DEPTH = 32
+MAX_LOOP_ITERATIONS = 10_000
+MAX_NODE_ATTEMPTS = 100
+MAX_RETRY_DELAY = 3600.0  # seconds
+MAX_NODE_TIMEOUT = 86400.0  # seconds
+
+
+def _whole(number: float) -> Any:
+    return int(number) if float(number).is_integer() else number
+
+
+def subflow_depth_error(node_id: str, depth: int, limit: int) -> SubflowError:
+    """The error of a subflow node whose child would be nested past `max_subflow_depth` (the same
+    in memory and distributed)."""
+    return SubflowError(f"subflow {node_id!r}: its child run would be nested {depth} subflows deep, "
+                        f"more than the runtime's max_subflow_depth={limit}")
+
 
 class FlowRuntime:
     """Runs blueprints in memory. Holds the node registry, known blueprints, and run options.
@@ -45,7 +63,20 @@ class FlowRuntime:
     output, an edge's transformed value) and `max_context_bytes` a run's context (in memory: all a
     run's nodes write; in a worker: what one node writes, and a finished run's whole context), both
     as JSON (default 16 MiB and 256 MiB; None: no bound). Past them the node fails with
-    `ValueTooLarge` naming the key, and so does the run, in both drivers."""
+    `ValueTooLarge` naming the key, and so does the run, in both drivers.
+
+    Bounds on what a blueprint may ask for, the same in memory and distributed (None removes one):
+
+    - `max_subflow_depth` (32): subflows nested in subflows; the subflow node whose child would be
+      deeper fails its run with a `SubflowError` naming the node and the limit (a blueprint that
+      runs itself as a subflow ends there, instead of forking runs forever).
+    - `max_loop_iterations` (10,000): a loop controller's `maxIterations`;
+    - `max_node_attempts` (100): a node's `config.maxRetries` (total attempts);
+    - `max_retry_delay` (3,600 s): a node's `config.retryDelay`;
+    - `max_node_timeout` (86,400 s): a node's `config.timeout`.
+
+    A blueprint over one of the last four is refused when it is registered or compiled
+    (`BlueprintError` naming the node, the field and the cap): nothing is clamped silently."""
 
     def __init__(
         self,
@@ -57,8 +88,14 @@ class FlowRuntime:
         evaluator: Any = None,
         serializer: Any = None,
         max_cycle_iterations: Optional[int] = MAX_CYCLE_ITERATIONS,
+        *,
         max_value_bytes: Optional[int] = DEFAULT_MAX_VALUE_BYTES,
         max_context_bytes: Optional[int] = DEFAULT_MAX_CONTEXT_BYTES,
+        max_subflow_depth: Optional[int] = MAX_SUBFLOW_DEPTH,
+        max_loop_iterations: Optional[int] = MAX_LOOP_ITERATIONS,
+        max_node_attempts: Optional[int] = MAX_NODE_ATTEMPTS,
+        max_retry_delay: Optional[float] = MAX_RETRY_DELAY,
+        max_node_timeout: Optional[float] = MAX_NODE_TIMEOUT,
     ) -> None:
         if evaluator is None:
             from .evaluator import default_evaluator
@@ -73,6 +110,11 @@ class FlowRuntime:
         self.max_cycle_iterations = max_cycle_iterations
         self.max_value_bytes = max_value_bytes
         self.max_context_bytes = max_context_bytes
+        self.max_subflow_depth = max_subflow_depth
+        self.max_loop_iterations = max_loop_iterations
+        self.max_node_attempts = max_node_attempts
+        self.max_retry_delay = max_retry_delay
+        self.max_node_timeout = max_node_timeout
         self.blueprints: Dict[str, WorkflowBlueprint] = {}
         for item in (blueprints.values() if isinstance(blueprints, Mapping) else blueprints or ()):
             self.add_blueprint(item)
@@ -87,8 +129,39 @@ class FlowRuntime:
             self.registry.update(blueprint.registry)
             blueprint = blueprint.to_blueprint()
         bp = self._as_blueprint(blueprint)
+        self.check_limits(bp)
         self.blueprints[bp.id] = bp
         return bp
+
+    def limit_problems(self, blueprint: WorkflowBlueprint) -> List[str]:
+        """What in `blueprint` exceeds this runtime's bounds (see the class doc), as sentences."""
+        found: List[str] = []
+        caps = (("maxRetries", "max_retries", self.max_node_attempts, "max_node_attempts", 1),
+                ("retryDelay", "retry_delay", self.max_retry_delay, "max_retry_delay", 1000),
+                ("timeout", "timeout", self.max_node_timeout, "max_node_timeout", 1000))
+        for node in blueprint.nodes:
+            config = node.config
+            if config is not None:
+                for field, attr, cap, setting, wire in caps:
+                    value = getattr(config, attr)
+                    if cap is not None and isinstance(value, (int, float)) and value > cap:
+                        unit = "ms" if wire != 1 else ""
+                        found.append(f"node {node.id!r}: {field}={_whole(value * wire)}{unit} is more than the "
+                                     f"runtime's {setting}={_whole(cap)}{' s' if unit else ''}")
+            if node.uses == LOOP_CONTROLLER and node.params and node.params.get("maxIterations") is not None:
+                value = node.params["maxIterations"]
+                if type(value) is not int or value < 1:
+                    found.append(f"node {node.id!r}: params.maxIterations must be a whole number >= 1, not {value!r}")
+                elif self.max_loop_iterations is not None and value > self.max_loop_iterations:
+                    found.append(f"node {node.id!r}: params.maxIterations={value} is more than the runtime's "
+                                 f"max_loop_iterations={self.max_loop_iterations}")
+        return found
+
+    def check_limits(self, blueprint: WorkflowBlueprint) -> None:
+        """Raise `BlueprintError` if `blueprint` exceeds this runtime's bounds."""
+        found = self.limit_problems(blueprint)
+        if found:
+            raise BlueprintError(found, blueprint.id)
 
     def blueprint(self, ref: BlueprintRef) -> WorkflowBlueprint:
         """A blueprint from a `WorkflowBlueprint`, its dict form, a `Flow`, or the id of a known one."""
@@ -114,6 +187,7 @@ class FlowRuntime:
         cached = self._graphs.get(key)
         if cached is not None and cached[0] is bp:
             return cached[1]
+        self.check_limits(bp)
         graph = CompiledGraph(bp, self.evaluator, strict=strict, max_cycle_iterations=self.max_cycle_iterations,
                               max_value_bytes=self.max_value_bytes)
         if len(self._graphs) >= _GRAPH_CACHE_SIZE:
@@ -134,6 +208,7 @@ class FlowRuntime:
         strict: bool = False,
         run_id: Optional[str] = None,
         wait_timers: bool = False,
+        _subflow_depth: int = 0,
     ) -> WorkflowResult:
         """Run a blueprint to its end (or until it awaits) and return the `WorkflowResult`."""
         cached = self._graphs.get((id(blueprint), strict))
@@ -142,6 +217,7 @@ class FlowRuntime:
             raise TypeError(f"initial_context must be a mapping, not {type(initial_context).__name__}")
         data = dict(initial_context) if initial_context else {}
         run = _Run(self, graph, data, self._registry_for(registry), run_id or new_run_id(), cancel, concurrency, wait_timers)
+        run.depth = _subflow_depth
         if run.emit is not None:
             run.emit("workflow:start", {"initial_context": dict(data)})
         return run.execute(run.traversal.start())
@@ -160,6 +236,7 @@ class FlowRuntime:
         run_id: Optional[str] = None,
         wait_timers: bool = False,
         strict: bool = False,
+        _subflow_depth: int = 0,
     ) -> WorkflowResult:
         """Complete an awaiting node of a paused run with `output`/`action`, and run on from there."""
         graph = self.graph(blueprint, strict=strict)
@@ -176,6 +253,7 @@ class FlowRuntime:
             raise ValueError(f"node {node_id!r} is not awaiting (awaiting: {sorted(awaiting)})")
         run = _Run(self, graph, data, self._registry_for(registry), run_id or snapshot.get("runId") or new_run_id(),
                    cancel, concurrency, wait_timers)
+        run.depth = _subflow_depth
         run.traversal = Traversal.restore(graph, snapshot)
         run.awaiting = awaiting
         run.child_contexts = dict(snapshot.get(CHILD_CONTEXTS_KEY) or {})
@@ -204,7 +282,10 @@ class FlowRuntime:
             return None
 
         def emit(kind: str, payload: Dict[str, Any]) -> None:
-            bus.emit(Event(kind, {"run_id": run_id, "blueprint_id": blueprint_id, **payload}))
+            try:
+                bus.emit(Event(kind, {"run_id": run_id, "blueprint_id": blueprint_id, **payload}))
+            except Exception:  # an observer must never break a run (nor a worker)
+                logger.exception("the event bus failed on %s", kind)
 
         return emit
 
@@ -215,7 +296,7 @@ class _Run:
     __slots__ = (
         "runtime", "evaluator", "wait_timers", "awaiting", "batches", "graph", "data", "context", "registry",
         "run_id", "blueprint_id", "cancel", "concurrency", "traversal", "errors", "skipped", "emit", "runner",
-        "dependencies", "child_contexts",
+        "dependencies", "child_contexts", "depth",
     )
 
     def __init__(
@@ -241,6 +322,7 @@ class _Run:
         self.context = DictContext(data, max_value_bytes=runtime.max_value_bytes, max_context_bytes=runtime.max_context_bytes)
         self.registry = registry
         self.run_id = run_id
+        self.depth = 0  # how many subflows deep this run is (0: not a subflow's child)
         self.blueprint_id = graph.blueprint.id
         self.cancel = cancel if cancel is not None else CancelToken()
         self.concurrency = max(1, int(concurrency))
@@ -473,7 +555,8 @@ class _Run:
             if child_context is None:
                 raise ValueError(f"subflow {node.id!r}: the saved run holds no context of its awaiting child")
             child = self.runtime.resume(details["blueprintId"], child_context, output=output, action=action,
-                                        registry=self.registry, run_id=details.get("childRunId"))
+                                        registry=self.registry, run_id=details.get("childRunId"),
+                                        _subflow_depth=self.depth + 1)
             return to_result(finish_subflow(ctx, child))
         except Exception as error:
             return NodeFailure(node.id, error)
@@ -492,9 +575,12 @@ class _Run:
     def run_child(
         self, blueprint_id: str, context: Dict[str, Any], parent_node_id: str, iteration: int = 0
     ) -> WorkflowResult:
+        limit = self.runtime.max_subflow_depth
+        if limit is not None and self.depth + 1 > limit:
+            raise subflow_depth_error(parent_node_id, self.depth + 1, limit)
         return self.runtime.run(blueprint_id, context, registry=self.registry, cancel=self.cancel,
                                 run_id=child_run_id(self.run_id, parent_node_id, iteration),
-                                wait_timers=self.wait_timers)
+                                wait_timers=self.wait_timers, _subflow_depth=self.depth + 1)
 
     def _record(self, node: GraphNode, result: NodeResult) -> None:
         output = result.output

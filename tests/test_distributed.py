@@ -944,7 +944,7 @@ def test_malformed_job_is_dead_lettered_and_the_worker_goes_on(body: bytes, reas
 
 
 @pytest.mark.parametrize("extra, reason_fragment", [
-    ({"nodeId": "nope"}, "unknown node"),
+    ({"nodeId": "load", "attempt": "x"}, "attempt"),
     ({"nodeId": "load", "iteration": -3}, "iteration"),
     ({"nodeId": "load", "kind": "bogus"}, "kind"),
 ])
@@ -969,14 +969,26 @@ def test_malformed_job_of_a_known_run_fails_that_run_with_the_reason(extra: Dict
 def test_malformed_job_of_a_started_run_fails_it_and_stops_it() -> None:
     adapter = InMemoryAdapter(make_runtime(_chain()))
     run_id = adapter.start_workflow("chain", {"start": 3})
-    adapter.queue.push_raw(json.dumps({"runId": run_id, "blueprintId": "chain", "nodeId": "ghost"}).encode())
+    adapter.queue.push_raw(json.dumps({"runId": run_id, "blueprintId": "chain", "nodeId": "describe",
+                                       "iteration": -1}).encode())
     adapter.drain()
     result = adapter.wait_for_result(run_id, timeout=5)
     assert result.status == "failed"
-    assert [e.node_id for e in result.errors] == ["ghost"]
-    assert "unknown node" in result.errors[0].message
+    assert [e.node_id for e in result.errors] == ["describe"]
+    assert "iteration" in result.errors[0].message
     assert "_outputs.store" not in result.context  # no node started after the run failed
     assert len(adapter.queue.dead) == 1
+
+
+def test_a_job_naming_a_node_or_blueprint_its_run_lacks_is_only_dead_lettered() -> None:
+    adapter = InMemoryAdapter(make_runtime(_chain() + [create_flow("other").node("x", lambda ctx: 1)]))
+    run_id = adapter.start_workflow("chain", {"start": 3})
+    for forged in ({"nodeId": "ghost"}, {"blueprintId": "nope", "nodeId": "load"}, {"blueprintId": "other", "nodeId": "x"},
+                   {"nodeId": "ghost", "iteration": -1}):
+        adapter.queue.push_raw(json.dumps({"runId": run_id, "blueprintId": "chain", **forged}).encode())
+    adapter.drain()
+    assert adapter.wait_for_result(run_id, timeout=5).status == "completed"  # nobody else's job fails it
+    assert len(adapter.queue.dead) == 4
 
 
 # =================================================================================================
@@ -1117,7 +1129,8 @@ def test_client_api_on_unknown_and_unfinished_runs() -> None:
 def test_starting_the_same_run_id_twice_does_not_run_it_twice() -> None:
     adapter = InMemoryAdapter(make_runtime(_chain()))
     adapter.start_workflow("chain", {"start": 1}, run_id="once")
-    adapter.start_workflow("chain", {"start": 1}, run_id="once")
+    with pytest.raises(ValueError, match="'once' exists already"):  # never someone else's run
+        adapter.start_workflow("chain", {"start": 1}, run_id="once")
     adapter.drain()
     assert adapter.wait_for_result("once", timeout=5).context["store"] == ["value=2", 1]
     assert_effectively_once(adapter)
@@ -1336,8 +1349,7 @@ def test_a_malformed_job_emits_job_failed_with_the_reason() -> None:
     assert (ghost.payload["run_id"], ghost.payload["node_id"]) == (run_id, "ghost")
     assert "unknown node" in ghost.payload["reason"] and ghost.payload["dead_lettered"] is True
     finish = log.of_type("workflow:finish")[-1]
-    assert finish.payload["run_id"] == run_id and finish.payload["status"] == "failed"
-    assert "unknown node" in finish.payload["errors"][0]["message"]
+    assert finish.payload["run_id"] == run_id and finish.payload["status"] == "completed"  # a ghost job fails no run
     _assert_snake_case_payloads(log)
 
 

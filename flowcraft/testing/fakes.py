@@ -19,6 +19,7 @@ from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional
 import attrs
 
 from ..distributed import DistributedAdapter, WorkerCrash
+from ..errors import StoreRejected
 from ..ports import Commit, Delivery, Job, RunRecord, RunSnapshot
 
 CRASH_POINTS = ("before_execute", "after_execute", "after_commit", "after_publish", "before_ack")
@@ -140,11 +141,16 @@ class _StoredRun:
 
 
 class InMemoryRunStore:
-    """Runs in a dict, changed only by version-checked commits under one lock."""
+    """Runs in a dict, changed only by version-checked commits under one lock.
+
+    `reject_marker`: a string this store cannot hold, as a real store cannot hold some values (a
+    NUL in PostgreSQL, a value past a size bound): a commit (or a new run) carrying it anywhere is
+    refused with `StoreRejected` naming what holds it, and nothing of it is written."""
 
     whole_loads = True
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time, *, reject_marker: Optional[str] = None) -> None:
+        self.reject_marker = reject_marker
         self._runs: Dict[str, _StoredRun] = {}
         self._lock = threading.RLock()
         self.clock = clock
@@ -157,7 +163,26 @@ class InMemoryRunStore:
         with self._lock:
             self._runs[run_id] = _StoredRun(RunRecord(run_id, updated_at=self.clock()), _copy(dict(context)))
 
+    def _refuse(self, run_id: str, parts: Iterable[Tuple[str, Any]]) -> None:
+        marker = self.reject_marker
+        if marker is None:
+            return
+        for name, value in parts:
+            if marker in json.dumps(value, ensure_ascii=False):
+                raise StoreRejected(f"run {run_id}: the store cannot hold {name}", run_id)
+
+    def _refuse_commit(self, commit: Commit) -> None:
+        if self.reject_marker is None:
+            return
+        record = commit.record
+        self._refuse(commit.run_id, [*((f"the value of {k!r}", v) for k, v in commit.context_set.items()),
+                                     *((f"the item {k!r}", v) for k, v in commit.items.items()),
+                                     ("the run's errors", record.errors), ("the run's result", record.result),
+                                     ("a job", [j.to_dict() for j in commit.jobs]),
+                                     ("a job", [j.to_dict() for j, _ in commit.delayed])])
+
     def create_run(self, record: RunRecord, context: Mapping[str, Any], states: Mapping[str, Dict[str, Any]], jobs: Sequence[Job]) -> bool:
+        self._refuse(record.run_id, [(f"the value of {k!r}", v) for k, v in context.items()])
         with self._lock:
             if record.run_id in self._runs:
                 return False
@@ -206,6 +231,7 @@ class InMemoryRunStore:
             return [_copy(items[f]) if f in items else None for f in fields]
 
     def commit(self, commit: Commit) -> bool:
+        self._refuse_commit(commit)
         with self._lock:
             run = self._runs.get(commit.run_id)
             if run is None or run.record.version != commit.expected_version:
@@ -231,6 +257,8 @@ class InMemoryRunStore:
             return True
 
     def commit_many(self, commits: Sequence[Commit]) -> List[bool]:
+        for commit in commits:  # all refused, nothing written, when one cannot be held
+            self._refuse_commit(commit)
         return [self.commit(c) for c in commits]
 
     def publish_outbox(self, run_id: str, queue: Any) -> int:
