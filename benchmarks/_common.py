@@ -250,7 +250,7 @@ class Workers:
                    BENCH_FAN=str(self.conf["fan"]))
         rq = os.path.join(os.path.dirname(sys.executable), "rq")
         argv = [rq, "worker", "--url", self.conf["redis_url"], "--serializer", "rq.serializers.JSONSerializer",
-                "--worker-class", self.conf.get("rq_worker_class") or "rq.worker.SimpleWorker", "--with-scheduler",
+                "--worker-class", self.conf.get("rq_worker_class") or "flowcraft_redis.rq_worker.FlowcraftWorker", "--with-scheduler",
                 "--logging_level", "WARNING", "--name", f"fcbench-{self.conf['tag']}-{i}", self.conf["queue"]]
         return argv, env
 

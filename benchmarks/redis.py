@@ -46,8 +46,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", default="auto", help="redis, rq, redis,rq or auto (redis, and rq when available)")
     C.add_common_args(p)
-    p.add_argument("--rq-worker-class", default="rq.worker.SimpleWorker",
-                   help="worker class of the `rq worker` processes of the rq backend (rq.worker.Worker forks per job)")
+    p.add_argument("--rq-worker-class", default="flowcraft_redis.rq_worker.FlowcraftWorker",
+                   help="worker class of the `rq worker` processes of the rq backend (the recommended FlowcraftWorker; rq.worker.SimpleWorker to compare)")
     p.add_argument("--no-rq-peer", action="store_true", help="skip the (slow) Python RQ peer")
     args = p.parse_args(argv)
     C.check_common_args(p, args)

@@ -11,7 +11,9 @@ from .errors import (
     NodeExecutionError,
     NodeTimeoutError,
     SerializationError,
+    StoreRejected,
     UnknownNodeError,
+    ValueTooLarge,
 )
 from .events import CallbackEventBus, Event, EventBus
 from .builtins import parse_duration
@@ -28,7 +30,7 @@ __all__ = [
     "DictContext", "EdgeDefinition", "Event", "EventBus", "ExpressionError", "Flow", "FlowRuntime",
     "FlowcraftError", "LoopLimitError", "NodeConfig", "NodeContext", "NodeDefinition", "NodeExecutionError",
     "NodeResult",
-    "NodeTimeoutError", "Registry", "SerializationError", "UnknownNodeError", "WorkflowBlueprint",
+    "NodeTimeoutError", "Registry", "SerializationError", "StoreRejected", "UnknownNodeError", "ValueTooLarge", "WorkflowBlueprint",
     "WorkflowError", "WorkflowResult", "create_flow", "LoggingMiddleware", "Middleware", "parse_duration",
     "analyze_blueprint", "lint_blueprint", "generate_mermaid", "generate_mermaid_for_run",
 ]

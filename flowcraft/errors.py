@@ -53,6 +53,10 @@ class SerializationError(FlowcraftError, TypeError):
     """A value is not JSON-serialisable; the message names the key at fault."""
 
 
+class ValueTooLarge(SerializationError):
+    """A value (or a run's context) is larger than its bound; the node, and so the run, fails."""
+
+
 class UnknownNodeError(FlowcraftError, LookupError):
     """A node's `uses` key is not in the registry."""
 

@@ -5,7 +5,7 @@ import json
 import math
 from typing import Any, Dict, List, Optional, Protocol, Tuple
 
-from .errors import SerializationError
+from .errors import SerializationError, ValueTooLarge
 
 _SCALARS = (str, int, float, bool, type(None))
 _CONTAINERS = (list, tuple, dict)
@@ -14,10 +14,6 @@ DEFAULT_MAX_VALUE_BYTES = 16 * 1024 * 1024
 """The default bound on one value (a context key, a node output, a batch item), as JSON."""
 DEFAULT_MAX_CONTEXT_BYTES = 256 * 1024 * 1024
 """The default bound on a run's whole context, as JSON."""
-
-
-class ValueTooLarge(SerializationError):
-    """A value (or a run's context) is larger than its bound; the node, and so the run, fails."""
 
 
 def check_json(value: Any, key: str, max_bytes: Optional[int] = DEFAULT_MAX_VALUE_BYTES) -> int:
