@@ -807,8 +807,15 @@ def test_a_sigkilled_rq_worker_loses_nothing(make_adapter: Callable[..., RqAdapt
         registry.cleanup(timestamp=time.time() + 10_000)
         assert rq_queue_of(adapter).count == 1  # retries were left: RQ put it back
     else:
-        stats = create_redis_reconciler(adapter, stalled_threshold_seconds=0).run()
+        reconciler = create_redis_reconciler(adapter, stalled_threshold_seconds=0)
+        reconciler.run()  # the job's heartbeat has not expired: it may still run, no duplicate
+        assert rq_queue_of(adapter).count == 0 and adapter.queue.pending() == 1
+        # what the killed worker's silence does, in time: its heartbeat (the registry score) expires
+        [member] = adapter.redis.zrange(registry.key, 0, -1)
+        adapter.redis.zadd(registry.key, {member: time.time() - 1}, xx=True)
+        stats = reconciler.run()
         assert stats.reconciled == 1 and stats.failed == 0
+        assert rq_queue_of(adapter).count == 1
     drain(adapter, [run_id])
     result = adapter.wait_for_result(run_id)
     assert_same_result(result, expected)
