@@ -947,8 +947,11 @@ class DistributedAdapter:
                 jobs.extend((j, 0.0) for j in self._missing_items(run_id, graph, node_id, state.iteration))
             else:
                 jobs.append((Job(run_id, graph.blueprint.id, node_id, state.iteration), 0.0))
+        # `requeue` (optional on a queue): an enqueue that checks the queue's own bookkeeping of jobs
+        # it believes waiting, where a plain enqueue trusts it (RqQueue: an RQ job hash left behind)
+        requeue = getattr(self.queue, "requeue", self.queue.enqueue)
         for job, delay in jobs:
-            self.queue.enqueue([job], delay)
+            requeue([job], delay)
             self._emit_jobs([job], delay)
         self.store.touch(run_id, self.clock())
         return {j.parent if j.kind == "item" else j.node_id for j, _ in jobs}

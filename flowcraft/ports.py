@@ -273,6 +273,9 @@ class Delivery:
 
 
 class JobQueue(Protocol):
+    """A queue may also offer ``requeue(jobs, delay=0.0)``: `enqueue` for the reconciler, which
+    must not trust a belief that a job already waits without checking it (default: `enqueue`)."""
+
     def enqueue(self, jobs: Sequence[Job], delay: float = 0.0) -> None:
         """Make jobs deliverable now, or after `delay` seconds. Durable once it returns."""
 

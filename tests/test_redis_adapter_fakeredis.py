@@ -68,8 +68,10 @@ def test_redis_context_reads_seed_hash() -> None:
 
 
 def test_coordination_store_on_fakeredis() -> None:
-    store = RedisCoordinationStore(fakeredis.FakeRedis(), "p:")
+    client = fakeredis.FakeRedis()
+    store = RedisCoordinationStore(client, "p:")
     assert [store.increment("c", 10), store.increment("c", 10)] == [1, 2]
+    assert client.keys("*") == [b"p:c"]  # the key given, under the prefix given: nothing else
     assert store.set_if_not_exist("m", "v", 10) and not store.set_if_not_exist("m", "w", 10)
     assert store.get("m") == "v" and store.extend_ttl("m", 20) and not store.extend_ttl("zz", 5)
     store.delete("m")

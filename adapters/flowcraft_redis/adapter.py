@@ -72,4 +72,4 @@ def create_redis_reconciler(adapter: RedisAdapter, redis: Any = None, stalled_th
     if int(scan_count) <= 0:
         raise ValueError(f"scan_count must be > 0, not {scan_count!r}")
     adapter.store.scan_count = int(scan_count)
-    return Reconciler(adapter, stalled_threshold_seconds)
+    return getattr(adapter, "reconciler_class", Reconciler)(adapter, stalled_threshold_seconds)

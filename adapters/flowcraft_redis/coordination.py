@@ -17,7 +17,13 @@ def _ms(ttl: Optional[float]) -> Optional[int]:
 
 
 class RedisCoordinationStore:
-    """Counters and markers with a TTL (seconds; 0 or None = no expiry), under ``<prefix>flowcraft:coord:``."""
+    """Counters and markers with a TTL (seconds; 0 or None = no expiry) on the keys as given, as
+    Flowcraft TS's store (a TS and a Python service share locks by name), under `prefix` verbatim
+    (default none: ``increment("lock:a", 10)`` writes the key ``lock:a``).
+
+    Each method does what the TS one does: `increment` INCRs and (re)sets the TTL, `set_if_not_exist`
+    is ``SET NX`` with the TTL, `extend_ttl` resets the TTL of an existing key, `delete` DELs, `get`
+    GETs (text, or None)."""
 
     def __init__(self, client: Any, prefix: str = "") -> None:
         self.client = client

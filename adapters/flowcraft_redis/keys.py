@@ -19,8 +19,14 @@ key                                    type        holds
 ``<p><queue>:dead``                    list        dead letters, JSON ``{"body", "reason"}``
 ``<p><queue>:workers``                 set         worker ids that own a processing list
 ``<p><queue>:worker:<workerId>``       string      a worker's heartbeat (expires when it dies)
-``<p>flowcraft:coord:<key>``           string      coordination counters and markers
+``<c><key>``                           string      coordination counters and markers: the key
+                                                   as given, as Flowcraft TS's (``<c>``: the
+                                                   coordination store's prefix, default none)
 =====================================  ==========  ================================================
+
+Coordination keys share the Redis namespace with everything else there, as in Flowcraft TS (so a
+TS and a Python service share locks by name); neither the core nor the adapters use coordination
+keys of their own.
 """
 from __future__ import annotations
 
@@ -159,4 +165,5 @@ class QueueKeys:
 
 
 def coordination_key(prefix: str, key: str) -> str:
-    return validate_prefix(prefix) + "flowcraft:coord:" + validate_name("coordination key", key)
+    """`key` as given, under `prefix` verbatim (no namespace of ours: Flowcraft TS uses keys as given)."""
+    return validate_prefix(prefix) + validate_name("coordination key", key)

@@ -30,7 +30,11 @@ RQ jobs
     The RQ job id is deterministic, ``fc-<queue>-<hash of prefix, kind, run, node, iteration,
     item, attempt>``: enqueueing a job whose RQ job is still waiting (queued, scheduled or
     deferred) does nothing, since that job reads the run's state after the enqueuer's commit
-    anyway; when the id belongs to a job that is running or over, a suffixed id is used.
+    anyway; when the id belongs to a job that is running or over, a suffixed id is used. The
+    reconciler does not trust the hash's status: it skips a job only if RQ really has it waiting
+    (in the queue list or being taken, in the scheduled or deferred registry) or running (started,
+    heartbeat not expired); a lost job (its id removed from the queue, its hash left) is enqueued
+    again (`RqQueue.requeue`; the queue-list check is one scan per reconciler pass).
     The RQ job hash is RQ's own ``Job.to_dict()``; a Lua script checks the id, writes the hash and
     pushes the id onto RQ's queue (or its scheduled registry) atomically, as RQ's
     ``enqueue(unique=True)`` does.
@@ -90,7 +94,8 @@ A SIGKILLed ``rq worker``
       intermediate queue);
     - successors committed but not yet published stay in the outbox and go out with the next
       drain by any worker (see above) or client;
-    - once RQ's retries are spent (the job is in FailedJobRegistry), the reconciler
+    - once RQ's retries are spent (the job is in FailedJobRegistry), or the job's heartbeat has
+      expired in StartedJobRegistry, the reconciler
       (`create_redis_reconciler(adapter).run()`, ``flowcraft reconcile --backend rq``) re-enqueues
       the frontier of runs idle longer than its threshold, under fresh RQ job ids;
     - node code may run again (at-least-once); ``ctx.idempotency_key`` de-duplicates side effects.
@@ -106,7 +111,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import redis
 from rq import Retry
 
-from flowcraft.distributed import DistributedAdapter
+from flowcraft.distributed import DistributedAdapter, ReconcileStats, Reconciler
 from flowcraft.ports import Delivery
 
 from ._util import connect
@@ -120,6 +125,15 @@ from .rq_worker import InProcessWorker
 logger = logging.getLogger("flowcraft.redis.rq")
 
 
+class RqReconciler(Reconciler):
+    """The core's `Reconciler`, its pass wrapped in `RqQueue.reconcile_pass()`: the check that a
+    queued-looking RQ job is really in RQ's queue is one scan of the queue per pass, not per run."""
+
+    def run(self) -> ReconcileStats:
+        with self.adapter.queue.reconcile_pass():
+            return super().run()
+
+
 class RqAdapter(DistributedAdapter):
     """A worker and client whose jobs are RQ jobs, and whose runs live in Redis (see the module doc).
 
@@ -131,6 +145,8 @@ class RqAdapter(DistributedAdapter):
     worker after a Redis outage), `poll_timeout` (seconds `work()` blocks on an empty queue between
     checks for `stop()` and due scheduled jobs); the rest go to `DistributedAdapter`.
     """
+
+    reconciler_class = RqReconciler  # what `create_redis_reconciler` builds for this adapter
 
     def __init__(self, runtime: Any, redis_url_or_client: Any, queue_name: str = "flowcraft-queue",
                  state_ttl_seconds: int = 86400, retry_mode: str = "in-process", *, prefix: str = "",
@@ -240,4 +256,4 @@ class RqAdapter(DistributedAdapter):
         self.queue.close()
 
 
-__all__ = ["DEFAULT_RETRY_INTERVALS", "DeadLettered", "RqAdapter", "RqQueue", "RqRunStore", "RqSettings", "RUN_NODE"]
+__all__ = ["DEFAULT_RETRY_INTERVALS", "DeadLettered", "RqAdapter", "RqReconciler", "RqQueue", "RqRunStore", "RqSettings", "RUN_NODE"]

@@ -21,6 +21,7 @@ from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tu
 
 import attrs
 from rq import Queue, Retry
+from rq.executions import ExecutionRegistry
 from rq.job import Job as RqJob
 from rq.job import JobStatus
 from rq.serializers import JSONSerializer
@@ -34,6 +35,8 @@ from .keys import QueueKeys, validate_simple
 from .rq_settings import DEAD_LETTER_META_KEY, META_KEY, RqSettings, due_second
 
 logger = logging.getLogger("flowcraft.redis.rq")
+
+SCAN_CHUNK = 10_000  # ids per LRANGE when the reconciler scans RQ's queue list
 
 RUN_NODE = f"{rq_jobs.run_node.__module__}.{rq_jobs.run_node.__qualname__}"
 
@@ -77,7 +80,8 @@ class RqQueue:
         self._retry = Retry(max=len(intervals), interval=intervals) if intervals else None
         self._meta = {META_KEY: settings.to_meta()}
         self._fixed_keys = [self.outbox.ready, self.outbox.delayed, self.rq.key,
-                            self.rq.scheduled_job_registry.key, self.rq.redis_queues_keys]
+                            self.rq.scheduled_job_registry.key, self.rq.redis_queues_keys, self.rq.intermediate_queue_key,
+                            self.rq.deferred_job_registry.key, self.rq.started_job_registry.key]
         self._publish = load_script(client, "rq_publish.lua")
         self._local = threading.local()
 
@@ -102,23 +106,91 @@ class RqQueue:
         if not entries:
             return 0, 0
         keys, args = self.publish_call(entries)
-        created, left = self._publish(keys=keys, args=args)
+        created, left, _ = self._publish(keys=keys, args=args)
         return int(created), int(left)
+
+    # --- the reconciler's enqueue ---------------------------------------------------------
+
+    def requeue(self, jobs: Sequence[Job], delay: float = 0.0) -> None:
+        """`enqueue` for the reconciler (the core's optional `JobQueue.requeue`): a job whose RQ job
+        hash says it waits is skipped only if it really waits or runs: in RQ's queue (or being
+        taken from it), in the scheduled or deferred registry, or started with a heartbeat that has
+        not expired. Otherwise (its id was taken off the queue, say, leaving the hash) it is
+        enqueued anew under its own id.
+
+        The costly check, that an id is in the queue list, is batched: within `reconcile_pass()`
+        the queued-looking jobs of every run are collected and looked up by ONE chunked scan of the
+        queue at the end of the pass, then an atomic LPOS confirms only the few the scan did not
+        see. Outside a pass (one `adapter.reconcile(run_id)`), LPOS checks them at once. (Measured
+        on a 100 000-id queue: an LPOS that misses blocks Redis 11.6 ms; the whole chunked scan
+        takes 126 ms, in 10 short LRANGEs: cheaper from about 11 idle runs a pass.)"""
+        if not jobs:
+            return
+        due = time.time() + float(delay) if delay and delay > 0 else None
+        entries = [Entry(j.to_json(), j, due) for j in jobs]
+        collected = getattr(self._local, "reconciling", None)
+        unchecked = self._publish_checked(entries, "L" if collected is None else "R")
+        if collected is not None:
+            collected.extend(unchecked)
+
+    @contextlib.contextmanager
+    def reconcile_pass(self) -> Iterator[None]:
+        """Within it (on this thread), `requeue` defers the queue-list check of queued-looking jobs
+        to one scan at the end (see `requeue`)."""
+        outer = getattr(self._local, "reconciling", None)
+        if outer is not None:  # nested: the outer pass checks them
+            yield
+            return
+        collected: List[Entry] = []
+        self._local.reconciling = collected
+        try:
+            yield
+        finally:
+            self._local.reconciling = None
+        if collected:
+            seen = self._ids_in_lists({self.job_id(e.job) for e in collected if e.job is not None},
+                                      (self.rq.key, self.rq.intermediate_queue_key))
+            missing = [e for e in collected if e.job is not None and self.job_id(e.job) not in seen]
+            if missing:  # lost, or moved while the scan ran: LPOS decides, atomically with the enqueue
+                self._publish_checked(missing, "L")
+
+    @translate_errors
+    def _publish_checked(self, entries: Sequence[Entry], check: str) -> List[Entry]:
+        keys, args = self.publish_call(entries, check)
+        _, _, unchecked = self._publish(keys=keys, args=args)
+        return [entries[int(i) - 1] for i in unchecked]
+
+    @translate_errors
+    def _ids_in_lists(self, wanted: set, lists: Sequence[str], chunk: int = SCAN_CHUNK) -> set:
+        """Which of `wanted` are in the Redis `lists`: one pass over each, `chunk` ids per LRANGE
+        (memory O(chunk), never the whole list at once). A list that moves while it is read may
+        hide an id from this scan, never show one that is not there: the caller confirms misses."""
+        seen: set = set()
+        for name in lists:
+            start = 0
+            while len(seen) < len(wanted):
+                ids = self.client.lrange(name, start, start + chunk - 1)
+                seen.update(i for i in map(to_text, ids) if i in wanted)
+                if len(ids) < chunk:
+                    break
+                start += chunk
+        return seen
 
     @property
     def publish_script(self) -> Any:
         """The registered `lua/rq_publish.lua` (its ``sha`` for EVALSHA in a pipeline)."""
         return self._publish
 
-    def publish_call(self, entries: Sequence[Entry]) -> Tuple[List[Any], List[Any]]:
-        """The KEYS and ARGV of the `lua/rq_publish.lua` call that publishes `entries`."""
+    def publish_call(self, entries: Sequence[Entry], check: str = "") -> Tuple[List[Any], List[Any]]:
+        """The KEYS and ARGV of the `lua/rq_publish.lua` call that publishes `entries` (`check`: see
+        the script; "" trusts the status of an existing RQ job hash)."""
         keys: List[Any] = list(self._fixed_keys)
-        args: List[Any] = [len(entries)]
+        args: List[Any] = [len(entries), check, time.time()]
         for entry in entries:
             job_id = self.job_id(entry.job) if entry.job is not None else f"fc-{self._slug}-x{os.urandom(8).hex()}"
             spare = f"{job_id}-{os.urandom(4).hex()}"
             fields = self._hash_fields(entry, job_id)
-            keys += (RqJob.key_for(job_id), RqJob.key_for(spare))
+            keys += (RqJob.key_for(job_id), RqJob.key_for(spare), ExecutionRegistry.key_template.format(job_id))
             args += (entry.source, entry.member, job_id, spare, "" if entry.due is None else due_second(entry.due),
                      len(fields) // 2, *fields)
         return keys, args

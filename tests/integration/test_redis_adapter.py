@@ -518,6 +518,41 @@ def test_coordination_store(redis_client: Any, redis_prefix: str) -> None:
         store.get("bad key")
 
 
+def test_coordination_keys_are_the_keys_given(redis_client: Any, redis_prefix: str) -> None:
+    """SPEC 7: as Flowcraft TS's store, no namespace of ours; a prefix given is used verbatim."""
+    prefixed = RedisCoordinationStore(redis_client, redis_prefix)
+    assert prefixed.increment("lock:a", 10) == 1
+    assert redis_client.get(redis_prefix + "lock:a") == b"1"
+    assert sorted(redis_client.scan_iter(match=redis_prefix + "*")) == [(redis_prefix + "lock:a").encode()]
+    plain = RedisCoordinationStore(redis_client)  # default: no prefix at all
+    key = redis_prefix + "plain:b"  # a key of this test's own (the fixture deletes it)
+    assert plain.set_if_not_exist(key, "me", 10) is True
+    assert redis_client.get(key) == b"me"
+    assert not any(b"flowcraft:coord:" in k for k in redis_client.scan_iter(match=redis_prefix + "*"))
+
+
+def test_coordination_store_shares_keys_with_a_flowcraft_ts_service(redis_client: Any, redis_prefix: str) -> None:
+    """Each method against what Flowcraft TS's RedisCoordinationStore (ioredis) sends for the same
+    name: ``INCR`` + ``EXPIRE``, ``SET k v EX ttl NX``, ``EXPIRE``, ``DEL``, ``GET``."""
+    store = RedisCoordinationStore(redis_client)
+    lock, counter = redis_prefix + "lock:order-1", redis_prefix + "join:run-1:sink"
+    # the TS service takes the lock first: Python sees it, cannot take it, reads its holder
+    assert redis_client.set(lock, "ts-worker", ex=30, nx=True)
+    assert store.set_if_not_exist(lock, "py-worker", 30) is False
+    assert store.get(lock) == "ts-worker"
+    assert store.extend_ttl(lock, 120) is True and 30 < redis_client.ttl(lock) <= 120
+    store.delete(lock)
+    assert redis_client.exists(lock) == 0
+    assert store.set_if_not_exist(lock, "py-worker", 5) is True  # NX with the TTL, as TS
+    assert redis_client.get(lock) == b"py-worker" and 0 < redis_client.pttl(lock) <= 5000
+    assert redis_client.set(lock, "ts-worker", ex=30, nx=True) is None  # and TS now cannot take it
+    # a join counter incremented from both sides: one count, the TTL (re)set by each increment
+    assert redis_client.incr(counter) == 1 and redis_client.expire(counter, 2)
+    assert store.increment(counter, 60) == 2 and 2 < redis_client.ttl(counter) <= 60
+    assert redis_client.incr(counter) == 3 and store.get(counter) == "3"
+    assert store.extend_ttl(redis_prefix + "missing", 10) is False and store.get(redis_prefix + "missing") is None
+
+
 # =================================================================================================
 # a worker process SIGKILLed mid-run
 # =================================================================================================

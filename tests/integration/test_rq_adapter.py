@@ -557,7 +557,7 @@ def test_reconcile_does_not_duplicate_a_waiting_job(make_adapter: Callable[..., 
 def test_malformed_jobs_are_dead_lettered_and_the_worker_goes_on(make_adapter: Callable[..., RqAdapter]) -> None:
     adapter = make_adapter()
     queue = rq_queue_of(adapter)
-    victim = adapter.start_workflow("approval")  # a (paused) run a bad job names: it is not failed
+    victim = adapter.start_workflow("approval")  # a (paused) run a bad job names: a forged job fails no run
     drain(adapter, [victim])
     bad = {
         "not-json": "{not json",
@@ -583,8 +583,8 @@ def test_malformed_jobs_are_dead_lettered_and_the_worker_goes_on(make_adapter: C
     for job in RqJob.fetch_many([d["rqJobId"] for d in letters.values()], connection=adapter.redis,
                                 serializer=JSONSerializer):
         assert job.get_status() == "failed" and job.retries_left == 0
-    # a job naming a blueprint its run does not have fails nobody: only dead-lettered
-    assert adapter.get_status(victim).status == "awaiting"
+    untouched = adapter.wait_for_result(victim, timeout=5)
+    assert untouched.status == "awaiting" and untouched.errors == []
     assert queue.count == 0 and queue.scheduled_job_registry.count == 0
 
 
@@ -806,8 +806,15 @@ def test_a_sigkilled_rq_worker_loses_nothing(make_adapter: Callable[..., RqAdapt
         registry.cleanup(timestamp=time.time() + 10_000)
         assert rq_queue_of(adapter).count == 1  # retries were left: RQ put it back
     else:
-        stats = create_redis_reconciler(adapter, stalled_threshold_seconds=0).run()
+        reconciler = create_redis_reconciler(adapter, stalled_threshold_seconds=0)
+        reconciler.run()  # the job's heartbeat has not expired: it may still run, no duplicate
+        assert rq_queue_of(adapter).count == 0 and adapter.queue.pending() == 1
+        # what the killed worker's silence does, in time: its heartbeat (the registry score) expires
+        [member] = adapter.redis.zrange(registry.key, 0, -1)
+        adapter.redis.zadd(registry.key, {member: time.time() - 1}, xx=True)
+        stats = reconciler.run()
         assert stats.reconciled == 1 and stats.failed == 0
+        assert rq_queue_of(adapter).count == 1
     drain(adapter, [run_id])
     result = adapter.wait_for_result(run_id)
     assert_same_result(result, expected)
