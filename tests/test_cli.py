@@ -591,3 +591,16 @@ def test_importing_the_cli_imports_no_driver():
             "print(sorted(m for m in ('redis', 'pika', 'psycopg2', 'rq') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "[]", proc.stderr
+
+
+def test_postgres_password_refusal_is_authentication_failed_not_cannot_reach():
+    # the local PostgreSQL trusts every role, so its refusal is built here as psycopg2 raises it
+    psycopg2 = pytest.importorskip("psycopg2")
+    refused = psycopg2.OperationalError('connection to server at "127.0.0.1", port 5432 failed: '
+                                        'FATAL:  password authentication failed for user "root"\n')
+    error = backends.service_error("PostgreSQL", "postgresql://root:pw@127.0.0.1:5432/test", refused)
+    assert str(error) == ('authentication failed for PostgreSQL at postgresql://root:***@127.0.0.1:5432/test: '
+                          'FATAL: password authentication failed for user "root"')
+    down = psycopg2.OperationalError("connection to server at \"127.0.0.1\", port 1 failed: Connection refused")
+    assert str(backends.service_error("PostgreSQL", "postgresql://root@127.0.0.1:1/test", down)).startswith(
+        "cannot reach PostgreSQL at postgresql://root@127.0.0.1:1/test: ")

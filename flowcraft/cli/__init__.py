@@ -86,5 +86,8 @@ def _configure_logging(args: Any) -> None:
     else:
         level = logging.WARNING if args.command in _LONG_RUNNING else logging.ERROR
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # pika logs every failed connection attempt at ERROR, with a traceback, though the adapter
+    # handles it (retries, then raises the error the command reports in one line): only -vv shows them.
+    logging.getLogger("pika").setLevel(level if args.verbose >= 2 else logging.CRITICAL)
     if args.command in _LONG_RUNNING:
         logging.getLogger("flowcraft.cli").setLevel(min(level, logging.INFO))

@@ -8,8 +8,10 @@ cannot be reached raises `ServiceUnavailable` naming it and its (password-redact
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
+import sys
 from typing import Any, Iterator, Tuple
 from urllib.parse import urlsplit, urlunsplit
 
@@ -58,13 +60,68 @@ def table_names(args: Any) -> Tuple[str, str]:
 
 @contextlib.contextmanager
 def reaching(service: str, address: str) -> Iterator[None]:
-    """Turn any connection failure inside the block into `ServiceUnavailable` naming the service."""
+    """Turn any connection failure inside the block into one line naming the service: a refused login
+    raises `CliError` ("authentication failed"), anything else `ServiceUnavailable` ("cannot reach")."""
     try:
         yield
     except CliError:
         raise
     except _connection_errors() as error:
-        raise ServiceUnavailable(f"cannot reach {service} at {redact(address)}: {one_line(error) or type(error).__name__}") from None
+        raise service_error(service, address, error) from None
+
+
+def service_error(service: str, address: str, error: BaseException) -> Exception:
+    """The one-line error for a failure to connect to `service` at `address`."""
+    refusal = _refusal(error)
+    if refusal:
+        return CliError(f"{refusal} for {service} at {redact(address)}: {_auth_detail(error)}")
+    return ServiceUnavailable(f"cannot reach {service} at {redact(address)}: {_root_cause(error)}")
+
+
+# psycopg2 has no class of its own for a refused login: its server message says it.
+_PG_AUTH = re.compile(r"password authentication failed|no password supplied|role \S+ does not exist|"
+                      r"authentication failed", re.IGNORECASE)
+
+
+_REFUSALS = (("authentication failed", "redis.exceptions", ("AuthenticationError", "AuthorizationError")),
+             ("authentication failed", "pika.exceptions", ("ProbableAuthenticationError", "AuthenticationError")),
+             ("access refused", "pika.exceptions", ("ProbableAccessDeniedError",)))  # a vhost missing or not allowed
+
+
+def _refusal(error: BaseException) -> str:
+    """"authentication failed" / "access refused" when the service refused the login, else ""."""
+    for words, module, names in _REFUSALS:
+        imported = sys.modules.get(module)  # not loaded: none of its errors can be this one
+        if imported is not None and isinstance(error, tuple(getattr(imported, n) for n in names if hasattr(imported, n))):
+            return words
+    psycopg2 = sys.modules.get("psycopg2")
+    if psycopg2 is not None and isinstance(error, psycopg2.OperationalError) and _PG_AUTH.search(str(error)):
+        return "authentication failed"
+    return ""
+
+
+def _auth_detail(error: BaseException) -> str:
+    text = one_line(error)
+    refused = re.search(r"[A-Z_]+ - [^'\"]*?(?=\. For details|['\"]|$)", text)  # pika wraps the broker's words
+    if refused:
+        return refused.group(0)
+    return re.sub(r"^connection to server at [^:]*: ", "", text) or type(error).__name__
+
+
+def _root_cause(error: BaseException) -> str:
+    """The socket error at the bottom of a driver's wrapped errors ("Connection refused"), else the
+    error's own text: pika nests it three exceptions deep."""
+    todo, seen = [error], set()
+    while todo:
+        current = todo.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.strerror:
+            return current.strerror
+        nested = (current.__cause__, current.__context__, getattr(current, "exception", None), *current.args)
+        todo.extend(x for x in nested if isinstance(x, BaseException))
+    return one_line(error) or type(error).__name__
 
 
 def _connection_errors() -> Tuple[type, ...]:
@@ -95,9 +152,25 @@ def _import_adapter(package: str, backend: str) -> Any:
 def open_adapter(args: Any, runtime: FlowRuntime) -> Any:
     """The adapter of `args.backend`, connected and checked (raises `ServiceUnavailable`)."""
     options = {"fetch_batch": args.batch} if getattr(args, "batch", None) else {}
-    if args.backend == "rabbitmq":
-        return _rabbitmq_adapter(args, runtime, options)
-    return _redis_adapter(args, runtime, options)
+    with _first_connection(args):
+        if args.backend == "rabbitmq":
+            return _rabbitmq_adapter(args, runtime, options)
+        return _redis_adapter(args, runtime, options)
+
+
+@contextlib.contextmanager
+def _first_connection(args: Any) -> Iterator[None]:
+    """Hold back the adapters' "unreachable, retrying" warnings while they first connect (unless -v):
+    if they give up, the command reports it in one line; once connected, a worker logs them again."""
+    loggers = [] if getattr(args, "verbose", 0) else [logging.getLogger(n) for n in ("flowcraft.rabbitmq", "flowcraft.redis")]
+    saved = [(each, each.level) for each in loggers]
+    for each in loggers:
+        each.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for each, level in saved:
+            each.setLevel(level)
 
 
 def queue_name(args: Any) -> str:
@@ -142,9 +215,9 @@ def _rabbitmq_adapter(args: Any, runtime: FlowRuntime, options: dict) -> Any:
         return package.RabbitMqAdapter(runtime, coordination, amqp, postgres, context_table, status_table,
                                        queue_name(args), reconnect_timeout=args.connect_timeout, **options)
     except psycopg2.Error as error:
-        raise ServiceUnavailable(f"cannot reach PostgreSQL at {redact(postgres)}: {one_line(error)}") from None
+        raise service_error("PostgreSQL", postgres, error) from None
     except _connection_errors() as error:
-        raise ServiceUnavailable(f"cannot reach RabbitMQ at {redact(amqp)}: {one_line(error)}") from None
+        raise service_error("RabbitMQ", amqp, error) from None
 
 
 def close_adapter(adapter: Any) -> None:
