@@ -604,3 +604,29 @@ def test_postgres_password_refusal_is_authentication_failed_not_cannot_reach():
     down = psycopg2.OperationalError("connection to server at \"127.0.0.1\", port 1 failed: Connection refused")
     assert str(backends.service_error("PostgreSQL", "postgresql://root@127.0.0.1:1/test", down)).startswith(
         "cannot reach PostgreSQL at postgresql://root@127.0.0.1:1/test: ")
+
+
+def test_queue_prefix_and_tables_come_from_the_environment_unless_given(monkeypatch):
+    from flowcraft.cli.parser import build_parser
+
+    def parsed(*flags):
+        return build_parser().parse_args(["status", "r1", *flags])
+
+    monkeypatch.delenv("FLOWCRAFT_QUEUE", raising=False)
+    monkeypatch.delenv("FLOWCRAFT_PREFIX", raising=False)
+    monkeypatch.delenv("FLOWCRAFT_TABLE_PREFIX", raising=False)
+    args = parsed("--backend", "rabbitmq")
+    assert (backends.queue_name(args), backends.key_prefix(args)) == ("flowcraft-jobs", "")
+    assert backends.table_names(args) == ("flowcraft_contexts", "flowcraft_statuses")
+    monkeypatch.setenv("FLOWCRAFT_QUEUE", "env-queue")
+    monkeypatch.setenv("FLOWCRAFT_PREFIX", "env:")
+    monkeypatch.setenv("FLOWCRAFT_TABLE_PREFIX", "env_")
+    for backend in ("redis", "rq", "rabbitmq"):
+        args = parsed("--backend", backend)
+        assert (backends.queue_name(args), backends.key_prefix(args)) == ("env-queue", "env:")
+    assert backends.table_names(args) == ("env_contexts", "env_statuses")
+    args = parsed("--queue", "q", "--prefix", "", "--context-table", "c", "--status-table", "s")  # flags win
+    assert (backends.queue_name(args), backends.key_prefix(args), backends.table_names(args)) == ("q", "", ("c", "s"))
+    monkeypatch.setenv("FLOWCRAFT_TABLE_PREFIX", "bad name;")
+    with pytest.raises(Exception, match=r"--context-table \(from \$FLOWCRAFT_TABLE_PREFIX\) .bad name;contexts. is not a valid table name"):
+        backends.table_names(parsed())

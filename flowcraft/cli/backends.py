@@ -26,6 +26,12 @@ DEFAULT_URLS = {
     "postgres": ("POSTGRES_URL", "postgresql://root@127.0.0.1:5432/test"),
 }
 DEFAULT_QUEUES = {"redis": "flowcraft-queue", "rq": "flowcraft-queue", "rabbitmq": "flowcraft-jobs"}
+# Names the examples (examples/*_worker.py) read from the environment too, with the same defaults:
+# a flag wins, then the variable (when set and not empty), then the default.
+QUEUE_ENV = "FLOWCRAFT_QUEUE"  # default: DEFAULT_QUEUES[backend]
+PREFIX_ENV = "FLOWCRAFT_PREFIX"  # Redis key prefix; default: none (the seed's key names)
+TABLE_PREFIX_ENV = "FLOWCRAFT_TABLE_PREFIX"  # rabbitmq: <prefix>contexts and <prefix>statuses
+DEFAULT_TABLE_PREFIX = "flowcraft_"
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")  # as flowcraft_rabbitmq.validate_identifier
 
 
@@ -49,11 +55,14 @@ def redact(address: str) -> str:
 
 
 def table_names(args: Any) -> Tuple[str, str]:
-    """The context and status table names, checked before anything connects."""
-    names = (args.context_table, args.status_table)
-    for name, flag in zip(names, ("--context-table", "--status-table")):
+    """The context and status table names (flags, else `$FLOWCRAFT_TABLE_PREFIX` + contexts/statuses),
+    checked before anything connects."""
+    tables = os.environ.get(TABLE_PREFIX_ENV) or DEFAULT_TABLE_PREFIX
+    names = (args.context_table or f"{tables}contexts", args.status_table or f"{tables}statuses")
+    for name, given, flag in zip(names, (args.context_table, args.status_table), ("--context-table", "--status-table")):
         if not _IDENTIFIER.match(name):
-            raise CliError(f"{flag} {name!r} is not a valid table name: use 1-63 letters, digits or "
+            culprit = flag if given else f"{flag} (from ${TABLE_PREFIX_ENV})"
+            raise CliError(f"{culprit} {name!r} is not a valid table name: use 1-63 letters, digits or "
                            f"underscores, not starting with a digit")
     return names
 
@@ -174,7 +183,13 @@ def _first_connection(args: Any) -> Iterator[None]:
 
 
 def queue_name(args: Any) -> str:
-    return args.queue or DEFAULT_QUEUES[args.backend]
+    """`--queue`, else `$FLOWCRAFT_QUEUE`, else the backend's default queue."""
+    return args.queue or os.environ.get(QUEUE_ENV) or DEFAULT_QUEUES[args.backend]
+
+
+def key_prefix(args: Any) -> str:
+    """`--prefix`, else `$FLOWCRAFT_PREFIX`, else none (an explicit `--prefix ''` means none)."""
+    return args.prefix if args.prefix is not None else os.environ.get(PREFIX_ENV, "")
 
 
 def _redis_client(args: Any) -> Any:
@@ -200,13 +215,13 @@ def _redis_adapter(args: Any, runtime: FlowRuntime, options: dict) -> Any:
     else:
         adapter_class = package.RedisAdapter
     client = _redis_client(args)
-    return adapter_class(runtime, client, queue_name(args), prefix=args.prefix, **options)
+    return adapter_class(runtime, client, queue_name(args), prefix=key_prefix(args), **options)
 
 
 def _rabbitmq_adapter(args: Any, runtime: FlowRuntime, options: dict) -> Any:
     context_table, status_table = table_names(args)
     package = _import_adapter("flowcraft_rabbitmq", "rabbitmq")
-    coordination = package.RedisCoordinationStore(_redis_client(args), args.prefix)
+    coordination = package.RedisCoordinationStore(_redis_client(args), key_prefix(args))
     amqp, postgres = url(args, "rabbitmq"), url(args, "postgres")
     # PostgreSQL is reached first (the store), then RabbitMQ: name whichever failed.
     import psycopg2

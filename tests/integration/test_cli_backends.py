@@ -417,3 +417,37 @@ def test_wrong_redis_user_or_password_is_authentication_failed(redis_url):
         proc = _program(*argv, "--redis-url", address)
         line = _assert_one_line(proc, "authentication failed for Redis at redis://nobody_xyz:***@", "wrong@")
         assert "invalid username-password pair" in line
+
+
+# --- the names in the environment, as the examples read them (issue 17 item 9) ---------------------
+
+
+@pytest.mark.parametrize("kind", ["redis", "rabbitmq"])
+def test_cli_worker_reads_the_examples_environment_and_serves_their_client(request, kind):
+    """With FLOWCRAFT_QUEUE / FLOWCRAFT_PREFIX (/ FLOWCRAFT_TABLE_PREFIX) set and no flags, `flowcraft
+    db init` and `flowcraft worker` use those names: the example client's run completes."""
+    env = {"REDIS_URL": request.getfixturevalue("redis_url"), "FLOWCRAFT_PREFIX": request.getfixturevalue("redis_prefix")}
+    if kind == "redis":
+        env["FLOWCRAFT_QUEUE"] = f"fcq-{uuid.uuid4().hex[:8]}"  # under the prefix: deleted with it
+    else:
+        tables = request.getfixturevalue("pg_table_prefix")
+        env.update(RABBITMQ_URL=request.getfixturevalue("amqp_url"), POSTGRES_URL=request.getfixturevalue("postgres_dsn"),
+                   FLOWCRAFT_QUEUE=request.getfixturevalue("amqp_queue_name"), FLOWCRAFT_TABLE_PREFIX=tables)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), **env)
+    flowcraft = [sys.executable, "-m", "flowcraft"]
+    if kind == "rabbitmq":
+        init = subprocess.run([*flowcraft, "db", "init"], cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=60)
+        assert init.returncode == EXIT_OK, init.stderr
+        assert json.loads(init.stdout)["context_table"] == f"{tables}contexts"
+    worker = subprocess.Popen([*flowcraft, "worker", "--backend", kind, "--app", "examples.workflows:runtime"],
+                              cwd=str(ROOT), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        client = subprocess.run([sys.executable, str(ROOT / "examples" / f"{kind}_client.py"), "--order", "A-1001"],
+                                cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=60)
+        assert client.returncode == 0, client.stderr
+        assert json.loads(client.stdout)["status"] == "completed"
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        _, log = worker.communicate(timeout=30)
+    assert worker.returncode == EXIT_OK, log
+    assert f"queue {env['FLOWCRAFT_QUEUE']!r}" in log, log  # the worker's start line names the queue it used
