@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from .. import __version__
 from .backends import BACKENDS, DEFAULT_QUEUES, DEFAULT_TABLE_PREFIX, DEFAULT_URLS, PREFIX_ENV, QUEUE_ENV, TABLE_PREFIX_ENV
 
 EPILOG = """\
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowcraft", description="Run and operate Flowcraft workflows.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"flowcraft {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common, conn = _common(), _connection()
 
