@@ -591,3 +591,92 @@ def test_importing_the_cli_imports_no_driver():
             "print(sorted(m for m in ('redis', 'pika', 'psycopg2', 'rq') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "[]", proc.stderr
+
+
+def test_postgres_password_refusal_is_authentication_failed_not_cannot_reach():
+    # the local PostgreSQL trusts every role, so its refusal is built here as psycopg2 raises it
+    psycopg2 = pytest.importorskip("psycopg2")
+    refused = psycopg2.OperationalError('connection to server at "127.0.0.1", port 5432 failed: '
+                                        'FATAL:  password authentication failed for user "root"\n')
+    error = backends.service_error("PostgreSQL", "postgresql://root:pw@127.0.0.1:5432/test", refused)
+    assert str(error) == ('authentication failed for PostgreSQL at postgresql://root:***@127.0.0.1:5432/test: '
+                          'FATAL: password authentication failed for user "root"')
+    down = psycopg2.OperationalError("connection to server at \"127.0.0.1\", port 1 failed: Connection refused")
+    assert str(backends.service_error("PostgreSQL", "postgresql://root@127.0.0.1:1/test", down)).startswith(
+        "cannot reach PostgreSQL at postgresql://root@127.0.0.1:1/test: ")
+
+
+def test_queue_prefix_and_tables_come_from_the_environment_unless_given(monkeypatch):
+    from flowcraft.cli.parser import build_parser
+
+    def parsed(*flags):
+        return build_parser().parse_args(["status", "r1", *flags])
+
+    monkeypatch.delenv("FLOWCRAFT_QUEUE", raising=False)
+    monkeypatch.delenv("FLOWCRAFT_PREFIX", raising=False)
+    monkeypatch.delenv("FLOWCRAFT_TABLE_PREFIX", raising=False)
+    args = parsed("--backend", "rabbitmq")
+    assert (backends.queue_name(args), backends.key_prefix(args)) == ("flowcraft-jobs", "")
+    assert backends.table_names(args) == ("flowcraft_contexts", "flowcraft_statuses")
+    monkeypatch.setenv("FLOWCRAFT_QUEUE", "env-queue")
+    monkeypatch.setenv("FLOWCRAFT_PREFIX", "env:")
+    monkeypatch.setenv("FLOWCRAFT_TABLE_PREFIX", "env_")
+    for backend in ("redis", "rq", "rabbitmq"):
+        args = parsed("--backend", backend)
+        assert (backends.queue_name(args), backends.key_prefix(args)) == ("env-queue", "env:")
+    assert backends.table_names(args) == ("env_contexts", "env_statuses")
+    args = parsed("--queue", "q", "--prefix", "", "--context-table", "c", "--status-table", "s")  # flags win
+    assert (backends.queue_name(args), backends.key_prefix(args), backends.table_names(args)) == ("q", "", ("c", "s"))
+    monkeypatch.setenv("FLOWCRAFT_TABLE_PREFIX", "bad name;")
+    with pytest.raises(Exception, match=r"--context-table \(from \$FLOWCRAFT_TABLE_PREFIX\) .bad name;contexts. is not a valid table name"):
+        backends.table_names(parsed())
+
+
+# --- --version, --debug, a closed pipe (issue 17 item 8) ------------------------------------------
+
+
+def test_version(capsys):
+    import flowcraft
+
+    assert main(["--version"]) == EXIT_OK
+    assert capsys.readouterr().out == f"flowcraft {flowcraft.__version__}\n"
+
+
+def test_debug_shows_the_apps_own_traceback_when_it_fails_to_import(capsys, app_dir):
+    path, _ = app_dir
+    (path / "nested_broken_app.py").write_text("def setup():\n    raise RuntimeError('no config file')\n\nsetup()\n")
+    sys.path.insert(0, str(path))
+    try:
+        code, out, err = run_cli(capsys, "run", "x.json", "--app", "nested_broken_app:runtime")
+        assert code == EXIT_USAGE and out == ""
+        assert_one_line_error(err, "importing app module 'nested_broken_app' failed: RuntimeError: no config file")
+        code, out, err = run_cli(capsys, "run", "x.json", "--app", "nested_broken_app:runtime", "--debug")
+    finally:
+        sys.path.remove(str(path))
+    assert code == EXIT_USAGE
+    assert "nested_broken_app.py\", line 4, in <module>" in err and "in setup" in err, err  # the user's frames
+    assert err.splitlines()[-1] == ("flowcraft: error: importing app module 'nested_broken_app' failed: "
+                                    "RuntimeError: no config file")
+
+
+def test_graph_into_a_pipe_closed_early_ends_quietly(app_dir, tmp_path):
+    flow = create_flow("long")
+    for i in range(3000):  # far more Mermaid than a pipe buffers
+        flow.node(f"n{i}", double_for_pipe)
+        if i:
+            flow.edge(f"n{i - 1}", f"n{i}")
+    blueprint = tmp_path / "long.json"
+    blueprint.write_text(flow.to_blueprint().to_json())
+    path, _ = app_dir
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen([sys.executable, "-m", "flowcraft", "graph", str(blueprint)], cwd=str(path), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline() == b"flowchart TD\n"
+    proc.stdout.close()  # as `| head -1` does
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, err  # 128 + SIGPIPE, as a shell reports a command killed by it
+    assert err == ""  # no "[Errno 32] Broken pipe", no "Exception ignored"
+
+
+def double_for_pipe(ctx):
+    return 2

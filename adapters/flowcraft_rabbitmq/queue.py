@@ -51,6 +51,9 @@ REASON_HEADER = "x-flowcraft-reason"
 REASON_BYTES_HEADER = "x-flowcraft-reason-bytes"  # the full reason's UTF-8 length, when the header is cut
 MAX_REASON_BYTES = 4096  # UTF-8 bytes of a reason in its header: far below any frame_max
 _AMQP_ERRORS = (pika.exceptions.AMQPError, ConnectionError, OSError)
+# Refusals of the credentials (or of the vhost): retrying them cannot help at the first connection.
+_AUTH_ERRORS = (pika.exceptions.ProbableAuthenticationError, pika.exceptions.AuthenticationError,
+                pika.exceptions.ProbableAccessDeniedError)
 _IDLE_AFTER = 0.05  # seconds without deliveries before `on_idle` is called
 # Unacknowledged deliveries a consumer may hold. The worker handles what it holds as one batch (a
 # wave per run): 40 lets it hold the next wave while it commits one, which measured 1.4-1.6x the
@@ -108,7 +111,9 @@ class _Link:
         self.channel: Any = None
         self.generation = 0
 
-    def ensure(self) -> Any:
+    def ensure(self, first: bool = False) -> Any:
+        """The open channel, (re)connecting with backoff; `first`: a refused login raises at once
+        (later, during a broker restart, it is retried like any outage)."""
         if self.channel is not None and self.channel.is_open and self.connection.is_open:
             return self.channel
         deadline = time.monotonic() + self.reconnect_timeout
@@ -125,6 +130,8 @@ class _Link:
                 return self.channel
             except _AMQP_ERRORS as error:
                 self.drop()
+                if first and isinstance(error, _AUTH_ERRORS):
+                    raise
                 if time.monotonic() + delay > deadline:
                     raise ConnectionError(f"RabbitMQ unreachable for {self.reconnect_timeout:g}s: {error!r}") from error
                 logger.warning("RabbitMQ unreachable (%r); retrying in %.2fs", error, delay)
@@ -172,7 +179,7 @@ class RabbitMqQueue:
         # Called (in `fetch`, by the consuming thread) once no delivery came for a moment.
         self.on_idle: Optional[Callable[[], None]] = None
         with self._publisher.lock:
-            self._publisher.ensure()  # declares the queues; fails fast on a bad URL
+            self._publisher.ensure(first=True)  # declares the queues; fails fast on a bad URL or login
 
     # --- topology --------------------------------------------------------------------------------
 

@@ -7,12 +7,13 @@ exit code 2, before anything is changed; see `errors.py` for every exit code.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import traceback
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ..errors import BlueprintError, FlowcraftError
-from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE, CliError, one_line
+from .errors import EXIT_BROKEN_PIPE, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE, CliError, one_line
 from .parser import build_parser
 from .signals import ForcedStop
 
@@ -31,7 +32,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(exit_.code or 0)
     _configure_logging(args)
     try:
-        return _dispatch(args, argv)
+        code = _dispatch(args, argv)
+        sys.stdout.flush()  # here, not at exit: a reader that went away is handled below
+        return code
+    except BrokenPipeError as error:
+        if not _stdout_closed():
+            return _report(args, error)  # a socket's, not ours
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         print("flowcraft: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -39,11 +46,43 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"flowcraft: forced stop ({forced})", file=sys.stderr)
         return EXIT_FAILED
     except Exception as error:
-        code, message = _classify(error)
-        if args.debug:
-            traceback.print_exc()
-        print(f"flowcraft: error: {message}", file=sys.stderr)
-        return code
+        return _report(args, error)
+
+
+def _report(args: Any, error: Exception) -> int:
+    """Print the one-line error (after the traceback with --debug); return the exit code."""
+    code, message = _classify(error)
+    if args.debug:
+        traceback.print_exception(type(error), error, error.__traceback__)
+    print(f"flowcraft: error: {message}", file=sys.stderr)
+    return code
+
+
+def _stdout_closed() -> bool:
+    """True when stdout's reader has gone (`flowcraft graph ... | head`): then stdout is pointed at
+    /dev/null, so that the interpreter's own flush at exit cannot fail too (the Python docs' recipe
+    for SIGPIPE), and the command ends quietly, as a command killed by SIGPIPE would."""
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError, AttributeError):
+        return False  # not a real file (a program capturing our output): the pipe was not ours
+    try:
+        import select
+
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        events = dict(poller.poll(0)).get(fd, 0)
+        if not events & select.POLLERR:  # a pipe with no reader left polls as an error
+            return False
+    except (AttributeError, OSError):
+        pass  # no poll() here: a bare BrokenPipeError reaching us is stdout's (drivers wrap theirs)
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+    except OSError:
+        pass
+    return True
 
 
 def _dispatch(args: Any, argv: List[str]) -> int:
@@ -86,5 +125,8 @@ def _configure_logging(args: Any) -> None:
     else:
         level = logging.WARNING if args.command in _LONG_RUNNING else logging.ERROR
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # pika logs every failed connection attempt at ERROR, with a traceback, though the adapter
+    # handles it (retries, then raises the error the command reports in one line): only -vv shows them.
+    logging.getLogger("pika").setLevel(level if args.verbose >= 2 else logging.CRITICAL)
     if args.command in _LONG_RUNNING:
         logging.getLogger("flowcraft.cli").setLevel(min(level, logging.INFO))

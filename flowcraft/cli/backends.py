@@ -8,8 +8,10 @@ cannot be reached raises `ServiceUnavailable` naming it and its (password-redact
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
+import sys
 from typing import Any, Iterator, Tuple
 from urllib.parse import urlsplit, urlunsplit
 
@@ -24,6 +26,12 @@ DEFAULT_URLS = {
     "postgres": ("POSTGRES_URL", "postgresql://root@127.0.0.1:5432/test"),
 }
 DEFAULT_QUEUES = {"redis": "flowcraft-queue", "rq": "flowcraft-queue", "rabbitmq": "flowcraft-jobs"}
+# Names the examples (examples/*_worker.py) read from the environment too, with the same defaults:
+# a flag wins, then the variable (when set and not empty), then the default.
+QUEUE_ENV = "FLOWCRAFT_QUEUE"  # default: DEFAULT_QUEUES[backend]
+PREFIX_ENV = "FLOWCRAFT_PREFIX"  # Redis key prefix; default: none (the seed's key names)
+TABLE_PREFIX_ENV = "FLOWCRAFT_TABLE_PREFIX"  # rabbitmq: <prefix>contexts and <prefix>statuses
+DEFAULT_TABLE_PREFIX = "flowcraft_"
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")  # as flowcraft_rabbitmq.validate_identifier
 
 
@@ -47,24 +55,82 @@ def redact(address: str) -> str:
 
 
 def table_names(args: Any) -> Tuple[str, str]:
-    """The context and status table names, checked before anything connects."""
-    names = (args.context_table, args.status_table)
-    for name, flag in zip(names, ("--context-table", "--status-table")):
+    """The context and status table names (flags, else `$FLOWCRAFT_TABLE_PREFIX` + contexts/statuses),
+    checked before anything connects."""
+    tables = os.environ.get(TABLE_PREFIX_ENV) or DEFAULT_TABLE_PREFIX
+    names = (args.context_table or f"{tables}contexts", args.status_table or f"{tables}statuses")
+    for name, given, flag in zip(names, (args.context_table, args.status_table), ("--context-table", "--status-table")):
         if not _IDENTIFIER.match(name):
-            raise CliError(f"{flag} {name!r} is not a valid table name: use 1-63 letters, digits or "
+            culprit = flag if given else f"{flag} (from ${TABLE_PREFIX_ENV})"
+            raise CliError(f"{culprit} {name!r} is not a valid table name: use 1-63 letters, digits or "
                            f"underscores, not starting with a digit")
     return names
 
 
 @contextlib.contextmanager
 def reaching(service: str, address: str) -> Iterator[None]:
-    """Turn any connection failure inside the block into `ServiceUnavailable` naming the service."""
+    """Turn any connection failure inside the block into one line naming the service: a refused login
+    raises `CliError` ("authentication failed"), anything else `ServiceUnavailable` ("cannot reach")."""
     try:
         yield
     except CliError:
         raise
     except _connection_errors() as error:
-        raise ServiceUnavailable(f"cannot reach {service} at {redact(address)}: {one_line(error) or type(error).__name__}") from None
+        raise service_error(service, address, error) from None
+
+
+def service_error(service: str, address: str, error: BaseException) -> Exception:
+    """The one-line error for a failure to connect to `service` at `address`."""
+    refusal = _refusal(error)
+    if refusal:
+        return CliError(f"{refusal} for {service} at {redact(address)}: {_auth_detail(error)}")
+    return ServiceUnavailable(f"cannot reach {service} at {redact(address)}: {_root_cause(error)}")
+
+
+# psycopg2 has no class of its own for a refused login: its server message says it.
+_PG_AUTH = re.compile(r"password authentication failed|no password supplied|role \S+ does not exist|"
+                      r"authentication failed", re.IGNORECASE)
+
+
+_REFUSALS = (("authentication failed", "redis.exceptions", ("AuthenticationError", "AuthorizationError")),
+             ("authentication failed", "pika.exceptions", ("ProbableAuthenticationError", "AuthenticationError")),
+             ("access refused", "pika.exceptions", ("ProbableAccessDeniedError",)))  # a vhost missing or not allowed
+
+
+def _refusal(error: BaseException) -> str:
+    """"authentication failed" / "access refused" when the service refused the login, else ""."""
+    for words, module, names in _REFUSALS:
+        imported = sys.modules.get(module)  # not loaded: none of its errors can be this one
+        if imported is not None and isinstance(error, tuple(getattr(imported, n) for n in names if hasattr(imported, n))):
+            return words
+    psycopg2 = sys.modules.get("psycopg2")
+    if psycopg2 is not None and isinstance(error, psycopg2.OperationalError) and _PG_AUTH.search(str(error)):
+        return "authentication failed"
+    return ""
+
+
+def _auth_detail(error: BaseException) -> str:
+    text = one_line(error)
+    refused = re.search(r"[A-Z_]+ - [^'\"]*?(?=\. For details|['\"]|$)", text)  # pika wraps the broker's words
+    if refused:
+        return refused.group(0)
+    return re.sub(r"^connection to server at [^:]*: ", "", text) or type(error).__name__
+
+
+def _root_cause(error: BaseException) -> str:
+    """The socket error at the bottom of a driver's wrapped errors ("Connection refused"), else the
+    error's own text: pika nests it three exceptions deep."""
+    todo, seen = [error], set()
+    while todo:
+        current = todo.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.strerror:
+            return current.strerror
+        nested = (current.__cause__, current.__context__, getattr(current, "exception", None), *current.args)
+        todo.extend(x for x in nested if isinstance(x, BaseException))
+    return one_line(error) or type(error).__name__
 
 
 def _connection_errors() -> Tuple[type, ...]:
@@ -95,13 +161,35 @@ def _import_adapter(package: str, backend: str) -> Any:
 def open_adapter(args: Any, runtime: FlowRuntime) -> Any:
     """The adapter of `args.backend`, connected and checked (raises `ServiceUnavailable`)."""
     options = {"fetch_batch": args.batch} if getattr(args, "batch", None) else {}
-    if args.backend == "rabbitmq":
-        return _rabbitmq_adapter(args, runtime, options)
-    return _redis_adapter(args, runtime, options)
+    with _first_connection(args):
+        if args.backend == "rabbitmq":
+            return _rabbitmq_adapter(args, runtime, options)
+        return _redis_adapter(args, runtime, options)
+
+
+@contextlib.contextmanager
+def _first_connection(args: Any) -> Iterator[None]:
+    """Hold back the adapters' "unreachable, retrying" warnings while they first connect (unless -v):
+    if they give up, the command reports it in one line; once connected, a worker logs them again."""
+    loggers = [] if getattr(args, "verbose", 0) else [logging.getLogger(n) for n in ("flowcraft.rabbitmq", "flowcraft.redis")]
+    saved = [(each, each.level) for each in loggers]
+    for each in loggers:
+        each.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for each, level in saved:
+            each.setLevel(level)
 
 
 def queue_name(args: Any) -> str:
-    return args.queue or DEFAULT_QUEUES[args.backend]
+    """`--queue`, else `$FLOWCRAFT_QUEUE`, else the backend's default queue."""
+    return args.queue or os.environ.get(QUEUE_ENV) or DEFAULT_QUEUES[args.backend]
+
+
+def key_prefix(args: Any) -> str:
+    """`--prefix`, else `$FLOWCRAFT_PREFIX`, else none (an explicit `--prefix ''` means none)."""
+    return args.prefix if args.prefix is not None else os.environ.get(PREFIX_ENV, "")
 
 
 def _redis_client(args: Any) -> Any:
@@ -127,13 +215,13 @@ def _redis_adapter(args: Any, runtime: FlowRuntime, options: dict) -> Any:
     else:
         adapter_class = package.RedisAdapter
     client = _redis_client(args)
-    return adapter_class(runtime, client, queue_name(args), prefix=args.prefix, **options)
+    return adapter_class(runtime, client, queue_name(args), prefix=key_prefix(args), **options)
 
 
 def _rabbitmq_adapter(args: Any, runtime: FlowRuntime, options: dict) -> Any:
     context_table, status_table = table_names(args)
     package = _import_adapter("flowcraft_rabbitmq", "rabbitmq")
-    coordination = package.RedisCoordinationStore(_redis_client(args), args.prefix)
+    coordination = package.RedisCoordinationStore(_redis_client(args), key_prefix(args))
     amqp, postgres = url(args, "rabbitmq"), url(args, "postgres")
     # PostgreSQL is reached first (the store), then RabbitMQ: name whichever failed.
     import psycopg2
@@ -142,9 +230,9 @@ def _rabbitmq_adapter(args: Any, runtime: FlowRuntime, options: dict) -> Any:
         return package.RabbitMqAdapter(runtime, coordination, amqp, postgres, context_table, status_table,
                                        queue_name(args), reconnect_timeout=args.connect_timeout, **options)
     except psycopg2.Error as error:
-        raise ServiceUnavailable(f"cannot reach PostgreSQL at {redact(postgres)}: {one_line(error)}") from None
+        raise service_error("PostgreSQL", postgres, error) from None
     except _connection_errors() as error:
-        raise ServiceUnavailable(f"cannot reach RabbitMQ at {redact(amqp)}: {one_line(error)}") from None
+        raise service_error("RabbitMQ", amqp, error) from None
 
 
 def close_adapter(adapter: Any) -> None:

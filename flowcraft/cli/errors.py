@@ -6,6 +6,7 @@ EXIT_FAILED = 1  # a run failed, was cancelled or stalled; lint found errors
 EXIT_USAGE = 2  # bad usage or input, unknown run, unreachable service: nothing was changed
 EXIT_TIMEOUT = 3  # `wait --timeout`: the run had not finished in time (it goes on)
 EXIT_INTERRUPTED = 130  # Ctrl-C outside the commands that handle it
+EXIT_BROKEN_PIPE = 141  # stdout's reader went away (`| head`): 128 + SIGPIPE, as a shell reports it
 
 
 class CliError(Exception):

@@ -56,9 +56,9 @@ def _import_app_module(module_name: str) -> Any:
     except ModuleNotFoundError as error:
         if error.name and (module_name == error.name or module_name.startswith(error.name + ".")):
             raise CliError(f"cannot import app module {module_name!r}: no module named {error.name!r}") from None
-        raise CliError(f"importing app module {module_name!r} failed: {one_line(error)}") from None
-    except Exception as error:  # the user's module raised while importing: name it, no traceback
-        raise CliError(f"importing app module {module_name!r} failed: {type(error).__name__}: {one_line(error)}") from None
+        raise CliError(f"importing app module {module_name!r} failed: {one_line(error)}") from error
+    except Exception as error:  # the user's module raised while importing: one line (--debug: their traceback)
+        raise CliError(f"importing app module {module_name!r} failed: {type(error).__name__}: {one_line(error)}") from error
 
 
 def _resolve_attr(module: Any, module_name: str, attr_path: str) -> Any:
@@ -86,7 +86,7 @@ def _call_factory(factory: Any, spec: str) -> Any:
     try:
         return factory()
     except Exception as error:
-        raise CliError(f"--app {spec!r}: calling it failed: {type(error).__name__}: {one_line(error)}") from None
+        raise CliError(f"--app {spec!r}: calling it failed: {type(error).__name__}: {one_line(error)}") from error
 
 
 # --- blueprints -------------------------------------------------------------------------------

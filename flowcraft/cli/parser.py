@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from .backends import BACKENDS, DEFAULT_URLS
+from .. import __version__
+from .backends import BACKENDS, DEFAULT_QUEUES, DEFAULT_TABLE_PREFIX, DEFAULT_URLS, PREFIX_ENV, QUEUE_ENV, TABLE_PREFIX_ENV
 
 EPILOG = """\
 exit codes:
@@ -18,6 +19,11 @@ environment:
   RABBITMQ_URL  default of --rabbitmq-url  (amqp://guest:guest@127.0.0.1:5672/%2F)
   POSTGRES_URL  default of --postgres-url  (postgresql://root@127.0.0.1:5432/test)
   FLOWCRAFT_BACKEND  default of --backend  (redis)
+""" + f"""\
+  {QUEUE_ENV}    default of --queue   ({DEFAULT_QUEUES["redis"]}; rabbitmq: {DEFAULT_QUEUES["rabbitmq"]})
+  {PREFIX_ENV}   default of --prefix  (none)
+  {TABLE_PREFIX_ENV}  rabbitmq: the tables are <prefix>contexts and <prefix>statuses
+                          unless --context-table/--status-table ({DEFAULT_TABLE_PREFIX})
 """
 
 
@@ -56,15 +62,17 @@ def _connection() -> argparse.ArgumentParser:
     for service in ("redis", "rabbitmq", "postgres"):
         env, default = DEFAULT_URLS[service]
         group.add_argument(f"--{service}-url", metavar="URL", help=f"default: ${env}, else {default}".replace("%", "%%"))
-    group.add_argument("--prefix", default="", help="Redis key prefix (default: none)")
-    group.add_argument("--queue", metavar="NAME", help="queue name (default: flowcraft-queue; rabbitmq: flowcraft-jobs)")
+    group.add_argument("--prefix", help=f"Redis key prefix (default: ${PREFIX_ENV}, else none)")
+    group.add_argument("--queue", metavar="NAME", help=f"queue name (default: ${QUEUE_ENV}, else "
+                                                      f"{DEFAULT_QUEUES['redis']}; rabbitmq: {DEFAULT_QUEUES['rabbitmq']})")
     _tables(group)
     return parent
 
 
 def _tables(group: argparse._ActionsContainer) -> None:
-    group.add_argument("--context-table", default="flowcraft_contexts", metavar="NAME", help="rabbitmq: context table")
-    group.add_argument("--status-table", default="flowcraft_statuses", metavar="NAME", help="rabbitmq: status table")
+    for what, table in (("context", "contexts"), ("status", "statuses")):
+        group.add_argument(f"--{what}-table", metavar="NAME", help=f"rabbitmq: {what} table (default: "
+                                                                  f"${{{TABLE_PREFIX_ENV}}}{table}, else {DEFAULT_TABLE_PREFIX}{table})")
     group.add_argument("--connect-timeout", type=positive_float, default=5.0, metavar="SECONDS",
                        help="give up reaching a service after this long (default: 5)")
 
@@ -73,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowcraft", description="Run and operate Flowcraft workflows.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"flowcraft {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common, conn = _common(), _connection()
 

@@ -353,3 +353,101 @@ def test_unreachable_rabbitmq_backend_services(capsys, backend, service, flag, u
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"flowcraft: error: cannot reach {service} at "), err
     assert "guest:guest" not in err
+
+
+# --- a service that refuses or is not there: one line, as a program (issue 17 item 7) ---------------
+
+
+def _program(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """`python -m flowcraft ARGV` as a user runs it: its own logging set up by the command."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, "-m", "flowcraft", *argv], cwd=str(ROOT), env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _assert_one_line(proc: subprocess.CompletedProcess, start: str, secret: str = "") -> str:
+    assert proc.returncode == EXIT_USAGE, proc.stderr
+    assert proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr  # no pika log lines, no retry warnings, no traceback
+    assert lines[0].startswith(f"flowcraft: error: {start}"), lines[0]
+    if secret:
+        assert secret not in proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", [["status", "r1"], ["worker", "--burst", "--app", "examples.workflows:runtime"]])
+def test_closed_rabbitmq_port_is_one_line(amqp_url, command):
+    url = "amqp://guest:s3cret@127.0.0.1:1/%2F"
+    proc = _program(*command, "--backend", "rabbitmq", "--rabbitmq-url", url, "--connect-timeout", "1")
+    line = _assert_one_line(proc, "cannot reach RabbitMQ at amqp://guest:***@127.0.0.1:1/%2F: ", "s3cret")
+    assert line.endswith("Connection refused"), line
+
+
+@pytest.mark.parametrize("command", [["status", "r1"], ["worker", "--burst", "--app", "examples.workflows:runtime"]])
+def test_wrong_rabbitmq_password_is_authentication_failed_at_once(amqp_url, command, amqp_queue_name):
+    parts = amqp_url.split("@", 1)
+    url = parts[0].rsplit(":", 1)[0] + ":not-the-password@" + parts[1]
+    began = time.monotonic()
+    proc = _program(*command, "--backend", "rabbitmq", "--rabbitmq-url", url, "--queue", amqp_queue_name,
+                    "--connect-timeout", "30")
+    line = _assert_one_line(proc, "authentication failed for RabbitMQ at ", "not-the-password")
+    assert "ACCESS_REFUSED" in line
+    assert time.monotonic() - began < 15  # not retried for --connect-timeout (30 s): a login refused stays refused
+
+
+def test_missing_rabbitmq_vhost_is_access_refused(amqp_url):
+    url = amqp_url.rsplit("/", 1)[0] + "/no-such-vhost-" + uuid.uuid4().hex[:6]
+    line = _assert_one_line(_program("status", "r1", "--backend", "rabbitmq", "--rabbitmq-url", url,
+                                     "--connect-timeout", "30"), "access refused for RabbitMQ at ")
+    assert "no-such-vhost" in line
+
+
+def test_unknown_postgres_role_is_authentication_failed(postgres_dsn):
+    # the local server trusts every known role (no password to get wrong): an unknown role is the refusal
+    for argv in (["status", "r1", "--backend", "rabbitmq"], ["db", "init"]):
+        proc = _program(*argv, "--postgres-url", "postgresql://no_such_role_xyz@127.0.0.1:5432/test")
+        line = _assert_one_line(proc, "authentication failed for PostgreSQL at postgresql://no_such_role_xyz@")
+        assert 'role "no_such_role_xyz" does not exist' in line
+
+
+def test_wrong_redis_user_or_password_is_authentication_failed(redis_url):
+    address = redis_url.replace("redis://", "redis://nobody_xyz:wrong@", 1)
+    for argv in (["status", "r1"], ["worker", "--burst", "--app", "examples.workflows:runtime"]):
+        proc = _program(*argv, "--redis-url", address)
+        line = _assert_one_line(proc, "authentication failed for Redis at redis://nobody_xyz:***@", "wrong@")
+        assert "invalid username-password pair" in line
+
+
+# --- the names in the environment, as the examples read them (issue 17 item 9) ---------------------
+
+
+@pytest.mark.parametrize("kind", ["redis", "rabbitmq"])
+def test_cli_worker_reads_the_examples_environment_and_serves_their_client(request, kind):
+    """With FLOWCRAFT_QUEUE / FLOWCRAFT_PREFIX (/ FLOWCRAFT_TABLE_PREFIX) set and no flags, `flowcraft
+    db init` and `flowcraft worker` use those names: the example client's run completes."""
+    env = {"REDIS_URL": request.getfixturevalue("redis_url"), "FLOWCRAFT_PREFIX": request.getfixturevalue("redis_prefix")}
+    if kind == "redis":
+        env["FLOWCRAFT_QUEUE"] = f"fcq-{uuid.uuid4().hex[:8]}"  # under the prefix: deleted with it
+    else:
+        tables = request.getfixturevalue("pg_table_prefix")
+        env.update(RABBITMQ_URL=request.getfixturevalue("amqp_url"), POSTGRES_URL=request.getfixturevalue("postgres_dsn"),
+                   FLOWCRAFT_QUEUE=request.getfixturevalue("amqp_queue_name"), FLOWCRAFT_TABLE_PREFIX=tables)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), **env)
+    flowcraft = [sys.executable, "-m", "flowcraft"]
+    if kind == "rabbitmq":
+        init = subprocess.run([*flowcraft, "db", "init"], cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=60)
+        assert init.returncode == EXIT_OK, init.stderr
+        assert json.loads(init.stdout)["context_table"] == f"{tables}contexts"
+    worker = subprocess.Popen([*flowcraft, "worker", "--backend", kind, "--app", "examples.workflows:runtime"],
+                              cwd=str(ROOT), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        client = subprocess.run([sys.executable, str(ROOT / "examples" / f"{kind}_client.py"), "--order", "A-1001"],
+                                cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=60)
+        assert client.returncode == 0, client.stderr
+        assert json.loads(client.stdout)["status"] == "completed"
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        _, log = worker.communicate(timeout=30)
+    assert worker.returncode == EXIT_OK, log
+    assert f"queue {env['FLOWCRAFT_QUEUE']!r}" in log, log  # the worker's start line names the queue it used
