@@ -164,7 +164,7 @@ CLEAN = {
         node("fetch", "fetch-order", config={"fallback": "fetch-cache", "joinStrategy": "all", "maxRetries": 2}),
         node("fetch-cache", "read-cache"),
         node("ship", "ship-order"),
-        node("ctl", "loop-controller", params={"condition": "count < 3"}, config={"joinStrategy": "any"}),
+        node("ctl", "loop-controller", params={"condition": "context.count < 3"}, config={"joinStrategy": "any"}),
         node("pause", "wait"),
     ],
     "edges": [
