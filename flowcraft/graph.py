@@ -2,7 +2,10 @@
 
 `CompiledGraph` is built once per blueprint: adjacency, join sizes, start nodes, back edges (the
 edges that close a cycle, such as a loop's `continue`) and the body each back edge re-runs, plus the
-compiled edge expressions. It also decides routing: which outgoing edges a result takes.
+compiled edge expressions. It also decides routing: which outgoing edges a result takes (a loop
+controller's true conditional exits exclusively), and evaluates loop controllers' conditions, so
+both drivers evaluate every expression here: `strict_expressions` and its once-per-edge warnings
+(logger "flowcraft.expressions") live in one place.
 
 `Traversal` is the state machine of one run, with no I/O: which edges have arrived at each node,
 which nodes are ready, done or skipped, and how many activations are outstanding. The in-memory
