@@ -27,15 +27,23 @@ code                      severity  meaning
                                     fallbacks)
 ``UNBOUNDED_CYCLE``       warning   a reachable cycle with no loop controller on it: it runs until the
                                     runtime's `max_cycle_iterations` (default 1000) fails the run
+``UNKNOWN_NAME``          warning   an expression reads a top-level name that is neither `result`,
+                          (error)   `input`, `context`, a node id, a key some node's `inputs` names
+                                    (or a batch's `outputKey`, a subflow's `outputs`), nor one of
+                                    `context_keys=`; an error when `context_keys` is given (the
+                                    caller listed every key), a warning otherwise (nodes may write
+                                    keys lint cannot see)
 ========================  ========  ===============================================================
 
 `LintResult.is_valid` is False when any issue is an error. A blueprint that lints valid (without a
 registry) loads with `WorkflowBlueprint.from_dict`. Issues come in a deterministic order: the
 blueprint's own fields, then each node in order, then each edge in order, then the references
-between them (fallbacks, loop `continue` edges, node by node), then the graph-wide checks.
+between them (fallbacks, loop `continue` edges, node by node), then the names expressions read
+(nodes' loop conditions, then edges), then the graph-wide checks.
 """
 from __future__ import annotations
 
+import difflib
 import json
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
@@ -67,8 +75,11 @@ BAD_EXPRESSION = "BAD_EXPRESSION"
 NO_START_NODE = "NO_START_NODE"
 ORPHAN_NODE = "ORPHAN_NODE"
 UNBOUNDED_CYCLE = "UNBOUNDED_CYCLE"
+UNKNOWN_NAME = "UNKNOWN_NAME"
 
 _WARNING_CODES = frozenset({ORPHAN_NODE, UNBOUNDED_CYCLE})
+#: names every expression may read (SPEC 5 "Strict expressions"), and the keys the engine writes
+_ALWAYS_KNOWN = frozenset({"result", "input", "context", "_awaitingNodeIds", "_awaitingDetails"})
 
 
 # ================================================================================================
@@ -296,18 +307,20 @@ def _in_registry(registry: Any, key: Any) -> bool:
 
 
 class _Linter:
-    def __init__(self, registry: Any, evaluator: Any) -> None:
+    def __init__(self, registry: Any, evaluator: Any, context_keys: Optional[Iterable[str]] = None) -> None:
         self.issues: List[LintIssue] = []
         self.registry = _registry_keys(registry)
+        self.context_keys = None if context_keys is None else {k for k in context_keys if isinstance(k, str)}
         self._evaluator = evaluator
         self._evaluator_loaded = evaluator is not None
 
-    def add(self, code: str, message: str, node_id: Any = None, edge_index: Optional[int] = None) -> None:
+    def add(self, code: str, message: str, node_id: Any = None, edge_index: Optional[int] = None,
+            severity: Optional[str] = None) -> None:
         self.issues.append(LintIssue(
             code=code,
             message=message,
             node_id=node_id if isinstance(node_id, str) else None,
-            severity=WARNING if code in _WARNING_CODES else ERROR,
+            severity=severity or (WARNING if code in _WARNING_CODES else ERROR),
             edge_index=edge_index,
         ))
 
@@ -346,6 +359,7 @@ class _Linter:
         edges = self.entries(data, "edges", required=False)
         self.check_edges(edges, node_ids)
         self.check_references(nodes, edges, node_ids)
+        self.check_names(nodes, edges, node_ids)
         self.check_graph(nodes, edges, node_ids)
 
     def check_blueprint_fields(self, data: Mapping[str, Any]) -> None:
@@ -486,6 +500,63 @@ class _Linter:
                     self.add(LOOP_WITHOUT_CONTINUE,
                              f"{where}: loop controller has no outgoing edge with action 'continue'", node_id)
 
+    def check_names(self, nodes: List[Tuple[int, Mapping[str, Any]]],
+                    edges: List[Tuple[int, Mapping[str, Any]]], node_ids: Set[str]) -> None:
+        """UNKNOWN_NAME: a top-level name an expression reads that nothing is known to provide."""
+        known = self.known_keys(nodes, node_ids)
+        for index, node in nodes:
+            params = node.get("params")
+            if node.get("uses") == LOOP_CONTROLLER and isinstance(params, Mapping):
+                node_id = node.get("id")
+                where = f"node {node_id!r}" if _is_name(node_id) else f"node #{index}"
+                self.check_expression_names(known, f"{where}: loop condition", params.get("condition"), node_id, None)
+        for index, edge in edges:
+            where = f"edge #{index} ({edge.get('source')!r} -> {edge.get('target')!r})"
+            for kind in ("condition", "transform"):
+                self.check_expression_names(known, f"{where}: {kind}", edge.get(kind), edge.get("source"), index)
+
+    def known_keys(self, nodes: List[Tuple[int, Mapping[str, Any]]], node_ids: Set[str]) -> Set[str]:
+        known = set(_ALWAYS_KNOWN) | set(node_ids) | set(self.context_keys or ())
+        for node_id in node_ids:
+            known.update(("_outputs." + node_id, "_inputs." + node_id))
+        for _, node in nodes:
+            inputs = node.get("inputs")
+            if isinstance(inputs, str):
+                known.add(inputs)
+            elif isinstance(inputs, Mapping):
+                known.update(v for v in inputs.values() if isinstance(v, str))
+            params = node.get("params")
+            if not isinstance(params, Mapping):
+                continue
+            if node.get("uses") == "batch-scatter" or node.get("uses") == "batch-gather":
+                if isinstance(params.get("outputKey"), str):
+                    known.add(params["outputKey"])
+            if node.get("uses") == "subflow" and isinstance(params.get("outputs"), Mapping):
+                known.update(k for k in params["outputs"] if isinstance(k, str))
+        return known
+
+    def check_expression_names(self, known: Set[str], where: str, source: Any, node_id: Any,
+                               edge_index: Optional[int]) -> None:
+        if not isinstance(source, str) or self.expression_problem(source):
+            return  # not an expression: BAD_EXPRESSION says so
+        from .errors import ExpressionError
+        from .evaluator import top_level_names
+
+        try:
+            names = top_level_names(source)
+        except ExpressionError:
+            return
+        for name in names:
+            if name in known or any(k.startswith(name + ".") for k in known):
+                continue  # a dotted key (`_outputs.a`, `order.total`) is read through its head
+            hint = difflib.get_close_matches(name, sorted(k for k in known - _ALWAYS_KNOWN if not k.startswith("_")), n=1)
+            self.add(
+                UNKNOWN_NAME,
+                f"{where} {_label(source)} reads {name!r}, which is not a node id, a key some node's "
+                f"inputs name, nor in context_keys" + (f" (did you mean {hint[0]!r}?)" if hint else ""),
+                node_id, edge_index, severity=ERROR if self.context_keys is not None else WARNING,
+            )
+
     def check_graph(self, nodes: List[Tuple[int, Mapping[str, Any]]],
                     edges: List[Tuple[int, Mapping[str, Any]]], node_ids: Set[str]) -> None:
         """NO_START_NODE, ORPHAN_NODE and UNBOUNDED_CYCLE, on the well-formed part of the blueprint."""
@@ -543,15 +614,26 @@ class _Linter:
                                           f"use a loop (`.loop(...)`) with a condition", cycle[-1])
 
 
-def lint_blueprint(bp: Any, registry: Any = None, *, evaluator: Any = None) -> LintResult:
+def lint_blueprint(bp: Any, registry: Any = None, *, evaluator: Any = None,
+                   context_keys: Optional[Iterable[str]] = None) -> LintResult:
     """Every problem with `bp`, which may be invalid; never raises on bad input.
 
     `bp` is a blueprint dict (read as is: never through `from_dict`), a `WorkflowBlueprint`, a JSON
     string, or a `Flow`. With a `registry` (a mapping of `uses` keys, a `Registry`, or anything with
     a `.registry` such as a `FlowRuntime`), nodes whose `uses` is neither registered nor a built-in
-    are reported. `evaluator` checks expressions (default: the safe default evaluator).
+    are reported. `evaluator` checks expressions (default: the safe default evaluator; one with
+    only `evaluate` is accepted too). `context_keys` are the context keys a run has besides node
+    ids and `inputs` keys (the initial context, what nodes write): an expression reading a name
+    that is none of them is an UNKNOWN_NAME error; without `context_keys`, a warning.
     """
-    linter = _Linter(registry, evaluator)
+    if evaluator is not None:
+        from .evaluator import as_evaluator
+
+        try:
+            evaluator = as_evaluator(evaluator)
+        except TypeError:
+            pass  # reported on each expression as "the evaluator failed on it"
+    linter = _Linter(registry, evaluator, context_keys)
     try:
         data = _raw_form(bp)
     except ValueError as exc:

@@ -41,6 +41,7 @@ class Engine(Protocol):
     """What a driver offers built-ins."""
 
     evaluator: Any
+    graph: Any  # the run's CompiledGraph
     wait_timers: bool
 
     def laps(self, node_id: str) -> int: ...
@@ -91,13 +92,11 @@ def sleep_seconds(params: Mapping[str, Any]) -> float:
 
 def loop_controller(ctx: NodeContext, engine: Engine) -> NodeResult:
     """`continue` while `params.condition` holds (exit edges with a true condition win), else `break`."""
+    # The graph evaluates both (one home for conditions: strict_expressions, warnings, routing).
     names = engine.context_names()
-    for condition in engine.exit_conditions(ctx.node_id):
-        if condition(_WithResult(names, ctx.input)):
-            return NodeResult(output=ctx.input, action="break")
-    source = ctx.params.get("condition")
-    keep_going = bool(engine.evaluator.compile(source)(_WithContext(names))) if source else False
-    if not keep_going:
+    if engine.graph.loop_exits(ctx.node_id, names, ctx.input):
+        return NodeResult(output=ctx.input, action="break")
+    if not engine.graph.loop_continues(ctx.node_id, names):
         return NodeResult(output=ctx.input, action="break")
     limit = int(ctx.params.get("maxIterations", 1000))
     if engine.laps(ctx.node_id) + 1 >= limit:
@@ -172,63 +171,6 @@ def finish_subflow(ctx: NodeContext, child: Any) -> Any:
     if outputs:
         return {parent_key: child.context.get(child_key) for parent_key, child_key in outputs.items()}
     return {k: v for k, v in child.context.items() if not k.startswith("_")}
-
-
-class _WithContext(Mapping):
-    """Context names where `context` itself also names the context (the TS spelling `context.i < 5`)."""
-
-    def __init__(self, names: Mapping[str, Any]) -> None:
-        self.names = names
-
-    def __getitem__(self, key: str) -> Any:
-        if key == "context" and key not in self.names:
-            return self.names
-        return self.names[key]
-
-    def get(self, key: str, default: Any = None) -> Any:
-        if key == "context" and key not in self.names:
-            return self.names
-        return self.names.get(key, default)
-
-    def __contains__(self, key: object) -> bool:
-        return key == "context" or key in self.names
-
-    def __iter__(self):
-        return iter(self.names)
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-
-class _WithResult(Mapping):
-    """Context names plus `result` (the controller's input), for exit-edge conditions."""
-
-    def __init__(self, names: Mapping[str, Any], output: Any) -> None:
-        self.names = names
-        self.result = {"output": output, "action": None}
-
-    def __getitem__(self, key: str) -> Any:
-        if key == "result":
-            return self.result
-        if key == "context" and key not in self.names:
-            return self.names
-        return self.names[key]
-
-    def get(self, key: str, default: Any = None) -> Any:
-        if key == "result":
-            return self.result
-        if key == "context" and key not in self.names:
-            return self.names
-        return self.names.get(key, default)
-
-    def __contains__(self, key: object) -> bool:
-        return key == "result" or key in self.names
-
-    def __iter__(self):
-        return iter(["result", *self.names])
-
-    def __len__(self) -> int:
-        return len(self.names) + 1
 
 
 BUILTINS: Dict[str, Callable[[NodeContext, Engine], Any]] = {

@@ -12,7 +12,17 @@ The runtime accepts *any* object with a method ``compile(source: str) -> callabl
 called with a mapping of names (``fn(names)``), returns the expression's value. ``compile``
 should raise `ExpressionError` for sources it refuses, and the callable should raise
 `ExpressionError` when evaluation fails. `SafeEvaluator` is the default implementation and
-`Evaluator` is the matching `typing.Protocol`.
+`Evaluator` is the matching `typing.Protocol`. An object with only ``evaluate(expression,
+context) -> value`` (the Flowcraft TS ``IEvaluator`` shape; ``context`` is the names mapping) is
+accepted too: `as_evaluator` wraps it in an `EvaluateAdapter`.
+
+Missing names and unorderable comparisons
+-----------------------------------------
+A read that finds nothing (a name, a key, an index) is ``None`` and an ordering comparison of
+values that cannot be ordered (``None``, a number with a string) is ``False``. When the names
+mapping is a `WatchedNames`, it is told of each such `ExpressionProblem` first, and may raise:
+that is how the runtime's ``strict_expressions`` fails them and its lenient mode warns. Only the
+miss path pays for this: a read that finds its key costs one identity test more.
 
 Language
 --------
@@ -80,8 +90,12 @@ from .errors import ExpressionError
 __all__ = [
     "DEFAULT_FUNCTIONS",
     "Evaluator",
+    "ExpressionProblem",
     "SafeEvaluator",
+    "WatchedNames",
+    "as_evaluator",
     "default_evaluator",
+    "top_level_names",
 ]
 
 Names = Mapping[str, Any]
@@ -374,20 +388,24 @@ DEFAULT_FUNCTIONS: Mapping[str, Callable[..., Any]] = {
 # --------------------------------------------------------------------------------------------
 # Run-time helpers (the closures call these; keep them small)
 # --------------------------------------------------------------------------------------------
-def _get_attr(value: Any, name: str) -> Any:
+def _read_attr(value: Any, name: str) -> Any:
+    """`x.y`: a mapping's key, or the `.length` of a list, tuple or string; `_MISSING` when there
+    is no such key (attributes of other objects are never read)."""
     if value.__class__ is dict or isinstance(value, Mapping):
-        return value.get(name)
+        return value.get(name, _MISSING)
     if name == "length" and isinstance(value, _SEQUENCES):
         return len(value)
-    return None
+    return _MISSING
 
 
-def _get_item(value: Any, key: Any) -> Any:
+def _read_item(value: Any, key: Any) -> Any:
+    """`x[k]`: a mapping's key, an item or slice of a list, tuple or string; `_MISSING` when there is
+    no such key or index; None for a key of the wrong kind."""
     if value.__class__ is dict or isinstance(value, Mapping):
         if isinstance(key, tuple):
             _check_hash("a lookup", key)
         try:
-            return value.get(key)
+            return value.get(key, _MISSING)
         except TypeError:  # unhashable key
             return None
     if isinstance(value, _SEQUENCES):
@@ -395,10 +413,119 @@ def _get_item(value: Any, key: Any) -> Any:
             try:
                 return value[key]
             except IndexError:
-                return None
+                return _MISSING
         if isinstance(key, slice):
             return value[key]
+        return None
+    return _MISSING
+
+
+# --------------------------------------------------------------------------------------------
+# Reads that find nothing, comparisons that cannot order: reported to the names' watcher
+# --------------------------------------------------------------------------------------------
+UNKNOWN_NAME = "unknown-name"
+UNORDERABLE = "unorderable"
+MAX_LISTED_KEYS = 20
+
+
+class ExpressionProblem:
+    """A read of a name or key that does not exist (`kind` UNKNOWN_NAME), or an ordering comparison
+    of values that cannot be ordered (UNORDERABLE). Expressions read such a name as None and such a
+    comparison as False; a names mapping that is a `WatchedNames` is told of each one first (the runtime's strict mode raises from it, its lenient mode logs a warning).
+    Only the miss path builds one, and `message()` describes it lazily (it may list keys)."""
+
+    __slots__ = ("kind", "_path", "_parent", "container", "operands")
+
+    def __init__(self, kind: str, path: Any, parent: Any = None, container: Any = None,
+                 operands: Tuple[Any, ...] = ()) -> None:
+        self.kind = kind
+        self._path = path  # a string, or a callable making one (labels are built only when shown)
+        self._parent = parent
+        self.container = container
+        self.operands = operands
+
+    @property
+    def path(self) -> str:
+        """What was read (`result.output.totl`), or the operator of a comparison."""
+        return self._path() if callable(self._path) else self._path
+
+    @property
+    def parent(self) -> Optional[str]:
+        """What the missing key was read from (`result.output`); None for a top-level name."""
+        return self._parent() if callable(self._parent) else self._parent
+
+    def message(self) -> str:
+        if self.kind == UNORDERABLE:
+            a, b = self.operands
+            return (f"{self.path!r} compares {_short(a)} ({type(a).__name__}) with {_short(b)} "
+                    f"({type(b).__name__}): values of these types cannot be ordered")
+        parent = self.parent
+        if parent is None:
+            return f"name {self.path!r} does not exist (names: {_list_keys(self.container, top=True)})"
+        return f"{self.path!r} does not exist ({parent} {_describe(self.container)})"
+
+    def __repr__(self) -> str:
+        return f"ExpressionProblem({self.message()!r})"
+
+
+def _short(value: Any) -> str:
+    text = repr(value) if value.__class__ in _SCALAR_CLASSES else f"a {type(value).__name__}"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _list_keys(mapping: Any, top: bool = False) -> str:
+    try:
+        keys = [k for k in mapping if isinstance(k, str) and not (top and k.startswith("_"))]
+    except Exception:  # a mapping that cannot list its keys: say so rather than fail
+        return "unknown"
+    if not keys:
+        return "none"
+    keys.sort()
+    listed = ", ".join(keys[:MAX_LISTED_KEYS])
+    return listed if len(keys) <= MAX_LISTED_KEYS else f"{listed}, ... ({len(keys) - MAX_LISTED_KEYS} more)"
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return f"has keys: {_list_keys(value)}"
+    if isinstance(value, (list, tuple)):
+        return f"is a {type(value).__name__} of {len(value)} items"
+    if value is None:
+        return "is None"
+    return f"is a {type(value).__name__}"
+
+
+class WatchedNames:
+    """A mixin for the names mapping given to a compiled expression: `expression_problem` is called
+    with each `ExpressionProblem` before the read is None (or the comparison False); it may raise
+    (`ExpressionError`) to make the problem an error. Plain mappings are not watched."""
+
+    __slots__ = ()
+
+    def expression_problem(self, problem: ExpressionProblem) -> None:  # pragma: no cover - overridden
+        pass
+
+
+def _miss(names: Any, path: Any, parent: Any, container: Any) -> None:
+    """A read found nothing: tell the names' watcher, if any; the read is None."""
+    if isinstance(names, WatchedNames):
+        names.expression_problem(ExpressionProblem(UNKNOWN_NAME, path, parent, container))
     return None
+
+
+def _unorderable(names: Any, symbol: str, a: Any, b: Any) -> bool:
+    """An ordering comparison of values that cannot be ordered: tell the watcher; it is False."""
+    if isinstance(names, WatchedNames):
+        names.expression_problem(ExpressionProblem(UNORDERABLE, symbol, operands=(a, b)))
+    return False
+
+
+class _Unorderable(Exception):
+    """Raised by the ordering operators of a comparison chain; the chain reports it (it has the names)."""
+
+    def __init__(self, symbol: str, a: Any, b: Any) -> None:
+        super().__init__(symbol)
+        self.symbol, self.a, self.b = symbol, a, b
 
 
 def _ordering(op: Callable[[Any, Any], Any], symbol: str) -> Callable[[Any, Any], Any]:
@@ -406,13 +533,13 @@ def _ordering(op: Callable[[Any, Any], Any], symbol: str) -> Callable[[Any, Any]
 
     def compare(a: Any, b: Any) -> Any:
         if a is None or b is None:
-            return False
+            raise _Unorderable(symbol, a, b)  # the closure that called it reports it and is False
         if a.__class__ not in _SCALAR_CLASSES and b.__class__ not in _SCALAR_CLASSES:
             _check_compare(what, a, b, False)
         try:
             return op(a, b)
         except TypeError:
-            return False
+            raise _Unorderable(symbol, a, b) from None
 
     compare.__name__ = op.__name__
     return compare
@@ -704,6 +831,16 @@ def _frozen(value: tuple) -> bool:
     return all(isinstance(v, _FOLDABLE) and (not isinstance(v, tuple) or _frozen(v)) for v in value)
 
 
+def _label(node: ast.AST, attrs: Tuple[str, ...] = ()) -> Callable[[], str]:
+    """A label for a sub-expression (`x[0].y`), made only when a problem is shown."""
+
+    def label() -> str:
+        text = ast.unparse(node)
+        return ".".join((text, *attrs)) if attrs else text
+
+    return label
+
+
 class _Compiler:
     def __init__(self, source: str, functions: Mapping[str, Callable[..., Any]]) -> None:
         self.source = source
@@ -735,9 +872,18 @@ class _Compiler:
         if name in _JS_CONSTANTS:
             return _constant(_JS_CONSTANTS[name])
         self.check_name(name, "name")
-        return _Node(lambda names: names.get(name))
+
+        def read_name(names: Names) -> Any:
+            value = names.get(name, _MISSING)
+            if value is _MISSING:
+                return _miss(names, name, None, names)
+            return value
+
+        return _Node(read_name)
 
     # --- attributes and subscripts -----------------------------------------------------------
+    # A read that finds nothing is None; it is told to the names' watcher (`_miss`) on that path
+    # only, so reads that find their key pay one identity test.
     def c_Attribute(self, node: ast.Attribute) -> _Node:
         chain: List[str] = []
         base: ast.AST = node
@@ -752,41 +898,56 @@ class _Compiler:
         inner = self.compile(base)
         get = inner.fn
         attrs = tuple(chain)
+        base_node = base
 
         def attribute(names: Names) -> Any:
             value = get(names)
-            for attr in attrs:
-                value = _get_attr(value, attr)
+            for i, attr in enumerate(attrs):
+                found = _read_attr(value, attr)
+                if found is _MISSING:
+                    parent = _label(base_node, attrs[:i])
+                    return _miss(names, lambda: f"{parent()}.{attr}", parent, value)
+                value = found
             return value
 
         return _fold(_Node(attribute), [inner])
 
     def _dotted_chain(self, head: str, chain: List[str]) -> _Node:
         parts = [head, *chain]
+        labels = tuple(".".join(parts[: k + 1]) for k in range(len(parts)))  # labels[i]: through parts[i]
         # Fallback keys, longest first: ("a.b.c", ()), ("a.b", ("c",)).
         fallbacks = tuple(
             (".".join(parts[:k]), tuple(parts[k:])) for k in range(len(parts), 1, -1)
         )
 
+        def walk(names: Names, value: Any, first: int) -> Any:
+            """Read parts[first:] from `value` (which is labels[first - 1])."""
+            for i in range(first, len(parts)):
+                found = _read_attr(value, parts[i])
+                if found is _MISSING:
+                    return _miss(names, labels[i], labels[i - 1], value)
+                value = found
+            return value
+
         def fallback(names: Names) -> Any:
             for key, rest in fallbacks:
                 value = names.get(key, _MISSING)
                 if value is not _MISSING:
-                    for attr in rest:
-                        value = _get_attr(value, attr)
-                    return value
-            return None
+                    return walk(names, value, len(parts) - len(rest))
+            return _miss(names, head, None, names)
 
         if len(chain) == 1:
             attr = chain[0]
+            path = labels[1]
 
             def attribute1(names: Names) -> Any:
                 value = names.get(head, _MISSING)
                 if value is _MISSING:
                     return fallback(names)
-                if value.__class__ is dict:
-                    return value.get(attr)
-                return _get_attr(value, attr)
+                found = value.get(attr, _MISSING) if value.__class__ is dict else _read_attr(value, attr)
+                if found is _MISSING:
+                    return _miss(names, path, head, value)
+                return found
 
             return _Node(attribute1)
         attrs = tuple(chain)
@@ -796,7 +957,10 @@ class _Compiler:
             if value is _MISSING:
                 return fallback(names)
             for attr in attrs:
-                value = value.get(attr) if value.__class__ is dict else _get_attr(value, attr)
+                found = value.get(attr, _MISSING) if value.__class__ is dict else _read_attr(value, attr)
+                if found is _MISSING:
+                    return walk(names, names.get(head), 1)  # the slow path again, to name the step
+                value = found
             return value
 
         return _Node(attribute_chain)
@@ -808,6 +972,7 @@ class _Compiler:
         inner = self.compile(node.value)
         key = self.compile(key_node)
         get, get_key = inner.fn, key.fn
+        parent = _label(node.value)
         if key.const:
             k = key.value
 
@@ -815,15 +980,24 @@ class _Compiler:
                 value = get(names)
                 if value.__class__ is dict:
                     try:
-                        return value.get(k)
+                        found = value.get(k, _MISSING)
                     except TypeError:
                         return None
-                return _get_item(value, k)
+                else:
+                    found = _read_item(value, k)
+                if found is _MISSING:
+                    return _miss(names, lambda: f"{parent()}[{k!r}]", parent, value)
+                return found
 
             return _fold(_Node(subscript_const), [inner, key])
 
         def subscript(names: Names) -> Any:
-            return _get_item(get(names), get_key(names))
+            value = get(names)
+            k = get_key(names)
+            found = _read_item(value, k)
+            if found is _MISSING:
+                return _miss(names, lambda: f"{parent()}[{_short(k)}]", parent, value)
+            return found
 
         return _fold(_Node(subscript), [inner, key])
 
@@ -919,14 +1093,16 @@ class _Compiler:
             if right.const and kind in _ORDERING:
                 k, raw = right.value, _ORDERING[kind]
 
+                symbol = _ORDERING_SYMBOLS[kind]
+
                 def ordering_const(names: Names) -> Any:
                     a = lf(names)
                     if a is None or k is None:
-                        return False
+                        return _unorderable(names, symbol, a, k)
                     try:
                         return raw(a, k)
                     except TypeError:
-                        return False
+                        return _unorderable(names, symbol, a, k)
 
                 return _fold(_Node(ordering_const), children)
             op = ops[0]
@@ -939,6 +1115,15 @@ class _Compiler:
 
                 return _fold(_Node(compare_const), children)
             rf = right.fn
+            if kind in _ORDERING:
+
+                def ordering(names: Names) -> Any:
+                    try:
+                        return op(lf(names), rf(names))
+                    except _Unorderable as exc:
+                        return _unorderable(names, exc.symbol, exc.a, exc.b)
+
+                return _fold(_Node(ordering), children)
 
             def compare(names: Names) -> Any:
                 return op(lf(names), rf(names))
@@ -949,12 +1134,15 @@ class _Compiler:
         def compare_chain(names: Names) -> Any:
             a = lf(names)
             result: Any = True
-            for op, f in pairs:
-                b = f(names)
-                result = op(a, b)
-                if not result:
-                    return result
-                a = b
+            try:
+                for op, f in pairs:
+                    b = f(names)
+                    result = op(a, b)
+                    if not result:
+                        return result
+                    a = b
+            except _Unorderable as exc:
+                return _unorderable(names, exc.symbol, exc.a, exc.b)
             return result
 
         return _fold(_Node(compare_chain), children)
@@ -1207,3 +1395,67 @@ def _finish(source: str, node: _Node) -> CompiledExpression:
 def default_evaluator() -> SafeEvaluator:
     """A new `SafeEvaluator` with the default settings."""
     return SafeEvaluator()
+
+
+class EvaluateAdapter:
+    """An evaluator with only ``evaluate(expression, context)`` (the Flowcraft TS ``IEvaluator``
+    shape) seen as one with ``compile``: each call evaluates the source with the names mapping as
+    ``context``. Its failures become `ExpressionError` naming the expression."""
+
+    def __init__(self, evaluator: Any) -> None:
+        self.evaluator = evaluator
+
+    def __repr__(self) -> str:
+        return f"EvaluateAdapter({self.evaluator!r})"
+
+    def compile(self, source: str) -> CompiledExpression:
+        if not isinstance(source, str):
+            raise ExpressionError(f"an expression must be a string, not {type(source).__name__}")
+        evaluate = self.evaluator.evaluate
+
+        def evaluated(names: Names) -> Any:
+            try:
+                return evaluate(source, names)
+            except ExpressionError:
+                raise
+            except Exception as exc:
+                raise _runtime_error(source, exc) from exc
+
+        evaluated.source = source  # type: ignore[attr-defined]
+        return evaluated
+
+
+def as_evaluator(evaluator: Any = None) -> Any:
+    """The evaluator a runtime uses: the default `SafeEvaluator` for None, an object with
+    ``compile(source)`` as it is, and one with only ``evaluate(expression, context)`` wrapped in an
+    `EvaluateAdapter`. Anything else is a `TypeError`."""
+    if evaluator is None:
+        return default_evaluator()
+    if hasattr(evaluator, "compile") and callable(evaluator.compile):
+        return evaluator
+    if hasattr(evaluator, "evaluate") and callable(evaluator.evaluate):
+        return EvaluateAdapter(evaluator)
+    raise TypeError(
+        f"an evaluator needs a method compile(source) -> callable(names) or evaluate(expression, "
+        f"context) -> value; {type(evaluator).__name__} has neither"
+    )
+
+
+def top_level_names(source: str) -> List[str]:
+    """The top-level names an expression reads (`a` of `a.b[c]`, and `c`), each once, without JavaScript constants and called function names. Raises `ExpressionError` when the
+    source cannot be parsed."""
+    if not isinstance(source, str):
+        raise ExpressionError(f"an expression must be a string, not {type(source).__name__}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tree = ast.parse(_translate(source), mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError) as exc:
+        raise ExpressionError(f"cannot parse expression {source!r}: {exc}") from None
+    called = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    found: List[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and id(node) not in called and node.id not in _JS_CONSTANTS \
+                and node.id not in found:
+            found.append(node.id)
+    return found

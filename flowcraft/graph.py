@@ -2,7 +2,10 @@
 
 `CompiledGraph` is built once per blueprint: adjacency, join sizes, start nodes, back edges (the
 edges that close a cycle, such as a loop's `continue`) and the body each back edge re-runs, plus the
-compiled edge expressions. It also decides routing: which outgoing edges a result takes.
+compiled edge expressions. It also decides routing: which outgoing edges a result takes (a loop
+controller's true conditional exits exclusively), and evaluates loop controllers' conditions, so
+both drivers evaluate every expression here: `strict_expressions` and its once-per-edge warnings
+(logger "flowcraft.expressions") live in one place.
 
 `Traversal` is the state machine of one run, with no I/O: which edges have arrived at each node,
 which nodes are ready, done or skipped, and how many activations are outstanding. The in-memory
@@ -12,16 +15,20 @@ touches, applies the same transition, and commits what changed. Node states are 
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Mapping, MutableMapping, Optional, Set, Tuple
 
 from .blueprint import EdgeDefinition, NodeConfig, NodeDefinition, WorkflowBlueprint
 from .errors import BlueprintError, ExpressionError, LoopLimitError
+from .evaluator import UNORDERABLE, ExpressionProblem, WatchedNames
 from .node import NodeResult
 from .serializer import DEFAULT_MAX_VALUE_BYTES, check_json
 
 PENDING, READY, DONE, SKIPPED = "pending", "ready", "done", "skipped"
 LOOP_CONTROLLER = "loop-controller"
 MAX_CYCLE_ITERATIONS = 1000  # the default cap of a cycle that no loop controller governs
+
+logger = logging.getLogger("flowcraft.expressions")
 
 
 class _Dead:
@@ -119,14 +126,31 @@ class Activation:
 Decision = Tuple[Edge, bool, Any]  # (edge, taken, value carried)
 
 
-class _ConditionNames(Mapping):
+class _Watch(WatchedNames):
+    """What an expression's names do with a read that finds nothing or a comparison that cannot
+    order (SPEC 5 "Strict expressions"): strict, raise; else keep them for a warning."""
+
+    __slots__ = ()
+
+    def expression_problem(self, problem: ExpressionProblem) -> None:
+        if self.strict:
+            raise ExpressionError(problem.message())
+        if self.problems is None:
+            self.problems = [problem]
+        else:
+            self.problems.append(problem)
+
+
+class _ConditionNames(_Watch, Mapping):
     """The names a condition sees: the context's keys plus `result`, without copying the context."""
 
-    __slots__ = ("context", "result")
+    __slots__ = ("context", "result", "strict", "problems")
 
-    def __init__(self, context: Mapping[str, Any], result: Dict[str, Any]) -> None:
+    def __init__(self, context: Mapping[str, Any], result: Dict[str, Any], strict: bool = False) -> None:
         self.context = context
         self.result = result
+        self.strict = strict
+        self.problems: Optional[List[ExpressionProblem]] = None
 
     def __getitem__(self, key: str) -> Any:
         if key == "result":
@@ -153,6 +177,48 @@ class _ConditionNames(Mapping):
         return len(self.context) + (0 if "result" in self.context else 1)
 
 
+class _LoopNames(_Watch, Mapping):
+    """The names a loop controller's own condition sees: the context's keys, and `context` itself
+    when no key has that name (the TS spelling `context.i < 5`)."""
+
+    __slots__ = ("context", "strict", "problems")
+
+    def __init__(self, context: Mapping[str, Any], strict: bool = False) -> None:
+        self.context = context
+        self.strict = strict
+        self.problems: Optional[List[ExpressionProblem]] = None
+
+    def __getitem__(self, key: str) -> Any:
+        if key == "context" and key not in self.context:
+            return self.context
+        return self.context[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key == "context" and key not in self.context:
+            return self.context
+        return self.context.get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        return key == "context" or key in self.context
+
+    def __iter__(self):
+        return iter(self.context)
+
+    def __len__(self) -> int:
+        return len(self.context)
+
+
+class _TransformNames(_Watch, dict):
+    """The names a transform sees: `input` and `context`."""
+
+    __slots__ = ("strict", "problems")
+
+    def __init__(self, input: Any, context: Mapping[str, Any], strict: bool = False) -> None:
+        dict.__init__(self, input=input, context=context)
+        self.strict = strict
+        self.problems: Optional[List[ExpressionProblem]] = None
+
+
 def start_node_ids(blueprint: WorkflowBlueprint) -> Tuple[str, ...]:
     """The nodes a run starts with: no incoming edge (a loop's `continue` edge does not count), and
     not a node that only serves as another node's fallback."""
@@ -176,6 +242,7 @@ class CompiledGraph:
     def __init__(
         self, blueprint: WorkflowBlueprint, evaluator: Any = None, *, strict: bool = False,
         max_cycle_iterations: Optional[int] = MAX_CYCLE_ITERATIONS, max_value_bytes: Optional[int] = DEFAULT_MAX_VALUE_BYTES,
+        strict_expressions: bool = False,
     ) -> None:
         if evaluator is None:
             from .evaluator import default_evaluator
@@ -185,6 +252,11 @@ class CompiledGraph:
         self.blueprint = blueprint
         self.max_value_bytes = max_value_bytes  # the bound on an edge's transformed value (see FlowRuntime)
         self.evaluator = evaluator
+        # SPEC 5 "Strict expressions": a read that finds nothing (or an ordering of values that cannot
+        # be ordered) fails the edge's source node; without it, it is logged once per edge
+        self.strict_expressions = bool(strict_expressions)
+        self._warned: Set[Tuple[str, Any]] = set()
+        self._loop_conditions: Dict[str, Callable[[Mapping[str, Any]], Any]] = {}
         self.nodes: Dict[str, GraphNode] = {n.id: GraphNode(n) for n in blueprint.nodes}
         self.edges: Tuple[Edge, ...] = tuple(Edge(i, e, evaluator) for i, e in enumerate(blueprint.edges))
         self.fallback_ids: FrozenSet[str] = frozenset(
@@ -313,6 +385,8 @@ class CompiledGraph:
         candidates = node.by_action.get(action) if action is not None else None
         if candidates is None:
             candidates = node.default_edges
+        if node.uses == LOOP_CONTROLLER and action != "continue":
+            return self._route_loop_exit(node, result, context, candidates)
         decisions: List[Decision] = []
         names: Optional[_ConditionNames] = None
         for edge in node.outgoing:
@@ -321,26 +395,113 @@ class CompiledGraph:
                 taken = True
                 if edge.condition is not None:
                     if names is None:
-                        names = _ConditionNames(context, {"output": result.output, "action": action, "error": result.error})
+                        names = self._condition_names(context, result)
                     taken = bool(self._evaluate(edge, "condition", edge.condition, names))
             value = result.output
             if taken and edge.transform is not None:
-                value = self._evaluate(edge, "transform", edge.transform, {"input": result.output, "context": context})
-                check_json(value, f"transform of edge {edge.source!r} -> {edge.target!r}", self.max_value_bytes)
+                value = self._transform(edge, result.output, context)
             decisions.append((edge, taken, value if taken else None))
         return decisions
+
+    def _route_loop_exit(self, node: GraphNode, result: NodeResult, context: Mapping[str, Any],
+                         candidates: Tuple[Edge, ...]) -> List[Decision]:
+        """SPEC 5 "Loops": a loop leaving through a true conditional exit takes the true conditional
+        exits only; its unconditional exits are taken only when it breaks by its own condition."""
+        names = self._condition_names(context, result)
+        taken: Dict[int, bool] = {}
+        for edge in candidates:
+            if edge.condition is not None:
+                taken[edge.index] = bool(self._evaluate(edge, "condition", edge.condition, names))
+        by_condition = any(taken.values())
+        for edge in candidates:
+            if edge.condition is None:
+                taken[edge.index] = not by_condition
+        decisions: List[Decision] = []
+        for edge in node.outgoing:
+            if taken.get(edge.index, False):
+                value = result.output if edge.transform is None else self._transform(edge, result.output, context)
+                decisions.append((edge, True, value))
+            else:
+                decisions.append((edge, False, None))
+        return decisions
+
+    def loop_exits(self, node_id: str, context: Mapping[str, Any], output: Any) -> bool:
+        """True when one of a loop controller's conditional exit edges holds (they are evaluated
+        before the loop's own condition, with the names `route` gives them when the loop breaks)."""
+        names: Optional[_ConditionNames] = None
+        for edge in self.nodes[node_id].outgoing:
+            if edge.action != "continue" and edge.condition is not None:
+                if names is None:
+                    names = self._condition_names(context, NodeResult(output=output, action="break"))
+                if self._evaluate(edge, "condition", edge.condition, names):
+                    return True
+        return False
+
+    def loop_continues(self, node_id: str, context: Mapping[str, Any]) -> bool:
+        """Whether a loop controller's own `params.condition` holds (no condition: it does not)."""
+        source = self.nodes[node_id].params.get("condition")
+        if not source:
+            return False
+        compiled = self._loop_conditions.get(node_id)
+        if compiled is None:
+            compiled = self._loop_conditions[node_id] = self.evaluator.compile(source)
+        names = _LoopNames(context, self.strict_expressions)
+        try:
+            value = compiled(names)
+        except ExpressionError as exc:
+            raise ExpressionError(f"loop {node_id!r}: condition {source!r} failed: {_detail(exc, source)}") from exc
+        if names.problems:
+            self._warn(("loop", node_id), f"loop {node_id!r}: condition {source!r}", names.problems)
+        return bool(value)
 
     def exit_conditions(self, node_id: str) -> List[Callable[[Mapping[str, Any]], Any]]:
         """The compiled conditions of a loop controller's exit edges (evaluated before its own)."""
         return [e.condition for e in self.nodes[node_id].outgoing if e.action != "continue" and e.condition is not None]
 
-    @staticmethod
-    def _evaluate(edge: Edge, kind: str, compiled: Callable[[Mapping[str, Any]], Any], names: Mapping[str, Any]) -> Any:
+    def _condition_names(self, context: Mapping[str, Any], result: NodeResult) -> _ConditionNames:
+        return _ConditionNames(context, {"output": result.output, "action": result.action, "error": result.error},
+                               self.strict_expressions)
+
+    def _transform(self, edge: Edge, output: Any, context: Mapping[str, Any]) -> Any:
+        value = self._evaluate(edge, "transform", edge.transform, _TransformNames(output, context, self.strict_expressions))
+        check_json(value, f"transform of edge {edge.source!r} -> {edge.target!r}", self.max_value_bytes)
+        return value
+
+    def _evaluate(self, edge: Edge, kind: str, compiled: Callable[[Mapping[str, Any]], Any], names: Any) -> Any:
         try:
-            return compiled(names)
+            value = compiled(names)
         except ExpressionError as exc:
             source = getattr(edge.definition, kind)
-            raise RoutingError(f"edge {edge.source!r} -> {edge.target!r}: {kind} {source!r} failed: {exc}") from exc
+            raise RoutingError(
+                f"edge {edge.source!r} -> {edge.target!r}: {kind} {source!r} failed: {_detail(exc, source)}"
+            ) from exc
+        if names.problems:  # lenient: what strict mode would refuse, logged once per edge
+            problems, names.problems = names.problems, None
+            self._warn((kind, edge.index), f"edge {edge.source!r} -> {edge.target!r}: {kind} "
+                                           f"{getattr(edge.definition, kind)!r}", problems)
+        return value
+
+    def _warn(self, key: Tuple[str, Any], where: str, problems: List[ExpressionProblem]) -> None:
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        seen: List[str] = []
+        unknown = any(p.kind != UNORDERABLE for p in problems)
+        for problem in problems:
+            if unknown and problem.kind == UNORDERABLE and None in problem.operands:
+                continue  # the None an unknown name read: already said
+            text = problem.message() + ("; it is false" if problem.kind == UNORDERABLE else "; it reads as None")
+            if text not in seen:
+                seen.append(text)
+        logger.warning("blueprint %r: %s: %s (strict_expressions=True makes this an error; logged once per edge)",
+                       self.blueprint.id, where, "; ".join(seen))
+
+
+def _detail(exc: ExpressionError, source: str) -> str:
+    """An evaluation error's message without the "cannot evaluate '<source>': " its caller repeats."""
+    text = str(exc)
+    prefix = f"cannot evaluate {source!r}: "
+    return text[len(prefix):] if text.startswith(prefix) else text
 
 
 class NodeState:

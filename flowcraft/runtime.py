@@ -76,7 +76,15 @@ class FlowRuntime:
     - `max_node_timeout` (86,400 s): a node's `config.timeout`.
 
     A blueprint over one of the last four is refused when it is registered or compiled
-    (`BlueprintError` naming the node, the field and the cap): nothing is clamped silently."""
+    (`BlueprintError` naming the node, the field and the cap): nothing is clamped silently.
+
+    `evaluator` compiles edge and loop expressions: an object with `compile(source)` (default: the
+    safe `SafeEvaluator`) or one with `evaluate(expression, context)` (the Flowcraft TS shape).
+    `strict_expressions=True` makes a name or key an expression reads that does not exist, and an
+    ordering comparison of values that cannot be ordered (None or a number with a string), fail
+    the edge's source node with an error naming the expression, the name and the keys that exist;
+    without it they read as None and False, and are logged once per blueprint and edge at WARNING
+    (logger "flowcraft.expressions"). In memory and distributed alike (SPEC 5)."""
 
     def __init__(
         self,
@@ -96,11 +104,12 @@ class FlowRuntime:
         max_node_attempts: Optional[int] = MAX_NODE_ATTEMPTS,
         max_retry_delay: Optional[float] = MAX_RETRY_DELAY,
         max_node_timeout: Optional[float] = MAX_NODE_TIMEOUT,
+        strict_expressions: bool = False,
     ) -> None:
-        if evaluator is None:
-            from .evaluator import default_evaluator
+        from .evaluator import as_evaluator
 
-            evaluator = default_evaluator()
+        evaluator = as_evaluator(evaluator)  # None: the default; `evaluate`-only: adapted
+        self.strict_expressions = bool(strict_expressions)
         self.registry: Dict[str, Any] = dict(registry or {})
         self.dependencies: Dict[str, Any] = dict(dependencies or {})
         self.event_bus = event_bus
@@ -189,7 +198,7 @@ class FlowRuntime:
             return cached[1]
         self.check_limits(bp)
         graph = CompiledGraph(bp, self.evaluator, strict=strict, max_cycle_iterations=self.max_cycle_iterations,
-                              max_value_bytes=self.max_value_bytes)
+                              max_value_bytes=self.max_value_bytes, strict_expressions=self.strict_expressions)
         if len(self._graphs) >= _GRAPH_CACHE_SIZE:
             self._graphs.pop(next(iter(self._graphs)))
         self._graphs[key] = (bp, graph)

@@ -164,7 +164,7 @@ CLEAN = {
         node("fetch", "fetch-order", config={"fallback": "fetch-cache", "joinStrategy": "all", "maxRetries": 2}),
         node("fetch-cache", "read-cache"),
         node("ship", "ship-order"),
-        node("ctl", "loop-controller", params={"condition": "count < 3"}, config={"joinStrategy": "any"}),
+        node("ctl", "loop-controller", params={"condition": "context.count < 3"}, config={"joinStrategy": "any"}),
         node("pause", "wait"),
     ],
     "edges": [
@@ -448,3 +448,43 @@ def test_unbounded_cycle_is_a_warning_on_reachable_cycles_without_a_loop_control
     assert "UNBOUNDED_CYCLE" not in lint_blueprint(ts_shaped).codes
     # a cycle no start node reaches never runs: ORPHAN_NODE says enough
     assert lint_blueprint(CASES["ORPHAN_NODE"][0]).codes == ("ORPHAN_NODE",)
+
+
+# ------------------------------------------------------------------------------------------------
+# UNKNOWN_NAME (SPEC 5 "Strict expressions")
+# ------------------------------------------------------------------------------------------------
+NAMES = {
+    "id": "names",
+    "nodes": [
+        node("calc", "calc", inputs={"order": "order_in"}),
+        node("ship", "ship"),
+        node("done", "done"),
+        node("ctl", "loop-controller", params={"condition": "tries < 3"}, config={"joinStrategy": "any"}),
+    ],
+    "edges": [
+        edge("calc", "ship", condition="result.output.total > 0 and calc.total > 0 and order_in and _outputs.calc"),
+        edge("ship", "ctl", transform="{'n': input, 'c': context.x}"),
+        edge("ctl", "ship", action="continue"),
+        edge("ctl", "done", action="break", condition="totl > 0"),
+    ],
+}
+
+
+def test_unknown_names_are_warnings_without_context_keys():
+    result = lint_blueprint(NAMES)
+    assert result.is_valid  # nodes may write keys lint cannot see
+    assert [(i.code, i.severity, i.node_id, i.edge_index) for i in result.issues] == [
+        ("UNKNOWN_NAME", "warning", "ctl", None), ("UNKNOWN_NAME", "warning", "ctl", 3),
+    ]
+    assert result.issues[0].message == ("node 'ctl': loop condition 'tries < 3' reads 'tries', which is not a node "
+                                        "id, a key some node's inputs name, nor in context_keys")
+
+
+def test_unknown_names_are_errors_when_context_keys_are_given():
+    result = lint_blueprint(NAMES, context_keys=["tries", "total"])
+    assert not result.is_valid
+    (issue,) = result.issues
+    assert (issue.code, issue.severity, issue.edge_index) == ("UNKNOWN_NAME", "error", 3)
+    assert issue.message == ("edge #3 ('ctl' -> 'done'): condition 'totl > 0' reads 'totl', which is not a node "
+                             "id, a key some node's inputs name, nor in context_keys (did you mean 'total'?)")
+    assert lint_blueprint(NAMES, context_keys=["tries", "totl"]).issues == ()

@@ -888,3 +888,127 @@ def test_only_small_constants_are_folded() -> None:
         node = compiler.compile(ast.parse(source, mode="eval").body)
         assert not node.const, source
     assert run("len(((0,) * 100,) * 100)") == 100
+
+
+# --- an evaluator with `evaluate(expression, context)` (the Flowcraft TS IEvaluator shape) ---------
+
+
+class _TsShapedEvaluator:
+    """Only `evaluate`, as a Flowcraft TS IEvaluator; knows two expressions and records its calls."""
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    def evaluate(self, expression, context):
+        self.calls.append(expression)
+        if expression == "big":
+            return context["result"]["output"] > 10
+        if expression == "small":
+            return context["result"]["output"] <= 10
+        raise ValueError(f"unknown expression {expression}")
+
+
+def _branching_flow():
+    from flowcraft import create_flow
+
+    return (
+        create_flow("ts-eval")
+        .node("n", lambda ctx: ctx.input, inputs="n")
+        .node("big", lambda ctx: "BIG")
+        .node("small", lambda ctx: "SMALL")
+        .edge("n", "big", condition="big")
+        .edge("n", "small", condition="small")
+    )
+
+
+def _run_with(evaluator, driver, context):
+    from flowcraft import FlowRuntime
+    from flowcraft.testing import InMemoryAdapter
+
+    flow = _branching_flow()
+    runtime = FlowRuntime(evaluator=evaluator)
+    runtime.add_blueprint(flow)
+    if driver == "memory":
+        return flow.run(runtime, context)
+    adapter = InMemoryAdapter(runtime)
+    run_id = adapter.start_workflow(flow.id, context)
+    adapter.drain()
+    return adapter.wait_for_result(run_id, timeout=5)
+
+
+@pytest.mark.parametrize("driver", ["memory", "distributed"])
+def test_an_evaluate_only_evaluator_drives_the_edges(driver):
+    evaluator = _TsShapedEvaluator()
+    result = _run_with(evaluator, driver, {"n": 42})
+    assert result.status == "completed", result.errors
+    assert result.context["big"] == "BIG" and result.skipped == ["small"]
+    assert sorted(set(evaluator.calls)) == ["big", "small"]
+
+
+@pytest.mark.parametrize("driver", ["memory", "distributed"])
+def test_a_failing_evaluate_fails_the_node_naming_the_expression(driver):
+    evaluator = _TsShapedEvaluator()
+    result = _run_with(evaluator, driver, {"n": "x"})  # "x" > 10: TypeError inside the user's evaluator
+    assert result.status == "failed"
+    (error,) = result.errors
+    assert error.node_id == "n"
+    assert error.message == ("edge 'n' -> 'big': condition 'big' failed: TypeError: '>' not supported between "
+                             "instances of 'str' and 'int'")
+
+
+def test_a_compile_shaped_evaluator_is_used_as_it_is():
+    from flowcraft import FlowRuntime
+    from flowcraft.evaluator import EvaluateAdapter, as_evaluator
+
+    safe = SafeEvaluator()
+    assert FlowRuntime(evaluator=safe).evaluator is safe
+    assert as_evaluator(safe) is safe  # it has both: compile wins (compiled once)
+    assert isinstance(FlowRuntime(evaluator=_TsShapedEvaluator()).evaluator, EvaluateAdapter)
+
+
+def test_an_object_with_neither_method_is_refused_at_once():
+    from flowcraft import FlowRuntime
+
+    with pytest.raises(TypeError, match=r"an evaluator needs a method compile\(source\) -> callable\(names\) or "
+                                        r"evaluate\(expression, context\) -> value; object has neither"):
+        FlowRuntime(evaluator=object())
+
+
+# --- missing names and unorderable comparisons: reported to a watcher, free otherwise ----------------
+
+
+def test_missing_reads_are_none_for_plain_mappings_and_reported_to_a_watcher():
+    from flowcraft.evaluator import ExpressionProblem, WatchedNames
+
+    class Watched(WatchedNames, dict):
+        def __init__(self, *args):
+            dict.__init__(self, *args)
+            self.seen = []
+
+        def expression_problem(self, problem: ExpressionProblem) -> None:
+            self.seen.append(problem.message())
+
+    ev = SafeEvaluator()
+    cases = {
+        "a.b.c": "'a.b.c' does not exist (a.b has keys: d)",
+        "a['x']": "\"a['x']\" does not exist (a has keys: b)",
+        "a.b.d[5]": "'a.b.d[5]' does not exist (a.b.d is a list of 1 items)",
+        "zz": "name 'zz' does not exist (names: a, n)",
+        "n < 'a'": "'<' compares 1 (int) with 'a' (str): values of these types cannot be ordered",
+    }
+    for source, message in cases.items():
+        names = {"a": {"b": {"d": [1]}}, "n": 1}
+        assert ev.compile(source)(names) in (None, False)  # a plain dict: today's values, no report
+        watched = Watched(names)
+        assert ev.compile(source)(watched) in (None, False)
+        assert watched.seen == [message], source
+    watched = Watched({"a": {"b": {"d": [1]}}, "k": None})
+    assert ev.compile("a.b.d[0] == 1 and k is None and a.b.d.length == 1")(watched) is True
+    assert watched.seen == []
+
+
+def test_top_level_names():
+    from flowcraft.evaluator import top_level_names
+
+    names = top_level_names("len(result.output.items) > limit && !done || x[y] === null")
+    assert sorted(names) == ["done", "limit", "result", "x", "y"]  # not `len`, not `null`

@@ -565,3 +565,67 @@ def test_cycle_cap_does_not_apply_to_a_loop_controller():
     result = flow.run(FlowRuntime(max_cycle_iterations=10))
     assert result.status == "completed", result.errors
     assert result.context["i"] == 1500
+
+
+# --- conditional exits win exclusively (SPEC 5 "Loops") -------------------------------------------
+
+
+def _exits_flow(runs: List[str]):
+    return (
+        create_flow("exits")
+        .node("body", make_counter())
+        .loop("lp", start_node_id="body", end_node_id="body", condition="i < 10")
+        .node("early", lambda ctx: runs.append("early") or "early")
+        .node("normal", lambda ctx: runs.append("normal") or "normal")
+        .edge("lp", "early", condition="i >= 3")
+        .edge("lp", "normal")
+    )
+
+
+def _run_exits(driver: str, runs: List[str]):
+    from flowcraft.testing import InMemoryAdapter
+
+    flow = _exits_flow(runs)
+    runtime = FlowRuntime()
+    runtime.add_blueprint(flow)
+    if driver == "memory":
+        return flow.run(runtime)
+    adapter = InMemoryAdapter(runtime)
+    run_id = adapter.start_workflow(flow.id, {})
+    adapter.drain()
+    return adapter.wait_for_result(run_id, timeout=5)
+
+
+@pytest.mark.parametrize("driver", ["memory", "distributed"])
+def test_a_true_conditional_exit_wins_over_the_unconditional_exit(driver):
+    runs: List[str] = []
+    result = _run_exits(driver, runs)
+    assert result.status == "completed", result.errors
+    assert result.context["i"] == 3
+    assert runs == ["early"]  # the unconditional exit did not run as well
+    assert "normal" in result.skipped and "normal" not in result.context
+
+
+@pytest.mark.parametrize("driver", ["memory", "distributed"])
+def test_the_unconditional_exit_is_taken_when_the_loop_breaks_by_its_own_condition(driver):
+    runs: List[str] = []
+    flow = _exits_flow(runs)
+    from flowcraft.testing import InMemoryAdapter
+
+    bp = flow.to_blueprint().to_dict()
+    for node in bp["nodes"]:
+        if node["id"] == "lp":
+            node["params"]["condition"] = "i < 2"
+    runtime = FlowRuntime(registry=flow.registry)
+    if driver == "memory":
+        result = runtime.run(bp)
+    else:
+        runtime.add_blueprint(bp)
+        adapter = InMemoryAdapter(runtime)
+        run_id = adapter.start_workflow("exits", {})
+        adapter.drain()
+        result = adapter.wait_for_result(run_id, timeout=5)
+    assert result.status == "completed", result.errors
+    assert result.context["i"] == 2
+    assert runs == ["normal"]
+    assert "early" in result.skipped
