@@ -49,6 +49,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 import attrs
 
+from .errors import BlueprintError
 from .blueprint import EdgeDefinition, NodeConfig, NodeDefinition, WorkflowBlueprint, as_blueprint
 from .graph import LOOP_CONTROLLER, start_node_ids
 
@@ -614,6 +615,18 @@ class _Linter:
                                           f"use a loop (`.loop(...)`) with a condition", cycle[-1])
 
 
+def _check_loadable(linter: "_Linter", data: Any) -> None:
+    """What the loader alone refuses (bounds on ids, nesting, numbers), as BAD_SHAPE errors: lint
+    never calls valid what `WorkflowBlueprint.from_dict` refuses, and the rules have one home."""
+    try:
+        WorkflowBlueprint.from_dict(data)
+    except BlueprintError as exc:
+        for problem in exc.problems:
+            linter.add(BAD_SHAPE, problem)
+    except Exception as exc:  # lint never raises on bad input
+        linter.add(BAD_SHAPE, f"cannot load the blueprint: {type(exc).__name__}: {exc}")
+
+
 def lint_blueprint(bp: Any, registry: Any = None, *, evaluator: Any = None,
                    context_keys: Optional[Iterable[str]] = None) -> LintResult:
     """Every problem with `bp`, which may be invalid; never raises on bad input.
@@ -642,5 +655,7 @@ def lint_blueprint(bp: Any, registry: Any = None, *, evaluator: Any = None,
         linter.add(BAD_SHAPE, f"cannot read the blueprint: {type(exc).__name__}: {exc}")
     else:
         linter.run(data)
+        if not any(i.severity == ERROR for i in linter.issues):
+            _check_loadable(linter, data)
     issues = tuple(linter.issues)
     return LintResult(is_valid=not any(i.severity == ERROR for i in issues), issues=issues)
