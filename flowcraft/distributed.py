@@ -47,7 +47,7 @@ from .ports import (Commit, CoordinationStore, Delivery, Job, JobQueue, RunRecor
                     identity_problem, item_field)
 from .result import AWAITING, CANCELLED, COMPLETED, FAILED, FINAL_STATUSES, RUNNING, STALLED, WorkflowError, WorkflowResult
 from .runtime import AWAITING_DETAILS_KEY, AWAITING_IDS_KEY, FlowRuntime, new_run_id, subflow_depth_error
-from .serializer import check_json
+from .serializer import check_json, check_values
 from .worker_context import StoreContext, WithDelta, WorkerEngine
 
 logger = logging.getLogger("flowcraft.distributed")
@@ -817,8 +817,7 @@ class DistributedAdapter:
         if parent is not None:
             parent = self._child_parent(parent)
         context = dict(initial_context or {})
-        for key, value in context.items():
-            check_json(value, key)
+        check_values(context, "initial context", self.runtime.max_value_bytes)  # as FlowRuntime.run
         traversal = Traversal(graph, {})
         jobs = [Job(run_id, blueprint.id, a.node_id, a.iteration) for a in traversal.start()]
         record = RunRecord(run_id, blueprint.id, blueprint.version, RUNNING, 1, traversal.outstanding,
@@ -880,6 +879,7 @@ class DistributedAdapter:
 
     def resume_with_action(self, run_id: str, action: Optional[str], output: Any = None, node_id: Optional[str] = None) -> Set[str]:
         """Complete an awaiting `wait` node with `action`/`output`; return the ids of the nodes enqueued."""
+        check_values({"output": output}, "resume", self.runtime.max_value_bytes)  # refused before the run changes, as in memory
         record = self.store.get_record(run_id)
         if record is None:
             raise KeyError(f"unknown run {run_id!r}")

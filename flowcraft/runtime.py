@@ -18,7 +18,7 @@ from .execution import FallbackResult, NodeFailure, NodeRunner, item_failure, re
 from .graph import MAX_CYCLE_ITERATIONS, Activation, CompiledGraph, GraphNode, RoutingError, Traversal
 from .node import NodeContext, NodeResult, to_result
 from .result import AWAITING, CANCELLED, COMPLETED, FAILED, STALLED, WorkflowError, WorkflowResult
-from .serializer import DEFAULT_MAX_CONTEXT_BYTES, DEFAULT_MAX_VALUE_BYTES, JsonSerializer, check_json
+from .serializer import DEFAULT_MAX_CONTEXT_BYTES, DEFAULT_MAX_VALUE_BYTES, JsonSerializer, check_json, check_values
 
 logger = logging.getLogger("flowcraft.runtime")
 
@@ -225,6 +225,7 @@ class FlowRuntime:
         if initial_context is not None and type(initial_context) is not dict and not isinstance(initial_context, Mapping):
             raise TypeError(f"initial_context must be a mapping, not {type(initial_context).__name__}")
         data = dict(initial_context) if initial_context else {}
+        check_values(data, "initial context", self.max_value_bytes)  # refused before anything runs, as by start_workflow
         run = _Run(self, graph, data, self._registry_for(registry), run_id or new_run_id(), cancel, concurrency, wait_timers)
         run.depth = _subflow_depth
         if run.emit is not None:
@@ -248,6 +249,7 @@ class FlowRuntime:
         _subflow_depth: int = 0,
     ) -> WorkflowResult:
         """Complete an awaiting node of a paused run with `output`/`action`, and run on from there."""
+        check_values({"output": output}, "resume", self.max_value_bytes)  # refused before the run changes
         graph = self.graph(blueprint, strict=strict)
         data = self.serializer.loads(serialized_context) if not isinstance(serialized_context, Mapping) else dict(serialized_context)
         snapshot = data.pop(TRAVERSAL_KEY, None)

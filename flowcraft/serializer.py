@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Dict, List, Optional, Protocol, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Protocol, Tuple
 
 from .errors import SerializationError, ValueTooLarge
 
 _SCALARS = (str, int, float, bool, type(None))
 _CONTAINERS = (list, tuple, dict)
+_LEFT = object()  # on `_walk`'s stack: the walk has left the container named by id
 
 DEFAULT_MAX_VALUE_BYTES = 16 * 1024 * 1024
 """The default bound on one value (a context key, a node output, a batch item), as JSON."""
@@ -39,6 +40,20 @@ def check_json(value: Any, key: str, max_bytes: Optional[int] = DEFAULT_MAX_VALU
     return size
 
 
+def check_values(values: Mapping[Any, Any], what: str, max_bytes: Optional[int] = DEFAULT_MAX_VALUE_BYTES) -> None:
+    """Refuse values given to a run from outside before anything runs or is stored (an initial
+    context, a resume's output), the same way in memory and on every backend: `SerializationError`
+    (or `ValueTooLarge`) "<what>: value at '<key>...' ..." unless each key is a string and each
+    value passes `check_json`."""
+    for key, value in values.items():
+        if type(key) is not str and not isinstance(key, str):
+            raise SerializationError(f"{what}: key {key!r} is a {type(key).__name__}: JSON keys are strings")
+        try:
+            check_json(value, key, max_bytes)
+        except SerializationError as error:
+            raise type(error)(f"{what}: {error}") from None
+
+
 def _path(where: str, step: Any) -> str:
     return f"{where}[{step}]" if type(step) is int else f"{where}.{step}"
 
@@ -46,16 +61,29 @@ def _path(where: str, step: Any) -> str:
 def _walk(value: Any, path: str, max_bytes: Optional[int]) -> Tuple[str, int]:
     """(the first problem found or "", the size as JSON so far). Plain scalars in a container are
     counted where the container is expanded; paths are formatted only for containers and for the
-    problem reported."""
-    stack: List[Tuple[Any, str, Any]] = [(value, path, None)]
+    problem reported.
+
+    A circular value (a container inside itself) is refused where it refers back: the walk keeps
+    the containers enclosing the item it is at (by id, with their paths), and a `_LEFT` entry on
+    the stack, below a container's items, takes it off once they are walked. A sub-value shared by several keys is
+    not on its own path, so it is accepted (and counted each time, as JSON writes it each time)."""
+    stack: List[Tuple[Any, Any, Any]] = [(value, path, None)]
+    enclosing: Dict[int, str] = {}
     isfinite = math.isfinite
     size = 0
     limit = max_bytes if max_bytes is not None else -1
     while stack:
         item, where, step = stack.pop()
+        if item is _LEFT:
+            del enclosing[where]  # `where` is the id of the container whose items are walked
+            continue
         kind = type(item)
         if kind is list or kind is tuple or kind is dict or isinstance(item, _CONTAINERS):
             here = where if step is None else _path(where, step)
+            ident = id(item)
+            if ident in enclosing:
+                return (f"value at {here!r} is circular: it refers back to {enclosing[ident]!r}, which holds it "
+                        f"(JSON cannot hold a value inside itself)"), size
             size += 2
             if isinstance(item, dict):
                 pairs = item.items()
@@ -65,6 +93,7 @@ def _walk(value: Any, path: str, max_bytes: Optional[int]) -> Tuple[str, int]:
                     size += len(k) + 3
             else:
                 pairs = enumerate(item)
+            mark = len(stack)
             for k, v in pairs:
                 t = type(v)
                 if t is str:
@@ -75,10 +104,14 @@ def _walk(value: Any, path: str, max_bytes: Optional[int]) -> Tuple[str, int]:
                     size += 6
                 else:
                     stack.append((v, here, k))
+            if len(stack) > mark:  # only a container holding containers can enclose itself: the others cost nothing
+                enclosing[ident] = here
+                stack.insert(mark, (_LEFT, ident, None))  # below its items: popped once they are all walked
         elif isinstance(item, _SCALARS):  # a subclass of one, or a float that is not finite
             if isinstance(item, float) and not isfinite(item):
                 where = where if step is None else _path(where, step)
-                return f"value at {where!r} is {item!r}, which JSON cannot hold (no NaN or Infinity)", size
+                name = "NaN" if item != item else ("Infinity" if item > 0 else "-Infinity")  # as JSON-ish text writes them
+                return f"value at {where!r} is {name}, which JSON cannot hold (no NaN or Infinity)", size
             size += len(item) + 3 if isinstance(item, str) else 6
         else:
             where = where if step is None else _path(where, step)

@@ -13,8 +13,9 @@ from collections.abc import Mapping
 from typing import Any, Optional
 
 from ..blueprint import WorkflowBlueprint
-from ..errors import BlueprintError
+from ..errors import BlueprintError, SerializationError
 from ..runtime import FlowRuntime
+from ..serializer import check_json
 from .errors import CliError, one_line
 
 # --- the app ----------------------------------------------------------------------------------
@@ -107,9 +108,21 @@ def read_json_file(path: str, what: str) -> Any:
     except UnicodeDecodeError:
         raise CliError(f"cannot read {what} {path!r}: not UTF-8 text") from None
     try:
-        return json.loads(text)
+        data = json.loads(text)
     except ValueError as error:
         raise CliError(f"{what} {path!r} is not valid JSON: {one_line(error)}") from None
+    return _only_json(data, f"{what} {path!r}", "$")
+
+
+def _only_json(data: Any, what: str, where: str) -> Any:
+    """`data` as parsed, unless it holds NaN or Infinity: Python's parser takes those literals (and
+    turns 1e999 into Infinity), JSON and every backend do not. Said here, naming the option or
+    file and where in it, before anything runs or is stored (the check is the engine's one)."""
+    try:
+        check_json(data, where, None)
+    except SerializationError as error:
+        raise CliError(f"{what} is not valid JSON: {one_line(error)}") from None
+    return data
 
 
 def load_blueprint(ref: str, runtime: FlowRuntime) -> WorkflowBlueprint:
@@ -137,9 +150,10 @@ def parse_json_arg(value: Optional[str], option: str) -> Any:
     if value.startswith("@"):
         return read_json_file(value[1:], f"{option} file")
     try:
-        return json.loads(value)
+        data = json.loads(value)
     except ValueError as error:
         raise CliError(f"{option} is not valid JSON ({one_line(error)}); quote a string as '\"text\"'") from None
+    return _only_json(data, option, "$")
 
 
 def parse_context(value: Optional[str]) -> dict:
