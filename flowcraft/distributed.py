@@ -39,14 +39,15 @@ from .cancel import CancelToken
 from .errors import FlowcraftError, StoreRejected
 from .events import Event
 from .execution import NodeFailure, NodeRunner, RetryLater, resolve_impl
-from .graph import READY, SKIPPED, CompiledGraph, GraphNode, NodeState, Traversal
+from .graph import READY, SKIPPED, CompiledGraph, GraphNode, NodeState, Traversal, check_resume_action
 from .node import NodeContext, NodeResult
 from .plan import (CommitPlan, batch_item, batch_size, drop_unstarted_inputs, input_field, item_definition, item_job,
                    job_event, spec_field)
 from .ports import (Commit, CoordinationStore, Delivery, Job, JobQueue, RunRecord, RunSnapshot, RunStatus, RunStore,
                     identity_problem, item_field)
 from .result import AWAITING, CANCELLED, COMPLETED, FAILED, FINAL_STATUSES, RUNNING, STALLED, WorkflowError, WorkflowResult
-from .runtime import AWAITING_DETAILS_KEY, AWAITING_IDS_KEY, FlowRuntime, new_run_id, subflow_depth_error
+from .runtime import (AWAITING_DETAILS_KEY, AWAITING_IDS_KEY, FlowRuntime, awaiting_node, new_run_id,
+                      subflow_depth_error)
 from .serializer import check_json
 from .worker_context import StoreContext, WithDelta, WorkerEngine
 
@@ -886,17 +887,19 @@ class DistributedAdapter:
         if record.status not in (RUNNING, AWAITING):
             raise ValueError(f"run {run_id} is {record.status}: there is nothing to resume")
         waiting = {n: d for n, d in record.awaiting.items() if d.get("type") in ("wait", "subflow")}
-        if node_id is None:
-            if len(waiting) != 1:
-                raise ValueError(f"run {run_id} has {len(waiting)} awaiting nodes {sorted(waiting)}: say which with node_id=")
-            node_id = next(iter(waiting))
-        details = waiting.get(node_id)
-        if details is None:
-            raise ValueError(f"node {node_id!r} of run {run_id} is not awaiting (awaiting: {sorted(waiting)})")
+        try:
+            node_id = awaiting_node(waiting, node_id)
+        except ValueError as error:
+            raise ValueError(f"run {run_id}: {error}") from None
+        details = waiting[node_id]
         if details.get("type") == "subflow":
             return self.resume_with_action(details["childRunId"], action, output)
         graph = self.runtime.graph(self.runtime.blueprint(record.blueprint_id))
         node = graph.nodes[node_id]
+        try:
+            check_resume_action(node, action)  # before anything changes: a misspelt action ends nothing
+        except ValueError as error:
+            raise ValueError(f"run {run_id}: {error}") from None
         job = Job(run_id, graph.blueprint.id, node_id, int(details.get("iteration", 0)), kind="resume")
         snap = self._load(job, graph, node)
         if self.runtime.event_bus is not None:

@@ -170,6 +170,25 @@ def start_node_ids(blueprint: WorkflowBlueprint) -> Tuple[str, ...]:
     )
 
 
+def check_resume_action(node: "GraphNode", action: Optional[str]) -> None:
+    """Raise `ValueError` if resuming the awaiting `node` with `action` would follow none of the
+    edges the blueprint gives it for actions (SPEC section 11): when some of its outgoing edges name
+    an action, `action` must be one of those, or None ("no action": its edges without one) when it
+    has such edges. Routing would otherwise fall back to the edges without an action, or to none,
+    and skip everything downstream: a misspelt action would end the run for good. A node none of
+    whose edges names an action takes any action (it is only recorded)."""
+    named = sorted(node.by_action)
+    if not named or (action in node.by_action if action is not None else bool(node.default_edges)):
+        return
+    choices = ", ".join(repr(a) for a in named)
+    if node.default_edges:
+        choices += " (or no action, for its edges without one)"
+    if action is None:
+        raise ValueError(f"node {node.id!r} needs an action to resume: every edge out of it names one; "
+                         f"give one of {choices}")
+    raise ValueError(f"node {node.id!r} has no outgoing edge with action {action!r}: give one of {choices}")
+
+
 class CompiledGraph:
     """A blueprint prepared for execution. Build once per blueprint and reuse for every run."""
 

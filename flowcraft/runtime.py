@@ -15,7 +15,8 @@ from .context import DictContext
 from .errors import BlueprintError, FlowcraftError, LoopLimitError, SerializationError, UnknownNodeError
 from .events import Event
 from .execution import FallbackResult, NodeFailure, NodeRunner, item_failure, resolve_impl
-from .graph import MAX_CYCLE_ITERATIONS, Activation, CompiledGraph, GraphNode, RoutingError, Traversal
+from .graph import (MAX_CYCLE_ITERATIONS, Activation, CompiledGraph, GraphNode, RoutingError, Traversal,
+                    check_resume_action)
 from .node import NodeContext, NodeResult, to_result
 from .result import AWAITING, CANCELLED, COMPLETED, FAILED, STALLED, WorkflowError, WorkflowResult
 from .serializer import DEFAULT_MAX_CONTEXT_BYTES, DEFAULT_MAX_VALUE_BYTES, JsonSerializer, check_json
@@ -245,12 +246,8 @@ class FlowRuntime:
         awaiting = dict(data.get(AWAITING_DETAILS_KEY) or {})
         if snapshot is None or not awaiting:
             raise ValueError("this context is not that of an awaiting run (no awaiting nodes recorded)")
-        if node_id is None:
-            if len(awaiting) > 1:
-                raise ValueError(f"several nodes await {sorted(awaiting)}: say which with node_id=")
-            node_id = next(iter(awaiting))
-        if node_id not in awaiting:
-            raise ValueError(f"node {node_id!r} is not awaiting (awaiting: {sorted(awaiting)})")
+        node_id = awaiting_node(awaiting, node_id)
+        self._check_resume(graph, node_id, awaiting[node_id], snapshot, action)
         run = _Run(self, graph, data, self._registry_for(registry), run_id or snapshot.get("runId") or new_run_id(),
                    cancel, concurrency, wait_timers)
         run.depth = _subflow_depth
@@ -259,6 +256,24 @@ class FlowRuntime:
         run.child_contexts = dict(snapshot.get(CHILD_CONTEXTS_KEY) or {})
         run.emit_event("workflow:resume", {"node_id": node_id})
         return run.execute(run.resume_node(node_id, output, action))
+
+    def _check_resume(self, graph: CompiledGraph, node_id: str, details: Mapping[str, Any],
+                      snapshot: Mapping[str, Any], action: Optional[str]) -> None:
+        """Refuse, before anything runs, an action the awaiting node (for a subflow: its child's
+        awaiting node, however deep) has no edge for (`graph.check_resume_action`)."""
+        if details.get("type") != "subflow":
+            return check_resume_action(graph.nodes[node_id], action)
+        child = (snapshot.get(CHILD_CONTEXTS_KEY) or {}).get(node_id) or details.get("childContext")
+        if child is None:
+            return  # resuming fails the node, naming what is missing
+        data = self.serializer.loads(child)
+        child_awaiting = dict(data.get(AWAITING_DETAILS_KEY) or {})
+        child_snapshot = data.get(TRAVERSAL_KEY)
+        if not child_awaiting or child_snapshot is None:
+            return
+        child_node = awaiting_node(child_awaiting, None)
+        self._check_resume(self.graph(details["blueprintId"]), child_node, child_awaiting[child_node], child_snapshot,
+                           action)
 
     def replay(self, blueprint: BlueprintRef, events: Any) -> WorkflowResult:
         """Rebuild the final context of a recorded run from its events, running no node code."""
@@ -629,6 +644,20 @@ class _Run:
             result._serialized = self.runtime.serializer.dumps({**self.data, TRAVERSAL_KEY: snapshot})
         self.emit_event("workflow:finish", {"status": status, "errors": [e.to_dict() for e in self.errors]})
         return result
+
+
+def awaiting_node(awaiting: Mapping[str, Any], node_id: Optional[str]) -> str:
+    """The awaiting node a resume completes: `node_id`, or the only one awaiting; `ValueError`
+    saying what to pass when that is ambiguous or `node_id` does not await."""
+    if node_id is None:
+        if len(awaiting) == 1:
+            return next(iter(awaiting))
+        raise ValueError(f"{len(awaiting)} nodes await {sorted(awaiting)}: say which with node_id= "
+                         f"(flowcraft resume --node ID)")
+    if node_id not in awaiting:
+        raise ValueError(f"node {node_id!r} is not awaiting: give one of {sorted(awaiting)} as node_id= "
+                         f"(flowcraft resume --node ID)")
+    return node_id
 
 
 def _due(details: Mapping[str, Any]) -> bool:

@@ -432,6 +432,24 @@ def test_approval_start_wait_resume_worker(capsys, app, memory_backend):
     assert_one_line_error(err, "nothing to resume")
 
 
+def test_a_misspelt_resume_action_is_exit_2_and_the_run_still_resumes(capsys, app, memory_backend):
+    """Issue 17 item 1: `--action aprove` used to print {"enqueued": []}, exit 0 and end the run."""
+    run_id = run_cli(capsys, "start", "approval", "--app", f"{app}:runtime")[1].strip()
+    run_cli(capsys, "worker", "--app", f"{app}:runtime", "--burst")
+    adapter = memory_backend["adapter"]
+    before = (adapter.store.get_record(run_id), adapter.store.read_all_states(run_id), adapter.queue.pending)
+    code, out, err = run_cli(capsys, "resume", run_id, "--action", "aprove", "--app", f"{app}:runtime")
+    assert (code, out) == (EXIT_USAGE, "")
+    assert_one_line_error(err, f"run {run_id}: node 'decide' has no outgoing edge with action 'aprove': "
+                               f"give one of 'approve', 'reject'")
+    assert (adapter.store.get_record(run_id), adapter.store.read_all_states(run_id), adapter.queue.pending) == before
+    code, _, err = run_cli(capsys, "resume", run_id, "--action", "approve", "--node", "pay", "--app", f"{app}:runtime")
+    assert code == EXIT_USAGE
+    assert_one_line_error(err, "node 'pay' is not awaiting: give one of ['decide']", "--node ID")
+    code, out, _ = run_cli(capsys, "resume", run_id, "--action", "approve", "--app", f"{app}:runtime")
+    assert (code, json.loads(out)["enqueued"]) == (EXIT_OK, ["pay"])
+
+
 def test_cancel(capsys, app, memory_backend):
     run_id = run_cli(capsys, "start", "chain", "--app", f"{app}:runtime")[1].strip()
     code, out, _ = run_cli(capsys, "cancel", run_id)
