@@ -808,9 +808,10 @@ class DistributedAdapter:
         existing one raises `ValueError` (it is never handed back, nor its context). `parent` is
         for a subflow's child (started twice by a redelivered parent job, it is the same run)."""
         blueprint = self.runtime.blueprint(blueprint_or_id)
+        graph = self.runtime.graph(blueprint)
+        self.runtime.check_registry(blueprint)  # before anything is stored: a run no worker can finish never starts
         if blueprint.id not in self.runtime.blueprints:
             self.runtime.add_blueprint(blueprint)
-        graph = self.runtime.graph(blueprint)
         run_id = run_id or new_run_id()
         problem = identity_problem(run_id)
         if problem is not None:

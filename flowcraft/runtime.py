@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import difflib
 import logging
 import os
 from collections import deque
@@ -9,7 +10,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .blueprint import NodeDefinition, WorkflowBlueprint
-from .builtins import LOOP_CONTROLLER, Await, SubflowError, child_run_id, finish_subflow, utc_now
+from .builtins import (BATCH_SCATTER, BUILTINS, LOOP_CONTROLLER, SUBFLOW, Await, SubflowError, child_run_id,
+                       finish_subflow, utc_now)
 from .cancel import CancelToken
 from .context import DictContext
 from .errors import BlueprintError, FlowcraftError, LoopLimitError, SerializationError, UnknownNodeError
@@ -164,6 +166,47 @@ class FlowRuntime:
         if found:
             raise BlueprintError(found, blueprint.id)
 
+    def registry_problems(self, blueprint: WorkflowBlueprint, registry: Optional[Mapping[str, Any]] = None) -> List[str]:
+        """What `blueprint` would need and this runtime lacks, as phrases: `uses` keys that are
+        neither in the registry (`registry` merged over the runtime's) nor built-ins, of its nodes
+        (fallback nodes included), of its batches' workers and, transitively, of the blueprints its
+        subflows run; and the subflow blueprints the runtime does not know."""
+        known = self._registry_for(registry)
+        missing: List[str] = []
+        unknown_blueprints: List[str] = []
+        seen = {blueprint.id}
+        todo: List[Tuple[WorkflowBlueprint, str]] = [(blueprint, "")]
+        while todo:
+            bp, where = todo.pop()
+            for node in bp.nodes:
+                params = node.params or {}
+                if node.uses == SUBFLOW and node.uses not in known:
+                    child_id = params.get("blueprintId")
+                    child = self.blueprints.get(child_id) if isinstance(child_id, str) else None
+                    if child is None:
+                        unknown_blueprints.append(f"{child_id!r} (node {node.id!r}{where})")
+                    elif child.id not in seen:
+                        seen.add(child.id)
+                        todo.append((child, f" of subflow blueprint {child.id!r}"))
+                elif node.uses == BATCH_SCATTER and node.uses not in known:
+                    worker = params.get("workerUsesKey")
+                    if isinstance(worker, str) and worker not in known and worker not in BUILTINS:
+                        missing.append(f"{worker!r} (the workers of batch node {node.id!r}{where}{_close(worker, known)})")
+                elif node.uses not in known and node.uses not in BUILTINS:
+                    missing.append(f"{node.uses!r} (node {node.id!r}{where}{_close(node.uses, known)})")
+        found = [f"not in the registry: {', '.join(missing)}"] if missing else []
+        if unknown_blueprints:
+            found.append(f"subflow blueprints the runtime does not know: {', '.join(unknown_blueprints)}")
+        return found
+
+    def check_registry(self, blueprint: WorkflowBlueprint, registry: Optional[Mapping[str, Any]] = None) -> None:
+        """Raise `UnknownNodeError` (one line naming them all) if `blueprint` uses what this runtime
+        lacks (`registry_problems`): checked before a run starts, so that no node runs (and no side
+        effect happens) in a run that would fail on the first node nobody can run."""
+        found = self.registry_problems(blueprint, registry)
+        if found:
+            raise UnknownNodeError(f"blueprint {blueprint.id!r} cannot run, nothing was started: {'; '.join(found)}")
+
     def blueprint(self, ref: BlueprintRef) -> WorkflowBlueprint:
         """A blueprint from a `WorkflowBlueprint`, its dict form, a `Flow`, or the id of a known one."""
         if isinstance(ref, str):
@@ -216,6 +259,8 @@ class FlowRuntime:
         graph = cached[1] if cached is not None and cached[0] is blueprint else self.graph(blueprint, strict=strict)
         if initial_context is not None and type(initial_context) is not dict and not isinstance(initial_context, Mapping):
             raise TypeError(f"initial_context must be a mapping, not {type(initial_context).__name__}")
+        if not _subflow_depth:  # a subflow's child was checked with its parent
+            self.check_registry(graph.blueprint, registry)
         data = dict(initial_context) if initial_context else {}
         run = _Run(self, graph, data, self._registry_for(registry), run_id or new_run_id(), cancel, concurrency, wait_timers)
         run.depth = _subflow_depth
@@ -644,6 +689,16 @@ class _Run:
             result._serialized = self.runtime.serializer.dumps({**self.data, TRAVERSAL_KEY: snapshot})
         self.emit_event("workflow:finish", {"status": status, "errors": [e.to_dict() for e in self.errors]})
         return result
+
+
+def _close(key: str, known: Mapping[str, Any]) -> str:
+    """`; did you mean 'x'?` for the registry key closest to a misspelt one, else nothing."""
+    try:
+        keys = [k for k in known if isinstance(k, str)]
+    except Exception:  # a registry that cannot be listed
+        return ""
+    match = difflib.get_close_matches(key, keys, n=1)
+    return f"; did you mean {match[0]!r}?" if match else ""
 
 
 def awaiting_node(awaiting: Mapping[str, Any], node_id: Optional[str]) -> str:
