@@ -451,7 +451,8 @@ class DistributedAdapter:
         if record.blueprint_id != graph.blueprint.id:  # not a job of this run: dead-letter it only
             return self._reject(delivery, f"run {job.run_id!r} is a run of blueprint {record.blueprint_id!r}, "
                                           f"not of {job.blueprint_id!r}", None)
-        if record.blueprint_version != graph.blueprint.version:
+        if record.blueprint_version != graph.blueprint.version or (
+                record.blueprint_digest is not None and record.blueprint_digest != graph.digest):
             return self._version_mismatch(delivery, job, record, graph)
         if record.status not in (RUNNING, AWAITING) or not self._executable(job, graph, node, snap):
             self.store.publish_outbox(job.run_id, self.queue)  # a crash may have left committed jobs unpublished
@@ -553,6 +554,9 @@ class DistributedAdapter:
             first_seen = now
         theirs = f"{record.blueprint_id}@{record.blueprint_version}"
         ours = f"{graph.blueprint.id}@{graph.blueprint.version}"
+        if record.blueprint_version == graph.blueprint.version:  # same version, edited blueprint: say so
+            theirs += f" (digest {record.blueprint_digest})"
+            ours += f" (digest {graph.digest}: the blueprint was edited without a new metadata.version)"
         if now - first_seen >= self.version_mismatch_ttl:
             reason = f"version mismatch: run {job.run_id} needs {theirs}, no worker with it took the job in {self.version_mismatch_ttl:g}s"
             return self._reject(delivery, reason, _identity(job))  # the job is gone: the run cannot finish
@@ -824,7 +828,7 @@ class DistributedAdapter:
         traversal = Traversal(graph, {})
         jobs = [Job(run_id, blueprint.id, a.node_id, a.iteration) for a in traversal.start()]
         record = RunRecord(run_id, blueprint.id, blueprint.version, RUNNING, 1, traversal.outstanding,
-                           parent=parent, updated_at=self.clock())
+                           parent=parent, updated_at=self.clock(), blueprint_digest=graph.digest)
         states = {k: v.to_dict() for k, v in traversal.states.items()}
         if not jobs:
             record.status = COMPLETED

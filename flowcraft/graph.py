@@ -12,9 +12,10 @@ touches, applies the same transition, and commits what changed. Node states are 
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Mapping, MutableMapping, Optional, Set, Tuple
 
-from .blueprint import EdgeDefinition, NodeConfig, NodeDefinition, WorkflowBlueprint
+from .blueprint import EdgeDefinition, NodeConfig, NodeDefinition, WorkflowBlueprint, blueprint_digest
 from .errors import BlueprintError, ExpressionError, LoopLimitError
 from .node import NodeResult
 from .serializer import DEFAULT_MAX_VALUE_BYTES, check_json
@@ -231,6 +232,11 @@ class CompiledGraph:
                     [f"strict mode: edge {e.source!r} -> {e.target!r} closes a cycle" for e in cycles],
                     blueprint.id,
                 )
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """`blueprint_digest` of the blueprint, computed once per compiled graph."""
+        return blueprint_digest(self.blueprint)
 
     # --- compilation ---------------------------------------------------------------------------
 

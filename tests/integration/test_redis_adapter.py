@@ -254,6 +254,23 @@ def test_a_misspelt_resume_action_is_refused_and_changes_nothing(make_adapter: A
     assert adapter.wait_for_result(run_id, timeout=5).context["done"] == {"approved": {"by": "bob"}}
 
 
+def test_an_edited_blueprint_with_the_same_version_is_put_back_by_the_old_worker(make_adapter: Any) -> None:
+    """Issue 17 item 4: the run records its blueprint's digest; a worker with another one never runs it."""
+    from test_blueprint_digest import order
+    from flowcraft.blueprint import blueprint_digest
+
+    calls: List[str] = []
+    new = make_adapter(make_runtime([order(True, calls)]), version_mismatch_delay=0.0)
+    old = make_adapter(make_runtime([order(False, calls)]), version_mismatch_delay=0.0)
+    run_id = new.start_workflow("order")
+    record = old.store.get_record(run_id)  # read back through Redis: the digest is stored
+    assert record.blueprint_digest == blueprint_digest(new.runtime.blueprint("order"))
+    assert old.work(max_jobs=2) == 2
+    assert calls == [] and old.queue.dead_letters() == []
+    drain(new, [run_id])
+    assert (new.wait_for_result(run_id, timeout=5).status, calls) == ("completed", ["ship new", "bill new"])
+
+
 # =================================================================================================
 # sleep, cancel
 # =================================================================================================
