@@ -6,6 +6,7 @@ milliseconds; in Python they are seconds.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
@@ -380,6 +381,14 @@ def _default_evaluator() -> Any:
     from .evaluator import default_evaluator
 
     return default_evaluator()
+
+
+def blueprint_digest(blueprint: WorkflowBlueprint) -> str:
+    """A short, stable fingerprint of a blueprint: sha256 of the canonical JSON of its wire form
+    (sorted keys, no spaces), 16 hex digits. Recorded with a run, it tells a worker whose blueprint
+    has the same id and version but was edited that the run is not of its graph."""
+    canonical = json.dumps(blueprint.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def as_blueprint(bp: Any) -> WorkflowBlueprint:

@@ -39,14 +39,15 @@ from .cancel import CancelToken
 from .errors import FlowcraftError, StoreRejected
 from .events import Event
 from .execution import NodeFailure, NodeRunner, RetryLater, resolve_impl
-from .graph import READY, SKIPPED, CompiledGraph, GraphNode, NodeState, Traversal
+from .graph import READY, SKIPPED, CompiledGraph, GraphNode, NodeState, Traversal, check_resume_action
 from .node import NodeContext, NodeResult
 from .plan import (CommitPlan, batch_item, batch_size, drop_unstarted_inputs, input_field, item_definition, item_job,
                    job_event, spec_field)
 from .ports import (Commit, CoordinationStore, Delivery, Job, JobQueue, RunRecord, RunSnapshot, RunStatus, RunStore,
                     identity_problem, item_field)
 from .result import AWAITING, CANCELLED, COMPLETED, FAILED, FINAL_STATUSES, RUNNING, STALLED, WorkflowError, WorkflowResult
-from .runtime import AWAITING_DETAILS_KEY, AWAITING_IDS_KEY, FlowRuntime, new_run_id, subflow_depth_error
+from .runtime import (AWAITING_DETAILS_KEY, AWAITING_IDS_KEY, FlowRuntime, awaiting_node, new_run_id,
+                      subflow_depth_error)
 from .serializer import check_json, check_values
 from .worker_context import StoreContext, WithDelta, WorkerEngine
 
@@ -450,7 +451,8 @@ class DistributedAdapter:
         if record.blueprint_id != graph.blueprint.id:  # not a job of this run: dead-letter it only
             return self._reject(delivery, f"run {job.run_id!r} is a run of blueprint {record.blueprint_id!r}, "
                                           f"not of {job.blueprint_id!r}", None)
-        if record.blueprint_version != graph.blueprint.version:
+        if record.blueprint_version != graph.blueprint.version or (
+                record.blueprint_digest is not None and record.blueprint_digest != graph.digest):
             return self._version_mismatch(delivery, job, record, graph)
         if record.status not in (RUNNING, AWAITING) or not self._executable(job, graph, node, snap):
             self.store.publish_outbox(job.run_id, self.queue)  # a crash may have left committed jobs unpublished
@@ -552,6 +554,9 @@ class DistributedAdapter:
             first_seen = now
         theirs = f"{record.blueprint_id}@{record.blueprint_version}"
         ours = f"{graph.blueprint.id}@{graph.blueprint.version}"
+        if record.blueprint_version == graph.blueprint.version:  # same version, edited blueprint: say so
+            theirs += f" (digest {record.blueprint_digest})"
+            ours += f" (digest {graph.digest}: the blueprint was edited without a new metadata.version)"
         if now - first_seen >= self.version_mismatch_ttl:
             reason = f"version mismatch: run {job.run_id} needs {theirs}, no worker with it took the job in {self.version_mismatch_ttl:g}s"
             return self._reject(delivery, reason, _identity(job))  # the job is gone: the run cannot finish
@@ -807,9 +812,11 @@ class DistributedAdapter:
         existing one raises `ValueError` (it is never handed back, nor its context). `parent` is
         for a subflow's child (started twice by a redelivered parent job, it is the same run)."""
         blueprint = self.runtime.blueprint(blueprint_or_id)
+        graph = self.runtime.graph(blueprint)
+        if self.runtime.registry:  # a pure client (blueprints, no node code) cannot check: its workers will
+            self.runtime.check_registry(blueprint)  # before anything is stored: a run no worker can finish never starts
         if blueprint.id not in self.runtime.blueprints:
             self.runtime.add_blueprint(blueprint)
-        graph = self.runtime.graph(blueprint)
         run_id = run_id or new_run_id()
         problem = identity_problem(run_id)
         if problem is not None:
@@ -821,7 +828,7 @@ class DistributedAdapter:
         traversal = Traversal(graph, {})
         jobs = [Job(run_id, blueprint.id, a.node_id, a.iteration) for a in traversal.start()]
         record = RunRecord(run_id, blueprint.id, blueprint.version, RUNNING, 1, traversal.outstanding,
-                           parent=parent, updated_at=self.clock())
+                           parent=parent, updated_at=self.clock(), blueprint_digest=graph.digest)
         states = {k: v.to_dict() for k, v in traversal.states.items()}
         if not jobs:
             record.status = COMPLETED
@@ -886,17 +893,19 @@ class DistributedAdapter:
         if record.status not in (RUNNING, AWAITING):
             raise ValueError(f"run {run_id} is {record.status}: there is nothing to resume")
         waiting = {n: d for n, d in record.awaiting.items() if d.get("type") in ("wait", "subflow")}
-        if node_id is None:
-            if len(waiting) != 1:
-                raise ValueError(f"run {run_id} has {len(waiting)} awaiting nodes {sorted(waiting)}: say which with node_id=")
-            node_id = next(iter(waiting))
-        details = waiting.get(node_id)
-        if details is None:
-            raise ValueError(f"node {node_id!r} of run {run_id} is not awaiting (awaiting: {sorted(waiting)})")
+        try:
+            node_id = awaiting_node(waiting, node_id)
+        except ValueError as error:
+            raise ValueError(f"run {run_id}: {error}") from None
+        details = waiting[node_id]
         if details.get("type") == "subflow":
             return self.resume_with_action(details["childRunId"], action, output)
         graph = self.runtime.graph(self.runtime.blueprint(record.blueprint_id))
         node = graph.nodes[node_id]
+        try:
+            check_resume_action(node, action)  # before anything changes: a misspelt action ends nothing
+        except ValueError as error:
+            raise ValueError(f"run {run_id}: {error}") from None
         job = Job(run_id, graph.blueprint.id, node_id, int(details.get("iteration", 0)), kind="resume")
         snap = self._load(job, graph, node)
         if self.runtime.event_bus is not None:

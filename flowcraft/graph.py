@@ -15,10 +15,11 @@ touches, applies the same transition, and commits what changed. Node states are 
 """
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Mapping, MutableMapping, Optional, Set, Tuple
 
-from .blueprint import EdgeDefinition, NodeConfig, NodeDefinition, WorkflowBlueprint
+from .blueprint import EdgeDefinition, NodeConfig, NodeDefinition, WorkflowBlueprint, blueprint_digest
 from .errors import BlueprintError, ExpressionError, LoopLimitError
 from .evaluator import UNORDERABLE, ExpressionProblem, WatchedNames
 from .node import NodeResult
@@ -236,6 +237,25 @@ def start_node_ids(blueprint: WorkflowBlueprint) -> Tuple[str, ...]:
     )
 
 
+def check_resume_action(node: "GraphNode", action: Optional[str]) -> None:
+    """Raise `ValueError` if resuming the awaiting `node` with `action` would follow none of the
+    edges the blueprint gives it for actions (SPEC section 11): when some of its outgoing edges name
+    an action, `action` must be one of those, or None ("no action": its edges without one) when it
+    has such edges. Routing would otherwise fall back to the edges without an action, or to none,
+    and skip everything downstream: a misspelt action would end the run for good. A node none of
+    whose edges names an action takes any action (it is only recorded)."""
+    named = sorted(node.by_action)
+    if not named or (action in node.by_action if action is not None else bool(node.default_edges)):
+        return
+    choices = ", ".join(repr(a) for a in named)
+    if node.default_edges:
+        choices += " (or no action, for its edges without one)"
+    if action is None:
+        raise ValueError(f"node {node.id!r} needs an action to resume: every edge out of it names one; "
+                         f"give one of {choices}")
+    raise ValueError(f"node {node.id!r} has no outgoing edge with action {action!r}: give one of {choices}")
+
+
 class CompiledGraph:
     """A blueprint prepared for execution. Build once per blueprint and reuse for every run."""
 
@@ -284,6 +304,11 @@ class CompiledGraph:
                     [f"strict mode: edge {e.source!r} -> {e.target!r} closes a cycle" for e in cycles],
                     blueprint.id,
                 )
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """`blueprint_digest` of the blueprint, computed once per compiled graph."""
+        return blueprint_digest(self.blueprint)
 
     # --- compilation ---------------------------------------------------------------------------
 

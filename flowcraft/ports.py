@@ -309,6 +309,9 @@ class RunRecord:
     parent: Optional[Dict[str, Any]] = None  # for a subflow's child run: the parent's run, node, iteration
     updated_at: float = 0.0
     result: Optional[Dict[str, Any]] = None
+    # `blueprint_digest` of the blueprint the run started with; None: not recorded (a seed client's
+    # run, or one started before digests were recorded), and then not checked
+    blueprint_digest: Optional[str] = None
 
 
 def copy_record(record: RunRecord) -> RunRecord:
@@ -316,7 +319,7 @@ def copy_record(record: RunRecord) -> RunRecord:
     the loaded record once per node execution; this is cheaper than `attrs.evolve`)."""
     return RunRecord(record.run_id, record.blueprint_id, record.blueprint_version, record.status, record.version,
                      record.outstanding, dict(record.awaiting), list(record.errors), record.parent, record.updated_at,
-                     record.result)
+                     record.result, record.blueprint_digest)
 
 
 @attrs.define

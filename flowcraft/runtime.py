@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import difflib
 import logging
 import os
 from collections import deque
@@ -9,13 +10,15 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .blueprint import NodeDefinition, WorkflowBlueprint
-from .builtins import LOOP_CONTROLLER, Await, SubflowError, child_run_id, finish_subflow, utc_now
+from .builtins import (BATCH_SCATTER, BUILTINS, LOOP_CONTROLLER, SUBFLOW, Await, SubflowError, child_run_id,
+                       finish_subflow, utc_now)
 from .cancel import CancelToken
 from .context import DictContext
 from .errors import BlueprintError, FlowcraftError, LoopLimitError, SerializationError, UnknownNodeError
 from .events import Event
 from .execution import FallbackResult, NodeFailure, NodeRunner, item_failure, resolve_impl
-from .graph import MAX_CYCLE_ITERATIONS, Activation, CompiledGraph, GraphNode, RoutingError, Traversal
+from .graph import (MAX_CYCLE_ITERATIONS, Activation, CompiledGraph, GraphNode, RoutingError, Traversal,
+                    check_resume_action)
 from .node import NodeContext, NodeResult, to_result
 from .result import AWAITING, CANCELLED, COMPLETED, FAILED, STALLED, WorkflowError, WorkflowResult
 from .serializer import DEFAULT_MAX_CONTEXT_BYTES, DEFAULT_MAX_VALUE_BYTES, JsonSerializer, check_json, check_values
@@ -172,6 +175,47 @@ class FlowRuntime:
         if found:
             raise BlueprintError(found, blueprint.id)
 
+    def registry_problems(self, blueprint: WorkflowBlueprint, registry: Optional[Mapping[str, Any]] = None) -> List[str]:
+        """What `blueprint` would need and this runtime lacks, as phrases: `uses` keys that are
+        neither in the registry (`registry` merged over the runtime's) nor built-ins, of its nodes
+        (fallback nodes included), of its batches' workers and, transitively, of the blueprints its
+        subflows run; and the subflow blueprints the runtime does not know."""
+        known = self._registry_for(registry)
+        missing: List[str] = []
+        unknown_blueprints: List[str] = []
+        seen = {blueprint.id}
+        todo: List[Tuple[WorkflowBlueprint, str]] = [(blueprint, "")]
+        while todo:
+            bp, where = todo.pop()
+            for node in bp.nodes:
+                params = node.params or {}
+                if node.uses == SUBFLOW and node.uses not in known:
+                    child_id = params.get("blueprintId")
+                    child = self.blueprints.get(child_id) if isinstance(child_id, str) else None
+                    if child is None:
+                        unknown_blueprints.append(f"{child_id!r} (node {node.id!r}{where})")
+                    elif child.id not in seen:
+                        seen.add(child.id)
+                        todo.append((child, f" of subflow blueprint {child.id!r}"))
+                elif node.uses == BATCH_SCATTER and node.uses not in known:
+                    worker = params.get("workerUsesKey")
+                    if isinstance(worker, str) and worker not in known and worker not in BUILTINS:
+                        missing.append(f"{worker!r} (the workers of batch node {node.id!r}{where}{_close(worker, known)})")
+                elif node.uses not in known and node.uses not in BUILTINS:
+                    missing.append(f"{node.uses!r} (node {node.id!r}{where}{_close(node.uses, known)})")
+        found = [f"not in the registry: {', '.join(missing)}"] if missing else []
+        if unknown_blueprints:
+            found.append(f"subflow blueprints the runtime does not know: {', '.join(unknown_blueprints)}")
+        return found
+
+    def check_registry(self, blueprint: WorkflowBlueprint, registry: Optional[Mapping[str, Any]] = None) -> None:
+        """Raise `UnknownNodeError` (one line naming them all) if `blueprint` uses what this runtime
+        lacks (`registry_problems`): checked before a run starts, so that no node runs (and no side
+        effect happens) in a run that would fail on the first node nobody can run."""
+        found = self.registry_problems(blueprint, registry)
+        if found:
+            raise UnknownNodeError(f"blueprint {blueprint.id!r} cannot run, nothing was started: {'; '.join(found)}")
+
     def blueprint(self, ref: BlueprintRef) -> WorkflowBlueprint:
         """A blueprint from a `WorkflowBlueprint`, its dict form, a `Flow`, or the id of a known one."""
         if isinstance(ref, str):
@@ -224,6 +268,8 @@ class FlowRuntime:
         graph = cached[1] if cached is not None and cached[0] is blueprint else self.graph(blueprint, strict=strict)
         if initial_context is not None and type(initial_context) is not dict and not isinstance(initial_context, Mapping):
             raise TypeError(f"initial_context must be a mapping, not {type(initial_context).__name__}")
+        if not _subflow_depth:  # a subflow's child was checked with its parent
+            self.check_registry(graph.blueprint, registry)
         data = dict(initial_context) if initial_context else {}
         check_values(data, "initial context", self.max_value_bytes)  # refused before anything runs, as by start_workflow
         run = _Run(self, graph, data, self._registry_for(registry), run_id or new_run_id(), cancel, concurrency, wait_timers)
@@ -256,12 +302,8 @@ class FlowRuntime:
         awaiting = dict(data.get(AWAITING_DETAILS_KEY) or {})
         if snapshot is None or not awaiting:
             raise ValueError("this context is not that of an awaiting run (no awaiting nodes recorded)")
-        if node_id is None:
-            if len(awaiting) > 1:
-                raise ValueError(f"several nodes await {sorted(awaiting)}: say which with node_id=")
-            node_id = next(iter(awaiting))
-        if node_id not in awaiting:
-            raise ValueError(f"node {node_id!r} is not awaiting (awaiting: {sorted(awaiting)})")
+        node_id = awaiting_node(awaiting, node_id)
+        self._check_resume(graph, node_id, awaiting[node_id], snapshot, action)
         run = _Run(self, graph, data, self._registry_for(registry), run_id or snapshot.get("runId") or new_run_id(),
                    cancel, concurrency, wait_timers)
         run.depth = _subflow_depth
@@ -270,6 +312,24 @@ class FlowRuntime:
         run.child_contexts = dict(snapshot.get(CHILD_CONTEXTS_KEY) or {})
         run.emit_event("workflow:resume", {"node_id": node_id})
         return run.execute(run.resume_node(node_id, output, action))
+
+    def _check_resume(self, graph: CompiledGraph, node_id: str, details: Mapping[str, Any],
+                      snapshot: Mapping[str, Any], action: Optional[str]) -> None:
+        """Refuse, before anything runs, an action the awaiting node (for a subflow: its child's
+        awaiting node, however deep) has no edge for (`graph.check_resume_action`)."""
+        if details.get("type") != "subflow":
+            return check_resume_action(graph.nodes[node_id], action)
+        child = (snapshot.get(CHILD_CONTEXTS_KEY) or {}).get(node_id) or details.get("childContext")
+        if child is None:
+            return  # resuming fails the node, naming what is missing
+        data = self.serializer.loads(child)
+        child_awaiting = dict(data.get(AWAITING_DETAILS_KEY) or {})
+        child_snapshot = data.get(TRAVERSAL_KEY)
+        if not child_awaiting or child_snapshot is None:
+            return
+        child_node = awaiting_node(child_awaiting, None)
+        self._check_resume(self.graph(details["blueprintId"]), child_node, child_awaiting[child_node], child_snapshot,
+                           action)
 
     def replay(self, blueprint: BlueprintRef, events: Any) -> WorkflowResult:
         """Rebuild the final context of a recorded run from its events, running no node code."""
@@ -640,6 +700,30 @@ class _Run:
             result._serialized = self.runtime.serializer.dumps({**self.data, TRAVERSAL_KEY: snapshot})
         self.emit_event("workflow:finish", {"status": status, "errors": [e.to_dict() for e in self.errors]})
         return result
+
+
+def _close(key: str, known: Mapping[str, Any]) -> str:
+    """`; did you mean 'x'?` for the registry key closest to a misspelt one, else nothing."""
+    try:
+        keys = [k for k in known if isinstance(k, str)]
+    except Exception:  # a registry that cannot be listed
+        return ""
+    match = difflib.get_close_matches(key, keys, n=1)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def awaiting_node(awaiting: Mapping[str, Any], node_id: Optional[str]) -> str:
+    """The awaiting node a resume completes: `node_id`, or the only one awaiting; `ValueError`
+    saying what to pass when that is ambiguous or `node_id` does not await."""
+    if node_id is None:
+        if len(awaiting) == 1:
+            return next(iter(awaiting))
+        raise ValueError(f"{len(awaiting)} nodes await {sorted(awaiting)}: say which with node_id= "
+                         f"(flowcraft resume --node ID)")
+    if node_id not in awaiting:
+        raise ValueError(f"node {node_id!r} is not awaiting: give one of {sorted(awaiting)} as node_id= "
+                         f"(flowcraft resume --node ID)")
+    return node_id
 
 
 def _due(details: Mapping[str, Any]) -> bool:

@@ -393,10 +393,44 @@ def test_start_worker_status_wait(capsys, app, memory_backend):
 
 def test_start_from_a_file_warns_when_the_app_lacks_it(capsys, app, memory_backend, tmp_path):
     path = tmp_path / "other.json"
-    path.write_text(create_flow("other").node("a", "some-node").to_blueprint().to_json())
+    path.write_text(create_flow("other").node("a", f"{app}.double").to_blueprint().to_json())
     code, out, err = run_cli(capsys, "start", path, "--app", f"{app}:runtime", "--run-id", "fixed-id")
     assert (code, out.strip()) == (EXIT_OK, "fixed-id")
     assert "workers need it too" in err
+
+
+def _misspelt_uses(app, tmp_path):
+    """a (known) -> b (a misspelt key) -> c (unknown): issue 17 item 3."""
+    path = tmp_path / "typo.json"
+    path.write_text(json.dumps({"id": "typo", "nodes": [
+        {"id": "a", "uses": f"{app}.double"}, {"id": "b", "uses": f"{app}.doubel"}, {"id": "c", "uses": "nowhere"}],
+        "edges": [{"source": "a", "target": "b"}, {"source": "b", "target": "c"}]}))
+    return path, (f"flowcraft: error: blueprint 'typo' cannot run, nothing was started: not in the registry: "
+                  f"'{app}.doubel' (node 'b'; did you mean '{app}.double'?), 'nowhere' (node 'c')")
+
+
+def test_run_with_unknown_uses_is_exit_2_before_any_node_runs(capsys, app, tmp_path):
+    path, expected = _misspelt_uses(app, tmp_path)
+    code, out, err = run_cli(capsys, "run", path, "--app", f"{app}:runtime")
+    assert (code, out, err.strip()) == (EXIT_USAGE, "", expected)
+
+
+def test_start_with_unknown_uses_is_exit_2_and_stores_nothing(capsys, app, memory_backend, tmp_path):
+    path, expected = _misspelt_uses(app, tmp_path)
+    code, out, err = run_cli(capsys, "start", path, "--app", f"{app}:runtime", "--run-id", "typo-run")
+    assert (code, out, err.strip().splitlines()[-1]) == (EXIT_USAGE, "", expected)
+    adapter = memory_backend["adapter"]
+    assert (adapter.store.get_record("typo-run"), adapter.queue.pending) == (None, 0)
+
+
+def test_lint_without_an_app_says_uses_were_not_checked(capsys, app, tmp_path):
+    path, _ = _misspelt_uses(app, tmp_path)
+    code, out, err = run_cli(capsys, "lint", path)
+    assert (code, out.strip()) == (EXIT_OK, "valid")
+    assert err.strip() == ("flowcraft: warning: uses keys not checked: without --app there is no registry "
+                           "to check them against")
+    code, out, err = run_cli(capsys, "lint", path, "--app", f"{app}:runtime")
+    assert code == EXIT_FAILED and out.count("UNKNOWN_USES") == 2 and err == ""
 
 
 def test_failed_run_wait_exits_1(capsys, app, memory_backend):
@@ -430,6 +464,24 @@ def test_approval_start_wait_resume_worker(capsys, app, memory_backend):
     code, _, err = run_cli(capsys, "resume", run_id, "--action", "approve", "--app", f"{app}:runtime")
     assert code == EXIT_USAGE
     assert_one_line_error(err, "nothing to resume")
+
+
+def test_a_misspelt_resume_action_is_exit_2_and_the_run_still_resumes(capsys, app, memory_backend):
+    """Issue 17 item 1: `--action aprove` used to print {"enqueued": []}, exit 0 and end the run."""
+    run_id = run_cli(capsys, "start", "approval", "--app", f"{app}:runtime")[1].strip()
+    run_cli(capsys, "worker", "--app", f"{app}:runtime", "--burst")
+    adapter = memory_backend["adapter"]
+    before = (adapter.store.get_record(run_id), adapter.store.read_all_states(run_id), adapter.queue.pending)
+    code, out, err = run_cli(capsys, "resume", run_id, "--action", "aprove", "--app", f"{app}:runtime")
+    assert (code, out) == (EXIT_USAGE, "")
+    assert_one_line_error(err, f"run {run_id}: node 'decide' has no outgoing edge with action 'aprove': "
+                               f"give one of 'approve', 'reject'")
+    assert (adapter.store.get_record(run_id), adapter.store.read_all_states(run_id), adapter.queue.pending) == before
+    code, _, err = run_cli(capsys, "resume", run_id, "--action", "approve", "--node", "pay", "--app", f"{app}:runtime")
+    assert code == EXIT_USAGE
+    assert_one_line_error(err, "node 'pay' is not awaiting: give one of ['decide']", "--node ID")
+    code, out, _ = run_cli(capsys, "resume", run_id, "--action", "approve", "--app", f"{app}:runtime")
+    assert (code, json.loads(out)["enqueued"]) == (EXIT_OK, ["pay"])
 
 
 def test_cancel(capsys, app, memory_backend):

@@ -17,6 +17,7 @@ from flowcraft import (
     NodeContext,
     NodeResult,
     Registry,
+    UnknownNodeError,
     WorkflowBlueprint,
     WorkflowError,
     WorkflowResult,
@@ -847,15 +848,14 @@ def test_nodes_already_running_finish_when_another_fails():
     assert [e.node_id for e in result.errors] == ["bad"]
 
 
-def test_unknown_uses_fails_the_run_naming_the_node():
+def test_unknown_uses_is_refused_before_any_node_runs_naming_the_node():
     rec = Recorder()
     wire = bp(["a", {"id": "mystery-node", "uses": "not-registered"}, "c"], [("a", "mystery-node"), ("mystery-node", "c")])
-    result = run(wire, registry_for(rec, "a", "c"))
-    assert result.status == "failed"
-    assert result.errors[0].node_id == "mystery-node"
-    assert "mystery-node" in result.errors[0].message
-    assert "not-registered" in result.errors[0].message
-    assert "c" not in rec.ran()
+    with pytest.raises(UnknownNodeError) as error:
+        run(wire, registry_for(rec, "a", "c"))
+    assert str(error.value) == ("blueprint 't' cannot run, nothing was started: not in the registry: "
+                                "'not-registered' (node 'mystery-node')")
+    assert rec.ran() == []  # not even `a`, which comes before it
 
 
 @pytest.mark.parametrize("bad_value", [object(), {1, 2}, {"ok": [1, {"deep": object()}]}, b"bytes"],

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from flowcraft import FlowRuntime, NodeResult, create_flow
+from flowcraft import FlowRuntime, NodeResult, UnknownNodeError, create_flow
 
 
 def doubling_child():
@@ -80,15 +80,15 @@ def test_child_failure_fails_parent_node_with_child_error():
     assert "after" not in result.context
 
 
-def test_unknown_blueprint_id_fails_clearly():
-    parent = create_flow("p3").subflow("sub", "no-such-child").node("after", lambda ctx: 1).edge("sub", "after")
-    result = parent.run(FlowRuntime())
-    assert result.status == "failed"
-    error = result.errors[0]
-    assert error.node_id == "sub"
-    assert "no-such-child" in error.message
-    assert "unknown" in error.message.lower()
-    assert "after" not in result.context
+def test_unknown_blueprint_id_is_refused_before_anything_runs():
+    ran = []
+    parent = (create_flow("p3").node("first", lambda ctx: ran.append("first")).subflow("sub", "no-such-child")
+              .node("after", lambda ctx: 1).edge("first", "sub").edge("sub", "after"))
+    with pytest.raises(UnknownNodeError) as error:
+        parent.run(FlowRuntime())
+    assert str(error.value) == ("blueprint 'p3' cannot run, nothing was started: subflow blueprints the runtime "
+                                "does not know: 'no-such-child' (node 'sub')")
+    assert ran == []
 
 
 def approval_child():

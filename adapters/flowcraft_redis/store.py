@@ -18,7 +18,7 @@ from .context import decode, decode_hash, encode
 from .keys import QueueKeys, RunKeys
 
 FINAL_STATUSES = ("completed", "failed", "cancelled", "stalled")
-_JSON_FIELDS = ("blueprint_id", "blueprint_version", "awaiting", "errors", "parent", "result")
+_JSON_FIELDS = ("blueprint_id", "blueprint_version", "awaiting", "errors", "parent", "result", "blueprint_digest")
 
 
 _EMPTY = {"null": None, "{}": {}, "[]": []}  # the usual record values, parsed without the JSON decoder
@@ -69,7 +69,7 @@ def record_from_texts(run_id: str, data: Mapping[str, str]) -> RunRecord:
         outstanding=int(data.get("outstanding", 0)), updated_at=float(data.get("updated_at", 0.0)),
         blueprint_id=values.get("blueprint_id"), blueprint_version=values.get("blueprint_version"),
         awaiting=values.get("awaiting") or {}, errors=values.get("errors") or [], parent=values.get("parent"),
-        result=values.get("result"),
+        result=values.get("result"), blueprint_digest=values.get("blueprint_digest"),
     )
 
 

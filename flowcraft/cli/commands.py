@@ -102,6 +102,9 @@ def cmd_lint(args: Any) -> int:
     else:
         data = load_blueprint(args.blueprint, runtime if runtime is not None else load_app(None))
     result = lint_blueprint(data, runtime.registry if runtime is not None else None)
+    if runtime is None:
+        print("flowcraft: warning: uses keys not checked: without --app there is no registry to check them against",
+              file=sys.stderr)
     if args.json:
         print_json(result.to_dict())
     else:

@@ -226,6 +226,21 @@ def test_approval_waits_then_resumes(cli, app):
     assert done["context"] == expected.context
 
 
+def test_a_misspelt_resume_action_is_exit_2_and_changes_nothing(cli):
+    """Issue 17 item 1 (SPEC 11): refused with one line naming the actions; the run still resumes."""
+    run_id = cli.start("approval", {"amount": 7})
+    cli.burst()
+    before = cli.json("status", run_id)
+    code, out, err = cli("resume", run_id, "--action", "aprove", app=True)
+    assert (code, out) == (EXIT_USAGE, "")
+    assert err.strip() == (f"flowcraft: error: run {run_id}: node 'decide' has no outgoing edge with action "
+                           f"'aprove': give one of 'approve', 'reject'")
+    assert cli.json("status", run_id) == before
+    assert cli.json("resume", run_id, "--action", "reject", app=True) == {"run_id": run_id, "enqueued": ["refuse"]}
+    cli.burst()
+    assert cli.json("wait", run_id, "--timeout", "30")["context"]["refuse"] == "refused"
+
+
 def test_cancel_then_wait_exits_1(cli):
     run_id = cli.start("chain", {"n": 1})
     assert cli.json("cancel", run_id) == {"run_id": run_id, "status": "cancelled"}

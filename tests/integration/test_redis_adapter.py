@@ -230,6 +230,47 @@ def test_wait_then_resume_with_action(make_adapter: Any) -> None:
     assert result.context["done"] == {"rejected": {"by": "bob"}}
 
 
+def test_a_misspelt_resume_action_is_refused_and_changes_nothing(make_adapter: Any, redis_client: Any,
+                                                                  redis_prefix: str) -> None:
+    """Issue 17 item 1 (SPEC 11): no edge names 'aprove': ValueError naming the actions, run unchanged."""
+    flows = SCENARIOS["wait_approve"].build()
+    adapter = make_adapter(make_runtime(flows))
+    run_id = adapter.start_workflow("approval")
+    drain(adapter, [run_id])
+
+    def stored() -> Any:
+        keys = sorted(k for k in redis_client.scan_iter(match=f"{redis_prefix}*", count=1000))
+        return {k: redis_client.dump(k) for k in keys}
+
+    before = stored()
+    for action in ("aprove", None):
+        with pytest.raises(ValueError) as error:
+            adapter.resume_with_action(run_id, action, output={"by": "bob"})
+        message = str(error.value)
+        assert message.startswith(f"run {run_id}: node 'approve' ") and "'approve', 'reject'" in message, message
+    assert stored() == before
+    assert adapter.resume_with_action(run_id, "approve", output={"by": "bob"}) == {"yes"}
+    drain(adapter, [run_id])
+    assert adapter.wait_for_result(run_id, timeout=5).context["done"] == {"approved": {"by": "bob"}}
+
+
+def test_an_edited_blueprint_with_the_same_version_is_put_back_by_the_old_worker(make_adapter: Any) -> None:
+    """Issue 17 item 4: the run records its blueprint's digest; a worker with another one never runs it."""
+    from test_blueprint_digest import order
+    from flowcraft.blueprint import blueprint_digest
+
+    calls: List[str] = []
+    new = make_adapter(make_runtime([order(True, calls)]), version_mismatch_delay=0.0)
+    old = make_adapter(make_runtime([order(False, calls)]), version_mismatch_delay=0.0)
+    run_id = new.start_workflow("order")
+    record = old.store.get_record(run_id)  # read back through Redis: the digest is stored
+    assert record.blueprint_digest == blueprint_digest(new.runtime.blueprint("order"))
+    assert old.work(max_jobs=2) == 2
+    assert calls == [] and old.queue.dead_letters() == []
+    drain(new, [run_id])
+    assert (new.wait_for_result(run_id, timeout=5).status, calls) == ("completed", ["ship new", "bill new"])
+
+
 # =================================================================================================
 # sleep, cancel
 # =================================================================================================
