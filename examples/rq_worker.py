@@ -114,4 +114,12 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the importable copy of this module, so that the builder's `uses` keys (and the
+    # blueprint's digest) are `examples.rq_worker.*`, as in every client that imports it.
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from examples import rq_worker
+
+    rq_worker.main()

@@ -556,7 +556,8 @@ class DistributedAdapter:
         ours = f"{graph.blueprint.id}@{graph.blueprint.version}"
         if record.blueprint_version == graph.blueprint.version:  # same version, edited blueprint: say so
             theirs += f" (digest {record.blueprint_digest})"
-            ours += f" (digest {graph.digest}: the blueprint was edited without a new metadata.version)"
+            ours += (f" (digest {graph.digest}: the blueprint differs, edited without a new metadata.version "
+                     f"or built with other uses keys, e.g. node functions defined in a script run as __main__)")
         if now - first_seen >= self.version_mismatch_ttl:
             reason = f"version mismatch: run {job.run_id} needs {theirs}, no worker with it took the job in {self.version_mismatch_ttl:g}s"
             return self._reject(delivery, reason, _identity(job))  # the job is gone: the run cannot finish
