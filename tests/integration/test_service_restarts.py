@@ -373,7 +373,13 @@ class Scenario:
 
     def check_recovery(self, audit: CompletionAudit, back_at: float, reconnect_message: str) -> float:
         """Every run ends as in memory, every node is committed once, and the worker (the only
-        one) committed after the service came back; return how long after it did."""
+        one) committed after the service came back; return how long after it did.
+
+        One more run of each order is started once the service is back: with the worker's
+        prefetch window, the first runs may all finish while the service is down (their jobs were
+        in hand), and the worker must still be shown serving new work after the restart."""
+        self.runs.update({self.client.start_workflow(BLUEPRINT_ID, {"orderId": order_id}): order_id
+                          for order_id in ORDERS})
         for run_id, order_id in self.runs.items():
             result = self.client.wait_for_result(run_id, timeout=TIMEOUT)
             expected = self.expected[order_id]
