@@ -97,6 +97,16 @@ def make_adapter():
 
 
 def main() -> None:
+    if __name__ == "__main__":
+        # Run as a script: serve with the importable copy of this module, whose builder `uses`
+        # keys (and so the blueprint's digest) are `examples.rq_worker.*`, as in every client.
+        import sys
+        from pathlib import Path
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from examples import rq_worker
+
+        return rq_worker.main()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     # 4. The adapter: it enqueues and runs RQ jobs, and keeps run state in Redis.
     adapter = make_adapter()
@@ -114,12 +124,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    # Run the importable copy of this module, so that the builder's `uses` keys (and the
-    # blueprint's digest) are `examples.rq_worker.*`, as in every client that imports it.
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from examples import rq_worker
-
-    rq_worker.main()
+    main()
