@@ -503,7 +503,7 @@ class WatchedNames:
     __slots__ = ()
 
     def expression_problem(self, problem: ExpressionProblem) -> None:  # pragma: no cover - overridden
-        pass
+        """Deliberately nothing here: a subclass (the graph's `_Watch`) logs or raises."""
 
 
 def _miss(names: Any, path: Any, parent: Any, container: Any) -> None:

@@ -5,9 +5,11 @@ exhausts memory fails the test with the child's output instead of taking the tes
 machine) down with it.
 
     result = run_bounded('''
-        from flowcraft.evaluator import compile_expression
-        ...
-        print("OK")
+        from flowcraft.evaluator import default_evaluator
+        try:
+            default_evaluator().compile("[[0]*100000]*100000 == [[0]*100000]*100000")({})
+        except Exception as error:
+            print("OK", type(error).__name__)
     ''', timeout=20, memory_mb=512)
     assert result.ok and "OK" in result.stdout, result.describe()
 """
