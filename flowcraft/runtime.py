@@ -132,6 +132,7 @@ class FlowRuntime:
             self.add_blueprint(item)
         self._graphs: Dict[Tuple[int, bool], Tuple[WorkflowBlueprint, CompiledGraph]] = {}
         self._runner = NodeRunner(self.middleware, None)
+        self.scheduler: Any = None  # a `timers.TimerScheduler` once `start_scheduler` made one
 
     # --- blueprints ----------------------------------------------------------------------------
 
@@ -276,7 +277,7 @@ class FlowRuntime:
         run.depth = _subflow_depth
         if run.emit is not None:
             run.emit("workflow:start", {"initial_context": dict(data)})
-        return run.execute(run.traversal.start())
+        return self._settled(graph.blueprint, run.execute(run.traversal.start()), registry, _subflow_depth)
 
     def resume(
         self,
@@ -311,7 +312,41 @@ class FlowRuntime:
         run.awaiting = awaiting
         run.child_contexts = dict(snapshot.get(CHILD_CONTEXTS_KEY) or {})
         run.emit_event("workflow:resume", {"node_id": node_id})
-        return run.execute(run.resume_node(node_id, output, action))
+        return self._settled(graph.blueprint, run.execute(run.resume_node(node_id, output, action)), registry,
+                             _subflow_depth)
+
+    def _settled(self, blueprint: WorkflowBlueprint, result: WorkflowResult, registry: Optional[Mapping[str, Any]],
+                 depth: int) -> WorkflowResult:
+        """A top-level run's result, after the timer scheduler (if any) has seen it."""
+        if self.scheduler is not None and not depth:
+            self.scheduler.register(blueprint, result, dict(registry) if registry else None)
+        return result
+
+    # --- timers (flowcraft.timers) -------------------------------------------------------------
+
+    def start_scheduler(self, interval: Optional[float] = None, on_result: Any = None) -> Any:
+        """Start the in-memory timer scheduler (TS `startScheduler`): from now on a run that awaits
+        a `sleep` node resumes by itself when it is due. `interval` (seconds, default 1) makes a
+        new scheduler, as TS's `checkIntervalMs`. Returns the `TimerScheduler`."""
+        from .timers import TimerScheduler
+
+        if self.scheduler is None or interval is not None:
+            old = self.scheduler
+            self.scheduler = TimerScheduler(self, interval if interval is not None else 1.0,
+                                            on_result if on_result is not None else getattr(old, "on_result", None))
+            if old is not None:
+                old.stop()
+                for sleeping in old.sleeping():
+                    self.scheduler._runs[sleeping.run_id] = sleeping
+        elif on_result is not None:
+            self.scheduler.on_result = on_result
+        self.scheduler.start()
+        return self.scheduler
+
+    def stop_scheduler(self) -> None:
+        """Stop the timer scheduler's thread (TS `stopScheduler`); sleeping runs stay registered."""
+        if self.scheduler is not None:
+            self.scheduler.stop()
 
     def _check_resume(self, graph: CompiledGraph, node_id: str, details: Mapping[str, Any],
                       snapshot: Mapping[str, Any], action: Optional[str]) -> None:
