@@ -61,7 +61,7 @@ __all__ = [
 ERROR, WARNING = "error", "warning"
 
 #: `uses` keys the engine implements itself; never reported as UNKNOWN_USES.
-BUILTIN_USES = frozenset({LOOP_CONTROLLER, "batch-scatter", "batch-gather", "wait", "sleep", "subflow"})
+BUILTIN_USES = frozenset({LOOP_CONTROLLER, "batch-scatter", "batch-gather", "wait", "webhook", "sleep", "subflow"})
 
 BAD_SHAPE = "BAD_SHAPE"
 MISSING_FIELD = "MISSING_FIELD"
