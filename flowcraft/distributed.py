@@ -275,10 +275,10 @@ class DistributedAdapter:
                     self._emit_all(p.events)
         for p in late:
             self._guarded(p.delivery, self._recommit, p)
-        for p in prepared:
+        for _ in prepared:
             self._fault("after_commit")
         self._publish_wave(list(dict.fromkeys(p.job.run_id for p in prepared)))
-        for p in prepared:
+        for _ in prepared:
             self._fault("after_publish")
             self._fault("before_ack")
         self._ack_quietly([p.delivery for p in prepared])

@@ -906,7 +906,7 @@ class _Compiler:
                 found = _read_attr(value, attr)
                 if found is _MISSING:
                     parent = _label(base_node, attrs[:i])
-                    return _miss(names, lambda: f"{parent()}.{attr}", parent, value)
+                    return _miss(names, lambda: f"{parent()}.{attr}", parent, value)  # noqa: B023 (returns: the loop ends)
                 value = found
             return value
 

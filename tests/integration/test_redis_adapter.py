@@ -14,11 +14,10 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections import Counter
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List
 
 import pytest
 
@@ -36,7 +35,7 @@ pytestmark = pytest.mark.integration
 import attrs  # noqa: E402
 import redis  # noqa: E402
 from flowcraft_redis import (  # noqa: E402
-    RedisAdapter, RedisContext, RedisCoordinationStore, RedisQueue, RedisRunStore, create_redis_reconciler,
+    RedisAdapter, RedisContext, RedisCoordinationStore, RedisRunStore, create_redis_reconciler,
 )
 from flowcraft_redis.keys import QueueKeys, RunKeys  # noqa: E402
 
