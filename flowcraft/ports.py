@@ -16,7 +16,6 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Protocol, Seque
 
 import attrs
 
-_MISSING = object()
 _JOB_FIELDS = {"runId", "blueprintId", "nodeId", "iteration", "attempt", "input", "parent", "index", "kind", "firstSeen"}
 
 # Bounds on what a queue message may be (anyone who can write to the queue can write anything):

@@ -725,8 +725,7 @@ def test_worker_survives_a_redis_restart(redis_url: str) -> None:
         flow.node(f"r{i}", lambda ctx: time.sleep(0.02) or (ctx.input or 0) + 1)
         if i:
             flow.edge(f"r{i - 1}", f"r{i}")
-    adapter = RedisAdapter(make_runtime([flow]), url, queue_name="restartq", poll_timeout=0.2,
-                           reconnect_backoff=(0.05, 0.5))
+    adapter = RedisAdapter(make_runtime([flow]), url, queue_name="restartq", poll_timeout=0.2)
     try:
         adapter.start()
         run_id = adapter.start_workflow("restart")
