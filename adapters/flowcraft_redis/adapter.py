@@ -23,6 +23,9 @@ class RedisAdapter(DistributedAdapter):
     and `recover_interval` (dead-worker detection, seconds); the rest go to `DistributedAdapter`.
     """
 
+    queue: RedisQueue
+    store: RedisRunStore
+
     def __init__(self, runtime: Any, redis_url_or_client: Any, queue_name: str = "flowcraft-queue",
                  state_ttl_seconds: int = 86400, retry_mode: str = "in-process", *, prefix: str = "",
                  worker_id: Optional[str] = None, heartbeat_ttl: float = 30.0, recover_interval: float = 5.0,
