@@ -266,7 +266,8 @@ def init_schema(args: Any) -> dict:
     _import_adapter("flowcraft_rabbitmq", "rabbitmq")
     import psycopg2
     from flowcraft_rabbitmq import ensure_schema
-    from flowcraft_rabbitmq.schema import default_table_names, items_table_name
+    from flowcraft_rabbitmq.schema import (context_keys_table_name, default_table_names, items_table_name,
+                                          node_states_table_name)
 
     address = url(args, "postgres")
     with reaching("PostgreSQL", address):
@@ -278,4 +279,5 @@ def init_schema(args: Any) -> dict:
         conn.close()
     runs, outbox = default_table_names(context_table)
     return {"context_table": context_table, "status_table": status_table, "runs_table": runs, "outbox_table": outbox,
-            "items_table": items_table_name(runs)}
+            "items_table": items_table_name(runs), "node_states_table": node_states_table_name(runs),
+            "context_keys_table": context_keys_table_name(runs)}
