@@ -23,7 +23,7 @@ import os
 import sys
 import time
 import uuid
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -32,7 +32,6 @@ sys.path.insert(0, ROOT)
 
 import psycopg2  # noqa: E402
 import redis  # noqa: E402
-from psycopg2 import sql  # noqa: E402
 
 from benchmarks.rabbitmq import delete_queues, drop_tables, urls  # noqa: E402
 from flowcraft import FlowRuntime, create_flow  # noqa: E402
@@ -109,7 +108,7 @@ def measure(shape: str, n: int, timeout: float) -> Dict[str, Any]:
         delete_queues(u["amqp_url"], [queue, queue + ".dead", queue + ".delay"])
 
 
-def main(argv: List[str] = None) -> int:  # type: ignore[assignment]
+def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--chain", default="100,1000", help="chain lengths (comma-separated; empty: none)")
     p.add_argument("--batch", default="100,1000,10000", help="batch sizes (comma-separated; empty: none)")

@@ -187,7 +187,13 @@ def finish_subflow(ctx: NodeContext, child: Any) -> Any:
     return {k: v for k, v in child.context.items() if not k.startswith("_")}
 
 
-BUILTINS: Dict[str, Callable[[NodeContext, Engine], Any]] = {
+class Builtin(Protocol):
+    """A built-in node's function: called with the node's context and, by keyword, the engine."""
+
+    def __call__(self, ctx: NodeContext, engine: Engine) -> Any: ...
+
+
+BUILTINS: Dict[str, Builtin] = {
     LOOP_CONTROLLER: loop_controller,
     BATCH_SCATTER: batch_scatter,
     BATCH_GATHER: batch_gather,

@@ -682,6 +682,7 @@ class _Run:
         )
 
     def _finish_item(self, activation: Activation, outcome: Any, ready: Deque[Activation]) -> None:
+        assert activation.parent is not None  # only a batch item's activation is finished here
         parent = self.graph.nodes[activation.parent]
         if type(outcome) is NodeFailure:
             self.traversal.item_done(parent.id)

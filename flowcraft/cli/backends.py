@@ -12,7 +12,7 @@ import logging
 import os
 import re
 import sys
-from typing import Any, Iterator, Tuple
+from typing import Any, Iterator, List, Tuple, Type
 from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import ServiceUnavailable
@@ -133,9 +133,9 @@ def _root_cause(error: BaseException) -> str:
     return one_line(error) or type(error).__name__
 
 
-def _connection_errors() -> Tuple[type, ...]:
+def _connection_errors() -> Tuple[Type[BaseException], ...]:
     """The connection errors of the installed drivers (imported only when a backend is in use)."""
-    errors: list = [ConnectionError, OSError]
+    errors: List[Type[BaseException]] = [ConnectionError, OSError]
     for module, names in (("redis.exceptions", ("ConnectionError", "TimeoutError", "AuthenticationError")),
                           ("psycopg2", ("OperationalError",)), ("pika.exceptions", ("AMQPError",))):
         try:
