@@ -305,9 +305,10 @@ class FlowRuntime:
         if snapshot is None or not awaiting:
             raise ValueError("this context is not that of an awaiting run (no awaiting nodes recorded)")
         paused = [n for n, d in awaiting.items() if d.get("type") == "pause" and (node_id is None or n == node_id)]
+        resumed = ""
         if not paused:
-            node_id = awaiting_node(awaiting, node_id)
-            self._check_resume(graph, node_id, awaiting[node_id], snapshot, action)
+            resumed = awaiting_node(awaiting, node_id)
+            self._check_resume(graph, resumed, awaiting[resumed], snapshot, action)
         run = _Run(self, graph, data, self._registry_for(registry), run_id or snapshot.get("runId") or new_run_id(),
                    cancel, concurrency, wait_timers)
         run.depth = _subflow_depth
@@ -319,8 +320,8 @@ class FlowRuntime:
 
             run.emit_event("workflow:resume", {"node_ids": paused})
             return self._settled(graph.blueprint, run.execute(unpark_paused(run, paused)), registry, _subflow_depth)
-        run.emit_event("workflow:resume", {"node_id": node_id})
-        return self._settled(graph.blueprint, run.execute(run.resume_node(node_id, output, action)), registry,
+        run.emit_event("workflow:resume", {"node_id": resumed})
+        return self._settled(graph.blueprint, run.execute(run.resume_node(resumed, output, action)), registry,
                              _subflow_depth)
 
     def _settled(self, blueprint: WorkflowBlueprint, result: WorkflowResult, registry: Optional[Mapping[str, Any]],
