@@ -237,6 +237,36 @@ def start_node_ids(blueprint: WorkflowBlueprint) -> Tuple[str, ...]:
     )
 
 
+def input_value(ref: str, get: Callable[[str], Any], has: Callable[[str], bool]) -> Any:
+    """The value a node's `inputs` reference names, as TS `resolveInputValue`: `_key` is a context
+    key; `node.a.b` is the path `a.b` into node `node`'s output (a context key spelled so wins);
+    `node` is that node's output, else the context key `node`."""
+    if ref.startswith("_"):
+        return get(ref)
+    base, dot, path = ref.partition(".")
+    if dot:
+        if has(ref):
+            return get(ref)
+        current = get("_outputs." + base) if has("_outputs." + base) else None
+        for part in path.split("."):
+            if isinstance(current, Mapping):
+                current = current.get(part)
+            elif isinstance(current, list) and part.isdigit() and int(part) < len(current):
+                current = current[int(part)]
+            else:
+                return None
+        return current
+    return get("_outputs." + ref) if has("_outputs." + ref) else get(ref)
+
+
+def input_keys(ref: str) -> Tuple[str, ...]:
+    """The context keys `input_value(ref, ...)` may read (what a worker loads for a job)."""
+    if ref.startswith("_"):
+        return (ref,)
+    base, dot, _ = ref.partition(".")
+    return (ref, "_outputs." + base) if dot else ("_outputs." + ref, ref)
+
+
 def check_resume_action(node: "GraphNode", action: Optional[str]) -> None:
     """Raise `ValueError` if resuming the awaiting `node` with `action` would follow none of the
     edges the blueprint gives it for actions (SPEC section 11): when some of its outgoing edges name

@@ -1,0 +1,88 @@
+"""Behaviour ported from Flowcraft TS (core 2.10.1) where SPEC states no deliberate difference
+(issue 18). Each test names the TS source or test it mirrors; each runs in memory and, where the
+issue asks for it, distributed on the fakes (`InMemoryAdapter`) with the same result."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Sequence
+
+from flowcraft import Flow, FlowRuntime, WorkflowResult, create_flow
+from flowcraft.testing import InMemoryAdapter
+
+
+def runtime_of(flows: Sequence[Flow]) -> FlowRuntime:
+    runtime = FlowRuntime()
+    for flow in flows:
+        runtime.add_blueprint(flow)
+    return runtime
+
+
+def both(flows: Sequence[Flow], initial: Optional[Dict[str, Any]] = None) -> WorkflowResult:
+    """Run flows[0] in memory and distributed; assert the same outcome; return the in-memory one."""
+    local = flows[0].run(runtime_of(flows), dict(initial or {}))
+    adapter = InMemoryAdapter(runtime_of(flows))
+    run_id = adapter.start_workflow(flows[0].id, dict(initial or {}))
+    adapter.drain()
+    remote = adapter.wait_for_result(run_id, timeout=5)
+    assert remote.status == local.status, (remote.errors, local.errors)
+    assert remote.context == local.context
+    assert remote.errors == local.errors
+    return local
+
+
+# --- item 2: subflow mapping without outputs / inputs ---------------------------------------------
+
+
+def test_subflow_without_outputs_returns_the_single_terminal_output_in_memory_and_distributed() -> None:
+    """TS packages/core/src/nodes/subflow.ts: without `outputs`, the output is
+    `_outputs.<terminal>` when the child has one terminal node."""
+    child = create_flow("kid1").node("a", lambda ctx: 20).node("b", lambda ctx: ctx.input + 1).edge("a", "b")
+    parent = create_flow("p1").subflow("sub", "kid1").node("after", lambda ctx: ctx.input * 2).edge("sub", "after")
+    result = both([parent, child])
+    assert result.status == "completed", result.errors
+    assert result.context["sub"] == 21
+    assert result.context["after"] == 42
+
+
+def test_subflow_without_outputs_and_several_terminals_returns_terminal_id_to_output() -> None:
+    """TS subflow.ts: several terminal nodes give `{terminalId: _outputs.<terminalId>}`."""
+    child = (create_flow("kid2").node("a", lambda ctx: 1).node("x", lambda ctx: "X").node("y", lambda ctx: "Y")
+             .edge("a", "x").edge("a", "y"))
+    parent = create_flow("p2").subflow("sub", "kid2")
+    result = both([parent, child])
+    assert result.status == "completed", result.errors
+    assert result.context["sub"] == {"x": "X", "y": "Y"}
+
+
+def test_subflow_without_inputs_hands_the_node_input_to_every_child_start_node() -> None:
+    """TS subflow.ts: without `inputs`, `_inputs.<start>` = the subflow node's input for each of
+    the child's start nodes (no spreading of a dict input into the child's context)."""
+    child = (create_flow("kid3").node("s1", lambda ctx: ["s1", ctx.input]).node("s2", lambda ctx: ["s2", ctx.input])
+             .node("j", lambda ctx: ctx.input).edge("s1", "j").edge("s2", "j"))
+    parent = (create_flow("p3").node("make", lambda ctx: {"order": 7}).subflow("sub", "kid3").edge("make", "sub"))
+    result = both([parent, child])
+    assert result.status == "completed", result.errors
+    assert result.context["sub"] == {"s1": ["s1", {"order": 7}], "s2": ["s2", {"order": 7}]}
+    local = parent.run(runtime_of([parent, child]))
+    assert "order" not in local.context
+
+
+# --- item 3: dotted inputs are property paths into a node's output --------------------------------
+
+
+def test_dotted_inputs_are_property_paths_into_a_node_output() -> None:
+    """TS packages/core/src/runtime/workflow-logic-handler.ts `resolveInputValue`: "node.prop.sub"
+    reads the property path of `_outputs.<node>`; "node" the node's output; "_key" a context key."""
+    flow = (create_flow("dotted")
+            .node("createCart_1", lambda ctx: {"cartId": "c-9", "items": [{"sku": "A"}, {"sku": "B"}]})
+            .node("use", lambda ctx: ctx.input,
+                  inputs={"cartId": "createCart_1.cartId", "sku": "createCart_1.items.1.sku",
+                          "missing": "createCart_1.nope.deeper", "whole": "createCart_1", "raw": "_outputs.createCart_1"})
+            .node("one", lambda ctx: ctx.input, inputs="createCart_1.cartId")
+            .edge("createCart_1", "use").edge("use", "one"))
+    result = both([flow])
+    assert result.status == "completed", result.errors
+    cart = {"cartId": "c-9", "items": [{"sku": "A"}, {"sku": "B"}]}
+    assert result.context["use"] == {"cartId": "c-9", "sku": "B", "missing": None, "whole": cart, "raw": cart}
+    assert result.context["one"] == "c-9"
+
