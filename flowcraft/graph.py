@@ -313,7 +313,7 @@ class CompiledGraph:
             n.config.fallback for n in self.nodes.values() if n.config.fallback
         )
         self._link()
-        self.start_ids: Tuple[str, ...] = self._find_start_ids()
+        self.start_ids: Tuple[str, ...] = self._find_start_ids(strict)
         targeted = {e.target for e in self.edges}
         self.fallback_only_ids: Tuple[str, ...] = tuple(n for n in self.nodes if n in self.fallback_ids and n not in targeted)
         self._mark_back_edges()
@@ -349,8 +349,21 @@ class CompiledGraph:
         for node_id, edges in outgoing.items():
             self.nodes[node_id].outgoing = tuple(edges)
 
-    def _find_start_ids(self) -> Tuple[str, ...]:
-        return start_node_ids(self.blueprint)
+    def _find_start_ids(self, strict: bool) -> Tuple[str, ...]:
+        starts = start_node_ids(self.blueprint)
+        if starts or strict:
+            return starts
+        # No start node (a pure cycle, a self-loop): as TS's GraphTraverser, not strict, start at
+        # each cycle's node named in `metadata.cycleEntryPoints`, else at its first node.
+        from .analysis import analyze_blueprint  # analysis imports this module
+        entries = set((self.blueprint.metadata or {}).get("cycleEntryPoints") or ())
+        found: List[str] = []
+        for cycle in analyze_blueprint(self.blueprint).cycles:
+            if cycle:
+                entry = next((n for n in cycle if n in entries), cycle[0])
+                if entry not in found:
+                    found.append(entry)
+        return tuple(found)
 
     def _mark_back_edges(self) -> None:
         """Depth-first from the start nodes (then any unreached node): an edge to a node on the stack is a back edge."""

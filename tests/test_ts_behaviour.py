@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional, Sequence
 
-from flowcraft import Flow, FlowRuntime, WorkflowResult, create_flow
+import pytest
+
+from flowcraft import BlueprintError, Flow, FlowRuntime, WorkflowResult, create_flow
 from flowcraft.testing import InMemoryAdapter
 
 
@@ -86,3 +88,60 @@ def test_dotted_inputs_are_property_paths_into_a_node_output() -> None:
     assert result.context["use"] == {"cartId": "c-9", "sku": "B", "missing": None, "whole": cart, "raw": cart}
     assert result.context["one"] == "c-9"
 
+
+# --- item 4: a graph with no start node starts at its cycles' entry points ------------------------
+
+
+def _pure_cycle() -> Flow:
+    def bump(ctx: Any) -> int:
+        n = (ctx.context.get("n") or 0) + 1
+        ctx.context.set("n", n)
+        ctx.context.set("order", (ctx.context.get("order") or []) + [ctx.node_id])
+        return n
+
+    return (create_flow("pure_cycle").node("A", bump).node("B", bump)
+            .edge("A", "B").edge("B", "A", condition="n < 4"))
+
+
+def test_a_pure_cycle_starts_at_its_first_node_and_completes() -> None:
+    """TS packages/core/src/runtime/traverser.ts constructor ("should handle cycles if not strict",
+    test/runtime/traverser.test.ts; runtime.test.ts "should correctly execute a graph with a cycle
+    when strict mode is off"): no start node -> each cycle's first node. Our cycle cap (SPEC 5)
+    still applies, so the back edge here has a condition that ends it."""
+    result = both([_pure_cycle()])
+    assert result.status == "completed", result.errors
+    assert result.context["order"] == ["A", "B", "A", "B"]
+
+
+def test_cycle_entry_points_metadata_chooses_where_a_pure_cycle_starts() -> None:
+    """TS traverser.ts: `metadata.cycleEntryPoints` names the cycle's entry node."""
+    from flowcraft.blueprint import WorkflowBlueprint
+
+    flow = _pure_cycle()
+    data = flow.to_blueprint().to_dict()
+    data["id"] = "entry_b"
+    data["metadata"] = dict(data.get("metadata") or {}, cycleEntryPoints=["B"])
+    bp = WorkflowBlueprint.from_dict(data)
+    local = FlowRuntime().run(bp, {}, registry=flow.registry)
+    assert local.status == "completed", local.errors
+    assert local.context["order"][0] == "B"
+    runtime = FlowRuntime(registry=flow.registry, blueprints=[bp])
+    adapter = InMemoryAdapter(runtime)
+    run_id = adapter.start_workflow("entry_b", {})
+    adapter.drain()
+    remote = adapter.wait_for_result(run_id, timeout=5)
+    assert remote.status == "completed" and remote.context == local.context
+
+
+def test_a_self_loop_runs_and_a_strict_run_refuses_the_cycle() -> None:
+    """TS traverser.ts: the entry points are used only when not strict (strict refuses cycles)."""
+    def tick(ctx: Any) -> int:
+        ctx.context.set("t", (ctx.context.get("t") or 0) + 1)
+        return ctx.context.get("t")
+
+    flow = create_flow("selfloop").node("S", tick).edge("S", "S", condition="t < 3")
+    result = both([flow])
+    assert result.status == "completed", result.errors
+    assert result.context["t"] == 3
+    with pytest.raises(BlueprintError, match="closes a cycle"):
+        flow.run(FlowRuntime(), {}, strict=True)
