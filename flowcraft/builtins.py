@@ -85,9 +85,11 @@ def parse_duration(value: Union[int, float, str]) -> float:
 def sleep_seconds(params: Mapping[str, Any]) -> float:
     """A sleep node's duration: `params.duration` is milliseconds when a number (the TS wire form)."""
     duration = params.get("duration")
+    if duration is None:  # as TS's SleepNode: a duration is required
+        raise ValueError("a sleep node needs params.duration (milliseconds, or a string like '30s', '5m')")
     if isinstance(duration, (int, float)) and not isinstance(duration, bool):
         return parse_duration(duration / 1000)
-    return parse_duration(duration if duration is not None else 0)
+    return parse_duration(duration)
 
 
 # --- the built-ins --------------------------------------------------------------------------------

@@ -313,6 +313,7 @@ class CompiledGraph:
             n.config.fallback for n in self.nodes.values() if n.config.fallback
         )
         self._link()
+        self._check_loops()
         self.start_ids: Tuple[str, ...] = self._find_start_ids(strict)
         targeted = {e.target for e in self.edges}
         self.fallback_only_ids: Tuple[str, ...] = tuple(n for n in self.nodes if n in self.fallback_ids and n not in targeted)
@@ -348,6 +349,14 @@ class CompiledGraph:
             outgoing[edge.source].append(edge)
         for node_id, edges in outgoing.items():
             self.nodes[node_id].outgoing = tuple(edges)
+
+    def _check_loops(self) -> None:
+        """Refuse a loop controller without a `continue` edge, as TS's GraphTraverser does."""
+        lost = [n.id for n in self.nodes.values()
+                if n.uses == LOOP_CONTROLLER and not any(e.action == "continue" for e in n.outgoing)]
+        if lost:
+            raise BlueprintError([f"loop {n!r} has no outgoing 'continue' edge to the start of its body" for n in lost],
+                                 self.blueprint.id)
 
     def _find_start_ids(self, strict: bool) -> Tuple[str, ...]:
         starts = start_node_ids(self.blueprint)

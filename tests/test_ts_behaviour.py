@@ -145,3 +145,44 @@ def test_a_self_loop_runs_and_a_strict_run_refuses_the_cycle() -> None:
     assert result.context["t"] == 3
     with pytest.raises(BlueprintError, match="closes a cycle"):
         flow.run(FlowRuntime(), {}, strict=True)
+
+
+# --- item 6: invalid built-in configurations are refused ------------------------------------------
+
+
+def _loop_without_continue() -> Dict[str, Any]:
+    return {"id": "nocontinue", "nodes": [
+        {"id": "body", "uses": "body"},
+        {"id": "loop", "uses": "loop-controller", "params": {"condition": "false"}, "config": {"joinStrategy": "any"}},
+        {"id": "after", "uses": "body"}],
+        "edges": [{"source": "body", "target": "loop"}, {"source": "loop", "target": "after", "action": "break"}]}
+
+
+def test_a_loop_controller_without_a_continue_edge_is_refused_in_memory_and_distributed() -> None:
+    """TS packages/core/src/runtime/traverser.ts `filterNodesInLoops`: "Loop '<id>' has no continue
+    edge to start node" is thrown before anything runs."""
+    registry = {"body": lambda ctx: 1}
+    with pytest.raises(BlueprintError, match="'loop' has no outgoing 'continue' edge"):
+        FlowRuntime(registry=registry).run(_loop_without_continue())
+    adapter = InMemoryAdapter(FlowRuntime(registry=registry))
+    with pytest.raises(BlueprintError, match="'loop' has no outgoing 'continue' edge"):
+        adapter.start_workflow(_loop_without_continue(), {})
+    assert adapter.queue.pending == 0
+
+
+def _sleeper(params: Dict[str, Any]) -> Dict[str, Any]:
+    return {"id": "sleeper", "nodes": [{"id": "nap", "uses": "sleep", "params": params}], "edges": []}
+
+
+@pytest.mark.parametrize("params", [{}, {"duration": None}])
+def test_a_sleep_without_a_duration_fails_its_node_in_memory_and_distributed(params: Dict[str, Any]) -> None:
+    """TS packages/core/src/nodes/sleep.ts: a duration that is neither a string nor a number throws
+    (the node fails) instead of sleeping 0 s."""
+    local = FlowRuntime().run(_sleeper(params), wait_timers=True)
+    assert local.status == "failed"
+    assert local.errors[0].node_id == "nap" and "params.duration" in local.errors[0].message
+    adapter = InMemoryAdapter(FlowRuntime())
+    run_id = adapter.start_workflow(_sleeper(params), {})
+    adapter.drain()
+    remote = adapter.wait_for_result(run_id, timeout=5)
+    assert remote.status == "failed" and remote.errors == local.errors
