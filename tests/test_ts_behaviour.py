@@ -186,3 +186,25 @@ def test_a_sleep_without_a_duration_fails_its_node_in_memory_and_distributed(par
     adapter.drain()
     remote = adapter.wait_for_result(run_id, timeout=5)
     assert remote.status == "failed" and remote.errors == local.errors
+
+
+# --- item 5: middleware `after` is called when a node fails ---------------------------------------
+
+
+def test_middleware_after_is_called_when_a_node_fails() -> None:
+    """TS packages/core/src/runtime/executors.ts: `afterNode` hooks run in a `finally`, with the
+    error, when the node throws. Ours gets a `NodeResult` whose `error` names it; the failure stands."""
+    seen: list = []
+
+    class Watch:
+        def after(self, ctx: Any, result: Any) -> Any:
+            seen.append((ctx.node_id, result.output, result.error))
+            return "replaced?"  # ignored on a failure
+
+    def boom(ctx: Any) -> None:
+        raise RuntimeError("kaput")
+
+    flow = create_flow("after_fail").node("ok", lambda ctx: 1).node("bad", boom).edge("ok", "bad")
+    result = flow.run(FlowRuntime(middleware=[Watch()]))
+    assert result.status == "failed" and result.errors[0].node_id == "bad"
+    assert seen == [("ok", 1, None), ("bad", None, "RuntimeError: kaput")]
