@@ -475,7 +475,7 @@ class _Linter:
             if action is not None and not isinstance(action, str):
                 self.add(BAD_SHAPE, f"{where}: 'action' must be a string, not {_label(action)}", source, index)
             for kind in ("condition", "transform"):
-                if edge.get(kind) is None:
+                if edge.get(kind) is None or edge.get(kind) == "":  # "" is no expression, as in TS
                     continue
                 problem = self.expression_problem(edge[kind])
                 if problem:

@@ -301,7 +301,7 @@ class WorkflowBlueprint:
                 found.append(f"{where}: action must be a string, not {edge.action!r}")
             for kind in ("condition", "transform"):
                 source = getattr(edge, kind)
-                if source is None:
+                if source is None or source == "":  # "" is no expression, as in TS
                     continue
                 if not isinstance(source, str):
                     found.append(f"{where}: {kind} must be a string expression, not {source!r}")

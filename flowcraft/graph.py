@@ -56,10 +56,10 @@ class Edge:
         self.target = definition.target
         self.action = definition.action
         self.condition: Optional[Callable[[Mapping[str, Any]], Any]] = (
-            evaluator.compile(definition.condition) if definition.condition is not None else None
+            evaluator.compile(definition.condition) if definition.condition not in (None, "") else None  # "": absent, as TS
         )
         self.transform: Optional[Callable[[Mapping[str, Any]], Any]] = (
-            evaluator.compile(definition.transform) if definition.transform is not None else None
+            evaluator.compile(definition.transform) if definition.transform not in (None, "") else None
         )
         self.back = False
 

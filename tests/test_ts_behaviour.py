@@ -208,3 +208,28 @@ def test_middleware_after_is_called_when_a_node_fails() -> None:
     result = flow.run(FlowRuntime(middleware=[Watch()]))
     assert result.status == "failed" and result.errors[0].node_id == "bad"
     assert seen == [("ok", 1, None), ("bad", None, "RuntimeError: kaput")]
+
+
+# --- item 7: an empty condition or transform is no expression -------------------------------------
+
+
+def test_an_empty_condition_or_transform_is_treated_as_absent() -> None:
+    """TS packages/core/src/runtime/workflow-logic-handler.ts (`if (edge.condition)`,
+    `if (edge.transform)`): an empty string is falsy, so the edge is unconditional and passes its
+    input unchanged. Loading, lint and both drivers agree; the blueprint keeps the "" (lossless)."""
+    from flowcraft import lint_blueprint
+    from flowcraft.blueprint import WorkflowBlueprint
+
+    data = {"id": "empty_expr", "nodes": [{"id": "a", "uses": "a"}, {"id": "b", "uses": "b"}],
+            "edges": [{"source": "a", "target": "b", "condition": "", "transform": ""}]}
+    bp = WorkflowBlueprint.from_dict(data)
+    assert bp.to_dict()["edges"][0]["condition"] == ""
+    registry = {"a": lambda ctx: 5, "b": lambda ctx: ctx.input + 1}
+    assert lint_blueprint(data, registry).is_valid
+    local = FlowRuntime(registry=registry).run(data)
+    assert local.status == "completed", local.errors
+    assert local.context["b"] == 6
+    adapter = InMemoryAdapter(FlowRuntime(registry=registry))
+    run_id = adapter.start_workflow(data, {})
+    adapter.drain()
+    assert adapter.wait_for_result(run_id, timeout=5).context == local.context
