@@ -233,3 +233,22 @@ def test_an_empty_condition_or_transform_is_treated_as_absent() -> None:
     run_id = adapter.start_workflow(data, {})
     adapter.drain()
     assert adapter.wait_for_result(run_id, timeout=5).context == local.context
+
+
+# --- item 8: smaller ones ---------------------------------------------------------------------------
+
+
+def test_mermaid_for_run_uses_edge_evaluate_events() -> None:
+    """TS packages/core/src/analysis.ts (generateMermaidForRun: `edge:evaluate` with `result` true
+    marks the edge taken): a dead edge between two nodes that both ran is not drawn as taken."""
+    from flowcraft import generate_mermaid_for_run
+    from flowcraft.testing import InMemoryEventLogger
+
+    flow = (create_flow("dead_edge").node("a", lambda ctx: 1).node("c", lambda ctx: 2).node("b", lambda ctx: 3)
+            .edge("a", "b", condition="false").edge("a", "c").edge("c", "b"))
+    logger = InMemoryEventLogger()
+    result = flow.run(FlowRuntime(event_bus=logger))
+    assert result.status == "completed" and result.context["b"] == 3
+    drawn = generate_mermaid_for_run(flow, logger.events)
+    styled = {int(line.split()[1]) for line in drawn.splitlines() if line.strip().startswith("linkStyle")}
+    assert styled == {1, 2}  # a->c and c->b; edge 0 (a->b) was evaluated and not taken
