@@ -252,3 +252,32 @@ def test_mermaid_for_run_uses_edge_evaluate_events() -> None:
     drawn = generate_mermaid_for_run(flow, logger.events)
     styled = {int(line.split()[1]) for line in drawn.splitlines() if line.strip().startswith("linkStyle")}
     assert styled == {1, 2}  # a->c and c->b; edge 0 (a->b) was evaluated and not taken
+
+
+def test_context_delete_says_whether_the_key_existed_in_memory_and_in_a_worker() -> None:
+    """TS packages/core/src/context.ts: `delete(key): boolean` (Map.delete)."""
+    def drop(ctx: Any) -> Any:
+        return [ctx.context.delete("k"), ctx.context.delete("k"), ctx.context.delete("never")]
+
+    flow = create_flow("deleting").node("d", drop)
+    result = both([flow], {"k": 1})
+    assert result.context["d"] == [True, False, False]
+    assert "k" not in result.context
+
+
+def test_to_blueprint_of_a_flow_without_nodes_is_refused() -> None:
+    """TS packages/core/src/flow.ts toBlueprint: "Cannot build a blueprint with no nodes."."""
+    with pytest.raises(BlueprintError, match="has no nodes"):
+        create_flow("nothing").to_blueprint()
+
+
+def test_stepper_is_not_done_while_the_run_awaits() -> None:
+    """TS packages/core/src/testing/stepper.ts `isDone()`: false while the run awaits."""
+    from flowcraft.testing import Stepper
+
+    flow = create_flow("stepwait").node("a", lambda ctx: 1).wait("w").edge("a", "w")
+    stepper = Stepper(FlowRuntime(), flow, registry=flow.registry)
+    assert stepper.step() == ["a"]
+    assert stepper.step() == ["w"]
+    assert stepper.ready == [] and not stepper.done
+    assert stepper.run_to_end().status == "awaiting"
