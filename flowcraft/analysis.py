@@ -583,12 +583,17 @@ class _Linter:
         ]
         if not definitions:
             return
-        skeleton = WorkflowBlueprint("lint", definitions, links)
-        starts = _unique(start_node_ids(skeleton))
+        # as TS's lint, an edge from an unknown node still enters its target: not a start node
+        entering = [EdgeDefinition(str(e.get("source")), e["target"]) for _, e in edges
+                    if not (isinstance(e.get("source"), str) and e["source"] in node_ids)
+                    and isinstance(e.get("target"), str) and e["target"] in node_ids]
+        starts = _unique(start_node_ids(WorkflowBlueprint("lint", definitions, links)))
         if not starts:
             self.add(NO_START_NODE, "no start node: every node has an incoming edge "
                                     "(a run would have nowhere to begin)")
             return
+        if entering:
+            starts = _unique(start_node_ids(WorkflowBlueprint("lint", definitions, links + entering)))
         successors: Dict[str, List[str]] = {d.id: [] for d in definitions}
         for link in links:
             successors[link.source].append(link.target)

@@ -281,3 +281,15 @@ def test_stepper_is_not_done_while_the_run_awaits() -> None:
     assert stepper.step() == ["w"]
     assert stepper.ready == [] and not stepper.done
     assert stepper.run_to_end().status == "awaiting"
+
+
+def test_lint_reports_the_target_of_a_dangling_edge_unreachable() -> None:
+    """TS packages/core/src/linter.ts: start nodes come from all edges, so the target of an edge
+    from an unknown node is no start node and is reported unreachable (ORPHAN_NODE)."""
+    from flowcraft import lint_blueprint
+
+    data = {"id": "dangling", "nodes": [{"id": "a", "uses": "x"}, {"id": "b", "uses": "x"}],
+            "edges": [{"source": "ghost", "target": "b"}]}
+    issues = {(i.code, i.node_id) for i in lint_blueprint(data, {"x": lambda ctx: 1}).issues}
+    assert ("ORPHAN_NODE", "b") in issues
+    assert any(code == "DANGLING_EDGE" for code, _ in issues)
