@@ -293,3 +293,21 @@ def test_lint_reports_the_target_of_a_dangling_edge_unreachable() -> None:
     issues = {(i.code, i.node_id) for i in lint_blueprint(data, {"x": lambda ctx: 1}).issues}
     assert ("ORPHAN_NODE", "b") in issues
     assert any(code == "DANGLING_EDGE" for code, _ in issues)
+
+
+def test_optional_chaining_reads_like_a_plain_access() -> None:
+    """TS's default evaluator runs edge expressions as JavaScript, where `a?.b` is undefined when
+    `a` is nullish: ours reads it as `a.b` (already None on a missing value); in a condition too."""
+    from flowcraft.evaluator import SafeEvaluator
+
+    ev = SafeEvaluator()
+    assert ev.compile("a?.b?.c")({"a": {"b": {"c": 3}}}) == 3
+    assert ev.compile("a?.b?.c")({"a": None}) is None
+    assert ev.compile("a?.[1]")({"a": [5, 6]}) == 6
+    assert ev.compile("'?.' == s")({"s": "?."}) is True
+    flow = (create_flow("optchain").node("a", lambda ctx: {"user": None}).node("b", lambda ctx: "B")
+            .node("c", lambda ctx: "C")
+            .edge("a", "b", condition="result.output?.user?.name === null").edge("a", "c", condition="result.output?.user"))
+    result = both([flow])
+    assert result.status == "completed", result.errors
+    assert result.context.get("b") == "B" and "c" not in result.context
