@@ -253,7 +253,7 @@ class FlowRuntime:
     def run(
         self,
         blueprint: BlueprintRef,
-        initial_context: Optional[Mapping[str, Any]] = None,
+        initial_context: Union[Mapping[str, Any], str, None] = None,
         *,
         registry: Optional[Mapping[str, Any]] = None,
         concurrency: int = 1,
@@ -263,7 +263,11 @@ class FlowRuntime:
         wait_timers: bool = False,
         _subflow_depth: int = 0,
     ) -> WorkflowResult:
-        """Run a blueprint to its end (or until it awaits) and return the `WorkflowResult`."""
+        """Run a blueprint to its end (or until it awaits) and return the `WorkflowResult`.
+
+        `initial_context` may be a serialized context (a JSON string), as TS's `run`."""
+        if isinstance(initial_context, str):
+            initial_context = self.serializer.loads(initial_context)
         cached = self._graphs.get((id(blueprint), strict))
         graph = cached[1] if cached is not None and cached[0] is blueprint else self.graph(blueprint, strict=strict)
         if initial_context is not None and type(initial_context) is not dict and not isinstance(initial_context, Mapping):

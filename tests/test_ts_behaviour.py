@@ -311,3 +311,16 @@ def test_optional_chaining_reads_like_a_plain_access() -> None:
     result = both([flow])
     assert result.status == "completed", result.errors
     assert result.context.get("b") == "B" and "c" not in result.context
+
+
+# --- features -----------------------------------------------------------------------------------
+
+
+def test_run_accepts_a_serialized_initial_context() -> None:
+    """TS packages/core/src/runtime/runtime.ts `run(blueprint, initialState: Partial<T> | string)`:
+    a string is deserialized with the runtime's serializer."""
+    flow = create_flow("fromjson").node("a", lambda ctx: ctx.context.get("n") + 1)
+    result = flow.run(FlowRuntime(), '{"n": 41}')
+    assert result.status == "completed" and result.context["a"] == 42
+    with pytest.raises(TypeError, match="must be a JSON object"):
+        flow.run(FlowRuntime(), "[1, 2]")
