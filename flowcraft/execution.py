@@ -207,7 +207,7 @@ class NodeRunner:
             except ServiceUnavailable:
                 raise  # the infrastructure failed, not the node: the worker backs off, the job comes back
             except Exception as error:
-                if attempt >= attempts or _run_cancelled(ctx.cancel):
+                if attempt >= attempts or getattr(error, "fatal", False) is True or _run_cancelled(ctx.cancel):
                     return self._after_last_failure(node, ctx, error, instance)
                 if queue_retry:
                     raise RetryLater(node.id, error, config.retry_delay or 0) from error

@@ -324,3 +324,32 @@ def test_run_accepts_a_serialized_initial_context() -> None:
     assert result.status == "completed" and result.context["a"] == 42
     with pytest.raises(TypeError, match="must be a JSON object"):
         flow.run(FlowRuntime(), "[1, 2]")
+
+
+def test_a_fatal_error_is_not_retried_and_carries_structured_fields() -> None:
+    """TS packages/core/src/errors.ts (`FlowcraftError` options `cause`, `nodeId`, `blueprintId`,
+    `executionId`, `isFatal`) and runtime/executors.ts (a fatal error is not retried)."""
+    from flowcraft.errors import FlowcraftError
+
+    calls: list = []
+
+    def fatal(ctx: Any) -> None:
+        calls.append(ctx.attempt)
+        raise FlowcraftError("card declined for good", node_id=ctx.node_id, run_id=ctx.run_id,
+                             cause=KeyError("card"), fatal=True)
+
+    def flaky(ctx: Any) -> None:
+        calls.append(("flaky", ctx.attempt))
+        raise FlowcraftError("try again")
+
+    flow = create_flow("fatal").node("charge", fatal, config={"maxRetries": 3})
+    result = both([flow])
+    assert result.status == "failed" and "card declined" in result.errors[0].message
+    assert calls == [1, 1]  # one attempt in memory, one distributed
+    calls.clear()
+    assert both([create_flow("notfatal").node("f", flaky, config={"maxRetries": 3})]).status == "failed"
+    assert calls == [("flaky", 1), ("flaky", 2), ("flaky", 3)] * 2
+    error = FlowcraftError("x", node_id="n", blueprint_id="bp", run_id="r", cause=ValueError("v"), fatal=True)
+    assert (error.node_id, error.blueprint_id, error.run_id, error.fatal) == ("n", "bp", "r", True)
+    assert isinstance(error.__cause__, ValueError) and error.cause is error.__cause__
+    assert FlowcraftError("plain").fatal is False and FlowcraftError("plain").node_id is None
