@@ -353,3 +353,20 @@ def test_a_fatal_error_is_not_retried_and_carries_structured_fields() -> None:
     assert (error.node_id, error.blueprint_id, error.run_id, error.fatal) == ("n", "bp", "r", True)
     assert isinstance(error.__cause__, ValueError) and error.cause is error.__cause__
     assert FlowcraftError("plain").fatal is False and FlowcraftError("plain").node_id is None
+
+
+def test_lint_reports_an_unknown_batch_worker_and_an_unknown_subflow_blueprint() -> None:
+    """Issue 18's lint codes (TS's runtime refuses both when run: subflow.ts "Sub-blueprint '<id>'
+    not found", the batch worker's unknown `uses`): found before any run."""
+    from flowcraft import lint_blueprint
+
+    flow = (create_flow("lintme").batch("b", lambda ctx: ctx.input, input_key="items", output_key="out")
+            .subflow("s", "child_bp").edge("b", "s"))
+    data = flow.to_blueprint().to_dict()
+    codes = {(i.code, i.node_id) for i in lint_blueprint(data, {}, blueprints=["other"]).issues}
+    assert ("UNKNOWN_BATCH_WORKER", "b_scatter") in codes
+    assert ("UNKNOWN_SUBFLOW", "s") in codes
+    clean = {i.code for i in lint_blueprint(data, flow.registry, blueprints=["child_bp"]).issues}
+    assert not clean & {"UNKNOWN_BATCH_WORKER", "UNKNOWN_SUBFLOW"}
+    runtime = FlowRuntime(registry=flow.registry, blueprints=[create_flow("child_bp").node("k", lambda ctx: 1)])
+    assert not {i.code for i in lint_blueprint(data, runtime).issues} & {"UNKNOWN_BATCH_WORKER", "UNKNOWN_SUBFLOW"}
