@@ -370,3 +370,25 @@ def test_lint_reports_an_unknown_batch_worker_and_an_unknown_subflow_blueprint()
     assert not clean & {"UNKNOWN_BATCH_WORKER", "UNKNOWN_SUBFLOW"}
     runtime = FlowRuntime(registry=flow.registry, blueprints=[create_flow("child_bp").node("k", lambda ctx: 1)])
     assert not {i.code for i in lint_blueprint(data, runtime).issues} & {"UNKNOWN_BATCH_WORKER", "UNKNOWN_SUBFLOW"}
+
+
+def test_sanitize_blueprint_drops_what_an_editor_adds() -> None:
+    """TS packages/core/src/sanitizer.ts `sanitizeBlueprint`: only NodeDefinition/EdgeDefinition
+    keys are kept (nodes/edges may be objects keyed by id); the default load stays lossless."""
+    from flowcraft import sanitize_blueprint
+    from flowcraft.blueprint import WorkflowBlueprint
+
+    raw = {"id": "ui", "__proto__": {"polluted": True}, "viewport": {"x": 1},
+           "nodes": {"a": {"id": "a", "uses": "u", "params": {"k": 1}, "position": {"x": 3}, "__proto__": {"x": 1},
+                           "config": {"maxRetries": 2, "color": "red"}},
+                     "b": {"id": "b", "uses": "u", "style": "bold"}},
+           "edges": {"e1": {"source": "a", "target": "b", "animated": True, "constructor": "x"}}}
+    bp = sanitize_blueprint(raw)
+    assert bp.to_dict() == {"id": "ui", "nodes": [
+        {"id": "a", "uses": "u", "params": {"k": 1}, "config": {"maxRetries": 2}}, {"id": "b", "uses": "u"}],
+        "edges": [{"source": "a", "target": "b"}]}
+    assert sanitize_blueprint(bp.to_json() if hasattr(bp, "to_json") else bp).to_dict() == bp.to_dict()
+    kept = WorkflowBlueprint.from_dict(dict(raw, nodes=list(raw["nodes"].values()), edges=list(raw["edges"].values())))
+    assert kept.to_dict()["nodes"][0]["position"] == {"x": 3}  # the lossless default
+    result = FlowRuntime(registry={"u": lambda ctx: 1}).run(bp)
+    assert result.status == "completed", result.errors
