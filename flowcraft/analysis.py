@@ -326,7 +326,7 @@ class _Linter:
         if blueprints is None and isinstance(getattr(registry, "blueprints", None), Mapping):
             blueprints = registry.blueprints  # a FlowRuntime: its blueprints
         self.blueprints: Optional[Set[str]] = None if blueprints is None else {
-            b if isinstance(b, str) else getattr(b, "id", None) for b in blueprints}
+            b if isinstance(b, str) else str(getattr(b, "id", "")) for b in blueprints}
         self.context_keys = None if context_keys is None else {k for k in context_keys if isinstance(k, str)}
         self._evaluator = evaluator
         self._evaluator_loaded = evaluator is not None
