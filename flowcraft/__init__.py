@@ -1,5 +1,5 @@
 """Flowcraft for Python: a synchronous, minimal-dependency workflow engine."""
-from .blueprint import EdgeDefinition, NodeConfig, NodeDefinition, WorkflowBlueprint
+from .blueprint import EdgeDefinition, NodeConfig, NodeDefinition, WorkflowBlueprint, sanitize_blueprint
 from .cancel import CancelToken
 from .context import Context, DictContext
 from .errors import (
@@ -31,6 +31,7 @@ __all__ = [
     "NodeResult",
     "NodeTimeoutError", "Registry", "SerializationError", "StoreRejected", "UnknownNodeError", "ValueTooLarge", "WorkflowBlueprint",
     "WorkflowError", "WorkflowResult", "create_flow", "LoggingMiddleware", "Middleware", "parse_duration",
+    "sanitize_blueprint",
     "analyze_blueprint", "lint_blueprint", "generate_mermaid", "generate_mermaid_for_run",
 ]
 

@@ -14,6 +14,10 @@ code                      severity  meaning
 ``DUPLICATE_ID``          error     two nodes share an id
 ``UNKNOWN_USES``          error     (registry given) a node's `uses` is neither registered nor a
                                     built-in
+``UNKNOWN_BATCH_WORKER``  error     (registry given) a batch's `params.workerUsesKey` is neither
+                                    registered nor a built-in
+``UNKNOWN_SUBFLOW``       error     (blueprints given) a subflow's `params.blueprintId` is not among
+                                    them
 ``BAD_JOIN_STRATEGY``     error     `config.joinStrategy` is not "all" or "any"
 ``BAD_CONFIG``            error     config is not an object, or a bad maxRetries/retryDelay/timeout/
                                     fallback value
@@ -70,6 +74,8 @@ BAD_SHAPE = "BAD_SHAPE"
 MISSING_FIELD = "MISSING_FIELD"
 DUPLICATE_ID = "DUPLICATE_ID"
 UNKNOWN_USES = "UNKNOWN_USES"
+UNKNOWN_BATCH_WORKER = "UNKNOWN_BATCH_WORKER"
+UNKNOWN_SUBFLOW = "UNKNOWN_SUBFLOW"
 BAD_JOIN_STRATEGY = "BAD_JOIN_STRATEGY"
 BAD_CONFIG = "BAD_CONFIG"
 UNKNOWN_FALLBACK = "UNKNOWN_FALLBACK"
@@ -313,9 +319,14 @@ def _in_registry(registry: Any, key: Any) -> bool:
 
 
 class _Linter:
-    def __init__(self, registry: Any, evaluator: Any, context_keys: Optional[Iterable[str]] = None) -> None:
+    def __init__(self, registry: Any, evaluator: Any, context_keys: Optional[Iterable[str]] = None,
+                 blueprints: Any = None) -> None:
         self.issues: List[LintIssue] = []
         self.registry = _registry_keys(registry)
+        if blueprints is None and isinstance(getattr(registry, "blueprints", None), Mapping):
+            blueprints = registry.blueprints  # a FlowRuntime: its blueprints
+        self.blueprints: Optional[Set[str]] = None if blueprints is None else {
+            b if isinstance(b, str) else str(getattr(b, "id", "")) for b in blueprints}
         self.context_keys = None if context_keys is None else {k for k in context_keys if isinstance(k, str)}
         self._evaluator = evaluator
         self._evaluator_loaded = evaluator is not None
@@ -422,6 +433,17 @@ class _Linter:
                          node_id)
 
             params = node.get("params")
+            if isinstance(params, Mapping) and uses == "batch-scatter" and self.registry is not None:
+                worker = params.get("workerUsesKey")
+                if isinstance(worker, str) and worker and worker not in BUILTIN_USES and not _in_registry(self.registry, worker):
+                    self.add(UNKNOWN_BATCH_WORKER, f"{where}: batch worker uses {worker!r}, which is neither in the "
+                                                   "registry nor a built-in", node_id)
+            if isinstance(params, Mapping) and uses == "subflow" and self.blueprints is not None:
+                child = params.get("blueprintId")
+                if isinstance(child, str) and child and child not in self.blueprints:
+                    known = ", ".join(sorted(self.blueprints)) or "none"
+                    self.add(UNKNOWN_SUBFLOW, f"{where}: subflow blueprintId {child!r} is not among the runtime's "
+                                              f"blueprints (known: {known})", node_id)
             if params is not None and not isinstance(params, Mapping):
                 self.add(BAD_SHAPE, f"{where}: 'params' must be an object, not {_type_name(params)}", node_id)
             inputs = node.get("inputs")
@@ -480,7 +502,7 @@ class _Linter:
             if action is not None and not isinstance(action, str):
                 self.add(BAD_SHAPE, f"{where}: 'action' must be a string, not {_label(action)}", source, index)
             for kind in ("condition", "transform"):
-                if edge.get(kind) is None:
+                if edge.get(kind) is None or edge.get(kind) == "":  # "" is no expression, as in TS
                     continue
                 problem = self.expression_problem(edge[kind])
                 if problem:
@@ -588,12 +610,17 @@ class _Linter:
         ]
         if not definitions:
             return
-        skeleton = WorkflowBlueprint("lint", definitions, links)
-        starts = _unique(start_node_ids(skeleton))
+        # as TS's lint, an edge from an unknown node still enters its target: not a start node
+        entering = [EdgeDefinition(str(e.get("source")), e["target"]) for _, e in edges
+                    if not (isinstance(e.get("source"), str) and e["source"] in node_ids)
+                    and isinstance(e.get("target"), str) and e["target"] in node_ids]
+        starts = _unique(start_node_ids(WorkflowBlueprint("lint", definitions, links)))
         if not starts:
             self.add(NO_START_NODE, "no start node: every node has an incoming edge "
                                     "(a run would have nowhere to begin)")
             return
+        if entering:
+            starts = _unique(start_node_ids(WorkflowBlueprint("lint", definitions, links + entering)))
         successors: Dict[str, List[str]] = {d.id: [] for d in definitions}
         for link in links:
             successors[link.source].append(link.target)
@@ -633,7 +660,7 @@ def _check_loadable(linter: "_Linter", data: Any) -> None:
 
 
 def lint_blueprint(bp: Any, registry: Any = None, *, evaluator: Any = None,
-                   context_keys: Optional[Iterable[str]] = None) -> LintResult:
+                   context_keys: Optional[Iterable[str]] = None, blueprints: Any = None) -> LintResult:
     """Every problem with `bp`, which may be invalid; never raises on bad input.
 
     `bp` is a blueprint dict (read as is: never through `from_dict`), a `WorkflowBlueprint`, a JSON
@@ -642,7 +669,10 @@ def lint_blueprint(bp: Any, registry: Any = None, *, evaluator: Any = None,
     are reported. `evaluator` checks expressions (default: the safe default evaluator; one with
     only `evaluate` is accepted too). `context_keys` are the context keys a run has besides node
     ids and `inputs` keys (the initial context, what nodes write): an expression reading a name
-    that is none of them is an UNKNOWN_NAME error; without `context_keys`, a warning.
+    that is none of them is an UNKNOWN_NAME error; without `context_keys`, a warning. With a
+    registry, a batch whose worker `uses` is unknown is UNKNOWN_BATCH_WORKER; with `blueprints` (ids,
+    blueprints, or a mapping of id -> blueprint; default: a `FlowRuntime` registry's), a subflow whose
+    `blueprintId` is not among them is UNKNOWN_SUBFLOW.
     """
     if evaluator is not None:
         from .evaluator import as_evaluator
@@ -651,7 +681,7 @@ def lint_blueprint(bp: Any, registry: Any = None, *, evaluator: Any = None,
             evaluator = as_evaluator(evaluator)
         except TypeError:
             pass  # reported on each expression as "the evaluator failed on it"
-    linter = _Linter(registry, evaluator, context_keys)
+    linter = _Linter(registry, evaluator, context_keys, blueprints)
     try:
         data = _raw_form(bp)
     except ValueError as exc:

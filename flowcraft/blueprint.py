@@ -301,7 +301,7 @@ class WorkflowBlueprint:
                 found.append(f"{where}: action must be a string, not {edge.action!r}")
             for kind in ("condition", "transform"):
                 source = getattr(edge, kind)
-                if source is None:
+                if source is None or source == "":  # "" is no expression, as in TS
                     continue
                 if not isinstance(source, str):
                     found.append(f"{where}: {kind} must be a string expression, not {source!r}")
@@ -403,3 +403,39 @@ def as_blueprint(bp: Any) -> WorkflowBlueprint:
     if callable(to_blueprint):
         return to_blueprint()
     raise TypeError(f"expected a WorkflowBlueprint, its dict or JSON form, or a Flow; not {type(bp).__name__}")
+
+
+def _records(items: Any) -> List[Any]:
+    if isinstance(items, (list, tuple)):
+        return list(items)
+    return list(items.values()) if isinstance(items, Mapping) else []
+
+
+def sanitize_blueprint(raw: Any) -> WorkflowBlueprint:
+    """A blueprint with only the keys the engine knows, as TS's `sanitizeBlueprint`: what a UI adds
+    (positions, styles, `__proto__`-like keys) is dropped from the blueprint, its nodes, edges and
+    node configs; `nodes`/`edges` may be lists or objects keyed by id. `params` and `metadata` are
+    kept as they are. The default loaders keep unknown keys (a lossless round trip); use this for a
+    blueprint exported from an editor."""
+    if isinstance(raw, (str, bytes, bytearray)):
+        raw = json.loads(raw)
+    elif isinstance(raw, WorkflowBlueprint):
+        raw = raw.to_dict()
+    if not isinstance(raw, Mapping):
+        raise TypeError(f"sanitize_blueprint expects a blueprint object, not {type(raw).__name__}")
+
+    def known(item: Any, keys: Tuple[str, ...]) -> Any:
+        if not isinstance(item, Mapping):
+            return item  # from_dict names what is wrong with it
+        return {k: item[k] for k in keys if item.get(k) is not None}
+
+    nodes = []
+    for node in _records(raw.get("nodes")):
+        clean = known(node, _NODE_KEYS)
+        if isinstance(clean, dict) and isinstance(clean.get("config"), Mapping):
+            clean["config"] = known(clean["config"], tuple(_CONFIG_KEYS))
+        nodes.append(clean)
+    edges = [known(edge, _EDGE_KEYS) for edge in _records(raw.get("edges"))]
+    data = {k: raw[k] for k in ("id", "metadata") if raw.get(k) is not None}
+    data.update(nodes=nodes, edges=edges)
+    return WorkflowBlueprint.from_dict(data)

@@ -9,6 +9,7 @@ import datetime as _dt
 import re
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Union
 
+from .analysis import analyze_blueprint
 from .errors import FlowcraftError, LoopLimitError
 from .node import NodeContext, NodeResult
 
@@ -53,6 +54,8 @@ class Engine(Protocol):
 
     def run_child(self, blueprint_id: str, context: Dict[str, Any], parent_node_id: str, iteration: int = 0) -> Any: ...
 
+    def child_blueprint(self, blueprint_id: str) -> Any: ...  # the runtime's blueprint of that id
+
 
 def child_run_id(run_id: str, node_id: str, iteration: int) -> str:
     """The run id of the child a subflow node starts: the same in memory and distributed, and
@@ -83,9 +86,11 @@ def parse_duration(value: Union[int, float, str]) -> float:
 def sleep_seconds(params: Mapping[str, Any]) -> float:
     """A sleep node's duration: `params.duration` is milliseconds when a number (the TS wire form)."""
     duration = params.get("duration")
+    if duration is None:  # as TS's SleepNode: a duration is required
+        raise ValueError("a sleep node needs params.duration (milliseconds, or a string like '30s', '5m')")
     if isinstance(duration, (int, float)) and not isinstance(duration, bool):
         return parse_duration(duration / 1000)
-    return parse_duration(duration if duration is not None else 0)
+    return parse_duration(duration)
 
 
 # --- the built-ins --------------------------------------------------------------------------------
@@ -162,15 +167,20 @@ def subflow(ctx: NodeContext, engine: Engine) -> Any:
     blueprint_id = ctx.params.get("blueprintId")
     if not blueprint_id:
         raise ValueError(f"subflow {ctx.node_id!r}: params.blueprintId is missing")
-    inputs = ctx.params.get("inputs") or {}
-    child_context = {child: ctx.context.get(parent) for child, parent in inputs.items()}
-    if not inputs and isinstance(ctx.input, Mapping):
-        child_context = dict(ctx.input)
-    return finish_subflow(ctx, engine.run_child(blueprint_id, child_context, ctx.node_id, ctx.iteration))
+    inputs = ctx.params.get("inputs")
+    if inputs:
+        child_context = {child: ctx.context.get(parent) for child, parent in inputs.items()}
+    elif ctx.input is not None:  # as TS: the node's input goes to every start node of the child
+        child_context = {"_inputs." + s: ctx.input for s in analyze_blueprint(engine.child_blueprint(blueprint_id)).start_node_ids}
+    else:
+        child_context = {}
+    return finish_subflow(ctx, engine.run_child(blueprint_id, child_context, ctx.node_id, ctx.iteration), engine)
 
 
-def finish_subflow(ctx: NodeContext, child: Any) -> Any:
-    """Turn a child run's result into the subflow node's outcome."""
+def finish_subflow(ctx: NodeContext, child: Any, engine: Engine) -> Any:
+    """Turn a child run's result into the subflow node's outcome: with `params.outputs`, those keys
+    (also set in the parent's context); without, as TS, the output of the child's single terminal
+    node, or a dict terminal node id -> output when it has several."""
     if child.status == "awaiting":
         return Await({
             "type": "subflow", "blueprintId": ctx.params.get("blueprintId"), "childRunId": child.run_id,
@@ -184,7 +194,10 @@ def finish_subflow(ctx: NodeContext, child: Any) -> Any:
         ctx.context.set(parent_key, child.context.get(child_key))
     if outputs:
         return {parent_key: child.context.get(child_key) for parent_key, child_key in outputs.items()}
-    return {k: v for k, v in child.context.items() if not k.startswith("_")}
+    terminals = analyze_blueprint(engine.child_blueprint(ctx.params["blueprintId"])).terminal_node_ids
+    if len(terminals) == 1:
+        return child.context.get("_outputs." + terminals[0])
+    return {t: child.context.get("_outputs." + t) for t in terminals}
 
 
 class Builtin(Protocol):

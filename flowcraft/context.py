@@ -17,7 +17,7 @@ class Context(Protocol):
 
     def has(self, key: str) -> bool: ...
 
-    def delete(self, key: str) -> None: ...
+    def delete(self, key: str) -> bool: ...
 
     def to_dict(self) -> Dict[str, Any]: ...
 
@@ -69,7 +69,9 @@ class DictContext:
         self._sizes[key] = size
         self._total = total
 
-    def delete(self, key: str) -> None:
+    def delete(self, key: str) -> bool:
+        """Remove `key`; whether it existed (as TS's `delete`)."""
+        existed = self.has(key)
         self._total -= self._sizes.pop(key, 0)
         self.data.pop(key, None)
         if self._tracking:
@@ -77,6 +79,7 @@ class DictContext:
             self._deleted.add(key)
         if self.on_change is not None:
             self.on_change(key, None, True)
+        return existed
 
     def to_dict(self) -> Dict[str, Any]:
         return dict(self.data)

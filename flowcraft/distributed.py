@@ -39,7 +39,8 @@ from .cancel import CancelToken
 from .errors import FlowcraftError, StoreRejected
 from .events import Event
 from .execution import NodeFailure, NodeRunner, RetryLater, resolve_impl
-from .graph import READY, SKIPPED, CompiledGraph, GraphNode, NodeState, Traversal, check_resume_action
+from .graph import (READY, SKIPPED, CompiledGraph, GraphNode, NodeState, Traversal, check_resume_action, input_keys,
+                    input_value)
 from .node import NodeContext, NodeResult
 from .plan import (CommitPlan, batch_item, batch_size, drop_unstarted_inputs, input_field, item_definition, item_job,
                    job_event, spec_field)
@@ -478,9 +479,10 @@ class DistributedAdapter:
         if node.inputs is None:
             keys.append(node.inputs_key)
         elif isinstance(node.inputs, str):
-            keys.append(node.inputs)
+            keys.extend(input_keys(node.inputs))
         else:
-            keys.extend(node.inputs.values())
+            for ref in node.inputs.values():
+                keys.extend(input_keys(ref))
         return node_ids, keys
 
     @classmethod
@@ -660,8 +662,8 @@ class DistributedAdapter:
         if node.inputs is None:
             return context.get(node.inputs_key)
         if isinstance(node.inputs, str):
-            return context.get(node.inputs)
-        return {name: context.get(key) for name, key in node.inputs.items()}
+            return input_value(node.inputs, context.get, context.__contains__)
+        return {name: input_value(key, context.get, context.__contains__) for name, key in node.inputs.items()}
 
     # === committing ==============================================================================
 

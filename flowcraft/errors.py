@@ -1,11 +1,35 @@
 """Exceptions raised by Flowcraft. Every one derives from `FlowcraftError`."""
 from __future__ import annotations
 
-from typing import Iterable, List
+from typing import Iterable, List, Optional
 
 
 class FlowcraftError(Exception):
-    """Base class of every Flowcraft exception."""
+    """Base class of every Flowcraft exception.
+
+    As TS's `FlowcraftError(message, {cause, nodeId, blueprintId, executionId, isFatal})`, it may
+    carry structured fields: `node_id`, `blueprint_id`, `run_id`, `cause` (also `__cause__`), and
+    `fatal`: a node raising a fatal error is not retried, whatever its `maxRetries`."""
+
+    node_id: Optional[str] = None
+    blueprint_id: object = None
+    run_id: Optional[str] = None
+    cause: Optional[BaseException] = None
+    fatal: bool = False
+
+    def __init__(self, *args: object, node_id: Optional[str] = None, blueprint_id: object = None,
+                 run_id: Optional[str] = None, cause: Optional[BaseException] = None, fatal: bool = False) -> None:
+        super().__init__(*args)
+        if node_id is not None:
+            self.node_id = node_id
+        if blueprint_id is not None:
+            self.blueprint_id = blueprint_id
+        if run_id is not None:
+            self.run_id = run_id
+        if cause is not None:
+            self.cause = cause
+            self.__cause__ = cause
+        self.fatal = bool(fatal)
 
 
 class BlueprintError(FlowcraftError, ValueError):

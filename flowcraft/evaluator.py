@@ -27,7 +27,8 @@ miss path pays for this: a read that finds its key costs one identity test more.
 Language
 --------
 * Literals: ints, floats, strings, ``True``/``False``/``None``, lists, tuples, dicts. JavaScript
-  spellings are accepted too: ``===``/``!==`` (same as ``==``/``!=``), ``&&``, ``||``, prefix
+  spellings are accepted too: ``===``/``!==`` (same as ``==``/``!=``), ``&&``, ``||``, optional
+  chaining ``a?.b``/``a?.[k]`` (the same as ``a.b``/``a[k]``: a missing value reads ``None``), prefix
   ``!`` and ``true``/``false``/``null``/``undefined``. ``!`` binds like JavaScript's (tighter
   than comparisons: ``!a == b`` is ``(not a) == b``); Python's ``not`` keeps Python's precedence.
   String literals are never rewritten.
@@ -749,6 +750,12 @@ def _translate(source: str) -> str:
                 i += 1
         elif c == "~":
             raise ExpressionError(f"operator '~' is not allowed in expression {source!r}")
+        elif c == "?" and source.startswith("?.", i) and not source[i + 2:i + 3].isdigit():
+            # JS optional chaining: a read of a missing value is None already, so `a?.b` is `a.b`
+            # and `a?.[k]` is `a[k]`
+            bracket = source.startswith("?.[", i)
+            out.append("[" if bracket else ".")
+            i += 3 if bracket else 2
         elif c == "&" and source.startswith("&&", i):
             out.append(" and ")
             i += 2

@@ -207,7 +207,7 @@ class NodeRunner:
             except ServiceUnavailable:
                 raise  # the infrastructure failed, not the node: the worker backs off, the job comes back
             except Exception as error:
-                if attempt >= attempts or _run_cancelled(ctx.cancel):
+                if attempt >= attempts or getattr(error, "fatal", False) is True or _run_cancelled(ctx.cancel):
                     return self._after_last_failure(node, ctx, error, instance)
                 if queue_retry:
                     raise RetryLater(node.id, error, config.retry_delay or 0) from error
@@ -290,10 +290,15 @@ def _bind_middleware(mw: Any, call_next: Callable[[NodeContext], Any]) -> Callab
     def call(ctx: NodeContext) -> NodeResult:
         if before is not None:
             before(ctx)
-        if around is not None:
-            result = to_result(around(ctx, lambda new_ctx=None: to_result(call_next(new_ctx or ctx))))
-        else:
-            result = to_result(call_next(ctx))
+        try:
+            if around is not None:
+                result = to_result(around(ctx, lambda new_ctx=None: to_result(call_next(new_ctx or ctx))))
+            else:
+                result = to_result(call_next(ctx))
+        except Exception as error:  # as TS's afterNode (called in a finally): told of the failure, which stands
+            if after is not None:
+                after(ctx, NodeResult(error=f"{type(error).__name__}: {error}"))
+            raise
         if after is not None:
             replaced = after(ctx, result)
             if replaced is not None:

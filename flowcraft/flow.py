@@ -6,6 +6,7 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 
 from .blueprint import EdgeDefinition, NodeConfig, NodeDefinition, WorkflowBlueprint
 from .builtins import BATCH_GATHER, BATCH_SCATTER, LOOP_CONTROLLER, SLEEP, SUBFLOW, WAIT, WEBHOOK, parse_duration
+from .errors import BlueprintError
 from .node import Registry
 
 _CONFIG_KWARGS = ("max_retries", "retry_delay", "timeout", "fallback", "join_strategy")
@@ -175,6 +176,8 @@ class Flow:
     def to_blueprint(self) -> WorkflowBlueprint:
         """The validated blueprint (built once until the flow changes)."""
         if self._blueprint is None:
+            if not self._nodes:  # as TS's toBlueprint
+                raise BlueprintError([f"flow {self.id!r} has no nodes: a blueprint needs at least one"], self.id)
             edges = [e if i in self._internal else self._wired(e) for i, e in enumerate(self._edges)]
             self._blueprint = WorkflowBlueprint(self.id, self._nodes, edges, self.metadata).validate()
         return self._blueprint

@@ -56,10 +56,10 @@ class Edge:
         self.target = definition.target
         self.action = definition.action
         self.condition: Optional[Callable[[Mapping[str, Any]], Any]] = (
-            evaluator.compile(definition.condition) if definition.condition is not None else None
+            evaluator.compile(definition.condition) if definition.condition not in (None, "") else None  # "": absent, as TS
         )
         self.transform: Optional[Callable[[Mapping[str, Any]], Any]] = (
-            evaluator.compile(definition.transform) if definition.transform is not None else None
+            evaluator.compile(definition.transform) if definition.transform not in (None, "") else None
         )
         self.back = False
 
@@ -239,6 +239,36 @@ def start_node_ids(blueprint: WorkflowBlueprint) -> Tuple[str, ...]:
     )
 
 
+def input_value(ref: str, get: Callable[[str], Any], has: Callable[[str], bool]) -> Any:
+    """The value a node's `inputs` reference names, as TS `resolveInputValue`: `_key` is a context
+    key; `node.a.b` is the path `a.b` into node `node`'s output (a context key spelled so wins);
+    `node` is that node's output, else the context key `node`."""
+    if ref.startswith("_"):
+        return get(ref)
+    base, dot, path = ref.partition(".")
+    if dot:
+        if has(ref):
+            return get(ref)
+        current = get("_outputs." + base) if has("_outputs." + base) else None
+        for part in path.split("."):
+            if isinstance(current, Mapping):
+                current = current.get(part)
+            elif isinstance(current, list) and part.isdigit() and int(part) < len(current):
+                current = current[int(part)]
+            else:
+                return None
+        return current
+    return get("_outputs." + ref) if has("_outputs." + ref) else get(ref)
+
+
+def input_keys(ref: str) -> Tuple[str, ...]:
+    """The context keys `input_value(ref, ...)` may read (what a worker loads for a job)."""
+    if ref.startswith("_"):
+        return (ref,)
+    base, dot, _ = ref.partition(".")
+    return (ref, "_outputs." + base) if dot else ("_outputs." + ref, ref)
+
+
 def check_resume_action(node: "GraphNode", action: Optional[str]) -> None:
     """Raise `ValueError` if resuming the awaiting `node` with `action` would follow none of the
     edges the blueprint gives it for actions (SPEC section 11): when some of its outgoing edges name
@@ -285,7 +315,8 @@ class CompiledGraph:
             n.config.fallback for n in self.nodes.values() if n.config.fallback
         )
         self._link()
-        self.start_ids: Tuple[str, ...] = self._find_start_ids()
+        self._check_loops()
+        self.start_ids: Tuple[str, ...] = self._find_start_ids(strict)
         targeted = {e.target for e in self.edges}
         self.fallback_only_ids: Tuple[str, ...] = tuple(n for n in self.nodes if n in self.fallback_ids and n not in targeted)
         self._mark_back_edges()
@@ -321,8 +352,29 @@ class CompiledGraph:
         for node_id, edges in outgoing.items():
             self.nodes[node_id].outgoing = tuple(edges)
 
-    def _find_start_ids(self) -> Tuple[str, ...]:
-        return start_node_ids(self.blueprint)
+    def _check_loops(self) -> None:
+        """Refuse a loop controller without a `continue` edge, as TS's GraphTraverser does."""
+        lost = [n.id for n in self.nodes.values()
+                if n.uses == LOOP_CONTROLLER and not any(e.action == "continue" for e in n.outgoing)]
+        if lost:
+            raise BlueprintError([f"loop {n!r} has no outgoing 'continue' edge to the start of its body" for n in lost],
+                                 self.blueprint.id)
+
+    def _find_start_ids(self, strict: bool) -> Tuple[str, ...]:
+        starts = start_node_ids(self.blueprint)
+        if starts or strict:
+            return starts
+        # No start node (a pure cycle, a self-loop): as TS's GraphTraverser, not strict, start at
+        # each cycle's node named in `metadata.cycleEntryPoints`, else at its first node.
+        from .analysis import analyze_blueprint  # analysis imports this module
+        entries = set((self.blueprint.metadata or {}).get("cycleEntryPoints") or ())
+        found: List[str] = []
+        for cycle in analyze_blueprint(self.blueprint).cycles:
+            if cycle:
+                entry = next((n for n in cycle if n in entries), cycle[0])
+                if entry not in found:
+                    found.append(entry)
+        return tuple(found)
 
     def _mark_back_edges(self) -> None:
         """Depth-first from the start nodes (then any unreached node): an edge to a node on the stack is a back edge."""

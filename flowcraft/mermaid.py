@@ -167,6 +167,11 @@ def _run_states(result_or_events: Any, node_ids: Sequence[Any]) -> Dict[str, Set
             kind, payload = event.get("type"), event.get("payload")
         else:
             continue
+        if kind == "edge:evaluate" and isinstance(payload, Mapping):
+            states.setdefault("evaluated", set()).add((payload.get("source"), payload.get("target")))
+            if payload.get("taken"):
+                states.setdefault("taken", set()).add((payload.get("source"), payload.get("target")))
+            continue
         if kind not in kinds or not isinstance(payload, Mapping):
             continue
         node_id = payload.get("node_id", payload.get("nodeId"))
@@ -181,7 +186,8 @@ def generate_mermaid_for_run(bp: Any, result_or_events: Any) -> str:
     `result_or_events` is a `WorkflowResult` (or its `to_dict()` form): executed nodes are those
     with an `_outputs.<id>` context key, skipped ones `result.skipped`, failed ones the node ids of
     `result.errors`, awaiting ones `result.awaiting`; or an iterable of `Event`s (or their dict
-    form): `node:finish`, `node:skipped` and `node:error` events. A node is drawn in one class only:
+    form): `node:finish`, `node:skipped` and `node:error` events, and `edge:evaluate` events: an
+    edge they name is drawn as taken only if one says it was taken (else when both ends ran). A node is drawn in one class only:
     failed over awaiting over executed over skipped (a node can run and be skipped in different
     loop iterations). Nodes outside the blueprint (dynamic batch workers) are ignored.
     """
@@ -205,7 +211,12 @@ def generate_mermaid_for_run(bp: Any, result_or_events: Any) -> str:
             lines.append(f"    class {','.join(members)} {cls}")
 
     ran = set(states["executed"])
+    evaluated, taken = states.get("evaluated", set()), states.get("taken", set())
     for index, (source, target) in enumerate(links):
-        if source in ran and target in ran:
+        if (source, target) in evaluated:  # as TS: an edge:evaluate event says whether it was taken
+            drawn = (source, target) in taken
+        else:  # a fallback link, or no edge events (a result): both ends ran
+            drawn = source in ran and target in ran
+        if drawn:
             lines.append(f"    linkStyle {index} {_EXECUTED_LINK}")
     return "\n".join(lines)

@@ -18,7 +18,7 @@ from .errors import BlueprintError, FlowcraftError, LoopLimitError, Serializatio
 from .events import Event
 from .execution import FallbackResult, NodeFailure, NodeRunner, item_failure, resolve_impl
 from .graph import (MAX_CYCLE_ITERATIONS, Activation, CompiledGraph, GraphNode, RoutingError, Traversal,
-                    check_resume_action)
+                    check_resume_action, input_value)
 from .node import NodeContext, NodeResult, to_result
 from .result import AWAITING, CANCELLED, COMPLETED, FAILED, STALLED, WorkflowError, WorkflowResult
 from .serializer import DEFAULT_MAX_CONTEXT_BYTES, DEFAULT_MAX_VALUE_BYTES, JsonSerializer, check_json, check_values
@@ -255,7 +255,7 @@ class FlowRuntime:
     def run(
         self,
         blueprint: BlueprintRef,
-        initial_context: Optional[Mapping[str, Any]] = None,
+        initial_context: Union[Mapping[str, Any], str, None] = None,
         *,
         registry: Optional[Mapping[str, Any]] = None,
         concurrency: int = 1,
@@ -265,7 +265,11 @@ class FlowRuntime:
         wait_timers: bool = False,
         _subflow_depth: int = 0,
     ) -> WorkflowResult:
-        """Run a blueprint to its end (or until it awaits) and return the `WorkflowResult`."""
+        """Run a blueprint to its end (or until it awaits) and return the `WorkflowResult`.
+
+        `initial_context` may be a serialized context (a JSON string), as TS's `run`."""
+        if isinstance(initial_context, str):
+            initial_context = self.serializer.loads(initial_context)
         cached = self._graphs.get((id(blueprint), strict))
         graph = cached[1] if cached is not None and cached[0] is blueprint else self.graph(blueprint, strict=strict)
         if initial_context is not None and type(initial_context) is not dict and not isinstance(initial_context, Mapping):
@@ -608,10 +612,11 @@ class _Run:
             if activation.has_input:
                 self.data[node.inputs_key] = activation.input
                 return activation.input
-            return None
+            return self.data.get(node.inputs_key)  # a subflow child's start node: its parent's input
+        data = self.data
         if isinstance(inputs, str):
-            return self.data.get(inputs)
-        return {name: self.data.get(key) for name, key in inputs.items()}
+            return input_value(inputs, data.get, data.__contains__)
+        return {name: input_value(key, data.get, data.__contains__) for name, key in inputs.items()}
 
     def _finish(self, activation: Activation, outcome: Any, ready: Deque[Activation]) -> None:
         if activation.parent is not None:
@@ -729,7 +734,7 @@ class _Run:
             child = self.runtime.resume(details["blueprintId"], child_context, output=output, action=action,
                                         registry=self.registry, run_id=details.get("childRunId"),
                                         _subflow_depth=self.depth + 1)
-            return to_result(finish_subflow(ctx, child))
+            return to_result(finish_subflow(ctx, child, self))
         except Exception as error:
             return NodeFailure(node.id, error)
 
@@ -743,6 +748,9 @@ class _Run:
 
     def context_names(self) -> Mapping[str, Any]:
         return self.data
+
+    def child_blueprint(self, blueprint_id: str) -> WorkflowBlueprint:
+        return self.runtime.blueprint(blueprint_id)
 
     def run_child(
         self, blueprint_id: str, context: Dict[str, Any], parent_node_id: str, iteration: int = 0

@@ -108,6 +108,9 @@ class WorkerEngine:
     def context_names(self) -> Mapping[str, Any]:
         return _ContextNames(self.context)
 
+    def child_blueprint(self, blueprint_id: str) -> Any:
+        return self.adapter.runtime.blueprint(blueprint_id)
+
     def run_child(self, blueprint_id: str, context: Dict[str, Any], parent_node_id: str, iteration: int = 0) -> Any:
         """Start the child run (once) and report its state: finished, awaiting or still running."""
         child_id = child_run_id(self.job.run_id, parent_node_id, self.job.iteration)

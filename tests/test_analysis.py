@@ -315,9 +315,11 @@ def test_bad_transform_and_loop_condition_are_bad_expressions():
     assert [i.node_id for i in result.issues] == ["l", "a", "a"]
 
 
-def test_dangling_source_does_not_also_make_an_orphan():
+def test_dangling_source_also_makes_its_target_an_orphan():
+    """As TS's linter (start nodes from analyzeBlueprint over every edge): the edge from "ghost"
+    still enters "a", so "a" is no start node and unreachable."""
     bp = {"id": "x", "nodes": [node("a")], "edges": [edge("ghost", "a")]}
-    assert codes(lint_blueprint(bp)) == ["DANGLING_EDGE"]
+    assert codes(lint_blueprint(bp)) == ["DANGLING_EDGE", "ORPHAN_NODE"]
 
 
 def test_missing_fields_everywhere():

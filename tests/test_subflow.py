@@ -54,14 +54,13 @@ def test_subflow_with_child_added_via_add_blueprint():
     assert result.context["use"] == 43
 
 
-def test_subflow_without_outputs_returns_child_public_context():
-    child = create_flow("kid").node("k", lambda ctx: ctx.context.set("answer", 42))
+def test_subflow_without_outputs_returns_the_child_terminal_output():
+    """TS packages/core/src/nodes/subflow.ts: no `outputs` -> the single terminal node's output."""
+    child = create_flow("kid").node("k", lambda ctx: (ctx.context.set("answer", 42), {"done": True})[1])
     parent = create_flow("p").subflow("sub", "kid")
     result = parent.run(FlowRuntime(blueprints=[child]))
     assert result.status == "completed", result.errors
-    out = result.context["sub"]
-    assert out["answer"] == 42
-    assert not any(k.startswith("_") for k in out)
+    assert result.context["sub"] == {"done": True}
 
 
 def test_child_failure_fails_parent_node_with_child_error():

@@ -34,9 +34,13 @@ class Stepper:
 
     @property
     def done(self) -> bool:
+        """Nothing is left to run and the run does not await (as TS's `isDone()`, false while a
+        node awaits), or the run is stopping (failed, cancelled)."""
         if not self._ready:
             self._run._settle(self._ready)
-        return not self._ready or self._run._stopping()
+        if self._run._stopping():
+            return True
+        return not self._ready and not self._run.awaiting
 
     def step(self) -> List[str]:
         wave, self._ready = self._ready, deque()
@@ -48,7 +52,7 @@ class Stepper:
         return [a.node_id for a in wave]
 
     def run_to_end(self) -> WorkflowResult:
-        while not self.done:
+        while not self.done and self._ready:  # an awaiting run is not done, and has nothing to step
             self.step()
         return self.result()
 
