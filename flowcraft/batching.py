@@ -1,15 +1,17 @@
 """How a worker handles several deliveries at once (`DistributedAdapter.handle_batch`).
 
-A batch is handled in waves. A wave holds, for each run, one *segment*: either consecutive plain
-node jobs of that run, executed one after the other over one loaded snapshot that each commit
-advances, and committed together as ONE commit (so the fan-out siblings of a run cost one load
-and one commit round, not one each); or a single job of another kind (item, timer, child), whose
-checks read the store. No wave holds two commits of one run, so the commits of a wave never race
-each other.
+A batch is handled in waves. A wave holds, for each run, one *segment*: either consecutive jobs
+of that run of one chaining kind (plain node jobs, or batch item jobs), executed one after the
+other over one loaded snapshot that each commit advances, and committed together as ONE commit
+(so the fan-out siblings or the batch items of a run cost one load and one commit round, not one
+each); or a single job of another kind (timer, child, resume), whose checks read the store. A
+segment never holds one job twice (a redelivered copy waits for a later wave, where the store
+shows it done). No wave holds two commits of one run, so the commits of a wave never race each
+other.
 """
 from __future__ import annotations
 
-from typing import Dict, Hashable, List, Sequence, Tuple
+from typing import Dict, Hashable, List, Optional, Sequence, Set, Tuple
 
 import attrs
 
@@ -18,25 +20,33 @@ from .ports import Commit, Delivery, RunSnapshot
 Segment = List[Delivery]
 
 
-def _chains(delivery: Delivery) -> bool:
-    return delivery.job is not None and delivery.job.kind == "node"
+CHAINING_KINDS = frozenset({"node", "item"})
+
+
+def _chain_kind(delivery: Delivery) -> Optional[str]:
+    job = delivery.job
+    return job.kind if job is not None and job.kind in CHAINING_KINDS else None
 
 
 def first_wave(deliveries: Sequence[Delivery]) -> Tuple[List[Segment], List[Delivery]]:
     """The first segment of each run (in order of first appearance), and the deliveries left."""
     segments: Dict[Hashable, Segment] = {}
-    closed: Dict[Hashable, bool] = {}
+    kinds: Dict[Hashable, Optional[str]] = {}  # the kind a run's segment chains; None once closed
+    seen: Dict[Hashable, Set[str]] = {}
     later: List[Delivery] = []
     for i, delivery in enumerate(deliveries):
-        key: Hashable = delivery.job.run_id if delivery.job is not None else ("unreadable", i)
+        job = delivery.job
+        key: Hashable = job.run_id if job is not None else ("unreadable", i)
         segment = segments.get(key)
         if segment is None:
             segments[key] = [delivery]
-            closed[key] = not _chains(delivery)
-        elif not closed[key] and _chains(delivery):
+            kinds[key] = _chain_kind(delivery)
+            seen[key] = {job.key} if job is not None else set()
+        elif kinds[key] is not None and _chain_kind(delivery) == kinds[key] and job.key not in seen[key]:  # type: ignore[union-attr]  # a chaining kind has a job
             segment.append(delivery)
+            seen[key].add(job.key)  # type: ignore[union-attr]
         else:
-            closed[key] = True
+            kinds[key] = None
             later.append(delivery)
     return list(segments.values()), later
 
@@ -53,7 +63,11 @@ def advance(snap: RunSnapshot, commit: Commit) -> RunSnapshot:
     record = commit.record  # a plan's own copy, never changed after; it keeps the version loaded
     if record.version != snap.record.version:
         record = attrs.evolve(record, version=snap.record.version)
-    return RunSnapshot(record, states, context, snap.whole)
+    items = snap.pending_items
+    if commit.items:
+        items = dict(items)
+        items.update(commit.items)
+    return RunSnapshot(record, states, context, snap.whole, items)
 
 
 def merge(commits: Sequence[Commit]) -> Commit:

@@ -175,7 +175,8 @@ class CommitPlan:
         header = self.adapter.store.read_items(job.run_id, [spec_field(parent.id, job.iteration)])[0]
         fields = [item_field(parent.id, job.iteration, i) for i in range(batch_size(header))]
         stored = self.adapter.store.read_items(job.run_id, fields)
-        results = [(self.items.get(f) or stored[i] or {}).get("v") for i, f in enumerate(fields)]
+        earlier = self.snap.pending_items  # items of this wave segment, committed with this one
+        results = [(self.items.get(f) or earlier.get(f) or stored[i] or {}).get("v") for i, f in enumerate(fields)]
         if self.events is not None:
             self._event("batch:finish", node_id=parent.id, items=len(results))
         try:

@@ -336,6 +336,9 @@ class RunSnapshot:
     states: Dict[str, Dict[str, Any]] = attrs.field(factory=dict)
     context: Dict[str, Any] = attrs.field(factory=dict)
     whole: bool = False  # states and context hold all of the run's (a load that asked for everything)
+    # item fields written by earlier commits of the same wave segment, not yet in the store
+    # (`batching.advance`); a store's load leaves it empty
+    pending_items: Dict[str, Any] = attrs.field(factory=dict)
 
 
 @attrs.define

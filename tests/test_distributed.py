@@ -1453,3 +1453,26 @@ def test_without_whole_loads_a_store_is_asked_only_for_named_states_and_keys() -
     adapter.drain()
     assert adapter.wait_for_result(run_id, timeout=5).context == flows[0].run(make_runtime(_chain()), {"start": 2}).context
     assert asked and all(nodes is not None and keys is not None for _, nodes, keys in asked)
+
+
+def test_batch_items_of_one_run_are_committed_together_and_a_redelivered_copy_waits_for_a_later_wave() -> None:
+    """Item jobs of one run fetched together are one wave segment, so one commit (not one per item);
+    a second copy of an item in the same fetch is not run in that segment: it waits for a later wave,
+    where the store shows the item done. The result is the in-memory one, each item committed once."""
+    flows = _batch()
+    adapter = InMemoryAdapter(make_runtime(flows), fetch_batch=BATCH_SIZE * 2)
+    store, queue = adapter.store, adapter.queue
+    run_id = adapter.start_workflow("batching", {})
+    adapter.work(burst=True, max_jobs=1)  # the producer node
+    adapter.work(burst=True, max_jobs=1)  # the scatter: BATCH_SIZE item jobs are queued now
+    duplicate = next(d for d in queue.fetch(max_jobs=1) if d.job is not None and d.job.kind == "item")
+    queue.enqueue([duplicate.job, duplicate.job])  # two more copies of one item behind the others
+    queue.ack([duplicate])
+    before = store.commits
+    adapter.work(burst=True, max_jobs=BATCH_SIZE + 1)
+    item_commits = store.commits - before
+    adapter.drain()
+    result = adapter.wait_for_result(run_id, timeout=5)
+    assert_same_result(result, run_in_memory(SCENARIOS["batch"]))
+    assert_effectively_once(adapter)
+    assert item_commits < BATCH_SIZE / 4, item_commits
