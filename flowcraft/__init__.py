@@ -8,7 +8,6 @@ from .errors import (
     ExpressionError,
     FlowcraftError,
     LoopLimitError,
-    NodeExecutionError,
     NodeTimeoutError,
     SerializationError,
     StoreRejected,
@@ -28,7 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BaseNode", "BlueprintError", "CallbackEventBus", "CancelToken", "CancelledError", "Context",
     "DictContext", "EdgeDefinition", "Event", "EventBus", "ExpressionError", "Flow", "FlowRuntime",
-    "FlowcraftError", "LoopLimitError", "NodeConfig", "NodeContext", "NodeDefinition", "NodeExecutionError",
+    "FlowcraftError", "LoopLimitError", "NodeConfig", "NodeContext", "NodeDefinition",
     "NodeResult",
     "NodeTimeoutError", "Registry", "SerializationError", "StoreRejected", "UnknownNodeError", "ValueTooLarge", "WorkflowBlueprint",
     "WorkflowError", "WorkflowResult", "create_flow", "LoggingMiddleware", "Middleware", "parse_duration",

@@ -45,9 +45,12 @@ from __future__ import annotations
 
 import difflib
 import json
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 import attrs
+
+if TYPE_CHECKING:  # typing.TypeGuard is Python 3.10+
+    from typing_extensions import TypeGuard
 
 from .errors import BlueprintError
 from .blueprint import EdgeDefinition, NodeConfig, NodeDefinition, WorkflowBlueprint, as_blueprint
@@ -61,7 +64,7 @@ __all__ = [
 ERROR, WARNING = "error", "warning"
 
 #: `uses` keys the engine implements itself; never reported as UNKNOWN_USES.
-BUILTIN_USES = frozenset({LOOP_CONTROLLER, "batch-scatter", "batch-gather", "wait", "sleep", "subflow"})
+BUILTIN_USES = frozenset({LOOP_CONTROLLER, "batch-scatter", "batch-gather", "wait", "webhook", "sleep", "subflow"})
 
 BAD_SHAPE = "BAD_SHAPE"
 MISSING_FIELD = "MISSING_FIELD"
@@ -248,7 +251,7 @@ def _label(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _is_name(value: Any) -> bool:
+def _is_name(value: Any) -> TypeGuard[str]:
     return isinstance(value, str) and value != ""
 
 
@@ -266,7 +269,9 @@ def _raw_form(bp: Any) -> Any:
     if callable(to_blueprint) and not isinstance(bp, Mapping):
         nodes, edges = getattr(bp, "_nodes", None), getattr(bp, "_edges", None)
         if isinstance(nodes, list) and isinstance(edges, list):
-            return _blueprint_dict(WorkflowBlueprint(getattr(bp, "id", None), nodes, edges, getattr(bp, "metadata", None)))
+            # the Flow's parts as they are, valid or not: the lint reports what is wrong with them
+            return _blueprint_dict(WorkflowBlueprint(getattr(bp, "id", None), nodes, edges,  # type: ignore[arg-type]
+                                                     getattr(bp, "metadata", None)))
         return _blueprint_dict(to_blueprint())
     return bp
 
@@ -572,7 +577,7 @@ class _Linter:
             fallback = config.get("fallback") if isinstance(config, Mapping) else None
             definitions.append(NodeDefinition(
                 id=node_id,
-                uses=node.get("uses"),
+                uses=node.get("uses"),  # type: ignore[arg-type]  # unchecked here: MISSING_FIELD reports a bad one
                 config=NodeConfig(fallback=fallback if _is_name(fallback) and fallback in node_ids else None),
             ))
         links = [

@@ -213,7 +213,7 @@ class WorkflowBlueprint:
             raise BlueprintError(unsafe, data.get("id") if isinstance(data.get("id"), str) else None)
         data = dict(data)
         known = {key: data.pop(key) for key in _BLUEPRINT_KEYS if data.get(key) is not None}
-        lists = {key: known.get(key) if isinstance(known.get(key), list) else [] for key in ("nodes", "edges")}
+        lists: Dict[str, List[Any]] = {key: known[key] if isinstance(known.get(key), list) else [] for key in ("nodes", "edges")}
         blueprint = cls(
             id=known.get("id"),  # type: ignore[arg-type]
             nodes=[NodeDefinition.from_dict(n) for n in lists["nodes"] if isinstance(n, Mapping)],
@@ -228,7 +228,7 @@ class WorkflowBlueprint:
         return blueprint
 
     @classmethod
-    def from_json(cls, text: Union[str, bytes]) -> "WorkflowBlueprint":
+    def from_json(cls, text: Union[str, bytes, bytearray]) -> "WorkflowBlueprint":
         try:
             data = json.loads(text)
         except RecursionError:

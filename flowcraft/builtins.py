@@ -18,6 +18,7 @@ BATCH_GATHER = "batch-gather"
 WAIT = "wait"
 SLEEP = "sleep"
 SUBFLOW = "subflow"
+WEBHOOK = "webhook"
 
 
 class SubflowError(FlowcraftError):
@@ -133,6 +134,19 @@ def wait(ctx: NodeContext, engine: Engine) -> Await:
     return Await(details)
 
 
+def webhook(ctx: NodeContext, engine: Engine) -> Await:
+    """Pause like `wait`, with what a caller needs to resume the run from an HTTP POST: the
+    `webhook` details hold the path (`/<run id>/<node id>`, under wherever `flowcraft.webhooks`
+    is mounted), a fresh secret `token` (only the holder of the URL can resume) and the TS
+    `event` name (`webhook:<run id>:<node id>`). The details' type stays "wait", so both drivers
+    treat it as one (a resume completes it with the POST's body as its output)."""
+    from .webhooks import webhook_details
+
+    details = wait(ctx, engine).details
+    details["webhook"] = webhook_details(ctx.run_id, ctx.node_id)
+    return Await(details)
+
+
 def sleep(ctx: NodeContext, engine: Engine) -> Any:
     seconds = sleep_seconds(ctx.params)
     if engine.wait_timers:
@@ -173,11 +187,18 @@ def finish_subflow(ctx: NodeContext, child: Any) -> Any:
     return {k: v for k, v in child.context.items() if not k.startswith("_")}
 
 
-BUILTINS: Dict[str, Callable[[NodeContext, Engine], Any]] = {
+class Builtin(Protocol):
+    """A built-in node's function: called with the node's context and, by keyword, the engine."""
+
+    def __call__(self, ctx: NodeContext, engine: Engine) -> Any: ...
+
+
+BUILTINS: Dict[str, Builtin] = {
     LOOP_CONTROLLER: loop_controller,
     BATCH_SCATTER: batch_scatter,
     BATCH_GATHER: batch_gather,
     WAIT: wait,
+    WEBHOOK: webhook,
     SLEEP: sleep,
     SUBFLOW: subflow,
 }

@@ -9,8 +9,6 @@ from typing import Any, Callable, Dict, Iterator, Optional, Protocol, Set, Tuple
 
 from .serializer import DEFAULT_MAX_CONTEXT_BYTES, DEFAULT_MAX_VALUE_BYTES, ValueTooLarge, check_json
 
-_MISSING = object()
-
 
 class Context(Protocol):
     def get(self, key: str, default: Any = None) -> Any: ...

@@ -44,7 +44,7 @@ from .node import NodeContext, NodeResult
 from .plan import (CommitPlan, batch_item, batch_size, drop_unstarted_inputs, input_field, item_definition, item_job,
                    job_event, spec_field)
 from .ports import (Commit, CoordinationStore, Delivery, Job, JobQueue, RunRecord, RunSnapshot, RunStatus, RunStore,
-                    identity_problem, item_field)
+                    identity_problem, item_field, job_node_id)
 from .result import AWAITING, CANCELLED, COMPLETED, FAILED, FINAL_STATUSES, RUNNING, STALLED, WorkflowError, WorkflowResult
 from .runtime import (AWAITING_DETAILS_KEY, AWAITING_IDS_KEY, FlowRuntime, awaiting_node, new_run_id,
                       subflow_depth_error)
@@ -270,18 +270,18 @@ class DistributedAdapter:
                 if ok is None:
                     break  # the store refused it: its run failed
                 if not ok:
-                    self._guarded(p.delivery, self._recommit, p)
+                    self._guarded(p.delivery, self._recommit, p)  # type: ignore[arg-type]  # a wave's jobs come with their deliveries
                 elif p.events:
                     self._emit_all(p.events)
         for p in late:
-            self._guarded(p.delivery, self._recommit, p)
-        for p in prepared:
+            self._guarded(p.delivery, self._recommit, p)  # type: ignore[arg-type]  # a wave's jobs come with their deliveries
+        for _ in prepared:
             self._fault("after_commit")
         self._publish_wave(list(dict.fromkeys(p.job.run_id for p in prepared)))
-        for p in prepared:
+        for _ in prepared:
             self._fault("after_publish")
             self._fault("before_ack")
-        self._ack_quietly([p.delivery for p in prepared])
+        self._ack_quietly([p.delivery for p in prepared])  # type: ignore[misc]  # a wave's jobs come with their deliveries
         if self.runtime.event_bus is not None:
             self._emit_all([job_event("job:processed", p.job) for p in prepared])
         return deferred
@@ -291,7 +291,7 @@ class DistributedAdapter:
     # deliveries are dead-lettered), the other jobs of the batch go on.
 
     def _load_wave(self, resolved: List[List[Tuple[Delivery, Tuple[CompiledGraph, GraphNode]]]]) -> List[Any]:
-        requests = [self._load_request(items[0][0].job.run_id, [r for _, r in items], [d.job for d, _ in items])
+        requests = [self._load_request(items[0][0].job.run_id, [r for _, r in items], [d.job for d, _ in items])  # type: ignore[union-attr, misc]  # resolved deliveries have jobs (`_resolve`)
                     for items in resolved]
         try:
             return self.store.load_many(requests)
@@ -308,7 +308,7 @@ class DistributedAdapter:
             except Exception as error:
                 for delivery, _ in items:
                     self._reject(delivery, f"worker error: cannot load run {request[0]!r}: {type(error).__name__}: {error}",
-                                 _identity(delivery.job))
+                                 _identity(delivery.job))  # type: ignore[arg-type]  # resolved deliveries have jobs (`_resolve`)
                 snaps.append(_UNLOADED)
         return snaps
 
@@ -412,7 +412,9 @@ class DistributedAdapter:
         if resolved is None:
             return
         graph, node = resolved
-        prepared = self._prepare(delivery, graph, node, self._load(delivery.job, graph, node))
+        job = delivery.job
+        assert job is not None  # `_resolve` dead-lettered a delivery without one
+        prepared = self._prepare(delivery, graph, node, self._load(job, graph, node))
         if prepared is None:
             return
         self._commit_outcome(prepared.job, graph, node, prepared.snap, prepared.outcome, delivery)
@@ -433,7 +435,7 @@ class DistributedAdapter:
         if blueprint is None:  # not a job of any run this worker can serve: someone else's run is not failed
             return self._reject(delivery, f"unknown blueprint {job.blueprint_id!r}", None)
         graph = self.runtime.graph(blueprint)
-        node_id = job.parent if job.kind == "item" else job.node_id
+        node_id = job_node_id(job)
         node = graph.nodes.get(node_id)
         if node is None:
             return self._reject(delivery, f"unknown node {node_id!r} in blueprint {job.blueprint_id!r}", None)
@@ -443,6 +445,7 @@ class DistributedAdapter:
         """Check the job against the loaded run and run the node code; None when the delivery was
         dealt with already (dropped as stale, put back, dead-lettered or retried later)."""
         job = delivery.job
+        assert job is not None  # `_resolve` dead-lettered a delivery without one
         if snap is None:
             return self._reject(delivery, f"unknown run {job.run_id!r}", None)
         if snap.record.version == 0:
@@ -534,6 +537,7 @@ class DistributedAdapter:
         """What batch item `job.index` of `node` runs and its input, read from the run's committed
         item fields in one read (never from the job: a queue writer could name anything there);
         None when the item is done already or the job names no item of the batch (then dropped)."""
+        assert job.index is not None  # an item job has one (`Job.from_dict` requires it)
         fields = [item_field(node.id, job.iteration, job.index), spec_field(node.id, job.iteration),
                   input_field(node.id, job.iteration, job.index)]
         done, header, own = self.store.read_items(job.run_id, fields)
@@ -678,7 +682,7 @@ class DistributedAdapter:
             if applied:
                 if prepared.events:
                     self._emit_all(prepared.events)
-                return {j.node_id if j.kind != "item" else j.parent for j in commit.jobs}
+                return {job_node_id(j) for j in commit.jobs}
             prepared.snap = self._reload(prepared)
         raise RuntimeError(f"run {job.run_id}: could not commit after {_MAX_CONFLICTS} version conflicts")
 
@@ -901,7 +905,7 @@ class DistributedAdapter:
         details = waiting[node_id]
         if details.get("type") == "subflow":
             return self.resume_with_action(details["childRunId"], action, output)
-        graph = self.runtime.graph(self.runtime.blueprint(record.blueprint_id))
+        graph = self.runtime.graph(self.runtime.blueprint(record.blueprint_id))  # type: ignore[arg-type]  # a stored run's record names its blueprint
         node = graph.nodes[node_id]
         try:
             check_resume_action(node, action)  # before anything changes: a misspelt action ends nothing
@@ -941,7 +945,7 @@ class DistributedAdapter:
         if record is None or record.status != RUNNING or record.version == 0:
             return set()  # unknown, finished, or started by a seed client and not yet adopted by a worker
         self.store.publish_outbox(run_id, self.queue)
-        graph = self.runtime.graph(self.runtime.blueprint(record.blueprint_id))
+        graph = self.runtime.graph(self.runtime.blueprint(record.blueprint_id))  # type: ignore[arg-type]  # a stored run's record names its blueprint
         states = {k: NodeState.from_dict(v) for k, v in self.store.read_all_states(run_id).items()}
         jobs: List[Tuple[Job, float]] = []
         for node_id, state in states.items():
@@ -964,7 +968,7 @@ class DistributedAdapter:
             requeue([job], delay)
             self._emit_jobs([job], delay)
         self.store.touch(run_id, self.clock())
-        return {j.parent if j.kind == "item" else j.node_id for j, _ in jobs}
+        return {job_node_id(j) for j, _ in jobs}
 
     def _missing_items(self, run_id: str, graph: CompiledGraph, parent: str, iteration: int) -> List[Job]:
         header = self.store.read_items(run_id, [spec_field(parent, iteration)])[0]
@@ -1010,7 +1014,9 @@ class DistributedAdapter:
 
 
 def _same_parent(stored: Optional[Mapping[str, Any]], parent: Mapping[str, Any]) -> bool:
-    return bool(stored) and all(stored.get(k) == parent.get(k) for k in ("runId", "nodeId", "iteration"))
+    if not stored:
+        return False
+    return all(stored.get(k) == parent.get(k) for k in ("runId", "nodeId", "iteration"))
 
 
 class Reconciler:

@@ -27,15 +27,6 @@ class ExpressionError(FlowcraftError, ValueError):
     """An expression could not be parsed, or failed while evaluated."""
 
 
-class NodeExecutionError(FlowcraftError):
-    """A node failed; carries the node id and the original exception as `__cause__`."""
-
-    def __init__(self, message: str, node_id: str = "", error_type: str = "") -> None:
-        super().__init__(message)
-        self.node_id = node_id
-        self.error_type = error_type or type(self).__name__
-
-
 class NodeTimeoutError(FlowcraftError, TimeoutError):
     """One attempt of a node ran longer than its `timeout`."""
 

@@ -685,7 +685,7 @@ _COMPARE: Dict[type, Callable[[Any, Any], Any]] = {
 }
 # Comparing with a constant costs at most the constant's size, which folding keeps small
 # (MAX_FOLDED_CHARS), so those comparisons skip the size checks.
-_UNCHECKED = {_eq: operator.eq, _ne: operator.ne}
+_UNCHECKED: Dict[Callable[[Any, Any], Any], Callable[[Any, Any], Any]] = {_eq: operator.eq, _ne: operator.ne}
 _FORBIDDEN_NODES = {
     "Lambda": "lambda",
     "ListComp": "list comprehension",
@@ -906,7 +906,7 @@ class _Compiler:
                 found = _read_attr(value, attr)
                 if found is _MISSING:
                     parent = _label(base_node, attrs[:i])
-                    return _miss(names, lambda: f"{parent()}.{attr}", parent, value)
+                    return _miss(names, lambda: f"{parent()}.{attr}", parent, value)  # noqa: B023 (returns: the loop ends)
                 value = found
             return value
 
@@ -1169,9 +1169,10 @@ class _Compiler:
         return _fold(_Node(lambda names: tuple(f(names) for f in fns)), items)
 
     def c_Dict(self, node: ast.Dict) -> _Node:
-        if any(k is None for k in node.keys):
+        keys = [k for k in node.keys if k is not None]
+        if len(keys) < len(node.keys):
             raise self.fail("unpacking with '**'")
-        pairs = tuple((self._dict_key(k), self.compile(v).fn) for k, v in zip(node.keys, node.values))
+        pairs = tuple((self._dict_key(k), self.compile(v).fn) for k, v in zip(keys, node.values))
         return _Node(lambda names: {k(names): v(names) for k, v in pairs})
 
     def _dict_key(self, node: ast.AST) -> CompiledExpression:
@@ -1202,12 +1203,14 @@ class _Compiler:
         if target is None:
             allowed = ", ".join(sorted(self.functions)) or "none"
             raise self.fail(f"call to {name!r} (allowed functions: {allowed})")
+        keyword_names: List[str] = []
         for kw in node.keywords:
             if kw.arg is None:
                 raise self.fail("unpacking with '**'")
             self.check_name(kw.arg, "keyword argument")
+            keyword_names.append(kw.arg)
         args = tuple(self.compile(a).fn for a in node.args)
-        keywords = tuple((kw.arg, self.compile(kw.value).fn) for kw in node.keywords)
+        keywords = tuple((name, self.compile(kw.value).fn) for name, kw in zip(keyword_names, node.keywords))
         if keywords:
 
             def call_kw(names: Names) -> Any:

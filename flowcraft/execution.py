@@ -155,7 +155,7 @@ class NodeRunner:
             except NodeFailure as failure:  # middleware sees the node's own exception
                 raise failure.cause from None
 
-        call = core
+        call: Callable[[NodeContext], Any] = core
         for mw in reversed(self.middleware):
             call = _bind_middleware(mw, call)
         return call

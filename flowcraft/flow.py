@@ -5,7 +5,7 @@ import sys
 from typing import Any, Dict, List, Mapping, Optional, Union
 
 from .blueprint import EdgeDefinition, NodeConfig, NodeDefinition, WorkflowBlueprint
-from .builtins import BATCH_GATHER, BATCH_SCATTER, LOOP_CONTROLLER, SLEEP, SUBFLOW, WAIT, parse_duration
+from .builtins import BATCH_GATHER, BATCH_SCATTER, LOOP_CONTROLLER, SLEEP, SUBFLOW, WAIT, WEBHOOK, parse_duration
 from .node import Registry
 
 _CONFIG_KWARGS = ("max_retries", "retry_delay", "timeout", "fallback", "join_strategy")
@@ -143,6 +143,11 @@ class Flow:
     def wait(self, node_id: str, **details: Any) -> "Flow":
         """A node that pauses the run until `resume(...)` completes it."""
         return self._add_node(NodeDefinition(id=node_id, uses=WAIT, params=dict(details) or None))
+
+    def webhook(self, node_id: str, **details: Any) -> "Flow":
+        """A node that pauses the run until an HTTP POST to its webhook (see `flowcraft.webhooks`)
+        or a `resume(...)` completes it; the POST's JSON body is its output."""
+        return self._add_node(NodeDefinition(id=node_id, uses=WEBHOOK, params=dict(details) or None))
 
     def sleep(self, node_id: str, *, duration: Any) -> "Flow":
         """A durable timer: seconds, or a string such as "30s", "5m", "2h", "1d"."""

@@ -132,12 +132,14 @@ class _Watch(WatchedNames):
     order (SPEC 5 "Strict expressions"): strict, raise; else keep them for a warning."""
 
     __slots__ = ()
+    strict: bool  # slots of each subclass
+    problems: Optional[List[ExpressionProblem]]
 
     def expression_problem(self, problem: ExpressionProblem) -> None:
         if self.strict:
             raise ExpressionError(problem.message())
         if self.problems is None:
-            self.problems = [problem]
+            self.problems = [problem]  # type: ignore[misc]  # a slot of each subclass, which mypy cannot see here
         else:
             self.problems.append(problem)
 
@@ -488,6 +490,8 @@ class CompiledGraph:
                                self.strict_expressions)
 
     def _transform(self, edge: Edge, output: Any, context: Mapping[str, Any]) -> Any:
+        if edge.transform is None:
+            return output
         value = self._evaluate(edge, "transform", edge.transform, _TransformNames(output, context, self.strict_expressions))
         check_json(value, f"transform of edge {edge.source!r} -> {edge.target!r}", self.max_value_bytes)
         return value

@@ -158,6 +158,8 @@ def _run_states(result_or_events: Any, node_ids: Sequence[Any]) -> Dict[str, Set
     if result_or_events is None:
         return states
     kinds = {"node:finish": "executed", "node:skipped": "skipped", "node:error": "failed"}
+    kind: Any
+    payload: Any
     for event in result_or_events:
         if isinstance(event, Event):
             kind, payload = event.type, event.payload

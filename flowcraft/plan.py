@@ -14,7 +14,7 @@ from .events import Event
 from .execution import FallbackResult, NodeFailure, item_failure
 from .graph import READY, Activation, CompiledGraph, GraphNode, NodeState, RoutingError, Traversal
 from .node import NodeResult
-from .ports import Commit, Job, RunRecord, RunSnapshot, RunStore, copy_record, item_field
+from .ports import Commit, Job, RunRecord, RunSnapshot, RunStore, copy_record, item_field, job_node_id
 from .result import AWAITING, COMPLETED, FAILED, FINAL_STATUSES, RUNNING, STALLED, WorkflowError, WorkflowResult
 from .runtime import FlowRuntime
 from .serializer import DEFAULT_MAX_VALUE_BYTES, check_json
@@ -46,7 +46,7 @@ class CommitPlan:
         self.graph = graph
         self.snap = snap
         self.record = copy_record(snap.record)
-        wanted_states, wanted_keys = adapter._wanted_for(job, graph.nodes[job.parent if job.kind == "item" else job.node_id])
+        wanted_states, wanted_keys = adapter._wanted_for(job, graph.nodes[job_node_id(job)])
         loader = _no_states if snap.whole else functools.partial(adapter.store.read_states, job.run_id)
         self.states = LazyStates(snap.states, loader, absent=set(wanted_states) - set(snap.states))
         self.traversal = Traversal(graph, self.states, snap.record.outstanding)
@@ -69,6 +69,7 @@ class CommitPlan:
         self.context.overlay(delta, deleted)
         job = self.job
         if type(outcome) is NodeFailure and job.kind == "item":
+            assert job.index is not None  # an item job has one (`Job.from_dict` requires it)
             self.traversal.item_done(node.id)
             self._failed(node, item_failure(job.index, job.node_id, outcome.cause))
         elif type(outcome) is NodeFailure:
@@ -125,6 +126,8 @@ class CommitPlan:
             self.jobs.append(Job(self.job.run_id, blueprint_id, activation.node_id, activation.iteration))
 
     def _event(self, kind: str, **payload: Any) -> None:
+        """Record an event; called only when the runtime has an event bus (`self.events` is a list)."""
+        assert self.events is not None
         self.events.append(Event(kind, {"run_id": self.job.run_id, "blueprint_id": self.graph.blueprint.id, **payload}))
 
     def _failed(self, node: GraphNode, error: BaseException) -> None:
@@ -164,6 +167,7 @@ class CommitPlan:
             check_json(outcome.output, job.node_id, self.adapter.runtime.max_value_bytes)
         except SerializationError as error:
             return self._failed(parent, error)
+        assert job.index is not None  # an item job has one (`Job.from_dict` requires it)
         field = item_field(parent.id, job.iteration, job.index)
         self.items[field] = {"v": outcome.output}
         if not self.traversal.item_done(parent.id):

@@ -16,7 +16,6 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Protocol, Seque
 
 import attrs
 
-_MISSING = object()
 _JOB_FIELDS = {"runId", "blueprintId", "nodeId", "iteration", "attempt", "input", "parent", "index", "kind", "firstSeen"}
 
 # Bounds on what a queue message may be (anyone who can write to the queue can write anything):
@@ -79,7 +78,7 @@ def _top_level_duplicate(text: str) -> Optional[str]:
 
     def pairs_hook(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
         seen: set = set()
-        duplicates.append(next((k for k, _ in pairs if k in seen or seen.add(k)), None))  # type: ignore[func-returns-value]
+        duplicates.append(next((k for k, _ in pairs if k in seen or seen.add(k)), None))
         return dict(pairs)
 
     json.JSONDecoder(object_pairs_hook=pairs_hook).decode(text)
@@ -223,6 +222,13 @@ class Job:
 
     def with_(self, **changes: Any) -> "Job":
         return attrs.evolve(self, **changes)
+
+
+def job_node_id(job: Job) -> str:
+    """The graph node a job is for: a batch item's `parent` (the batch node), else its `node_id`."""
+    if job.kind == "item" and job.parent is not None:  # `Job.from_dict` requires the parent of an item
+        return job.parent
+    return job.node_id
 
 
 @attrs.define

@@ -132,6 +132,8 @@ class FlowRuntime:
             self.add_blueprint(item)
         self._graphs: Dict[Tuple[int, bool], Tuple[WorkflowBlueprint, CompiledGraph]] = {}
         self._runner = NodeRunner(self.middleware, None)
+        self.scheduler: Any = None  # a `timers.TimerScheduler` once `start_scheduler` made one
+        self.pause_requests: set = set()  # ids of runs `request_pause` asked to pause (timetravel)
 
     # --- blueprints ----------------------------------------------------------------------------
 
@@ -276,7 +278,7 @@ class FlowRuntime:
         run.depth = _subflow_depth
         if run.emit is not None:
             run.emit("workflow:start", {"initial_context": dict(data)})
-        return run.execute(run.traversal.start())
+        return self._settled(graph.blueprint, run.execute(run.traversal.start()), registry, _subflow_depth)
 
     def resume(
         self,
@@ -302,16 +304,59 @@ class FlowRuntime:
         awaiting = dict(data.get(AWAITING_DETAILS_KEY) or {})
         if snapshot is None or not awaiting:
             raise ValueError("this context is not that of an awaiting run (no awaiting nodes recorded)")
-        node_id = awaiting_node(awaiting, node_id)
-        self._check_resume(graph, node_id, awaiting[node_id], snapshot, action)
+        paused = [n for n, d in awaiting.items() if d.get("type") == "pause" and (node_id is None or n == node_id)]
+        resumed = ""
+        if not paused:
+            resumed = awaiting_node(awaiting, node_id)
+            self._check_resume(graph, resumed, awaiting[resumed], snapshot, action)
         run = _Run(self, graph, data, self._registry_for(registry), run_id or snapshot.get("runId") or new_run_id(),
                    cancel, concurrency, wait_timers)
         run.depth = _subflow_depth
         run.traversal = Traversal.restore(graph, snapshot)
         run.awaiting = awaiting
         run.child_contexts = dict(snapshot.get(CHILD_CONTEXTS_KEY) or {})
-        run.emit_event("workflow:resume", {"node_id": node_id})
-        return run.execute(run.resume_node(node_id, output, action))
+        if paused:  # a run `request_pause` paused: its parked nodes run now
+            from .timetravel import unpark_paused
+
+            run.emit_event("workflow:resume", {"node_ids": paused})
+            return self._settled(graph.blueprint, run.execute(unpark_paused(run, paused)), registry, _subflow_depth)
+        run.emit_event("workflow:resume", {"node_id": resumed})
+        return self._settled(graph.blueprint, run.execute(run.resume_node(resumed, output, action)), registry,
+                             _subflow_depth)
+
+    def _settled(self, blueprint: WorkflowBlueprint, result: WorkflowResult, registry: Optional[Mapping[str, Any]],
+                 depth: int) -> WorkflowResult:
+        """A top-level run's result, after the timer scheduler (if any) has seen it."""
+        self.pause_requests.discard(result.run_id)
+        if self.scheduler is not None and not depth:
+            self.scheduler.register(blueprint, result, dict(registry) if registry else None)
+        return result
+
+    # --- timers (flowcraft.timers) -------------------------------------------------------------
+
+    def start_scheduler(self, interval: Optional[float] = None, on_result: Any = None) -> Any:
+        """Start the in-memory timer scheduler (TS `startScheduler`): from now on a run that awaits
+        a `sleep` node resumes by itself when it is due. `interval` (seconds, default 1) makes a
+        new scheduler, as TS's `checkIntervalMs`. Returns the `TimerScheduler`."""
+        from .timers import TimerScheduler
+
+        if self.scheduler is None or interval is not None:
+            old = self.scheduler
+            self.scheduler = TimerScheduler(self, interval if interval is not None else 1.0,
+                                            on_result if on_result is not None else getattr(old, "on_result", None))
+            if old is not None:
+                old.stop()
+                for sleeping in old.sleeping():
+                    self.scheduler._runs[sleeping.run_id] = sleeping
+        elif on_result is not None:
+            self.scheduler.on_result = on_result
+        self.scheduler.start()
+        return self.scheduler
+
+    def stop_scheduler(self) -> None:
+        """Stop the timer scheduler's thread (TS `stopScheduler`); sleeping runs stay registered."""
+        if self.scheduler is not None:
+            self.scheduler.stop()
 
     def _check_resume(self, graph: CompiledGraph, node_id: str, details: Mapping[str, Any],
                       snapshot: Mapping[str, Any], action: Optional[str]) -> None:
@@ -337,6 +382,49 @@ class FlowRuntime:
 
         self.blueprint(blueprint)  # a replay must name a blueprint this runtime can load
         return replay_events(events)
+
+    # --- time travel (flowcraft.timetravel) ---------------------------------------------------
+
+    def request_pause(self, run_id: str) -> None:
+        """Ask the in-memory run `run_id`, running in another thread, to pause (TS `requestPause`):
+        the nodes running finish, no other starts (a batch in progress finishes first), and the run
+        ends `awaiting` with the nodes it would have run next parked as `{"type": "pause"}`;
+        `resume(blueprint, serialized_context)` runs them and goes on."""
+        self.pause_requests.add(run_id)
+
+    def execute_nodes(self, blueprint: BlueprintRef, node_ids: Sequence[str], events: Any, **options: Any) -> WorkflowResult:
+        """Run just `node_ids` over the context a recorded history describes (TS `executeNodes`)."""
+        from .timetravel import execute_nodes
+
+        return execute_nodes(self, blueprint, node_ids, events, **options)
+
+    def patch_context(self, blueprint: BlueprintRef, source: Any, *, set: Optional[Mapping[str, Any]] = None,
+                      delete: Optional[Sequence[str]] = None, run_id: Optional[str] = None) -> WorkflowResult:
+        """Change a run's context (a serialized context or an event history) between node
+        executions (TS `patchContext`)."""
+        from .timetravel import patch_context
+
+        return patch_context(self, blueprint, source, set=set, delete=delete, run_id=run_id)
+
+    def mark_node_completed(self, blueprint: BlueprintRef, events: Any, node_id: str, output: Any = None,
+                            **options: Any) -> WorkflowResult:
+        """Count a node as completed with `output` without running it, and go on (TS `markNodeCompleted`)."""
+        from .timetravel import mark_node_completed
+
+        return mark_node_completed(self, blueprint, events, node_id, output, **options)
+
+    def rollback_execution(self, blueprint: BlueprintRef, events: Any, node_id: str) -> WorkflowResult:
+        """The run as it stood right after `node_id` completed (TS `rollbackExecution`)."""
+        from .timetravel import rollback_execution
+
+        return rollback_execution(self, blueprint, events, node_id)
+
+    def replay_from(self, blueprint: BlueprintRef, events: Any, node_id: str, **options: Any) -> WorkflowResult:
+        """Run `node_id` and what follows again, its ancestors' results taken from the history
+        (TS `replayFrom`; `input_overrides=` sets context keys first)."""
+        from .timetravel import replay_from
+
+        return replay_from(self, blueprint, events, node_id, **options)
 
     def _registry_for(self, registry: Optional[Mapping[str, Any]]) -> Mapping[str, Any]:
         if not registry:
@@ -367,7 +455,7 @@ class _Run:
     __slots__ = (
         "runtime", "evaluator", "wait_timers", "awaiting", "batches", "graph", "data", "context", "registry",
         "run_id", "blueprint_id", "cancel", "concurrency", "traversal", "errors", "skipped", "emit", "runner",
-        "dependencies", "child_contexts", "depth",
+        "dependencies", "child_contexts", "depth", "recorded",
     )
 
     def __init__(
@@ -394,6 +482,7 @@ class _Run:
         self.registry = registry
         self.run_id = run_id
         self.depth = 0  # how many subflows deep this run is (0: not a subflow's child)
+        self.recorded: Optional[Dict[str, NodeResult]] = None  # node id -> the result it gives without running (timetravel)
         self.blueprint_id = graph.blueprint.id
         self.cancel = cancel if cancel is not None else CancelToken()
         self.concurrency = max(1, int(concurrency))
@@ -420,15 +509,23 @@ class _Run:
             self._run_serial(ready)
         else:
             self._run_pool(ready)
+        if ready and self._pausing():
+            from .timetravel import park_paused
+
+            park_paused(self, ready)
         return self._result()
+
+    def _pausing(self) -> bool:
+        """`request_pause` asked this run to pause (honoured between batches, not inside one)."""
+        return self.run_id in self.runtime.pause_requests and not self.batches
 
     def _stopping(self) -> bool:
         return bool(self.errors) or self.cancel.cancelled
 
     def _run_serial(self, ready: Deque[Activation]) -> None:
-        execute, finish = self._execute, self._finish
+        execute, finish, pauses = self._execute, self._finish, self.runtime.pause_requests
         while True:
-            while ready and not self.errors and not self.cancel.cancelled:
+            while ready and not self.errors and not self.cancel.cancelled and not (pauses and self._pausing()):
                 activation = ready.popleft()
                 finish(activation, execute(activation), ready)
             if not self._settle(ready):
@@ -447,7 +544,7 @@ class _Run:
         running: Dict[Future, Activation] = {}
         with ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"flowcraft-{self.run_id[:8]}") as pool:
             while ready or running:
-                while ready and len(running) < self.concurrency and not self._stopping():
+                while ready and len(running) < self.concurrency and not self._stopping() and not self._pausing():
                     activation = ready.popleft()
                     running[pool.submit(self._execute, activation)] = activation
                 if not running:
@@ -462,6 +559,9 @@ class _Run:
 
     def _execute(self, activation: Activation) -> Any:
         """Run one activation; return its `NodeResult`, or a `NodeFailure`."""
+        recorded = self.recorded
+        if recorded is not None and activation.parent is None and activation.node_id in recorded:
+            return recorded[activation.node_id]  # time travel: a node whose result is taken from a record
         node = self.graph.nodes[activation.node_id] if activation.parent is None else self._dynamic_node(activation)
         impl = self._impl(node)
         if impl is None:
@@ -583,6 +683,7 @@ class _Run:
         )
 
     def _finish_item(self, activation: Activation, outcome: Any, ready: Deque[Activation]) -> None:
+        assert activation.parent is not None  # only a batch item's activation is finished here
         parent = self.graph.nodes[activation.parent]
         if type(outcome) is NodeFailure:
             self.traversal.item_done(parent.id)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Dict, List, Mapping, Optional, Protocol, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Protocol, Tuple
 
 from .errors import SerializationError, ValueTooLarge
 
@@ -86,7 +86,7 @@ def _walk(value: Any, path: str, max_bytes: Optional[int]) -> Tuple[str, int]:
                         f"(JSON cannot hold a value inside itself)"), size
             size += 2
             if isinstance(item, dict):
-                pairs = item.items()
+                pairs: Iterable[Tuple[Any, Any]] = item.items()
                 for k in item:
                     if not isinstance(k, str):
                         return f"value at {here!r} has a non-string key {k!r}: not JSON-serialisable", size

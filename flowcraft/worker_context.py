@@ -119,8 +119,9 @@ class WorkerEngine:
             record = self.adapter.store.get_record(child_id)
         if record is not None and record.status in FINAL_STATUSES and record.result is not None:
             return WorkflowResult.from_dict(record.result)
-        awaiting = record is not None and record.status == AWAITING
-        return _ChildRunning(child_id, awaiting, sorted(record.awaiting) if awaiting else [])
+        if record is not None and record.status == AWAITING:
+            return _ChildRunning(child_id, True, sorted(record.awaiting))
+        return _ChildRunning(child_id, False, [])
 
 
 class _ChildRunning:

@@ -285,7 +285,7 @@ def test_unknown_uses_needs_a_registry_and_builtins_are_known():
         "edges": [],
     }
     assert lint_blueprint(builtins, registry={}).issues == ()
-    assert BUILTIN_USES == {"loop-controller", "batch-scatter", "batch-gather", "wait", "sleep", "subflow"}
+    assert BUILTIN_USES == {"loop-controller", "batch-scatter", "batch-gather", "wait", "webhook", "sleep", "subflow"}
 
 
 def test_fallback_only_nodes_are_not_orphans():

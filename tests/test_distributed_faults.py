@@ -273,7 +273,7 @@ def _start_many(adapter: InMemoryAdapter, names: List[str], copies: int) -> Dict
         for flow in flows:
             if flow.id not in adapter.runtime.blueprints:
                 adapter.runtime.add_blueprint(flow.to_blueprint())
-        for copy in range(copies):
+        for _ in range(copies):
             runs[adapter.start_workflow(flows[0].id, dict(SCENARIOS[name].initial_context))] = name
     return runs
 

@@ -362,8 +362,9 @@ def test_blueprint_caps_are_refused_naming_node_field_and_cap() -> None:
                                           "params": {"condition": "true", "maxIterations": 10 ** 9}}]},
               "node 'loop': params.maxIterations=1000000000 is more than the runtime's max_loop_iterations=10000")]
     for data, message in cases:
-        for attempt in (lambda: FlowRuntime().run(data), lambda: FlowRuntime(blueprints=[data]),
-                        lambda: InMemoryAdapter(FlowRuntime()).start_workflow(data)):
+        # the lambdas run within this iteration, so they see its `data`
+        for attempt in (lambda: FlowRuntime().run(data), lambda: FlowRuntime(blueprints=[data]),  # noqa: B023
+                        lambda: InMemoryAdapter(FlowRuntime()).start_workflow(data)):  # noqa: B023
             with pytest.raises(BlueprintError) as caught:
                 attempt()
             assert message in str(caught.value)

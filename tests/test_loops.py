@@ -1,7 +1,7 @@
 """Loops: `Flow.loop(...)` and the raw `loop-controller` wire form (SPEC §4, §5 "Loops")."""
 from __future__ import annotations
 
-from typing import Any, List
+from typing import Any, List, Optional
 
 import pytest
 
@@ -9,7 +9,7 @@ from flowcraft import FlowRuntime, NodeResult, create_flow
 from flowcraft.testing import InMemoryEventLogger
 
 
-def make_counter(key: str = "i", laps: List[Any] = None):
+def make_counter(key: str = "i", laps: Optional[List[Any]] = None):
     """A node that increments context[key] and returns the new value (recording inputs in `laps`)."""
 
     def counter(ctx):

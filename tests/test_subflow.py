@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from flowcraft import FlowRuntime, NodeResult, UnknownNodeError, create_flow
+from flowcraft import FlowRuntime, UnknownNodeError, create_flow
 
 
 def doubling_child():

@@ -26,6 +26,9 @@ class RabbitMqAdapter(DistributedAdapter):
     (`ensure_schema`). Other keyword options go to `DistributedAdapter` (`retry_mode`,
     `fetch_batch`, `poll_timeout`, `version_mismatch_ttl`, ...)."""
 
+    queue: RabbitMqQueue
+    store: PostgresRunStore
+
     def __init__(
         self,
         runtime: Any,
@@ -94,6 +97,8 @@ def create_rabbitmq_reconciler(adapter: RabbitMqAdapter, status_table_name: Opti
 
 
 class _OutboxSweepingReconciler(Reconciler):
+    adapter: RabbitMqAdapter
+
     def run(self) -> ReconcileStats:
         swept = self.adapter.store.sweep_outbox(self.stalled_threshold_seconds, self.adapter.queue, self.limit)
         if swept:

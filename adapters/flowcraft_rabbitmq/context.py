@@ -1,5 +1,5 @@
-"""`PostgresContext`: one run's context in the seed's `flowcraft_contexts.context_data` JSONB
-column, read and patched key by key (for clients and tools)."""
+"""`PostgresContext`: one run's context, read and patched key by key (for clients and tools): the
+run's context key rows, and the seed's `flowcraft_contexts.context_data` JSONB column."""
 from __future__ import annotations
 
 from typing import Any, Dict
@@ -10,10 +10,10 @@ _ABSENT = object()
 
 
 class PostgresContext:
-    """One run's context in its `context_data` JSONB column, read and patched key by key.
+    """One run's context, read and patched key by key.
 
-    `get`/`has` read one key (`context_data -> key`), `set`/`delete` patch one key in place
-    (never rewriting the document), `to_dict` reads the whole document. Changes made here are
+    `get`/`has` read one key, `to_dict` the whole context (an adopted run's key rows; a seed
+    client's run no worker took yet: its `context_data`); `set`/`delete` patch one key in both. Changes made here are
     outside any node commit: use it from clients and tools, not from node code (node code gets a
     context whose changes commit with the node's completion)."""
 

@@ -9,7 +9,7 @@ from typing import Dict, Tuple
 
 from psycopg2 import sql
 
-from .schema import items_table_name
+from .schema import context_keys_table_name, items_table_name, node_states_table_name
 
 
 class Queries:
@@ -18,7 +18,9 @@ class Queries:
     def __init__(self, context_table: str, status_table: str, runs_table: str, outbox_table: str) -> None:
         ids = {"ctx": sql.Identifier(context_table), "st": sql.Identifier(status_table),
                "runs": sql.Identifier(runs_table), "outbox": sql.Identifier(outbox_table),
-               "items": sql.Identifier(items_table_name(runs_table))}
+               "items": sql.Identifier(items_table_name(runs_table)),
+               "ns": sql.Identifier(node_states_table_name(runs_table)),
+               "ck": sql.Identifier(context_keys_table_name(runs_table))}
         q = lambda text: sql.SQL(text).format(**ids)  # noqa: E731
         # Statement names are per table set, so two stores may share a connection.
         tag = hashlib.sha1("|".join((context_table, status_table, runs_table,
@@ -35,15 +37,28 @@ class Queries:
         # else of a run is written only once its runs row is locked by this statement.
         wave = (
             "WITH w AS MATERIALIZED (SELECT * FROM jsonb_to_recordset($1) AS w(run_id text, expected int, record jsonb,"
-            "         states jsonb, items jsonb, ctx_set jsonb, ctx_del text[], status text, result jsonb, jobs jsonb))"
+            "         states jsonb, items jsonb, ctx_set jsonb, ctx_del text[], status text, result jsonb, jobs jsonb,"
+            "         final boolean))"
             ", lk AS MATERIALIZED (SELECT t.run_id FROM {runs} AS t JOIN w ON w.run_id = t.run_id"
             "         WHERE (t.record->>'version')::int = w.expected ORDER BY t.run_id FOR UPDATE OF t)"
-            ", r AS (UPDATE {runs} AS t SET record = w.record, states = t.states || w.states"
+            ", r AS (UPDATE {runs} AS t SET record = w.record"
             "         FROM w JOIN lk ON lk.run_id = w.run_id"
             "         WHERE t.run_id = w.run_id AND (t.record->>'version')::int = w.expected RETURNING t.run_id)"
-            ", c AS (UPDATE {ctx} AS t SET context_data = (t.context_data || w.ctx_set) - w.ctx_del"
-            "         FROM w JOIN r ON r.run_id = w.run_id"
-            "         WHERE t.run_id = w.run_id AND (w.ctx_set <> '{{}}'::jsonb OR cardinality(w.ctx_del) > 0))"
+            # node states and context keys: only the rows this commit changes
+            ", ns AS (INSERT INTO {ns} (run_id, node_id, state)"
+            "         SELECT w.run_id, e.key, e.value FROM w JOIN r ON r.run_id = w.run_id, jsonb_each(w.states) AS e"
+            "         ORDER BY w.run_id, e.key ON CONFLICT (run_id, node_id) DO UPDATE SET state = EXCLUDED.state)"
+            ", ck AS (INSERT INTO {ck} (run_id, key, value)"
+            "         SELECT w.run_id, e.key, e.value FROM w JOIN r ON r.run_id = w.run_id, jsonb_each(w.ctx_set) AS e"
+            "         WHERE e.key <> ALL(w.ctx_del)"
+            "         ORDER BY w.run_id, e.key ON CONFLICT (run_id, key) DO UPDATE SET value = EXCLUDED.value)"
+            ", kd AS (DELETE FROM {ck} AS t USING w JOIN r ON r.run_id = w.run_id"
+            "         WHERE t.run_id = w.run_id AND t.key = ANY(w.ctx_del))"
+            # a run that ends: the seed's context_data gets its final context (the key rows as
+            # they were before this statement, with this commit's patch applied)
+            ", c AS (UPDATE {ctx} AS t SET context_data = (COALESCE((SELECT jsonb_object_agg(k.key, k.value)"
+            "         FROM {ck} AS k WHERE k.run_id = w.run_id), '{{}}'::jsonb) || w.ctx_set) - w.ctx_del"
+            "         FROM w JOIN r ON r.run_id = w.run_id WHERE t.run_id = w.run_id AND w.final)"
             # batch items, a row per field (never the run's whole item document per item)
             ", i AS (INSERT INTO {items} (run_id, field, value)"
             "         SELECT w.run_id, e.key, e.value FROM w JOIN r ON r.run_id = w.run_id, jsonb_each(w.items) AS e"
@@ -62,11 +77,20 @@ class Queries:
         )
         # Version 0: a run started by a seed client (a context row, no runs row) being adopted.
         self.adopt = q(
-            "WITH r AS (INSERT INTO {runs} (run_id, record, states, items)"
-            "           SELECT run_id, %(record)s, %(states)s, %(items)s FROM {ctx} WHERE run_id = %(run_id)s"
+            "WITH r AS (INSERT INTO {runs} (run_id, record, keyed)"
+            "           SELECT run_id, %(record)s, true FROM {ctx} WHERE run_id = %(run_id)s"
             "           ON CONFLICT (run_id) DO NOTHING RETURNING run_id)"
+            ", ns AS (INSERT INTO {ns} (run_id, node_id, state) SELECT r.run_id, e.key, e.value"
+            "        FROM r, jsonb_each(%(states)s::jsonb) AS e ORDER BY e.key ON CONFLICT DO NOTHING)"
+            ", i AS (INSERT INTO {items} (run_id, field, value) SELECT r.run_id, e.key, e.value"
+            "        FROM r, jsonb_each(%(items)s::jsonb) AS e ORDER BY e.key ON CONFLICT DO NOTHING)"
+            # the seed client's context_data, patched, becomes the run's key rows
+            ", ck AS (INSERT INTO {ck} (run_id, key, value) SELECT c.run_id, e.key, e.value"
+            "        FROM {ctx} AS c JOIN r ON r.run_id = c.run_id,"
+            "        jsonb_each((c.context_data || %(ctx_set)s::jsonb) - %(ctx_del)s::text[]) AS e"
+            "        ORDER BY e.key ON CONFLICT DO NOTHING)"
             ", c AS (UPDATE {ctx} SET context_data = (context_data || %(ctx_set)s::jsonb) - %(ctx_del)s::text[]"
-            "        WHERE %(has_ctx)s AND run_id IN (SELECT run_id FROM r))"
+            "        WHERE %(final)s AND run_id IN (SELECT run_id FROM r))"
             ", s AS (INSERT INTO {st} (run_id, status, updated_at, result) SELECT run_id, %(status)s, now(), %(result)s"
             "        FROM r" + upsert + ")"
             ", o AS (INSERT INTO {outbox} (run_id, body, delay_ms) SELECT r.run_id, j.e->>0, (j.e->>1)::int FROM r,"
@@ -76,8 +100,12 @@ class Queries:
         self.create = q(
             "WITH r AS (INSERT INTO {ctx} (run_id, context_data) VALUES (%(run_id)s, %(context)s)"
             "           ON CONFLICT (run_id) DO NOTHING RETURNING run_id)"
-            ", n AS (INSERT INTO {runs} (run_id, record, states) SELECT run_id, %(record)s, %(states)s FROM r"
+            ", n AS (INSERT INTO {runs} (run_id, record, keyed) SELECT run_id, %(record)s, true FROM r"
             "        ON CONFLICT (run_id) DO NOTHING)"
+            ", ns AS (INSERT INTO {ns} (run_id, node_id, state) SELECT r.run_id, e.key, e.value"
+            "        FROM r, jsonb_each(%(states)s::jsonb) AS e ORDER BY e.key ON CONFLICT DO NOTHING)"
+            ", ck AS (INSERT INTO {ck} (run_id, key, value) SELECT r.run_id, e.key, e.value"
+            "        FROM r, jsonb_each(%(context)s::jsonb) AS e ORDER BY e.key ON CONFLICT DO NOTHING)"
             ", s AS (INSERT INTO {st} (run_id, status, updated_at, result) SELECT run_id, %(status)s, now(), %(result)s"
             "        FROM r" + upsert + ")"
             ", o AS (INSERT INTO {outbox} (run_id, body, delay_ms) SELECT r.run_id, j.e->>0, (j.e->>1)::int FROM r,"
@@ -89,10 +117,15 @@ class Queries:
         # context keys], null ids or keys for all of them), so any number of runs is one statement.
         pick_json = ("CASE WHEN q.e->{i} = 'null'::jsonb THEN {col} ELSE"
                      " (SELECT jsonb_object_agg(k, {col} -> k) FROM jsonb_array_elements_text(q.e->{i}) AS k WHERE {col} ? k) END")
+        # rows of a node states or context keys table: all of the run's, or those named
+        pick_rows = ("(SELECT jsonb_object_agg(x.{key}, x.{value}) FROM {table} AS x WHERE x.run_id = q.e->>0"
+                     " AND (q.e->{i} = 'null'::jsonb OR x.{key} IN (SELECT jsonb_array_elements_text(q.e->{i}))))")
+        # a run a seed client started and no worker adopted yet has its context in context_data only
         load = (
             "SELECT c.run_id IS NOT NULL, r.record, "
-            + pick_json.format(col="r.states", i=1) + ", "
-            + pick_json.format(col="c.context_data", i=2) + ", "
+            + pick_rows.format(table="{ns}", key="node_id", value="state", i=1) + ", "
+            "CASE WHEN r.run_id IS NULL THEN " + pick_json.format(col="c.context_data", i=2)
+            + " ELSE " + pick_rows.format(table="{ck}", key="key", value="value", i=2) + " END, "
             "s.status, extract(epoch FROM s.updated_at)::float8"
             " FROM jsonb_array_elements($1) WITH ORDINALITY AS q(e, ord)"
             " LEFT JOIN {ctx} AS c ON c.run_id = q.e->>0"
@@ -108,10 +141,18 @@ class Queries:
         self.exec_commit = sql.SQL("EXECUTE {} (%s, %s)").format(sql.Identifier(names["commit"]))
         self.exec_load = execute(names["load"])
         self.exec_record = execute(names["record"])
-        self.states = q("SELECT " + pick.format(col="states", param="nodes") + " FROM {runs} WHERE run_id = %(run_id)s")
-        self.all_states = q("SELECT states FROM {runs} WHERE run_id = %(run_id)s")
-        self.context = q("SELECT " + pick.format(col="context_data", param="keys") + " FROM {ctx} WHERE run_id = %(run_id)s")
-        self.all_context = q("SELECT context_data FROM {ctx} WHERE run_id = %(run_id)s")
+        self.states = q("SELECT jsonb_object_agg(node_id, state) FROM {ns}"
+                        " WHERE run_id = %(run_id)s AND node_id = ANY(%(nodes)s::text[])")
+        self.all_states = q("SELECT jsonb_object_agg(node_id, state) FROM {ns} WHERE run_id = %(run_id)s")
+        # the key rows of an adopted run, else (a seed client's run no worker took yet) context_data
+        self.context = q(
+            "SELECT CASE WHEN EXISTS (SELECT 1 FROM {runs} WHERE run_id = %(run_id)s)"
+            " THEN (SELECT jsonb_object_agg(key, value) FROM {ck} WHERE run_id = %(run_id)s AND key = ANY(%(keys)s::text[]))"
+            " ELSE (SELECT " + pick.format(col="context_data", param="keys") + " FROM {ctx} WHERE run_id = %(run_id)s) END")
+        self.all_context = q(
+            "SELECT CASE WHEN EXISTS (SELECT 1 FROM {runs} WHERE run_id = %(run_id)s)"
+            " THEN (SELECT jsonb_object_agg(key, value) FROM {ck} WHERE run_id = %(run_id)s)"
+            " ELSE (SELECT context_data FROM {ctx} WHERE run_id = %(run_id)s) END")
         # the fields asked, in order; a run made before the items table has them in its runs row
         self.items = q(
             "SELECT (SELECT jsonb_agg(COALESCE(i.value, r.items -> u.f) ORDER BY u.n)"
@@ -139,9 +180,14 @@ class Queries:
             "       AND updated_at <= now() - make_interval(secs => %(idle)s) ORDER BY updated_at LIMIT %(limit)s)"
         )
         self.touch = q("UPDATE {st} SET updated_at = now() WHERE run_id = %(run_id)s AND status = 'running'")
+        # A tool's patch of one key: the adopted run's key row, and its context_data as well (so a
+        # finished run's final context, and a seed client's run not adopted yet, see it too).
         self.set_key = q(
-            "UPDATE {ctx} SET context_data = context_data || jsonb_build_object(%(key)s::text, %(value)s::jsonb)"
+            "WITH k AS (INSERT INTO {ck} (run_id, key, value) SELECT run_id, %(key)s, %(value)s FROM {runs}"
+            "           WHERE run_id = %(run_id)s ON CONFLICT (run_id, key) DO UPDATE SET value = EXCLUDED.value)"
+            " UPDATE {ctx} SET context_data = context_data || jsonb_build_object(%(key)s::text, %(value)s::jsonb)"
             " WHERE run_id = %(run_id)s"
         )
-        self.delete_key = q("UPDATE {ctx} SET context_data = context_data - %(key)s::text WHERE run_id = %(run_id)s")
+        self.delete_key = q("WITH k AS (DELETE FROM {ck} WHERE run_id = %(run_id)s AND key = %(key)s)"
+                            " UPDATE {ctx} SET context_data = context_data - %(key)s::text WHERE run_id = %(run_id)s")
         self.run_ids = q("SELECT run_id FROM {ctx} ORDER BY run_id")

@@ -420,5 +420,5 @@ class RabbitMqQueue:
         """(ready in the main queue, in the delay queue, in the dead-letter queue)."""
         with self._publisher.lock:
             channel = self._publisher.ensure()
-            return tuple(channel.queue_declare(q, passive=True).method.message_count  # type: ignore[return-value]
+            return tuple(channel.queue_declare(q, passive=True).method.message_count
                          for q in (self.queue_name, self.delay_queue, self.dead_queue))

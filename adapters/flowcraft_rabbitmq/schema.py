@@ -9,9 +9,18 @@ The two tables of the seed protocol, exactly as its documentation creates them::
 plus two tables of the adapter's own:
 
 * ``<runs>`` (default ``flowcraft_runs``): ``run_id TEXT PRIMARY KEY, record JSONB NOT NULL,
-  states JSONB NOT NULL DEFAULT '{}', items JSONB NOT NULL DEFAULT '{}'`` -- the run's record
-  (with its ``version``), its node states and its batch items; a run started by a seed client has
-  no row here until a worker adopts it.
+  states JSONB NOT NULL DEFAULT '{}', items JSONB NOT NULL DEFAULT '{}', keyed BOOLEAN NOT NULL
+  DEFAULT false`` (fillfactor 70) -- the run's record (its small bookkeeping: ``version``,
+  ``outstanding``, ``status``, ``awaiting``, ``errors``...); a run started by a seed client has no
+  row here until a worker adopts it. ``states`` and ``items`` are what older versions kept there
+  (``states`` is emptied by the migration below, ``items`` still read); ``keyed`` marks runs whose
+  node states and context are in the two tables below (every run this version writes).
+* ``<node_states>`` (``<runs>`` with ``runs`` replaced by ``node_states``): ``run_id TEXT, node_id
+  TEXT, state JSONB NOT NULL, PRIMARY KEY (run_id, node_id)`` (fillfactor 70) -- a row per node.
+* ``<context_keys>`` (likewise): ``run_id TEXT, key TEXT, value JSONB NOT NULL, PRIMARY KEY
+  (run_id, key)`` (fillfactor 70) -- the context of an adopted run, a row per key. The seed's
+  ``context_data`` holds the initial context (as the run's creator wrote it) and is brought up to
+  date with the final context by the commit that ends the run (and by `PostgresContext` patches).
 * ``<items>`` (``<runs>`` with ``runs`` replaced by ``items``, default ``flowcraft_items``):
   ``run_id TEXT, field TEXT, value JSONB NOT NULL, PRIMARY KEY (run_id, field)`` -- batch items (a
   batch's header, each item's input and result), one row per field, so an item job reads and writes
@@ -20,6 +29,11 @@ plus two tables of the adapter's own:
   body TEXT NOT NULL, delay_ms INT NOT NULL DEFAULT 0, created_at TIMESTAMPTZ NOT NULL DEFAULT
   now()`` -- jobs committed with a node's completion and not yet confirmed by RabbitMQ (or confirmed
   and not yet deleted: a worker killed there leaves them, and the reconciler sweeps old rows).
+
+Migration of tables made by older versions (idempotent, under the schema lock): the columns and
+tables missing are added, and runs not ``keyed`` get their ``<runs>.states`` and ``context_data``
+copied into rows (``states`` then emptied, ``keyed`` set). Upgrade every worker at once: an older
+worker would not see the rows.
 
 Every identifier goes through `validate_identifier` and `psycopg2.sql.Identifier`; every value is a
 query parameter.
@@ -59,12 +73,28 @@ def default_table_names(context_table_name: str, runs_table_name: Optional[str] 
     return validate_identifier(runs, "runs table name"), validate_identifier(outbox, "outbox table name")
 
 
+def _companion(runs_table_name: str, suffix: str) -> str:
+    runs = validate_identifier(runs_table_name, "runs table name")
+    name = runs[: -len("runs")] + suffix if runs.endswith("runs") else runs[:62 - len(suffix)] + "_" + suffix
+    return validate_identifier(name, f"{suffix} table name")
+
+
 def items_table_name(runs_table_name: str) -> str:
     """The batch items table that goes with a runs table (`flowcraft_runs` -> `flowcraft_items`,
     `x` -> `x_items`)."""
-    runs = validate_identifier(runs_table_name, "runs table name")
-    name = runs[: -len("runs")] + "items" if runs.endswith("runs") else runs[:57] + "_items"
-    return validate_identifier(name, "items table name")
+    return _companion(runs_table_name, "items")
+
+
+def node_states_table_name(runs_table_name: str) -> str:
+    """The node states table that goes with a runs table (`flowcraft_runs` -> `flowcraft_node_states`,
+    `x` -> `x_node_states`)."""
+    return _companion(runs_table_name, "node_states")
+
+
+def context_keys_table_name(runs_table_name: str) -> str:
+    """The in-flight context table that goes with a runs table (`flowcraft_runs` ->
+    `flowcraft_context_keys`, `x` -> `x_context_keys`)."""
+    return _companion(runs_table_name, "context_keys")
 
 
 def ensure_schema(conn: Any, context_table_name: str = DEFAULT_CONTEXT_TABLE,
@@ -76,6 +106,7 @@ def ensure_schema(conn: Any, context_table_name: str = DEFAULT_CONTEXT_TABLE,
     runs, outbox = default_table_names(context, runs_table_name, outbox_table_name)
     index = validate_identifier((status[:49] + "_running_idx"), "index name")
     outbox_index = validate_identifier((outbox[:52] + "_run_idx"), "index name")
+    states, keys = node_states_table_name(runs), context_keys_table_name(runs)
     ident = sql.Identifier
     statements = [
         sql.SQL("CREATE TABLE IF NOT EXISTS {} (run_id TEXT PRIMARY KEY, context_data JSONB NOT NULL)").format(ident(context)),
@@ -86,6 +117,23 @@ def ensure_schema(conn: Any, context_table_name: str = DEFAULT_CONTEXT_TABLE,
                 " states JSONB NOT NULL DEFAULT '{{}}', items JSONB NOT NULL DEFAULT '{{}}')").format(ident(runs)),
         sql.SQL("CREATE TABLE IF NOT EXISTS {} (run_id TEXT NOT NULL, field TEXT NOT NULL, value JSONB NOT NULL,"
                 " PRIMARY KEY (run_id, field))").format(ident(items_table_name(runs))),
+        # node states and in-flight context keys, a row each; updated in place (HOT: no column of
+        # theirs but the key is indexed, and pages keep room for the new versions)
+        sql.SQL("CREATE TABLE IF NOT EXISTS {} (run_id TEXT NOT NULL, node_id TEXT NOT NULL, state JSONB NOT NULL,"
+                " PRIMARY KEY (run_id, node_id)) WITH (fillfactor = 70)").format(ident(states)),
+        sql.SQL("CREATE TABLE IF NOT EXISTS {} (run_id TEXT NOT NULL, key TEXT NOT NULL, value JSONB NOT NULL,"
+                " PRIMARY KEY (run_id, key)) WITH (fillfactor = 70)").format(ident(keys)),
+        # runs rows are updated by every commit (HOT: only run_id is indexed)
+        sql.SQL("ALTER TABLE {} SET (fillfactor = 70)").format(ident(runs)),
+        # Runs made before the two tables above (`keyed` false): their node states move out of
+        # the runs row and their context into key rows, once (idempotent, under the schema lock).
+        sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS keyed BOOLEAN NOT NULL DEFAULT false").format(ident(runs)),
+        sql.SQL("INSERT INTO {} (run_id, node_id, state) SELECT r.run_id, e.key, e.value FROM {} AS r,"
+                " jsonb_each(r.states) AS e WHERE NOT r.keyed ON CONFLICT DO NOTHING").format(ident(states), ident(runs)),
+        sql.SQL("INSERT INTO {} (run_id, key, value) SELECT r.run_id, e.key, e.value FROM {} AS r JOIN {} AS c"
+                " ON c.run_id = r.run_id, jsonb_each(c.context_data) AS e WHERE NOT r.keyed ON CONFLICT DO NOTHING"
+                ).format(ident(keys), ident(runs), ident(context)),
+        sql.SQL("UPDATE {} SET keyed = true, states = '{{}}' WHERE NOT keyed").format(ident(runs)),
         sql.SQL("CREATE TABLE IF NOT EXISTS {} (id BIGSERIAL PRIMARY KEY, run_id TEXT NOT NULL, body TEXT NOT NULL,"
                 " delay_ms INT NOT NULL DEFAULT 0, created_at TIMESTAMPTZ NOT NULL DEFAULT now())").format(ident(outbox)),
         # outbox tables made before created_at existed

@@ -1,15 +1,17 @@
-"""`PostgresRunStore`: the `RunStore` port on PostgreSQL JSONB (same semantics as `InMemoryRunStore`).
+"""`PostgresRunStore`: the `RunStore` port on PostgreSQL (JSONB values, a row per node state and context key) (same semantics as `InMemoryRunStore`).
 
 * A commit is ONE SQL statement (data-modifying CTEs, autocommit), and so is a group commit of
   every job of a prefetch window (`commit_many`): the wave travels as one JSON document, the runs
   rows whose version still matches are locked in run-id order (two workers committing overlapping
-  waves cannot deadlock), then, as set operations, the runs rows are updated (record, node states,
-  batch items), the contexts patched (`(context_data || set) - deleted`), the status rows upserted
+  waves cannot deadlock), then, as set operations, the runs rows are updated (the record: small
+  bookkeeping only), the changed node state rows, the written context key rows and the batch item
+  rows upserted and the deleted key rows deleted (never a run's whole document), the seed's
+  `context_data` set to the final context when the run ends, the status rows upserted
   (`updated_at = now()`, `result` when final) and the outbox rows inserted. The statement returns
   which runs it applied and the outbox rows it wrote; a run whose version did not match is left
   untouched and reported as not applied. One WAL flush serves the whole wave.
-* `load`/`load_many` is one SELECT: the records, the requested node states and the requested
-  context keys (extracted server side, key by key).
+* `load`/`load_many` is one SELECT: the records, the requested node state rows and the requested
+  context key rows (a seed client's run no worker adopted yet: the keys of its `context_data`).
 * The hot statements (wave commit, wave load) are server-side prepared (`PREPARE`, once per
   connection): no parse or plan per wave.
 * Jobs committed with a node's completion go to the outbox table. `publish_outboxes` publishes the
@@ -530,6 +532,7 @@ class PostgresRunStore:
                 "states": commit.states, "items": commit.items, "ctx_set": commit.context_set,
                 "ctx_del": list(commit.context_delete), "status": commit.record.status, "result": result,
                 "jobs": self._jobs_json(commit.jobs, commit.delayed),
+                "final": commit.record.status in _FINAL,
             })
         try:
             wave = _dumps(entries)
@@ -544,7 +547,7 @@ class PostgresRunStore:
         return {
             "run_id": commit.run_id, "record": _json(record), "states": _json(commit.states), "items": _json(commit.items),
             "ctx_set": _json(commit.context_set), "ctx_del": list(commit.context_delete),
-            "has_ctx": bool(commit.context_set or commit.context_delete), "status": commit.record.status,
+            "final": commit.record.status in _FINAL, "status": commit.record.status,
             "result": _json(result) if result is not None else None,
             "jobs": _json(self._jobs_json(commit.jobs, commit.delayed)),
         }
@@ -683,7 +686,7 @@ class PostgresRunStore:
     # --- helpers (PostgresContext, tests) --------------------------------------------------------
 
     def set_key(self, run_id: str, key: str, value: Any) -> None:
-        """Patch one context key in place (`context_data || {key: value}`)."""
+        """Patch one context key: its key row (an adopted run's) and `context_data`."""
         def op(cur: Any) -> None:
             cur.execute(self.sql.set_key, {"run_id": run_id, "key": key, "value": _json(value)})
 

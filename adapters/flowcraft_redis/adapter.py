@@ -20,14 +20,16 @@ class RedisAdapter(DistributedAdapter):
     """A worker and client whose queue, run store and coordination store are one Redis.
 
     Options beyond the spec's: `prefix` (a key prefix, default ""), `worker_id`, `heartbeat_ttl`
-    and `recover_interval` (dead-worker detection, seconds), `reconnect_backoff` ((first, max)
-    seconds between reconnection attempts); the rest go to `DistributedAdapter`.
+    and `recover_interval` (dead-worker detection, seconds); the rest go to `DistributedAdapter`.
     """
+
+    queue: RedisQueue
+    store: RedisRunStore
 
     def __init__(self, runtime: Any, redis_url_or_client: Any, queue_name: str = "flowcraft-queue",
                  state_ttl_seconds: int = 86400, retry_mode: str = "in-process", *, prefix: str = "",
                  worker_id: Optional[str] = None, heartbeat_ttl: float = 30.0, recover_interval: float = 5.0,
-                 reconnect_backoff: tuple = (0.1, 5.0), **options: Any) -> None:
+                 **options: Any) -> None:
         client = connect(redis_url_or_client)
         clock = options.get("clock", time.time)
         queue = RedisQueue(client, queue_name, worker_id, prefix, heartbeat_ttl=heartbeat_ttl,
@@ -36,7 +38,6 @@ class RedisAdapter(DistributedAdapter):
         options.setdefault("fetch_batch", 20)  # one fetch, load and commit round for up to 20 runs' jobs
         super().__init__(runtime, queue, store, RedisCoordinationStore(client, prefix), retry_mode=retry_mode, **options)
         self.redis = client
-        self.reconnect_backoff = reconnect_backoff
 
     def work(self, burst: bool = False, max_jobs: Optional[int] = None) -> int:
         """The core's worker loop; meanwhile each commit also takes this worker's next jobs (one

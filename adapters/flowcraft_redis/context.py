@@ -8,7 +8,6 @@ from typing import Any, Dict, Iterable, Mapping
 
 from .keys import RunKeys
 
-_MISSING = object()
 # Built once: `json.dumps`/`json.loads` with options build a new coder per call, and a worker
 # encodes and decodes about twenty values per node execution.
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode

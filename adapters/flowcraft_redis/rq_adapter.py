@@ -129,6 +129,8 @@ class RqReconciler(Reconciler):
     """The core's `Reconciler`, its pass wrapped in `RqQueue.reconcile_pass()`: the check that a
     queued-looking RQ job is really in RQ's queue is one scan of the queue per pass, not per run."""
 
+    adapter: RqAdapter
+
     def run(self) -> ReconcileStats:
         with self.adapter.queue.reconcile_pass():
             return super().run()
@@ -146,6 +148,8 @@ class RqAdapter(DistributedAdapter):
     checks for `stop()` and due scheduled jobs); the rest go to `DistributedAdapter`.
     """
 
+    queue: RqQueue
+    store: RqRunStore
     reconciler_class = RqReconciler  # what `create_redis_reconciler` builds for this adapter
 
     def __init__(self, runtime: Any, redis_url_or_client: Any, queue_name: str = "flowcraft-queue",

@@ -265,7 +265,9 @@ class RqQueue:
         job_ids = [job_id for job_id in registry.get_job_ids() if is_job_id(job_id)]
         out = []
         for rq_job in FlowcraftJob.fetch_many(job_ids, connection=self.client, serializer=JSONSerializer):
-            reason = (rq_job.meta or {}).get(DEAD_LETTER_META_KEY) if rq_job is not None else None
+            if rq_job is None:
+                continue
+            reason = (rq_job.meta or {}).get(DEAD_LETTER_META_KEY)
             if isinstance(reason, str):
                 out.append({"body": rq_job.args[0] if rq_job.args else None, "reason": reason, "rqJobId": rq_job.id})
         return out

@@ -7,7 +7,7 @@ commits to the right run store and makes the successor RQ jobs the same way.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, NoReturn, Optional, Tuple
+from typing import Any, Dict, Iterable, NoReturn, Optional, Tuple
 
 import attrs
 
@@ -45,6 +45,10 @@ def retry_interval(delay: float) -> int:
     return 0 if delay <= 0 else int(math.ceil(delay)) + 1
 
 
+def _int_tuple(values: Iterable[int]) -> Tuple[int, ...]:
+    return tuple(values)
+
+
 def _whole(name: str, value: Any, minimum: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name} must be a whole number >= {minimum}, not {value!r}")
@@ -66,7 +70,7 @@ class RqSettings:
     job_timeout: int = -1
     failure_ttl: Optional[int] = None
     result_ttl: int = DEFAULT_RESULT_TTL
-    retry_intervals: Tuple[int, ...] = attrs.field(default=DEFAULT_RETRY_INTERVALS, converter=tuple)
+    retry_intervals: Tuple[int, ...] = attrs.field(default=DEFAULT_RETRY_INTERVALS, converter=_int_tuple)
 
     def __attrs_post_init__(self) -> None:
         validate_prefix(self.prefix)

@@ -28,7 +28,7 @@ import os
 import re
 import socket
 import time
-from typing import Any, List, Optional
+from typing import Any, Optional, Sequence
 
 import redis
 from rq import Queue
@@ -134,9 +134,10 @@ class FlowcraftJob(RqJob):
 
     def _disarm(self, reason: str) -> None:
         self.refusal = f"refused: {reason}; nothing it names was imported or run"
-        self._func_name, self._instance, self._args, self._kwargs = None, None, (), {}
+        # RQ declares these without None; None is what makes the job import and call nothing
+        self._func_name, self._instance, self._args, self._kwargs = None, None, (), {}  # type: ignore[assignment]
         self._success_callback_name = self._failure_callback_name = self._stopped_callback_name = None
-        self._success_callback = self._failure_callback = self._stopped_callback = None
+        self._success_callback = self._failure_callback = self._stopped_callback = None  # type: ignore[assignment]
         self.webhooks = []
         self.repeats_left = self.repeat_intervals = None
         self.retries_left = 0
@@ -161,7 +162,7 @@ class FlowcraftQueue(Queue):
             _log_dropped(queue_key, result[1])
 
     @classmethod
-    def lpop(cls, queue_keys: List[str], timeout: Any, connection: Any = None) -> Any:
+    def lpop(cls, queue_keys: Sequence[str], timeout: Any, connection: Any = None) -> Any:
         while True:
             result = super().lpop(queue_keys, timeout, connection=connection)
             if result is None or is_job_id(result[1]):
@@ -267,7 +268,7 @@ def promote_due_jobs(queue: Any) -> int:
     jobs = FlowcraftJob.fetch_many(valid, connection=queue.connection, serializer=JSONSerializer)
     with queue.connection.pipeline() as pipe:
         for job_id, job in zip(valid, jobs):
-            if job is not None and job.refusal is None:
+            if isinstance(job, FlowcraftJob) and job.refusal is None:
                 queue.enqueue_job(job, pipeline=pipe)
             elif job is not None:
                 pipe.rpush(queue.key, job_id)

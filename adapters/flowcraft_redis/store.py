@@ -21,7 +21,7 @@ FINAL_STATUSES = ("completed", "failed", "cancelled", "stalled")
 _JSON_FIELDS = ("blueprint_id", "blueprint_version", "awaiting", "errors", "parent", "result", "blueprint_digest")
 
 
-_EMPTY = {"null": None, "{}": {}, "[]": []}  # the usual record values, parsed without the JSON decoder
+_EMPTY: Dict[str, Any] = {"null": None, "{}": {}, "[]": []}  # the usual record values, parsed without the JSON decoder
 
 
 def _encode_field(value: Any) -> str:
@@ -159,7 +159,7 @@ class RedisRunStore:
         results = []
         for commit, call, written in zip(commits, calls, fields):
             applied = call is not None and bool(next(replies))
-            if applied and call[2] and self.queue is not None:
+            if applied and call is not None and call[2] and self.queue is not None:
                 self.queue.mark_acked(call[2])
             if call is not None:
                 self._remember(commit, written if applied else None)

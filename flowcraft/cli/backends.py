@@ -12,7 +12,7 @@ import logging
 import os
 import re
 import sys
-from typing import Any, Iterator, Tuple
+from typing import Any, Iterator, List, Tuple, Type
 from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import ServiceUnavailable
@@ -133,9 +133,9 @@ def _root_cause(error: BaseException) -> str:
     return one_line(error) or type(error).__name__
 
 
-def _connection_errors() -> Tuple[type, ...]:
+def _connection_errors() -> Tuple[Type[BaseException], ...]:
     """The connection errors of the installed drivers (imported only when a backend is in use)."""
-    errors: list = [ConnectionError, OSError]
+    errors: List[Type[BaseException]] = [ConnectionError, OSError]
     for module, names in (("redis.exceptions", ("ConnectionError", "TimeoutError", "AuthenticationError")),
                           ("psycopg2", ("OperationalError",)), ("pika.exceptions", ("AMQPError",))):
         try:
@@ -266,7 +266,8 @@ def init_schema(args: Any) -> dict:
     _import_adapter("flowcraft_rabbitmq", "rabbitmq")
     import psycopg2
     from flowcraft_rabbitmq import ensure_schema
-    from flowcraft_rabbitmq.schema import default_table_names, items_table_name
+    from flowcraft_rabbitmq.schema import (context_keys_table_name, default_table_names, items_table_name,
+                                          node_states_table_name)
 
     address = url(args, "postgres")
     with reaching("PostgreSQL", address):
@@ -278,4 +279,5 @@ def init_schema(args: Any) -> dict:
         conn.close()
     runs, outbox = default_table_names(context_table)
     return {"context_table": context_table, "status_table": status_table, "runs_table": runs, "outbox_table": outbox,
-            "items_table": items_table_name(runs)}
+            "items_table": items_table_name(runs), "node_states_table": node_states_table_name(runs),
+            "context_keys_table": context_keys_table_name(runs)}

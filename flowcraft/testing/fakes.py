@@ -87,7 +87,7 @@ class InMemoryQueue:
                 items = list(self._ready)
                 self._rng.shuffle(items)
                 self._ready = deque(items)
-            out = []
+            out: List[Delivery] = []
             while self._ready and len(out) < max_jobs:
                 body, redelivered = self._ready.popleft()
                 tag = next(self._tags)
@@ -247,8 +247,8 @@ class InMemoryRunStore:
             record.version = commit.expected_version + 1
             run.record = record
             run.context.update(_copy(commit.context_set))
-            for key in commit.context_delete:
-                run.context.pop(key, None)
+            for name in commit.context_delete:
+                run.context.pop(name, None)
             run.states.update(_copy(commit.states))
             run.items.update(_copy(commit.items))
             run.outbox.extend((j, 0.0) for j in commit.jobs)
@@ -359,6 +359,8 @@ class InMemoryAdapter(DistributedAdapter):
     fresh worker carries on. `duplicate_rate` makes the queue deliver messages twice, `reorder`
     shuffles deliveries.
     """
+
+    queue: InMemoryQueue
 
     def __init__(
         self, runtime: Any, *, crash_at: Iterable[str] = (), crash_rate: float = 1.0, max_crashes: Optional[int] = None,

@@ -20,7 +20,7 @@ sys.path.insert(0, TESTS)
 
 from bounded import run_bounded  # noqa: E402
 from flowcraft.ports import Delivery  # noqa: E402
-from test_hostile_jobs import HOSTILE_BODIES, chain_runtime, payloads, statuses  # noqa: E402
+from test_hostile_jobs import HOSTILE_BODIES, chain_runtime, payloads  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

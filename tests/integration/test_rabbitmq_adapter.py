@@ -712,3 +712,93 @@ def test_reconciler_sweeps_outbox_rows_a_killed_worker_left(make_adapter: Callab
     time.sleep(0.3)
     final = adapter.wait_for_result(run_id, timeout=TIMEOUT)
     assert final.status == "completed" and final.context == result.context
+
+
+def _rows(pg_conn: Any, query: str, *params: Any) -> List[Any]:
+    with pg_conn.cursor() as cur:
+        cur.execute(query, params)
+        rows = cur.fetchall()
+    pg_conn.rollback()
+    return rows
+
+
+def test_node_states_and_in_flight_context_are_rows_and_context_data_holds_initial_then_final(
+        make_adapter: Callable[..., RabbitMqAdapter], pg_conn: Any, tables: Dict[str, str], pg_table_prefix: str) -> None:
+    """A commit writes its node state rows and context key rows only: the runs row keeps no node
+    states, the seed's context_data holds the initial context while the run is in flight (seen
+    from a node) and the final one once it ended."""
+    ctx_table = tables["context_table_name"]
+    seen: Dict[str, Any] = {}
+    n = 30
+
+    def step(ctx: NodeContext) -> Any:
+        ctx.context.set(f"k{ctx.node_id}", ctx.node_id)
+        if ctx.node_id == "n20":
+            seen["in_flight"] = _rows(pg_conn, f'SELECT context_data FROM "{ctx_table}" WHERE run_id = %s', ctx.run_id)[0][0]
+            seen["runs_row"] = _rows(pg_conn, f'SELECT states, pg_column_size(record) FROM "{pg_table_prefix}runs"'
+                                              " WHERE run_id = %s", ctx.run_id)[0]
+        return 1
+
+    flow = create_flow("rowchain")
+    for i in range(n):
+        flow.node(f"n{i}", step)
+        if i:
+            flow.edge(f"n{i - 1}", f"n{i}")
+    adapter = make_adapter([flow])
+    adapter.start()
+    run_id = adapter.start_workflow("rowchain", {"initial": 1})
+    result = adapter.wait_for_result(run_id, timeout=TIMEOUT)
+    assert result.status == "completed", result.errors
+    assert seen["in_flight"] == {"initial": 1}
+    assert seen["runs_row"][0] == {}
+    assert seen["runs_row"][1] < 2000  # bookkeeping only: no states, no context
+    states = dict(_rows(pg_conn, f'SELECT node_id, state FROM "{pg_table_prefix}node_states" WHERE run_id = %s', run_id))
+    assert sorted(states) == sorted(f"n{i}" for i in range(n))
+    assert states == adapter.store.read_all_states(run_id)
+    keys = dict(_rows(pg_conn, f'SELECT key, value FROM "{pg_table_prefix}context_keys" WHERE run_id = %s', run_id))
+    final = _rows(pg_conn, f'SELECT context_data FROM "{ctx_table}" WHERE run_id = %s', run_id)[0][0]
+    assert final == keys == result.context == adapter.store.read_all_context(run_id)
+    assert final["kn29"] == "n29" and final["initial"] == 1
+    snap = adapter.store.load(run_id, ["n3", "nope"], ["kn3", "nope"])
+    assert set(snap.states) == {"n3"} and snap.context == {"kn3": "n3"}
+
+
+def test_deleted_context_keys_leave_the_key_rows_and_the_final_context(make_adapter: Callable[..., RabbitMqAdapter]) -> None:
+    flow = (create_flow("dels").node("a", lambda ctx: ctx.context.set("tmp", 1))
+            .node("b", lambda ctx: ctx.context.delete("tmp")).edge("a", "b"))
+    adapter = make_adapter([flow])
+    adapter.start()
+    run_id = adapter.start_workflow("dels", {"tmp": 0, "keep": 2})
+    result = adapter.wait_for_result(run_id, timeout=TIMEOUT)
+    assert result.status == "completed", result.errors
+    assert "tmp" not in result.context and result.context["keep"] == 2
+    assert "tmp" not in adapter.store.read_all_context(run_id)
+    assert adapter.store.read_context(run_id, ["tmp", "keep"]) == {"keep": 2}
+
+
+def test_runs_of_an_older_schema_are_migrated_once(make_adapter: Callable[..., RabbitMqAdapter], pg_conn: Any,
+                                                   tables: Dict[str, str], pg_table_prefix: str) -> None:
+    """A run in flight stored the old way (node states in `<runs>.states`, context in context_data,
+    no `keyed`) is moved to rows by ensure_schema, once: a second call brings nothing back."""
+    adapter = make_adapter(SCENARIOS["chain"].build())
+    store = adapter.store
+    (run_id,) = started_runs(adapter, 1)
+    assert store.commit(a_commit(adapter, run_id, store.get_record(run_id).version, "m"))
+    before = store.load(run_id, None, None)
+    runs, ctx = f'"{pg_table_prefix}runs"', f'"{tables["context_table_name"]}"'
+    with pg_conn.cursor() as cur:  # as an older version left it
+        cur.execute(f"UPDATE {runs} SET keyed = false, states = (SELECT jsonb_object_agg(node_id, state)"
+                    f' FROM "{pg_table_prefix}node_states" WHERE run_id = %s) WHERE run_id = %s', (run_id, run_id))
+        cur.execute(f"UPDATE {ctx} SET context_data = (SELECT jsonb_object_agg(key, value)"
+                    f' FROM "{pg_table_prefix}context_keys" WHERE run_id = %s) WHERE run_id = %s', (run_id, run_id))
+        cur.execute(f'DELETE FROM "{pg_table_prefix}node_states" WHERE run_id = %s', (run_id,))
+        cur.execute(f'DELETE FROM "{pg_table_prefix}context_keys" WHERE run_id = %s', (run_id,))
+    pg_conn.commit()
+    assert store.load(run_id, None, None).states == {}
+    ensure_schema(pg_conn, **tables)
+    after = store.load(run_id, None, None)
+    assert (after.record, after.states, after.context) == (before.record, before.states, before.context)
+    assert _rows(pg_conn, f"SELECT keyed, states FROM {runs} WHERE run_id = %s", run_id) == [(True, {})]
+    store.delete_key(run_id, "marker")
+    ensure_schema(pg_conn, **tables)
+    assert "marker" not in store.read_all_context(run_id)

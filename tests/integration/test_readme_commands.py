@@ -29,7 +29,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -133,7 +133,7 @@ class Shell:
         self.cwd, self.env = cwd, env
         self.background: List[Tuple[str, subprocess.Popen]] = []
 
-    def run(self, script: str, env: Dict[str, str] = None, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
+    def run(self, script: str, env: Optional[Dict[str, str]] = None, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
         """Run `script` to its end; its background jobs (`&`) stay running, in its session."""
         # files, not pipes: a background job keeps its copy of them open after the script ends
         name = uuid.uuid4().hex[:8]

@@ -14,11 +14,10 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections import Counter
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List
 
 import pytest
 
@@ -36,7 +35,7 @@ pytestmark = pytest.mark.integration
 import attrs  # noqa: E402
 import redis  # noqa: E402
 from flowcraft_redis import (  # noqa: E402
-    RedisAdapter, RedisContext, RedisCoordinationStore, RedisQueue, RedisRunStore, create_redis_reconciler,
+    RedisAdapter, RedisContext, RedisCoordinationStore, RedisRunStore, create_redis_reconciler,
 )
 from flowcraft_redis.keys import QueueKeys, RunKeys  # noqa: E402
 
@@ -726,8 +725,7 @@ def test_worker_survives_a_redis_restart(redis_url: str) -> None:
         flow.node(f"r{i}", lambda ctx: time.sleep(0.02) or (ctx.input or 0) + 1)
         if i:
             flow.edge(f"r{i - 1}", f"r{i}")
-    adapter = RedisAdapter(make_runtime([flow]), url, queue_name="restartq", poll_timeout=0.2,
-                           reconnect_backoff=(0.05, 0.5))
+    adapter = RedisAdapter(make_runtime([flow]), url, queue_name="restartq", poll_timeout=0.2)
     try:
         adapter.start()
         run_id = adapter.start_workflow("restart")

@@ -214,9 +214,9 @@ class PrivateRabbitMq:
                 params.connection_attempts, params.socket_timeout = 1, 2
                 pika.BlockingConnection(params).close()
                 return
-            except pika.exceptions.AMQPError:
+            except pika.exceptions.AMQPError as exc:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"RabbitMQ node {self.node} did not start in {timeout}s:\n{self.log_tail()}")
+                    raise RuntimeError(f"RabbitMQ node {self.node} did not start in {timeout}s:\n{self.log_tail()}") from exc
                 time.sleep(0.1)
 
     def log_tail(self, chars: int = 3000) -> str:
