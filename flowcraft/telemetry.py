@@ -14,7 +14,7 @@ module, and this module imports those libraries only when one of its classes is 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from .events import Event
 from .node import NodeContext, NodeResult
