@@ -414,9 +414,10 @@ class CompiledGraph:
             return self._route_loop_exit(node, result, context, candidates)
         decisions: List[Decision] = []
         names: Optional[_ConditionNames] = None
+        chosen = {id(c) for c in candidates}  # O(outgoing), not O(outgoing x candidates)
         for edge in node.outgoing:
             taken = False
-            if any(edge is c for c in candidates):
+            if id(edge) in chosen:
                 taken = True
                 if edge.condition is not None:
                     if names is None:
