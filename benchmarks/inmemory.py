@@ -12,6 +12,7 @@ ratio ours/TS are printed. Usage:
     python benchmarks/inmemory.py                 # ours and the TS peer (needs node + npm)
     python benchmarks/inmemory.py --no-peer       # ours only
     python benchmarks/inmemory.py --shape a_chain # one shape, one process, one JSON line
+    python benchmarks/inmemory.py --scale         # cost per node as the run grows (fans, chains)
 """
 from __future__ import annotations
 
@@ -101,6 +102,51 @@ def measure_ours(shape: str, seconds: float, warmup: float) -> dict:
             "runs_per_s": round(runs / wall, 1), "us_per_run": round(wall / runs * 1e6, 1)}
 
 
+SCALE_SIZES = {"fan": (250, 1_000, 4_000), "chain": (100, 1_000, 10_000)}
+
+
+def measure_scale(kind: str, size: int, seconds: float) -> float:
+    """Microseconds per node of one run of a 1->size->1 fan or a size-node chain (best of the runs)."""
+    from flowcraft import FlowRuntime, create_flow
+
+    flow = create_flow(f"{kind}-{size}")
+    if kind == "fan":
+        flow.node("start", lambda ctx: 0)
+        for i in range(size):
+            flow.node(f"p{i}", lambda ctx: ctx.input + 1)
+            flow.edge("start", f"p{i}")
+            flow.edge(f"p{i}", "join")
+        flow.node("join", lambda ctx: len(ctx.input))
+        nodes, last, expected = size + 2, "join", size
+    else:
+        flow.node("n0", lambda ctx: 1)
+        for i in range(1, size):
+            flow.node(f"n{i}", lambda ctx: ctx.input + 1)
+            flow.edge(f"n{i - 1}", f"n{i}")
+        nodes, last, expected = size, f"n{size - 1}", size
+    blueprint, registry, runtime = flow.to_blueprint(), flow.registry, FlowRuntime()
+    best, started, runs = float("inf"), time.perf_counter(), 0
+    while runs < 2 or (time.perf_counter() - started < seconds and runs < 50):
+        t0 = time.perf_counter()
+        result = runtime.run(blueprint, {}, registry=registry)
+        best = min(best, time.perf_counter() - t0)
+        if result.status != "completed" or result.context[f"_outputs.{last}"] != expected:
+            raise SystemExit(f"{kind}-{size}: wrong result {result.status} {result.errors}")
+        runs += 1
+    return best / nodes * 1e6
+
+
+def run_scale(seconds: float) -> None:
+    rows = {}
+    for kind, sizes in SCALE_SIZES.items():
+        costs = [measure_scale(kind, size, seconds) for size in sizes]
+        ratio = costs[-1] / costs[0]
+        rows[kind] = {"sizes": list(sizes), "us_per_node": [round(c, 2) for c in costs], "ratio_large_small": round(ratio, 2)}
+        shown = "  ".join(f"{size:>6,}: {cost:6.1f} us/node" for size, cost in zip(sizes, costs))
+        print(f"{kind:<6} {shown}  ratio large/small {ratio:.2f}", file=sys.stderr)
+    print(json.dumps({"bench": "flowcraft-py-inmem-scale", "loadavg": os.getloadavg(), "scale": rows}))
+
+
 def ensure_peer() -> bool:
     if not shutil.which("node") or not shutil.which("npm") or not os.path.isdir(PEER_SRC):
         print("TS peer unavailable (needs node, npm and ../shared/peers/ts)", file=sys.stderr)
@@ -135,7 +181,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--scale", action="store_true", help="cost per node at growing fan and chain sizes, and the ratio")
     args = parser.parse_args()
+    if args.scale:
+        run_scale(args.seconds)
+        return
     if args.shape:
         print(json.dumps(measure_ours(args.shape, args.seconds, args.warmup)))
         return
