@@ -46,6 +46,7 @@ from psycopg2 import sql  # noqa: E402
 from conftest import service_unavailable  # noqa: E402
 from examples.workflows import BLUEPRINT_ID, ORDERS, make_runtime  # noqa: E402
 from flowcraft_rabbitmq import ensure_schema  # noqa: E402
+from flowcraft_rabbitmq.schema import node_states_table_name  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -259,30 +260,30 @@ def private_rabbitmq() -> Iterator[PrivateRabbitMq]:
 
 
 class CompletionAudit:
-    """A trigger on the runs table that records every node state a commit moves to `done` (or to
-    `done` at a new iteration), with the database's clock, in the commit's own transaction."""
+    """A trigger on the node states table (a row per run and node) that records every node state a
+    commit moves to `done` (or to `done` at a new iteration), with the database's clock, in the
+    commit's own transaction."""
 
     def __init__(self, dsn: str, runs_table: str, name: str) -> None:
         self.dsn = dsn
         self.table = sql.Identifier(name)
         self.function = sql.Identifier(f"{name}_fn")
-        runs = sql.Identifier(runs_table)
+        states = sql.Identifier(node_states_table_name(runs_table))
         statements = [
             sql.SQL("CREATE TABLE {} (run_id TEXT NOT NULL, node_id TEXT NOT NULL, iteration INT NOT NULL,"
                     " at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp())").format(self.table),
             sql.SQL("""CREATE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $$
-                DECLARE before JSONB := '{{}}';
                 BEGIN
-                    IF TG_OP = 'UPDATE' THEN before := OLD.states; END IF;
-                    INSERT INTO {audit} (run_id, node_id, iteration)
-                    SELECT NEW.run_id, s.key, (s.value ->> 'it')::int FROM jsonb_each(NEW.states) AS s
-                    WHERE s.value ->> 'st' = 'done'
-                      AND (before -> s.key ->> 'st' IS DISTINCT FROM 'done'
-                           OR before -> s.key ->> 'it' IS DISTINCT FROM s.value ->> 'it');
+                    IF NEW.state ->> 'st' = 'done' AND (TG_OP = 'INSERT'
+                            OR OLD.state ->> 'st' IS DISTINCT FROM 'done'
+                            OR OLD.state ->> 'it' IS DISTINCT FROM NEW.state ->> 'it') THEN
+                        INSERT INTO {audit} (run_id, node_id, iteration)
+                        VALUES (NEW.run_id, NEW.node_id, (NEW.state ->> 'it')::int);
+                    END IF;
                     RETURN NULL;
                 END $$""").format(fn=self.function, audit=self.table),
             sql.SQL("CREATE TRIGGER {} AFTER INSERT OR UPDATE ON {} FOR EACH ROW EXECUTE FUNCTION {}()").format(
-                sql.Identifier(f"{name}_trg"), runs, self.function),
+                sql.Identifier(f"{name}_trg"), states, self.function),
         ]
         self._execute(statements)
 
