@@ -285,3 +285,65 @@ def test_replay_from_json_round_tripped_events():
     events = [Event(item["type"], item["payload"]) for item in json.loads(stored)]
     replayed = runtime.replay(flow.to_blueprint(), events)
     assert replayed.context == result.context
+
+
+def _counted_chain(calls: List[str]):
+    def node(name: str, value: int):
+        def run(ctx):
+            calls.append(name)
+            return value
+        return run
+
+    return (create_flow("counted").node("a", node("a", 1)).node("b", node("b", 2)).node("c", node("c", 3))
+            .edge("a", "b").edge("b", "c"))
+
+
+def test_stepper_prev_undoes_a_step_without_running_node_code_again() -> None:
+    """TS `packages/core/test/testing/stepper.test.ts` ("prev" / "reset"): stepping back restores the
+    state before the last step; stepping again runs that node again."""
+    calls: List[str] = []
+    flow = _counted_chain(calls)
+    stepper = Stepper(FlowRuntime(), flow.to_blueprint(), {"seed": 0}, registry=flow.registry)
+    assert stepper.step() == ["a"] and stepper.step() == ["b"]
+    assert stepper.context["b"] == 2 and stepper.ready == ["c"]
+    assert stepper.prev() == ["b"]
+    assert "b" not in stepper.context and stepper.context["a"] == 1 and stepper.steps == 1
+    assert calls == ["a", "b"]  # undoing ran nothing
+    assert stepper.step() == ["b"] and calls == ["a", "b", "b"]
+    result = stepper.run_to_end()
+    assert result.status == "completed" and result.context["c"] == 3
+    assert result.context == flow.run(FlowRuntime(), {"seed": 0}).context
+
+
+def test_stepper_reset_goes_back_before_the_first_step_and_prev_at_the_start_is_a_no_op() -> None:
+    calls: List[str] = []
+    flow = _counted_chain(calls)
+    stepper = Stepper(FlowRuntime(), flow.to_blueprint(), {"seed": 0}, registry=flow.registry)
+    assert stepper.prev() == []
+    stepper.run_to_end()
+    assert stepper.done
+    stepper.reset()
+    assert not stepper.done and stepper.ready == ["a"] and stepper.steps == 0
+    assert dict(stepper.context) == {"seed": 0}
+    assert stepper.run_to_end().context["c"] == 3 and calls == ["a", "b", "c"] * 2
+
+
+def test_stepper_step_with_concurrency_runs_the_ready_nodes_at_once() -> None:
+    """TS stepper `next({ concurrency })`: the ready nodes of a step run in parallel. Three nodes wait
+    on one barrier of three, which only opens if all three run at the same time."""
+    import threading
+
+    barrier = threading.Barrier(3, timeout=5)
+
+    def meet(ctx):
+        barrier.wait()
+        return ctx.node_id if hasattr(ctx, "node_id") else True
+
+    flow = create_flow("wide").node("s", lambda ctx: 0)
+    for name in ("x", "y", "z"):
+        flow.node(name, meet).edge("s", name)
+    stepper = Stepper(FlowRuntime(), flow.to_blueprint(), {}, registry=flow.registry)
+    stepper.step()
+    assert sorted(stepper.step(concurrency=3)) == ["x", "y", "z"]
+    result = stepper.run_to_end()
+    assert result.status == "completed", result.errors
