@@ -26,7 +26,8 @@ code                      severity  meaning
 ``DANGLING_EDGE``         error     an edge's source or target is not a node id
 ``BAD_EXPRESSION``        error     an edge condition/transform (or a loop controller's
                                     `params.condition`) the evaluator refuses
-``NO_START_NODE``         error     a non-empty blueprint where every node has an incoming edge
+``NO_START_NODE``         error     a non-empty blueprint where every node has an incoming edge; a
+                          (warning) warning when it has a cycle, where a non-strict run starts (TS)
 ``ORPHAN_NODE``           warning   a node unreachable from every start node (following edges and
                                     fallbacks)
 ``UNBOUNDED_CYCLE``       warning   a reachable cycle with no loop controller on it: it runs until the
@@ -58,7 +59,7 @@ if TYPE_CHECKING:  # typing.TypeGuard is Python 3.10+
 
 from .errors import BlueprintError
 from .blueprint import EdgeDefinition, NodeConfig, NodeDefinition, WorkflowBlueprint, as_blueprint
-from .graph import LOOP_CONTROLLER, start_node_ids
+from .graph import LOOP_CONTROLLER, cycle_entry_ids, start_node_ids
 
 __all__ = [
     "BUILTIN_USES", "BlueprintAnalysis", "ERROR", "LintIssue", "LintResult", "WARNING",
@@ -377,7 +378,8 @@ class _Linter:
         self.check_edges(edges, node_ids)
         self.check_references(nodes, edges, node_ids)
         self.check_names(nodes, edges, node_ids)
-        self.check_graph(nodes, edges, node_ids)
+        metadata = data.get("metadata")
+        self.check_graph(nodes, edges, node_ids, dict(metadata) if isinstance(metadata, Mapping) else None)
 
     def check_blueprint_fields(self, data: Mapping[str, Any]) -> None:
         if "id" not in data or data["id"] is None or data["id"] == "":
@@ -586,7 +588,8 @@ class _Linter:
             )
 
     def check_graph(self, nodes: List[Tuple[int, Mapping[str, Any]]],
-                    edges: List[Tuple[int, Mapping[str, Any]]], node_ids: Set[str]) -> None:
+                    edges: List[Tuple[int, Mapping[str, Any]]], node_ids: Set[str],
+                    metadata: Optional[Dict[str, Any]] = None) -> None:
         """NO_START_NODE, ORPHAN_NODE and UNBOUNDED_CYCLE, on the well-formed part of the blueprint."""
         definitions: List[NodeDefinition] = []
         seen: Set[str] = set()
@@ -616,9 +619,14 @@ class _Linter:
                     and isinstance(e.get("target"), str) and e["target"] in node_ids]
         starts = _unique(start_node_ids(WorkflowBlueprint("lint", definitions, links)))
         if not starts:
-            self.add(NO_START_NODE, "no start node: every node has an incoming edge "
-                                    "(a run would have nowhere to begin)")
-            return
+            starts = list(cycle_entry_ids(WorkflowBlueprint("lint", definitions, links, metadata=metadata)))
+            if not starts:
+                self.add(NO_START_NODE, "no start node: every node has an incoming edge "
+                                        "(a run would have nowhere to begin)")
+                return
+            self.add(NO_START_NODE, "no start node: a run starts at each cycle's entry "
+                                    f"({', '.join(map(repr, starts))}; `metadata.cycleEntryPoints` or the "
+                                    "cycle's first node), and a strict runtime refuses it", severity=WARNING)
         if entering:
             starts = _unique(start_node_ids(WorkflowBlueprint("lint", definitions, links + entering)))
         successors: Dict[str, List[str]] = {d.id: [] for d in definitions}

@@ -288,6 +288,21 @@ def check_resume_action(node: "GraphNode", action: Optional[str]) -> None:
     raise ValueError(f"node {node.id!r} has no outgoing edge with action {action!r}: give one of {choices}")
 
 
+def cycle_entry_ids(blueprint: WorkflowBlueprint) -> Tuple[str, ...]:
+    """Where a blueprint without a start node (a pure cycle, a self-loop) starts when not strict, as
+    TS's GraphTraverser: each cycle's node named in `metadata.cycleEntryPoints`, else its first node."""
+    from .analysis import analyze_blueprint  # analysis imports this module
+
+    entries = set((blueprint.metadata or {}).get("cycleEntryPoints") or ())
+    found: List[str] = []
+    for cycle in analyze_blueprint(blueprint).cycles:
+        if cycle:
+            entry = next((n for n in cycle if n in entries), cycle[0])
+            if entry not in found:
+                found.append(entry)
+    return tuple(found)
+
+
 class CompiledGraph:
     """A blueprint prepared for execution. Build once per blueprint and reuse for every run."""
 
@@ -364,17 +379,7 @@ class CompiledGraph:
         starts = start_node_ids(self.blueprint)
         if starts or strict:
             return starts
-        # No start node (a pure cycle, a self-loop): as TS's GraphTraverser, not strict, start at
-        # each cycle's node named in `metadata.cycleEntryPoints`, else at its first node.
-        from .analysis import analyze_blueprint  # analysis imports this module
-        entries = set((self.blueprint.metadata or {}).get("cycleEntryPoints") or ())
-        found: List[str] = []
-        for cycle in analyze_blueprint(self.blueprint).cycles:
-            if cycle:
-                entry = next((n for n in cycle if n in entries), cycle[0])
-                if entry not in found:
-                    found.append(entry)
-        return tuple(found)
+        return cycle_entry_ids(self.blueprint)
 
     def _mark_back_edges(self) -> None:
         """Depth-first from the start nodes (then any unreached node): an edge to a node on the stack is a back edge."""

@@ -226,10 +226,6 @@ CASES = {
     "UNKNOWN_FALLBACK": ({"id": "x", "nodes": [node("a", config={"fallback": "nowhere"})], "edges": []}, None),
     "MISSING_FIELD": ({"id": "x", "nodes": [{"id": "a"}], "edges": []}, None),
     "BAD_JOIN_STRATEGY": ({"id": "x", "nodes": [node("a", config={"joinStrategy": "some"})], "edges": []}, None),
-    "NO_START_NODE": (
-        {"id": "x", "nodes": [node("a"), node("b")], "edges": [edge("a", "b"), edge("b", "a")]},
-        None,
-    ),
     "BAD_CONFIG": ({"id": "x", "nodes": [node("a", config={"maxRetries": 0})], "edges": []}, None),
     "BAD_SHAPE": ({"id": "x", "nodes": [node("a", params=[1, 2])], "edges": []}, None),
 }
@@ -490,3 +486,15 @@ def test_unknown_names_are_errors_when_context_keys_are_given():
     assert issue.message == ("edge #3 ('ctl' -> 'done'): condition 'totl > 0' reads 'totl', which is not a node "
                              "id, a key some node's inputs name, nor in context_keys (did you mean 'total'?)")
     assert lint_blueprint(NAMES, context_keys=["tries", "totl"]).issues == ()
+
+
+def test_a_pure_cycle_is_a_no_start_node_warning_naming_where_a_run_starts():
+    """TS `GraphTraverser` (not strict) starts a graph without a start node at each cycle's entry
+    (`metadata.cycleEntryPoints`, else the cycle's first node): lint warns, and names that entry."""
+    cycle = {"id": "x", "nodes": [node("a"), node("b")], "edges": [edge("a", "b"), edge("b", "a")],
+             "metadata": {"cycleEntryPoints": ["b"]}}
+    result = lint_blueprint(cycle)
+    assert codes(result) == ["NO_START_NODE", "UNBOUNDED_CYCLE"], result.issues
+    first = result.issues[0]
+    assert first.severity == "warning" and "'b'" in first.message and "strict" in first.message
+    assert not [i for i in result.issues if i.code == "ORPHAN_NODE"]
