@@ -102,7 +102,10 @@ class NodeRunner:
     def fall_back(
         self, node: GraphNode, ctx: NodeContext, failure: NodeFailure, fallback: Optional[GraphNode], fallback_impl: Any
     ) -> Any:
-        """Run `node`'s fallback node in its place; a `FallbackResult`, or a `NodeFailure`."""
+        """Run `node`'s fallback node in its place; a `FallbackResult`, or a `NodeFailure` (a fatal
+        error is never handed to a fallback, as TS's `FatalNodeExecutionError`)."""
+        if _fatal(failure.cause):
+            return failure
         if fallback is None or fallback_impl is None:
             what = "node" if fallback is None else f"uses {fallback.uses!r} of node"
             return NodeFailure(node.id, UnknownNodeError(
@@ -207,7 +210,7 @@ class NodeRunner:
             except ServiceUnavailable:
                 raise  # the infrastructure failed, not the node: the worker backs off, the job comes back
             except Exception as error:
-                if attempt >= attempts or getattr(error, "fatal", False) is True or _run_cancelled(ctx.cancel):
+                if attempt >= attempts or _fatal(error) or _run_cancelled(ctx.cancel):
                     return self._after_last_failure(node, ctx, error, instance)
                 if queue_retry:
                     raise RetryLater(node.id, error, config.retry_delay or 0) from error
@@ -220,7 +223,7 @@ class NodeRunner:
                 attempt += 1
 
     def _after_last_failure(self, node: GraphNode, ctx: NodeContext, error: Exception, instance: Optional[BaseNode]) -> Any:
-        if instance is not None and instance.has_fallback():
+        if instance is not None and instance.has_fallback() and not _fatal(error):
             if self.emit is not None:
                 self.emit("node:fallback", {"node_id": node.id, "error": str(error), "fallback": "class"})
             try:
@@ -228,6 +231,11 @@ class NodeRunner:
             except Exception as fallback_error:
                 raise NodeFailure(node.id, fallback_error) from fallback_error
         raise NodeFailure(node.id, error) from error
+
+
+def _fatal(error: BaseException) -> bool:
+    """A fatal error (`FlowcraftError(fatal=True)`, or any exception with `fatal = True`): no retry, no fallback."""
+    return getattr(error, "fatal", False) is True
 
 
 class _Exec:

@@ -355,6 +355,37 @@ def test_a_fatal_error_is_not_retried_and_carries_structured_fields() -> None:
     assert FlowcraftError("plain").fatal is False and FlowcraftError("plain").node_id is None
 
 
+def test_a_fatal_error_skips_the_fallbacks() -> None:
+    """TS docs/api/errors.md (`FatalNodeExecutionError`: "It will not attempt any further retries or
+    execute any configured fallbacks"): neither a fallback node nor a class node's `fallback` runs."""
+    from flowcraft import BaseNode
+    from flowcraft.errors import FlowcraftError
+
+    ran: list = []
+
+    def fatal(ctx: Any) -> None:
+        raise FlowcraftError("gone for good", fatal=True)
+
+    class Guarded(BaseNode):
+        def exec(self, prep_result: Any, ctx: Any) -> Any:
+            raise FlowcraftError("gone for good", fatal=True)
+
+        def fallback(self, error: BaseException, ctx: Any) -> Any:
+            ran.append("class fallback")
+            return "recovered"
+
+    flow = (create_flow("fatal-fallback").node("main", fatal, config={"fallback": "spare"})
+            .node("spare", lambda ctx: ran.append("fallback node") or "spare"))
+    result = both([flow])
+    assert result.status == "failed" and "gone for good" in result.errors[0].message
+    classy = both([create_flow("fatal-class").node("main", Guarded)])
+    assert classy.status == "failed"
+    assert ran == []
+    plain = both([create_flow("plain-fallback").node("main", lambda ctx: 1 / 0, config={"fallback": "spare"})
+                  .node("spare", lambda ctx: "spare")])
+    assert plain.status == "completed"  # a plain error still goes to the fallback
+
+
 def test_lint_reports_an_unknown_batch_worker_and_an_unknown_subflow_blueprint() -> None:
     """Issue 18's lint codes (TS's runtime refuses both when run: subflow.ts "Sub-blueprint '<id>'
     not found", the batch worker's unknown `uses`): found before any run."""
