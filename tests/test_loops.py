@@ -70,9 +70,10 @@ def test_counter_loop_runs_to_five_and_exits_with_last_output():
     assert result.stalled == []
 
 
-def test_condition_false_at_first_check_still_runs_body_once():
-    # SPEC: "Each time the controller is reached it evaluates condition" -- the controller is reached
-    # after the body, so the body runs once before the first check (TS while-loop semantics).
+def test_condition_false_at_first_check_still_runs_body_once_when_nothing_enters_the_loop():
+    # SPEC: "Each time the controller is reached it evaluates condition" -- nothing enters this loop,
+    # so its body is a start node and the controller is first reached after it: the body runs once.
+    # (An edge into the loop's id tests first: see the "entered at the controller" tests below.)
     laps: List[Any] = []
     flow = (
         create_flow("once")
