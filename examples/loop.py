@@ -6,7 +6,9 @@
 `.loop(...)` adds the `paginate` controller node. Each time `fetch_page` finishes, the controller
 evaluates its condition over the run's context: true -> run the loop body again, false -> leave
 through the exit edge. It checks *before* each new lap (a while loop), and `max_iterations`
-stops a runaway loop with a clear error instead of spinning forever.
+stops a runaway loop with a clear error instead of spinning forever. Nothing enters this loop, so
+its body is the run's first node and the first page is always fetched; an edge into `paginate`
+(`.edge("login", "paginate")`) would reach the controller and test the condition first.
 
     python examples/loop.py
 """

@@ -105,7 +105,9 @@ def loop_controller(ctx: NodeContext, engine: Engine) -> NodeResult:
     if not engine.graph.loop_continues(ctx.node_id, names):
         return NodeResult(output=ctx.input, action="break")
     limit = int(ctx.params.get("maxIterations", 1000))
-    if engine.laps(ctx.node_id) + 1 >= limit:
+    # laps: the `continue`s taken so far; a loop entered at its body ran the body once more than that
+    runs = engine.laps(ctx.node_id) + (0 if ctx.node_id in engine.graph.entered_loops else 1)
+    if runs >= limit:
         raise LoopLimitError(f"loop {ctx.node_id!r} reached maxIterations={limit} and its condition still holds")
     return NodeResult(output=ctx.input, action="continue")
 

@@ -94,9 +94,8 @@ class Flow:
             source = self._batches[source]  # edges out of a batch leave from its gather
         if target in self._batches:
             target = f"{target}_scatter"  # edges into a batch go to its scatter
-        loop = self._loops.get(target)
-        if loop is not None and source != loop["end"]:
-            target = loop["start"]  # edges into a loop enter at its start node
+        # an edge into a loop's id reaches its controller, which tests the condition before the body
+        # runs (SPEC 5 "Loops"); an edge into the body's start node enters there, as TS's builder does
         for loop_id, ends in self._loops.items():
             if source == ends["end"] and target not in (loop_id, ends["start"]):
                 source = loop_id  # an edge out of a loop's end node leaves the loop, as in TS

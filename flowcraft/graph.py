@@ -222,15 +222,44 @@ class _TransformNames(_Watch, dict):
         self.problems: Optional[List[ExpressionProblem]] = None
 
 
+def entered_loops(blueprint: WorkflowBlueprint) -> FrozenSet[str]:
+    """The loop controllers with an entry edge: an edge into the controller from outside its loop
+    (a node its `continue` targets cannot reach without passing through it, or through another
+    loop's `continue`). Such a loop tests its condition before its body runs (while); a loop whose
+    only way in is its body's start node (TS's builder wiring) runs the body first."""
+    uses = {n.id: n.uses for n in blueprint.nodes}
+    outgoing: Dict[str, List[str]] = {}
+    for edge in blueprint.edges:
+        if not (uses.get(edge.source) == LOOP_CONTROLLER and edge.action == "continue"):
+            outgoing.setdefault(edge.source, []).append(edge.target)
+    found: Set[str] = set()
+    for node_id, used in uses.items():
+        if used != LOOP_CONTROLLER:
+            continue
+        inside = {e.target for e in blueprint.edges if e.source == node_id and e.action == "continue"}
+        todo = [n for n in inside if n != node_id]
+        while todo:
+            for nxt in outgoing.get(todo.pop(), ()):
+                if nxt not in inside:
+                    inside.add(nxt)
+                    if nxt != node_id:
+                        todo.append(nxt)
+        if node_id in inside and any(e.target == node_id and e.source not in inside for e in blueprint.edges):
+            found.add(node_id)
+    return frozenset(found)
+
+
 def start_node_ids(blueprint: WorkflowBlueprint) -> Tuple[str, ...]:
-    """The nodes a run starts with: no incoming edge (a loop's `continue` edge does not count), and
-    not a node that only serves as another node's fallback."""
+    """The nodes a run starts with: no incoming edge (a loop's `continue` edge does not count,
+    unless the loop has an entry edge: `entered_loops`), and not a node that only serves as another
+    node's fallback."""
     uses = {n.id: n.uses for n in blueprint.nodes}
     entered: Set[str] = set()
     targeted: Set[str] = set()
+    tested_first = entered_loops(blueprint)
     for edge in blueprint.edges:
         targeted.add(edge.target)
-        if not (uses.get(edge.source) == LOOP_CONTROLLER and edge.action == "continue"):
+        if not (uses.get(edge.source) == LOOP_CONTROLLER and edge.action == "continue") or edge.source in tested_first:
             entered.add(edge.target)
     fallbacks = {n.settings.fallback for n in blueprint.nodes if n.settings.fallback}
     return tuple(
@@ -331,6 +360,8 @@ class CompiledGraph:
         )
         self._link()
         self._check_loops()
+        # loops entered at their controller: the condition is tested before the body runs (SPEC 5)
+        self.entered_loops: FrozenSet[str] = entered_loops(blueprint)
         self.start_ids: Tuple[str, ...] = self._find_start_ids(strict)
         targeted = {e.target for e in self.edges}
         self.fallback_only_ids: Tuple[str, ...] = tuple(n for n in self.nodes if n in self.fallback_ids and n not in targeted)
@@ -339,6 +370,7 @@ class CompiledGraph:
         self.cycle_bodies: Dict[int, FrozenSet[str]] = {
             e.index: self._cycle_body(e) for e in self.edges if e.back
         }
+        self._nest_entered_loops()
         # back edge index -> most iterations of its cycle, for cycles no loop controller closes
         # (a loop controller enforces its own `maxIterations`); None: uncapped
         self.cycle_caps: Dict[int, int] = {} if max_cycle_iterations is None else {
@@ -384,6 +416,11 @@ class CompiledGraph:
     def _mark_back_edges(self) -> None:
         """Depth-first from the start nodes (then any unreached node): an edge to a node on the stack is a back edge."""
         state: Dict[str, int] = {}  # 1 on stack, 2 finished
+        # A loop entered at its controller: its `continue` edges close the cycle (the controller runs
+        # first, and each lap re-runs the body from there), whatever order the search meets them in.
+        for edge in self.edges:
+            if edge.source in self.entered_loops and edge.action == "continue":
+                edge.back = True
         roots = list(self.start_ids) + [n for n in self.nodes if n not in self.start_ids]
         for root in roots:
             if root in state:
@@ -393,6 +430,8 @@ class CompiledGraph:
             while stack:
                 node_id, edges = stack[-1]
                 for edge in edges:
+                    if edge.back:
+                        continue
                     seen = state.get(edge.target)
                     if seen == 1:
                         edge.back = True
@@ -431,6 +470,21 @@ class CompiledGraph:
         forward = self._reach(back.target, lambda n: (e.target for e in self.nodes[n].outgoing if not e.back))
         backward = self._reach(back.source, lambda n: (e.source for e in self.nodes[n].incoming))
         return frozenset((forward & backward) | {back.target, back.source})
+
+    def _nest_entered_loops(self) -> None:
+        """A loop entered at its controller inside another cycle: its body is reached only through
+        its `continue` (a back edge), so the enclosing body takes it in explicitly (a new lap of the
+        outer cycle starts the inner loop over)."""
+        inner = [e for e in self.edges if e.back and e.source in self.entered_loops]
+        changed = bool(inner)
+        while changed:
+            changed = False
+            for index, body in self.cycle_bodies.items():
+                extra = frozenset().union(*(self.cycle_bodies[e.index] for e in inner
+                                            if e.index != index and e.source in body)) - body
+                if extra:
+                    self.cycle_bodies[index] = body | extra
+                    changed = True
 
     def _cycle_cap(self, back: Edge, limit: int) -> int:
         """The iteration cap of a raw cycle: `limit`, or more if a loop controller inside it allows
@@ -729,6 +783,8 @@ class Traversal:
         for edge, taken, value in decisions:
             if edge.back and taken:
                 self._reenter(edge, value, ready)
+            elif edge.back and not took_back and edge.source in self.graph.entered_loops:
+                self._skip_unentered(edge, ready, skipped)
 
     def expand(self, node_id: str, count: int) -> None:
         """`node_id` spawned `count` dynamic nodes; it completes once they all have."""
@@ -802,6 +858,19 @@ class Traversal:
                 st.status = SKIPPED
                 skipped.append(target.id)
                 work.extend((e, False, None) for e in reversed(target.outgoing) if not e.back)
+
+    def _skip_unentered(self, edge: Edge, ready: List[Activation], skipped: List[str]) -> None:
+        """A loop tested first broke before its `continue` was ever taken at this iteration: the
+        body's start node, which only that edge reaches, is skipped (and so is what only it leads to)."""
+        target = self.graph.nodes[edge.target]
+        st = self.state(target.id)
+        if st.status != PENDING or target.in_count:
+            return
+        st.status = SKIPPED
+        skipped.append(target.id)
+        for out in target.outgoing:
+            if not out.back:
+                self._arrive(out, False, None, ready, skipped)
 
     def _reenter(self, edge: Edge, value: Any, ready: List[Activation]) -> None:
         """A back edge was taken: reset its cycle body to a fresh iteration and run its target again."""

@@ -96,7 +96,7 @@ def _count_up(ctx: NodeContext) -> Any:
 def _loop() -> List[Flow]:
     return [
         create_flow("looping")
-        .node("init", lambda ctx: 0)
+        .node("init", lambda ctx: ctx.context.set("count", 0) or 0)  # the condition is tested first
         .node("body", _count_up)
         .node("after", lambda ctx: {"final": ctx.input, "count": ctx.context.get("count")})
         .loop("repeat", start_node_id="body", end_node_id="body", condition="count < 5")
@@ -321,7 +321,7 @@ def test_loop_runs_its_body_once_per_lap() -> None:
     assert result.context["after"] == {"final": 5, "count": 5}
     assert [result.context[f"lap{i}"] for i in range(1, 6)] == [0, 1, 2, 3, 4]
     body_laps = sorted(it for (r, node, it) in adapter.store.completions if r == run_id and node == "body")
-    assert body_laps == [0, 1, 2, 3, 4]
+    assert body_laps == [1, 2, 3, 4, 5]  # entered at the controller: each lap starts with a `continue`
 
 
 def test_batch_of_100_gathers_results_in_item_order() -> None:

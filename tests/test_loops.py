@@ -70,9 +70,10 @@ def test_counter_loop_runs_to_five_and_exits_with_last_output():
     assert result.stalled == []
 
 
-def test_condition_false_at_first_check_still_runs_body_once():
-    # SPEC: "Each time the controller is reached it evaluates condition" -- the controller is reached
-    # after the body, so the body runs once before the first check (TS while-loop semantics).
+def test_condition_false_at_first_check_still_runs_body_once_when_nothing_enters_the_loop():
+    # SPEC: "Each time the controller is reached it evaluates condition" -- nothing enters this loop,
+    # so its body is a start node and the controller is first reached after it: the body runs once.
+    # (An edge into the loop's id tests first: see the "entered at the controller" tests below.)
     laps: List[Any] = []
     flow = (
         create_flow("once")
@@ -220,19 +221,22 @@ def test_loop_after_fan_in():
     assert result.context["after"] == 4
 
 
-def test_edge_into_loop_id_enters_at_start_node():
+def test_edge_into_loop_id_reaches_the_controller():
+    laps: List[Any] = []
     flow = (
         create_flow("enter")
         .node("init", lambda ctx: ctx.context.set("i", 10))
-        .node("body", make_counter())
+        .node("body", make_counter(laps=laps))
         .loop("lp", start_node_id="body", end_node_id="body", condition="i < 13")
         .edge("init", "lp")
     )
     edges = [(e.source, e.target, e.action) for e in flow.to_blueprint().edges]
-    assert ("init", "body", None) in edges
+    assert ("init", "lp", None) in edges  # SPEC 5: edges into `id` enter the loop at its controller
+    assert ("init", "body", None) not in edges
     result = flow.run()
     assert result.status == "completed", result.errors
     assert result.context["i"] == 13  # init ran first (10), then 3 laps
+    assert len(laps) == 3
 
 
 def test_loop_start_node_is_first_node_of_flow_with_successors():
@@ -629,3 +633,250 @@ def test_the_unconditional_exit_is_taken_when_the_loop_breaks_by_its_own_conditi
     assert result.context["i"] == 2
     assert runs == ["normal"]
     assert "early" in result.skipped
+
+
+# --- entered at the controller: the condition is tested before the body runs (SPEC 5, issue 18) ---
+
+
+def _run_on(driver: str, blueprint: Any, registry: Any = None):
+    """Run a flow or blueprint in memory or through the distributed driver on the in-memory fakes."""
+    from flowcraft.testing import InMemoryAdapter
+
+    runtime = FlowRuntime(registry=registry if registry is not None else getattr(blueprint, "registry", None))
+    runtime.add_blueprint(blueprint)
+    bp_id = blueprint["id"] if isinstance(blueprint, dict) else blueprint.id
+    if driver == "memory":
+        return runtime.run(bp_id if isinstance(blueprint, dict) else blueprint.to_blueprint(), {})
+    adapter = InMemoryAdapter(runtime)
+    run_id = adapter.start_workflow(bp_id, {})
+    adapter.drain()
+    return adapter.wait_for_result(run_id, timeout=5)
+
+
+def _entered_flow(start: int, condition: str, laps: List[Any], **loop_options: Any):
+    return (
+        create_flow("entered")
+        .node("init", lambda ctx: ctx.context.set("i", start) or "from init")
+        .node("body", make_counter(laps=laps))
+        .loop("lp", start_node_id="body", end_node_id="body", condition=condition, **loop_options)
+        .node("after", lambda ctx: {"got": ctx.input})
+        .edge("init", "lp")
+        .edge("lp", "after")
+    )
+
+
+def _entered_raw(condition: str) -> dict:
+    """SPEC 5's wire form entered at the controller: start -> lp, lp --continue--> body, body -> lp."""
+    return {
+        "id": "raw-entered",
+        "nodes": [
+            {"id": "start", "uses": "init"},
+            {"id": "body", "uses": "inc"},
+            {"id": "lp", "uses": "loop-controller", "params": {"condition": condition},
+             "config": {"joinStrategy": "any"}},
+            {"id": "end", "uses": "echo"},
+        ],
+        "edges": [
+            {"source": "start", "target": "lp"},
+            {"source": "lp", "target": "body", "action": "continue"},
+            {"source": "body", "target": "lp"},
+            {"source": "lp", "target": "end", "action": "break"},
+        ],
+    }
+
+
+DRIVERS = ["memory", "distributed"]
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_entered_loop_whose_condition_is_false_on_entry_runs_its_body_zero_times(driver):
+    laps: List[Any] = []
+    result = _run_on(driver, _entered_flow(0, "i < 0", laps))
+    assert result.status == "completed", result.errors
+    assert laps == []
+    assert result.context["i"] == 0
+    assert "body" not in result.context and "_outputs.body" not in result.context
+    assert result.context["after"] == {"got": "from init"}  # the break carries the entry's value
+    assert result.skipped == ["body"]
+    assert result.stalled == []
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_raw_blueprint_entered_at_the_controller_runs_its_body_zero_times(driver):
+    laps: List[Any] = []
+    result = _run_on(driver, _entered_raw("false"), _raw_registry(laps))
+    assert result.status == "completed", result.errors
+    assert laps == []
+    assert "i" in result.context and result.context["i"] == 0
+    assert result.context["end"] == {"got": None}
+    assert result.skipped == ["body"]
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_raw_blueprint_entered_at_the_controller_runs_its_body_while_the_condition_holds(driver):
+    laps: List[Any] = []
+    result = _run_on(driver, _entered_raw("i < 3"), _raw_registry(laps))
+    assert result.status == "completed", result.errors
+    assert laps == [None, 1, 2]
+    assert result.context["i"] == 3
+    assert result.context["end"] == {"got": 3}
+    assert result.skipped == []
+
+
+def test_a_raw_loop_entered_at_the_controller_does_not_start_at_its_body():
+    from flowcraft import analyze_blueprint
+
+    assert analyze_blueprint(_entered_raw("false")).start_node_ids == ("start",)
+    # without an entry edge the body's start is a start node (the body runs first), as before
+    bare = _entered_raw("false")
+    bare["nodes"] = [n for n in bare["nodes"] if n["id"] != "start"]
+    bare["edges"] = bare["edges"][1:]
+    assert analyze_blueprint(bare).start_node_ids == ("body",)
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_entered_loop_runs_its_body_three_times(driver):
+    laps: List[Any] = []
+    result = _run_on(driver, _entered_flow(0, "i < 3", laps))
+    assert result.status == "completed", result.errors
+    assert laps == ["from init", 1, 2]  # the first lap gets what entered the loop
+    assert result.context["i"] == 3
+    assert result.context["after"] == {"got": 3}
+    assert result.skipped == []
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_entered_loop_max_iterations_counts_body_runs(driver):
+    laps: List[Any] = []
+    result = _run_on(driver, _entered_flow(0, "true", laps, max_iterations=3))
+    assert result.status == "failed"
+    assert result.errors[0].node_id == "lp"
+    assert "maxIterations=3" in result.errors[0].message
+    assert len(laps) == 3  # as a loop entered at its body: max_iterations runs of the body
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_entered_loop_with_max_iterations_equal_to_its_laps_completes(driver):
+    laps: List[Any] = []
+    result = _run_on(driver, _entered_flow(0, "i < 3", laps, max_iterations=3))
+    assert result.status == "completed", result.errors
+    assert len(laps) == 3
+
+
+def test_entering_at_the_body_start_keeps_the_body_first_behaviour():
+    # TS's builder wires `.edge("initialize", "increment")`: the body runs, then the controller decides
+    laps: List[Any] = []
+    flow = (
+        create_flow("ts-entry")
+        .node("init", lambda ctx: ctx.context.set("i", 0))
+        .node("body", make_counter(laps=laps))
+        .loop("lp", start_node_id="body", end_node_id="body", condition="i < 0")
+        .edge("init", "body")
+    )
+    result = flow.run()
+    assert result.status == "completed", result.errors
+    assert len(laps) == 1
+
+
+def _exits_entered(start: int, runs: List[str], laps: List[Any]):
+    return (
+        create_flow("exits-entered")
+        .node("init", lambda ctx: ctx.context.set("i", start))
+        .node("body", make_counter(laps=laps))
+        .loop("lp", start_node_id="body", end_node_id="body", condition="i < 10")
+        .node("early", lambda ctx: runs.append("early") or "early")
+        .node("normal", lambda ctx: runs.append("normal") or "normal")
+        .edge("init", "lp")
+        .edge("lp", "early", condition="i >= 3")
+        .edge("lp", "normal")
+    )
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_true_conditional_exit_on_entry_leaves_before_the_body_runs(driver):
+    runs: List[str] = []
+    laps: List[Any] = []
+    result = _run_on(driver, _exits_entered(5, runs, laps))
+    assert result.status == "completed", result.errors
+    assert laps == []
+    assert runs == ["early"]
+    assert sorted(result.skipped) == ["body", "normal"]
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_conditional_exit_of_an_entered_loop_wins_after_some_laps(driver):
+    runs: List[str] = []
+    laps: List[Any] = []
+    result = _run_on(driver, _exits_entered(0, runs, laps))
+    assert result.status == "completed", result.errors
+    assert len(laps) == 3
+    assert result.context["i"] == 3
+    assert runs == ["early"]
+    assert result.skipped == ["normal"]
+
+
+def _nested_entered(seen: List[tuple], inner_condition: str):
+    def outer_start(ctx):
+        ctx.context.set("j", 0)
+        return ctx.context.get("k", 0)
+
+    def inner(ctx):
+        j = ctx.context.get("j", 0) + 1
+        ctx.context.set("j", j)
+        seen.append((ctx.context.get("k", 0), j))
+        return j
+
+    def outer_end(ctx):
+        k = ctx.context.get("k", 0) + 1
+        ctx.context.set("k", k)
+        return k
+
+    return (
+        create_flow("nested-entered")
+        .node("init", lambda ctx: ctx.context.set("k", 0))
+        .node("os", outer_start)
+        .node("inner", inner)
+        .node("oe", outer_end)
+        .loop("il", start_node_id="inner", end_node_id="inner", condition=inner_condition, max_iterations=3)
+        .edge("os", "il")  # both loops are entered at their controllers
+        .edge("il", "oe")
+        .loop("ol", start_node_id="os", end_node_id="oe", condition="k < 3")
+        .edge("init", "ol")
+        .node("after", lambda ctx: ctx.input)
+        .edge("ol", "after")
+    )
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_nested_entered_loops_start_the_inner_loop_over_on_each_outer_lap(driver):
+    seen: List[tuple] = []
+    result = _run_on(driver, _nested_entered(seen, "j < 3"))
+    # max_iterations=3 on the inner loop: its laps reset on every outer lap, or the second would fail
+    assert result.status == "completed", result.errors
+    assert seen == [(k, j) for k in range(3) for j in (1, 2, 3)]
+    assert result.context["after"] == 3
+    assert result.skipped == [] and result.stalled == []
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_nested_entered_inner_loop_false_on_entry_is_skipped_each_outer_lap(driver):
+    seen: List[tuple] = []
+    result = _run_on(driver, _nested_entered(seen, "j < 0"))
+    assert result.status == "completed", result.errors
+    assert seen == []
+    assert result.context["k"] == 3
+    assert result.context["oe"] == 3
+    # in memory `skipped` lists each lap's skip, distributed the final states (a difference that predates this)
+    assert set(result.skipped) == {"inner"}
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_nested_entered_inner_loop_runs_fewer_laps_each_outer_lap(driver):
+    seen: List[tuple] = []
+    result = _run_on(driver, _nested_entered(seen, "j < 2 - k"))
+    assert result.status == "completed", result.errors
+    assert seen == [(0, 1), (0, 2), (1, 1)]  # 2 laps, then 1, then none: tested on each entry
+    assert result.context["k"] == 3
+    # the outer lap starts the inner body over, so on the last outer lap it is skipped, not left done
+    assert result.skipped[-1:] == ["inner"]
+    assert result.stalled == []
