@@ -299,8 +299,9 @@ def _counted_chain(calls: List[str]):
 
 
 def test_stepper_prev_undoes_a_step_without_running_node_code_again() -> None:
-    """TS `packages/core/test/testing/stepper.test.ts` ("prev" / "reset"): stepping back restores the
-    state before the last step; stepping again runs that node again."""
+    """TS packages/core/src/testing/stepper.ts (`createStepper`: `next()` pushes the serialized state
+    onto a history, `prev()` pops it back): stepping back restores the state before the last step;
+    stepping again runs that node again."""
     calls: List[str] = []
     flow = _counted_chain(calls)
     stepper = Stepper(FlowRuntime(), flow.to_blueprint(), {"seed": 0}, registry=flow.registry)
@@ -316,6 +317,8 @@ def test_stepper_prev_undoes_a_step_without_running_node_code_again() -> None:
 
 
 def test_stepper_reset_goes_back_before_the_first_step_and_prev_at_the_start_is_a_no_op() -> None:
+    """TS packages/core/src/testing/stepper.ts: `reset()` re-initialises state and history; `prev()`
+    with no history returns null (here: [])."""
     calls: List[str] = []
     flow = _counted_chain(calls)
     stepper = Stepper(FlowRuntime(), flow.to_blueprint(), {"seed": 0}, registry=flow.registry)
@@ -329,7 +332,7 @@ def test_stepper_reset_goes_back_before_the_first_step_and_prev_at_the_start_is_
 
 
 def test_stepper_step_with_concurrency_runs_the_ready_nodes_at_once() -> None:
-    """TS stepper `next({ concurrency })`: the ready nodes of a step run in parallel. Three nodes wait
+    """TS packages/core/src/testing/stepper.ts `next({ concurrency })`: the ready nodes of a step run in parallel. Three nodes wait
     on one barrier of three, which only opens if all three run at the same time."""
     import threading
 
