@@ -53,7 +53,8 @@ def advance(snap: RunSnapshot, commit: Commit) -> RunSnapshot:
     record = commit.record  # a plan's own copy, never changed after; it keeps the version loaded
     if record.version != snap.record.version:
         record = attrs.evolve(record, version=snap.record.version)
-    return RunSnapshot(record, states, context, snap.whole)
+    items = {**snap.items, **commit.items} if commit.items else snap.items  # what a join's last arrival reads
+    return RunSnapshot(record, states, context, snap.whole, items)
 
 
 def merge(commits: Sequence[Commit]) -> Commit:
