@@ -142,6 +142,9 @@ class DistributedAdapter:
         self._busy = threading.Lock()
         self._whole_loads = bool(getattr(store, "whole_loads", False))  # see RunStore.load_many
         self._item_spec: Tuple[str, Dict[str, Any]] = ("", {})  # the last batch item read by `_executable`
+        # node commits (one node execution's, or a wave's merged commit of one run) that found the
+        # run's version changed and were derived again: a measure of contention between workers
+        self.conflicts = 0
 
     # === worker ==================================================================================
 
@@ -271,6 +274,8 @@ class DistributedAdapter:
                 if ok is None:
                     break  # the store refused it: its run failed
                 if not ok:
+                    if p is chain[0][0]:
+                        self.conflicts += 1  # one merged commit lost the race
                     self._guarded(p.delivery, self._recommit, p)  # type: ignore[arg-type]  # a wave's jobs come with their deliveries
                 elif p.events:
                     self._emit_all(p.events)
@@ -685,6 +690,7 @@ class DistributedAdapter:
                 if prepared.events:
                     self._emit_all(prepared.events)
                 return {job_node_id(j) for j in commit.jobs}
+            self.conflicts += 1
             prepared.snap = self._reload(prepared)
         raise RuntimeError(f"run {job.run_id}: could not commit after {_MAX_CONFLICTS} version conflicts")
 

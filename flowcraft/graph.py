@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Mapping, MutableMapping, Optional, Set, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Mapping, MutableMapping, Optional, Protocol, Sequence, Set, Tuple
 
 from .blueprint import EdgeDefinition, NodeConfig, NodeDefinition, WorkflowBlueprint, blueprint_digest
 from .errors import BlueprintError, ExpressionError, LoopLimitError
@@ -646,24 +646,36 @@ def _detail(exc: ExpressionError, source: str) -> str:
 
 
 class NodeState:
-    """One node's traversal state at its current iteration."""
+    """One node's traversal state at its current iteration.
 
-    __slots__ = ("iteration", "status", "arrivals", "laps", "pending")
+    A join's arrivals are kept in one of two ways. In `arrivals` (edge index -> carried value, or
+    DEAD): always in memory, and for the edges a distributed run may deliver more than once at one
+    iteration (see `_repeatable_edges`). Or, with an `ArrivalStore` on the traversal (a worker's),
+    only counted here (`arrived`, of which `taken` were taken) while each taken value is a store
+    field of its own: a join's state stays the same size however many arrivals it waits for."""
+
+    __slots__ = ("iteration", "status", "arrivals", "laps", "pending", "arrived", "taken")
 
     def __init__(
         self, iteration: int = 0, status: str = PENDING, arrivals: Optional[Dict[int, Any]] = None,
-        laps: int = 0, pending: int = 0,
+        laps: int = 0, pending: int = 0, arrived: int = 0, taken: int = 0,
     ) -> None:
         self.iteration = iteration
         self.status = status
         self.arrivals = arrivals  # edge index -> carried value, or DEAD
         self.laps = laps  # times this node took a back edge since its loop was (re-)entered
         self.pending = pending  # dynamic nodes (batch items) it still waits for
+        self.arrived = arrived  # arrivals counted only (their values are in an ArrivalStore)
+        self.taken = taken  # how many of those were taken edges
 
     def to_dict(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"it": self.iteration, "st": self.status}
         if self.arrivals:
             out["arr"] = [[i, v is not DEAD, None if v is DEAD else v] for i, v in self.arrivals.items()]
+        if self.arrived:
+            out["n"] = self.arrived
+            if self.taken:
+                out["t"] = self.taken
         if self.laps:
             out["laps"] = self.laps
         if self.pending:
@@ -674,11 +686,35 @@ class NodeState:
     def from_dict(cls, data: Mapping[str, Any]) -> "NodeState":
         arrivals = {int(i): (v if taken else DEAD) for i, taken, v in data.get("arr", ())} or None
         return cls(
-            int(data.get("it", 0)), data.get("st", PENDING), arrivals, int(data.get("laps", 0)), int(data.get("pending", 0))
+            int(data.get("it", 0)), data.get("st", PENDING), arrivals, int(data.get("laps", 0)), int(data.get("pending", 0)),
+            int(data.get("n", 0)), int(data.get("t", 0)),
         )
 
     def __repr__(self) -> str:
-        return f"NodeState(iteration={self.iteration}, status={self.status!r}, arrivals={self.arrivals!r})"
+        return (f"NodeState(iteration={self.iteration}, status={self.status!r}, arrivals={self.arrivals!r}, "
+                f"arrived={self.arrived}, taken={self.taken})")
+
+
+class ArrivalStore(Protocol):
+    """Where a traversal keeps the values of a join's arrivals that its node states only count
+    (a worker: fields of the run store, written with the commit, read once when the join is ready)."""
+
+    def put(self, node_id: str, iteration: int, edge_index: int, value: Any) -> None:
+        """Edge `edge_index` was taken into join `node_id` at `iteration`, carrying `value`."""
+
+    def taken(self, node_id: str, iteration: int, edge_indices: Sequence[int]) -> List[Tuple[int, Any]]:
+        """(edge index, value) of those of `edge_indices` put for `node_id` at `iteration`."""
+
+
+@functools.lru_cache(maxsize=256)
+def _repeatable_edges(graph: CompiledGraph) -> FrozenSet[int]:
+    """The forward edges that can arrive more than once at one iteration of their target: those
+    whose source is in a cycle body their target is not in (the source runs once per lap, the
+    target once). An `ArrivalStore` only counts arrivals, so their arrivals stay in `arrivals`,
+    where a later lap's replaces an earlier one's."""
+    bodies = list(graph.cycle_bodies.values())
+    return frozenset(e.index for e in graph.edges
+                     if not e.back and any(e.source in body and e.target not in body for body in bodies))
 
 
 class Traversal:
@@ -686,15 +722,18 @@ class Traversal:
 
     `states` may be any mutable mapping of node id -> `NodeState`; a node missing from it is pending
     at iteration 0. `outstanding` counts activations handed out and not yet completed: the run has
-    no more work when it reaches zero.
+    no more work when it reaches zero. With an `arrival_store`, a join's arrivals are counted in
+    its state and their values put there (see `NodeState`); without one, they are in its state.
     """
 
-    __slots__ = ("graph", "states", "outstanding")
+    __slots__ = ("graph", "states", "outstanding", "arrival_store")
 
-    def __init__(self, graph: CompiledGraph, states: Optional[MutableMapping[str, NodeState]] = None, outstanding: int = 0) -> None:
+    def __init__(self, graph: CompiledGraph, states: Optional[MutableMapping[str, NodeState]] = None, outstanding: int = 0,
+                 arrival_store: Optional[ArrivalStore] = None) -> None:
         self.graph = graph
         self.states: MutableMapping[str, NodeState] = states if states is not None else {}
         self.outstanding = outstanding
+        self.arrival_store = arrival_store
 
     def state(self, node_id: str) -> NodeState:
         st = self.states.get(node_id)
@@ -840,12 +879,19 @@ class Traversal:
                 st.status = READY
                 ready.append(Activation(target.id, st.iteration, value, True))
                 continue
-            if st.arrivals is None:
-                st.arrivals = {}
-            st.arrivals[edge.index] = value if taken else DEAD
-            if len(st.arrivals) < target.in_count:
+            store = self.arrival_store
+            if store is None or edge.index in _repeatable_edges(self.graph):
+                if st.arrivals is None:
+                    st.arrivals = {}
+                st.arrivals[edge.index] = value if taken else DEAD
+            else:  # counted here, the value in the store (a join_any needs none: a taken edge made it ready)
+                st.arrived += 1
+                if taken:
+                    st.taken += 1
+                    store.put(target.id, st.iteration, edge.index, value)
+            if (len(st.arrivals) if st.arrivals else 0) + st.arrived < target.in_count:
                 continue
-            taken_values = sorted((i, v) for i, v in st.arrivals.items() if v is not DEAD) if not target.join_any else ()
+            taken_values = self._taken_values(target, st) if not target.join_any else ()
             if taken_values:
                 st.status = READY
                 if len(taken_values) == 1:
@@ -871,6 +917,16 @@ class Traversal:
         for out in target.outgoing:
             if not out.back:
                 self._arrive(out, False, None, ready, skipped)
+
+    def _taken_values(self, target: GraphNode, st: NodeState) -> List[Tuple[int, Any]]:
+        """(edge index, value) of the taken edges into a join all of whose edges arrived, in edge order."""
+        found = [(i, v) for i, v in st.arrivals.items() if v is not DEAD] if st.arrivals else []
+        if st.taken and self.arrival_store is not None:
+            inline = st.arrivals or {}
+            counted = [e.index for e in target.incoming if e.index not in inline]
+            found += self.arrival_store.taken(target.id, st.iteration, counted)
+        found.sort(key=lambda pair: pair[0])
+        return found
 
     def _reenter(self, edge: Edge, value: Any, ready: List[Activation]) -> None:
         """A back edge was taken: reset its cycle body to a fresh iteration and run its target again."""

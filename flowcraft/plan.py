@@ -49,12 +49,12 @@ class CommitPlan:
         wanted_states, wanted_keys = adapter._wanted_for(job, graph.nodes[job_node_id(job)])
         loader = _no_states if snap.whole else functools.partial(adapter.store.read_states, job.run_id)
         self.states = LazyStates(snap.states, loader, absent=set(wanted_states) - set(snap.states))
-        self.traversal = Traversal(graph, self.states, snap.record.outstanding)
+        self.items: Dict[str, Any] = {}
+        self.traversal = Traversal(graph, self.states, snap.record.outstanding, StoreArrivals(self))
         self.context = LazyContext(adapter.store, job.run_id, snap.context, absent=set(wanted_keys) - set(snap.context),
                                    whole=snap.whole)
         self._stored_states: Optional[Dict[str, NodeState]] = (
             {k: NodeState.from_dict(v) for k, v in snap.states.items()} if snap.whole else None)
-        self.items: Dict[str, Any] = {}
         self.jobs: List[Job] = []
         self.delayed: List[Tuple[Job, float]] = []
         self.commit: Optional[Commit] = None
@@ -235,6 +235,34 @@ class CommitPlan:
         return merged
 
 
+class StoreArrivals:
+    """The `graph.ArrivalStore` of a commit: a join's taken arrival is an item field of its own
+    (`arrival_field`), written with the commit; the values are read once, when the join is ready,
+    from this commit's fields, those of the commits before it in its wave (`RunSnapshot.items`),
+    then the store."""
+
+    __slots__ = ("plan",)
+
+    def __init__(self, plan: CommitPlan) -> None:
+        self.plan = plan
+
+    def put(self, node_id: str, iteration: int, edge_index: int, value: Any) -> None:
+        self.plan.items[arrival_field(node_id, iteration, edge_index)] = {"v": value}
+
+    def taken(self, node_id: str, iteration: int, edge_indices: Sequence[int]) -> List[Tuple[int, Any]]:
+        plan = self.plan
+        fields = [arrival_field(node_id, iteration, i) for i in edge_indices]
+        own, wave = plan.items, plan.snap.pending_items
+        unread = [f for f in fields if f not in own and f not in wave]
+        stored = dict(zip(unread, plan.adapter.store.read_items(plan.job.run_id, unread))) if unread else {}
+        out = []
+        for index, field in zip(edge_indices, fields):
+            found = own.get(field) or wave.get(field) or stored.get(field)
+            if isinstance(found, Mapping) and "v" in found:
+                out.append((index, found["v"]))
+        return out
+
+
 class LazyStates(MutableMapping):
     """Node states loaded on first use; remembers which ones the transition changed."""
 
@@ -352,6 +380,12 @@ def _no_states(node_ids: Sequence[str]) -> Dict[str, Dict[str, Any]]:
 def spec_field(parent: str, iteration: int) -> str:
     """The store field of a batch's header: its size and the definition its items share."""
     return f"spec:{parent}:{iteration}"
+
+
+def arrival_field(node_id: str, iteration: int, edge_index: int) -> str:
+    """The store field of the value edge `edge_index` carried into join `node_id` at `iteration`
+    (see `StoreArrivals`)."""
+    return f"arr:{node_id}:{iteration}:{edge_index}"
 
 
 def input_field(parent: str, iteration: int, index: int) -> str:

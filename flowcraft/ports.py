@@ -353,7 +353,7 @@ class Commit:
     context_set: Dict[str, Any] = attrs.field(factory=dict)
     context_delete: List[str] = attrs.field(factory=list)
     states: Dict[str, Dict[str, Any]] = attrs.field(factory=dict)
-    items: Dict[str, Any] = attrs.field(factory=dict)  # batch item results and inputs, by field name
+    items: Dict[str, Any] = attrs.field(factory=dict)  # batch item results and inputs, join arrivals, by field name
     jobs: List[Job] = attrs.field(factory=list)
     delayed: List[Tuple[Job, float]] = attrs.field(factory=list)
     ack: List[Delivery] = attrs.field(factory=list)  # deliveries a store may ack within the commit

@@ -153,3 +153,74 @@ def test_a_wrong_result_fails_the_benchmark(redis_url: str, tmp_path: Any) -> No
     assert summary["ok"] is False
     tag = next(line for line in lines if line["kind"] == "setup")["tag"]
     assert redis_keys(redis_url, f"fcbench:{tag}:*") == []
+
+
+SCALE_TINY = ["--chain", "3,6", "--fan", "3,6", "--batch", "4,8", "--timeout", "60"]
+
+
+def scale_backends() -> List[str]:
+    return ["memory", "redis", "rq", "rabbitmq"] if rq_adapter_available() else ["memory", "redis", "rabbitmq"]
+
+
+def assert_scale_cleaned_up(tag: str, redis_url: str, postgres_dsn: str) -> None:
+    assert redis_keys(redis_url, f"fcbench:{tag}*", f"rq:*fcbench-{tag}*") == []
+    import psycopg2
+
+    conn = psycopg2.connect(postgres_dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT tablename FROM pg_catalog.pg_tables WHERE substr(tablename, 1, length(%(p)s)) = %(p)s",
+                        {"p": f"fcbench_{tag}"})
+            assert cur.fetchall() == [], "benchmark tables left behind"
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow  # a few seconds: every backend, every shape at two tiny sizes
+def test_scale_benchmark_prints_a_cost_and_a_ratio_per_backend_and_shape(service_env: Dict[str, str], redis_url: str,
+                                                                          postgres_dsn: str, tmp_path: Any) -> None:
+    backends = scale_backends()
+    lines = run_script("scale.py", ["--backends", ",".join(backends), *SCALE_TINY], service_env, tmp_path)
+    kinds = [line["kind"] for line in lines]
+    assert kinds[0] == "start" and kinds[-1] == "end" and "check_failed" not in kinds, lines
+    shapes = ("chain", "fan", "batch_start", "batch_after")
+    nodes = {("chain", 3): 3, ("chain", 6): 6, ("fan", 3): 5, ("fan", 6): 8, ("batch_start", 4): 6,
+             ("batch_start", 8): 10, ("batch_after", 4): 7, ("batch_after", 8): 11}
+    scale = {(l["backend"], l["shape"], l["size"]): l for l in lines if l["kind"] == "scale"}
+    assert set(scale) == {(b, s, n) for b in backends for (s, n) in nodes}, sorted(scale)
+    for (_backend, shape, n), line in scale.items():
+        assert line["node_executions"] == nodes[(shape, n)], line
+        assert positive_rate(line["us_per_node"]) and positive_rate(line["wall_s"]), line
+        assert line["conflicts"] == 0, line  # one worker: nothing to race
+    ratios = {(l["backend"], l["shape"]): l for l in lines if l["kind"] == "ratio"}
+    assert set(ratios) == {(b, s) for b in backends for s in shapes}
+    for (backend, shape), line in ratios.items():
+        small, large = scale[(backend, shape, line["small"])], scale[(backend, shape, line["large"])]
+        assert line["ratio"] == round(large["us_per_node"] / small["us_per_node"], 2), (line, small, large)
+        assert line["met"] == (line["ratio"] <= 1.3)
+    (summary,) = [line for line in lines if line["kind"] == "summary"]
+    assert summary["ok"] is True and len(summary["ratios"]) == len(ratios)
+    assert_scale_cleaned_up(next(l for l in lines if l["kind"] == "setup")["tag"], redis_url, postgres_dsn)
+
+
+@pytest.mark.slow  # worker processes to start and stop per backend and count
+def test_scale_benchmark_measures_contention_with_worker_processes(service_env: Dict[str, str], redis_url: str,
+                                                                   postgres_dsn: str, tmp_path: Any) -> None:
+    backends = [b for b in scale_backends() if b != "memory"]
+    lines = run_script("scale.py", ["--backends", ",".join(backends), "--workers", "1,2", "--workers-fan", "4",
+                                    "--workers-batch", "5", "--sleep-ms", "1", "--timeout", "60"], service_env, tmp_path)
+    assert "check_failed" not in [line["kind"] for line in lines], lines
+    measured = {(l["backend"], l["shape"], l["workers"]): l for l in lines if l["kind"] == "workers"}
+    assert set(measured) == {(b, s, w) for b in backends for s in ("fan", "batch_after") for w in (1, 2)}, sorted(measured)
+    for line in measured.values():
+        assert line["node_executions"] == (6 if line["shape"] == "fan" else 8), line
+        assert positive_rate(line["nodes_per_s"]), line
+        assert isinstance(line["conflicts"], int) and line["conflicts"] >= 0, line
+        assert line["clean_shutdown"] and line["processed"] >= line["node_executions"] and not line["worker_errors"], line
+    assert_scale_cleaned_up(next(l for l in lines if l["kind"] == "setup")["tag"], redis_url, postgres_dsn)
+
+
+def test_scale_benchmark_rejects_bad_sizes(tmp_path: Any) -> None:
+    done = subprocess.run([sys.executable, os.path.join(BENCH, "scale.py"), "--fan", "100,10"], cwd=str(tmp_path),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--fan" in done.stderr, done.stderr
