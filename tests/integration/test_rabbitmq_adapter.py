@@ -714,9 +714,10 @@ def test_reconciler_sweeps_outbox_rows_a_killed_worker_left(make_adapter: Callab
     assert final.status == "completed" and final.context == result.context
 
 
-def _rows(pg_conn: Any, query: str, *params: Any) -> List[Any]:
+def _rows(pg_conn: Any, query: str, table: str, *params: Any) -> List[Any]:
+    """The rows of `query`, whose `{}` is the quoted identifier `table`."""
     with pg_conn.cursor() as cur:
-        cur.execute(query, params)
+        cur.execute(sql.SQL(query).format(sql.Identifier(table)), params)
         rows = cur.fetchall()
     pg_conn.rollback()
     return rows
@@ -734,9 +735,9 @@ def test_node_states_and_in_flight_context_are_rows_and_context_data_holds_initi
     def step(ctx: NodeContext) -> Any:
         ctx.context.set(f"k{ctx.node_id}", ctx.node_id)
         if ctx.node_id == "n20":
-            seen["in_flight"] = _rows(pg_conn, f'SELECT context_data FROM "{ctx_table}" WHERE run_id = %s', ctx.run_id)[0][0]
-            seen["runs_row"] = _rows(pg_conn, f'SELECT states, pg_column_size(record) FROM "{pg_table_prefix}runs"'
-                                              " WHERE run_id = %s", ctx.run_id)[0]
+            seen["in_flight"] = _rows(pg_conn, "SELECT context_data FROM {} WHERE run_id = %s", ctx_table, ctx.run_id)[0][0]
+            seen["runs_row"] = _rows(pg_conn, "SELECT states, pg_column_size(record) FROM {} WHERE run_id = %s",
+                                              f"{pg_table_prefix}runs", ctx.run_id)[0]
         return 1
 
     flow = create_flow("rowchain")
@@ -752,11 +753,11 @@ def test_node_states_and_in_flight_context_are_rows_and_context_data_holds_initi
     assert seen["in_flight"] == {"initial": 1}
     assert seen["runs_row"][0] == {}
     assert seen["runs_row"][1] < 2000  # bookkeeping only: no states, no context
-    states = dict(_rows(pg_conn, f'SELECT node_id, state FROM "{pg_table_prefix}node_states" WHERE run_id = %s', run_id))
+    states = dict(_rows(pg_conn, "SELECT node_id, state FROM {} WHERE run_id = %s", f"{pg_table_prefix}node_states", run_id))
     assert sorted(states) == sorted(f"n{i}" for i in range(n))
     assert states == adapter.store.read_all_states(run_id)
-    keys = dict(_rows(pg_conn, f'SELECT key, value FROM "{pg_table_prefix}context_keys" WHERE run_id = %s', run_id))
-    final = _rows(pg_conn, f'SELECT context_data FROM "{ctx_table}" WHERE run_id = %s', run_id)[0][0]
+    keys = dict(_rows(pg_conn, "SELECT key, value FROM {} WHERE run_id = %s", f"{pg_table_prefix}context_keys", run_id))
+    final = _rows(pg_conn, "SELECT context_data FROM {} WHERE run_id = %s", ctx_table, run_id)[0][0]
     assert final == keys == result.context == adapter.store.read_all_context(run_id)
     assert final["kn29"] == "n29" and final["initial"] == 1
     snap = adapter.store.load(run_id, ["n3", "nope"], ["kn3", "nope"])
@@ -785,20 +786,21 @@ def test_runs_of_an_older_schema_are_migrated_once(make_adapter: Callable[..., R
     (run_id,) = started_runs(adapter, 1)
     assert store.commit(a_commit(adapter, run_id, store.get_record(run_id).version, "m"))
     before = store.load(run_id, None, None)
-    runs, ctx = f'"{pg_table_prefix}runs"', f'"{tables["context_table_name"]}"'
+    runs, ctx = sql.Identifier(f"{pg_table_prefix}runs"), sql.Identifier(tables["context_table_name"])
+    states, keys = sql.Identifier(f"{pg_table_prefix}node_states"), sql.Identifier(f"{pg_table_prefix}context_keys")
     with pg_conn.cursor() as cur:  # as an older version left it
-        cur.execute(f"UPDATE {runs} SET keyed = false, states = (SELECT jsonb_object_agg(node_id, state)"
-                    f' FROM "{pg_table_prefix}node_states" WHERE run_id = %s) WHERE run_id = %s', (run_id, run_id))
-        cur.execute(f"UPDATE {ctx} SET context_data = (SELECT jsonb_object_agg(key, value)"
-                    f' FROM "{pg_table_prefix}context_keys" WHERE run_id = %s) WHERE run_id = %s', (run_id, run_id))
-        cur.execute(f'DELETE FROM "{pg_table_prefix}node_states" WHERE run_id = %s', (run_id,))
-        cur.execute(f'DELETE FROM "{pg_table_prefix}context_keys" WHERE run_id = %s', (run_id,))
+        cur.execute(sql.SQL("UPDATE {} SET keyed = false, states = (SELECT jsonb_object_agg(node_id, state)"
+                            " FROM {} WHERE run_id = %s) WHERE run_id = %s").format(runs, states), (run_id, run_id))
+        cur.execute(sql.SQL("UPDATE {} SET context_data = (SELECT jsonb_object_agg(key, value)"
+                            " FROM {} WHERE run_id = %s) WHERE run_id = %s").format(ctx, keys), (run_id, run_id))
+        cur.execute(sql.SQL("DELETE FROM {} WHERE run_id = %s").format(states), (run_id,))
+        cur.execute(sql.SQL("DELETE FROM {} WHERE run_id = %s").format(keys), (run_id,))
     pg_conn.commit()
     assert store.load(run_id, None, None).states == {}
     ensure_schema(pg_conn, **tables)
     after = store.load(run_id, None, None)
     assert (after.record, after.states, after.context) == (before.record, before.states, before.context)
-    assert _rows(pg_conn, f"SELECT keyed, states FROM {runs} WHERE run_id = %s", run_id) == [(True, {})]
+    assert _rows(pg_conn, "SELECT keyed, states FROM {} WHERE run_id = %s", f"{pg_table_prefix}runs", run_id) == [(True, {})]
     store.delete_key(run_id, "marker")
     ensure_schema(pg_conn, **tables)
     assert "marker" not in store.read_all_context(run_id)
