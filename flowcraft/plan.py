@@ -174,15 +174,22 @@ class CommitPlan:
             return
         header = self.adapter.store.read_items(job.run_id, [spec_field(parent.id, job.iteration)])[0]
         fields = [item_field(parent.id, job.iteration, i) for i in range(batch_size(header))]
-        stored = self.adapter.store.read_items(job.run_id, fields)
-        earlier = self.snap.pending_items  # items of this wave segment, committed with this one
-        results = [(self.items.get(f) or earlier.get(f) or stored[i] or {}).get("v") for i, f in enumerate(fields)]
+        results = [(found or {}).get("v") for found in self.read_fields(fields)]
         if self.events is not None:
             self._event("batch:finish", node_id=parent.id, items=len(results))
         try:
             self._complete(parent, job.iteration, NodeResult(output=results))
         except (SerializationError, RoutingError, LoopLimitError) as error:
             self._failed(parent, error)
+
+    def read_fields(self, fields: Sequence[str]) -> List[Any]:
+        """Item fields as this commit will leave them: its own writes, then those of the commits
+        before it in its wave segment (`RunSnapshot.pending_items`), then the store (one read, of
+        the fields neither holds)."""
+        own, wave = self.items, self.snap.pending_items
+        unread = [f for f in fields if f not in own and f not in wave]
+        stored = dict(zip(unread, self.adapter.store.read_items(self.job.run_id, unread))) if unread else {}
+        return [own.get(f) or wave.get(f) or stored.get(f) for f in fields]
 
     # --- the commit ----------------------------------------------------------------------------
 
@@ -238,8 +245,7 @@ class CommitPlan:
 class StoreArrivals:
     """The `graph.ArrivalStore` of a commit: a join's taken arrival is an item field of its own
     (`arrival_field`), written with the commit; the values are read once, when the join is ready,
-    from this commit's fields, those of the commits before it in its wave (`RunSnapshot.items`),
-    then the store."""
+    through `CommitPlan.read_fields`."""
 
     __slots__ = ("plan",)
 
@@ -250,17 +256,9 @@ class StoreArrivals:
         self.plan.items[arrival_field(node_id, iteration, edge_index)] = {"v": value}
 
     def taken(self, node_id: str, iteration: int, edge_indices: Sequence[int]) -> List[Tuple[int, Any]]:
-        plan = self.plan
-        fields = [arrival_field(node_id, iteration, i) for i in edge_indices]
-        own, wave = plan.items, plan.snap.pending_items
-        unread = [f for f in fields if f not in own and f not in wave]
-        stored = dict(zip(unread, plan.adapter.store.read_items(plan.job.run_id, unread))) if unread else {}
-        out = []
-        for index, field in zip(edge_indices, fields):
-            found = own.get(field) or wave.get(field) or stored.get(field)
-            if isinstance(found, Mapping) and "v" in found:
-                out.append((index, found["v"]))
-        return out
+        fields = self.plan.read_fields([arrival_field(node_id, iteration, i) for i in edge_indices])
+        return [(index, found["v"]) for index, found in zip(edge_indices, fields)
+                if isinstance(found, Mapping) and "v" in found]
 
 
 class LazyStates(MutableMapping):
