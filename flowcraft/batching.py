@@ -15,7 +15,7 @@ from typing import Dict, Hashable, List, Optional, Sequence, Set, Tuple
 
 import attrs
 
-from .ports import Commit, Delivery, RunSnapshot
+from .ports import Commit, Counter, Delivery, RunSnapshot
 
 Segment = List[Delivery]
 
@@ -72,7 +72,9 @@ def advance(snap: RunSnapshot, commit: Commit) -> RunSnapshot:
 
 def merge(commits: Sequence[Commit]) -> Commit:
     """Consecutive commits of one run, each derived over the state the previous one leaves, as
-    one commit: the last record, later writes over earlier ones, every job and acknowledgement."""
+    one commit: the last record, later writes over earlier ones, every job, counter and
+    acknowledgement. Node commits merge into a node commit (each state guarded as the first one
+    loaded it); with a run commit among them, they are one run commit on the version loaded."""
     first = commits[0]
     if len(commits) == 1:
         return first
@@ -80,7 +82,10 @@ def merge(commits: Sequence[Commit]) -> Commit:
     deleted: Dict[str, None] = {}
     states: Dict[str, Dict[str, object]] = {}
     items: Dict[str, object] = {}
-    merged = Commit(first.run_id, first.expected_version, commits[-1].record, context_set, [], states, items)
+    node_commit = all(c.node_commit for c in commits)
+    expected = None if node_commit else next(c.expected_version for c in commits if not c.node_commit)
+    merged = Commit(first.run_id, expected, commits[-1].record, context_set, [], states, items)
+    counters: Dict[str, Counter] = {}
     for commit in commits:
         for key in commit.context_delete:
             context_set.pop(key, None)
@@ -93,7 +98,20 @@ def merge(commits: Sequence[Commit]) -> Commit:
         merged.jobs.extend(commit.jobs)
         merged.delayed.extend(commit.delayed)
         merged.ack.extend(commit.ack)
+        for key, guard in commit.guards.items():
+            merged.guards.setdefault(key, guard)
+        merged.unset_items.extend(commit.unset_items)
+        merged.outstanding_delta += commit.outstanding_delta
+        for counter in commit.counters:
+            same = counters.get(counter.field)
+            if same is None:
+                counters[counter.field] = attrs.evolve(counter)
+            else:
+                same.delta += counter.delta
+    merged.counters = list(counters.values())
     merged.context_delete = list(deleted)
+    if not node_commit:
+        merged.guards, merged.unset_items, merged.outstanding_delta = {}, [], 0
     return merged
 
 

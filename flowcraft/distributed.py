@@ -39,11 +39,11 @@ from .cancel import CancelToken
 from .errors import FlowcraftError, StoreRejected
 from .events import Event
 from .execution import NodeFailure, NodeRunner, RetryLater, resolve_impl
-from .graph import (READY, SKIPPED, CompiledGraph, GraphNode, NodeState, Traversal, check_resume_action, input_keys,
-                    input_value)
+from .graph import (PENDING, READY, SKIPPED, CompiledGraph, GraphNode, NodeState, Traversal, check_resume_action,
+                    counted_joins, input_keys, input_value)
 from .node import NodeContext, NodeResult
-from .plan import (CommitPlan, batch_item, batch_size, drop_unstarted_inputs, input_field, item_definition, item_job,
-                   job_event, spec_field)
+from .plan import (GATHER, CommitPlan, batch_item, batch_size, count_field, done_field, drop_unstarted_inputs,
+                   due_to_settle, input_field, item_definition, item_job, job_event, spec_field)
 from .ports import (Commit, CoordinationStore, Delivery, Job, JobQueue, RunRecord, RunSnapshot, RunStatus, RunStore,
                     identity_problem, item_field, job_node_id)
 from .result import AWAITING, CANCELLED, COMPLETED, FAILED, FINAL_STATUSES, RUNNING, STALLED, WorkflowError, WorkflowResult
@@ -108,14 +108,15 @@ def _whole_load_ids(graph: CompiledGraph) -> FrozenSet[str]:
 
 
 class DistributedAdapter:
-    """A worker and a client over a job queue, a run store and a coordination store."""
+    """A worker and a client over a job queue and a run store. `coordination` is kept for the
+    node code and tools that use one (the core itself never calls it): None is fine."""
 
     def __init__(
         self,
         runtime: FlowRuntime,
         queue: JobQueue,
         store: RunStore,
-        coordination: CoordinationStore,
+        coordination: Optional[CoordinationStore] = None,
         *,
         retry_mode: str = "in-process",
         version_mismatch_ttl: float = 86400.0,
@@ -142,8 +143,9 @@ class DistributedAdapter:
         self._busy = threading.Lock()
         self._whole_loads = bool(getattr(store, "whole_loads", False))  # see RunStore.load_many
         self._item_spec: Tuple[str, Dict[str, Any]] = ("", {})  # the last batch item read by `_executable`
-        # node commits (one node execution's, or a wave's merged commit of one run) that found the
-        # run's version changed and were derived again: a measure of contention between workers
+        # commits (one node execution's, or a wave's merged commit of one run) whose checks failed
+        # (a run commit: the version moved; a node commit: a state it changes was changed) and were
+        # derived again: a measure of contention between workers
         self.conflicts = 0
 
     # === worker ==================================================================================
@@ -269,7 +271,7 @@ class DistributedAdapter:
             if chain:
                 chains.append(chain)
         applied = self._commit_wave(chains)
-        for chain, ok in zip(chains, applied):
+        for chain, (ok, merged) in zip(chains, applied):
             for p, _ in chain:
                 if ok is None:
                     break  # the store refused it: its run failed
@@ -279,6 +281,10 @@ class DistributedAdapter:
                     self._guarded(p.delivery, self._recommit, p)  # type: ignore[arg-type]  # a wave's jobs come with their deliveries
                 elif p.events:
                     self._emit_all(p.events)
+            if ok:
+                self._emit_reached(merged)
+                first = chain[0][0]
+                self._guarded(first.delivery, self._settle_if_due, first, merged)  # type: ignore[arg-type]  # a wave's jobs come with their deliveries
         for p in late:
             self._guarded(p.delivery, self._recommit, p)  # type: ignore[arg-type]  # a wave's jobs come with their deliveries
         for _ in prepared:
@@ -318,19 +324,19 @@ class DistributedAdapter:
                 snaps.append(_UNLOADED)
         return snaps
 
-    def _commit_wave(self, chains: List[List[Tuple["_Prepared", Commit]]]) -> List[Optional[bool]]:
-        """Apply each chain's merged commit: True, False (a version conflict) or None (refused: the
-        run failed)."""
+    def _commit_wave(self, chains: List[List[Tuple["_Prepared", Commit]]]) -> List[Tuple[Optional[bool], Commit]]:
+        """Apply each chain's merged commit: (True, False (its checks failed) or None (refused: the
+        run failed), the merged commit)."""
         commits = [batching.merge([c for _, c in chain]) for chain in chains]
         try:
-            return list(self.store.commit_many(commits))
+            return list(zip(self.store.commit_many(commits), commits))
         except _OUTAGES:
             raise
         except StoreRejected:
             pass  # one of them cannot be held: find it
         except Exception:
             logger.exception("worker: committing %d runs at once failed; committing them one by one", len(commits))
-        return [self._commit_alone(chain[0][0], commit) for chain, commit in zip(chains, commits)]
+        return [(self._commit_alone(chain[0][0], commit), commit) for chain, commit in zip(chains, commits)]
 
     def _commit_alone(self, prepared: "_Prepared", commit: Commit) -> Optional[bool]:
         try:
@@ -465,7 +471,19 @@ class DistributedAdapter:
             return self._version_mismatch(delivery, job, record, graph)
         if record.status not in (RUNNING, AWAITING) or not self._executable(job, graph, node, snap):
             self.store.publish_outbox(job.run_id, self.queue)  # a crash may have left committed jobs unpublished
+            if due_to_settle(record.status, record.awaiting, record.outstanding):  # a crash before its settling
+                self._settle(job, graph)
+                self.store.publish_outbox(job.run_id, self.queue)
             return self.queue.ack([delivery])
+        state = snap.states.get(node.id)
+        if state is not None and state.get("pending") and job.kind == "node":
+            return _Prepared(delivery, job, graph, node, snap, GATHER)  # every item finished: no node code runs
+        if node.id in counted_joins(graph) and job.kind == "node" and (state or {}).get("st", PENDING) == PENDING:
+            activation, _, _ = CommitPlan(self, job, graph, snap).traversal.resolve(node.id)
+            if activation is None:
+                return _Prepared(delivery, job, graph, node, snap, None)  # skipped: its commit says so
+            if node.inputs is None:
+                snap = attrs.evolve(snap, context=dict(snap.context, **{node.inputs_key: activation.input}))
         self._fault("before_execute")
         outcome = self._execute(job, graph, node, snap)
         self._fault("after_execute")
@@ -529,7 +547,12 @@ class DistributedAdapter:
 
     def _executable(self, job: Job, graph: CompiledGraph, node: GraphNode, snap: RunSnapshot) -> bool:
         state = NodeState.from_dict(snap.states[node.id]) if node.id in snap.states else NodeState()
-        if state.iteration != job.iteration or state.status != READY:
+        if state.iteration != job.iteration:
+            return False
+        if state.status == PENDING:  # a counted join: its job, once all of its edges arrived
+            return (job.kind == "node" and node.id in counted_joins(graph)
+                    and self._count(job.run_id, count_field(node.id, job.iteration)) >= node.in_count)
+        if state.status != READY:
             return False
         parked = snap.record.awaiting.get(node.id)
         if job.kind == "item":
@@ -538,7 +561,14 @@ class DistributedAdapter:
             return parked is not None and parked.get("type") == "sleep"
         if parked is not None and parked.get("type") in ("wait", "sleep"):
             return False  # only a resume (wait) or its timer (sleep) finishes it
-        return state.pending == 0  # an expanded node finishes with its last item, not by running again
+        if state.pending > 0:  # expanded: its gathering job, once every item finished (never run again)
+            return self._count(job.run_id, done_field(node.id, job.iteration)) >= state.pending
+        return True
+
+    def _count(self, run_id: str, field: str) -> int:
+        """A counter's value (see `ports.Counter`): 0 when never added to."""
+        value = self.store.read_items(run_id, [field])[0]
+        return value if type(value) is int else 0
 
     def _item_to_run(self, job: Job, node: GraphNode) -> Optional[Dict[str, Any]]:
         """What batch item `job.index` of `node` runs and its input, read from the run's committed
@@ -689,10 +719,52 @@ class DistributedAdapter:
             if applied:
                 if prepared.events:
                     self._emit_all(prepared.events)
-                return {job_node_id(j) for j in commit.jobs}
+                self._emit_reached(commit)
+                self._settle_if_due(prepared, commit)
+                return {job_node_id(j) for j in commit.made_jobs()}
             self.conflicts += 1
             prepared.snap = self._reload(prepared)
         raise RuntimeError(f"run {job.run_id}: could not commit after {_MAX_CONFLICTS} version conflicts")
+
+    def _emit_reached(self, commit: Commit) -> None:
+        if self.runtime.event_bus is not None and commit.reached:
+            self._emit_jobs([c.job for c in commit.reached if c.job is not None])
+
+    def _settle_if_due(self, prepared: "_Prepared", commit: Commit) -> None:
+        """After an applied commit: settle the run if nothing but parked nodes is left outstanding."""
+        status = RUNNING if commit.node_commit else commit.record.status
+        if commit.outstanding_after is not None and due_to_settle(status, commit.awaiting_after or {}, commit.outstanding_after):
+            self._settle(prepared.job, prepared.graph)
+
+    def _settle(self, job: Job, graph: CompiledGraph) -> None:
+        """End the run, or make it await, with a run commit over its state as it is now: the run
+        commits of node executions do that themselves, but a node commit leaves it to whoever
+        finds the run with nothing but parked nodes outstanding (its worker, right after; a
+        redelivery of its job after a crash; the reconciler)."""
+        node = graph.nodes[job_node_id(job)]
+        for _ in range(_MAX_CONFLICTS):
+            request = (job.run_id, None, None) if self._whole_loads else self._load_request(job.run_id, [(graph, node)], [job])
+            snap = self.store.load_many([request])[0]
+            if snap is None or not due_to_settle(snap.record.status, snap.record.awaiting, snap.record.outstanding):
+                return
+            plan = CommitPlan(self, job, graph, snap)
+            plan.settle()
+            commit = plan.commit
+            assert commit is not None  # `settle` always makes one
+            try:
+                applied = self.store.commit(commit)
+            except StoreRejected as error:
+                self._fail_refused(_Prepared(None, job, graph, node, snap, None), str(error), "StoreRejected")
+                return
+            if applied:
+                if plan.events:
+                    self._emit_all(plan.events)
+                self._emit_reached(commit)
+                if not due_to_settle(commit.record.status, commit.awaiting_after or {}, commit.outstanding_after or 0):
+                    return
+            else:
+                self.conflicts += 1
+        raise RuntimeError(f"run {job.run_id}: could not settle after {_MAX_CONFLICTS} version conflicts")
 
     def _derive_commit(self, prepared: "_Prepared") -> Optional[Commit]:
         """The commit of an outcome over the state in `prepared.snap`; None if nothing is to be written."""
@@ -954,8 +1026,17 @@ class DistributedAdapter:
             return set()  # unknown, finished, or started by a seed client and not yet adopted by a worker
         self.store.publish_outbox(run_id, self.queue)
         graph = self.runtime.graph(self.runtime.blueprint(record.blueprint_id))  # type: ignore[arg-type]  # a stored run's record names its blueprint
+        if due_to_settle(record.status, record.awaiting, record.outstanding):  # its settling was lost in a crash
+            self._settle(Job(run_id, graph.blueprint.id, next(iter(graph.nodes))), graph)
+            record = self.store.get_record(run_id)
+            if record is None or record.status != RUNNING:
+                return set()
         states = {k: NodeState.from_dict(v) for k, v in self.store.read_all_states(run_id).items()}
         jobs: List[Tuple[Job, float]] = []
+        for node_id in counted_joins(graph):  # a join all of whose edges arrived waits for its own job
+            state = states.get(node_id) or NodeState()
+            if state.status == PENDING and self._count(run_id, count_field(node_id, state.iteration)) >= graph.nodes[node_id].in_count:
+                jobs.append((Job(run_id, graph.blueprint.id, node_id, state.iteration), 0.0))
         for node_id, state in states.items():
             if state.status != READY or node_id not in graph.nodes:
                 continue
@@ -966,7 +1047,8 @@ class DistributedAdapter:
             if kind == "sleep":
                 jobs.append((Job(run_id, graph.blueprint.id, node_id, state.iteration, kind="timer"), self._remaining(parked)))
             elif state.pending > 0:
-                jobs.extend((j, 0.0) for j in self._missing_items(run_id, graph, node_id, state.iteration))
+                missing = self._missing_items(run_id, graph, node_id, state.iteration)
+                jobs.extend((j, 0.0) for j in missing or [Job(run_id, graph.blueprint.id, node_id, state.iteration)])
             else:
                 jobs.append((Job(run_id, graph.blueprint.id, node_id, state.iteration), 0.0))
         # `requeue` (optional on a queue): an enqueue that checks the queue's own bookkeeping of jobs

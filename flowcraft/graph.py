@@ -648,34 +648,26 @@ def _detail(exc: ExpressionError, source: str) -> str:
 class NodeState:
     """One node's traversal state at its current iteration.
 
-    A join's arrivals are kept in one of two ways. In `arrivals` (edge index -> carried value, or
-    DEAD): always in memory, and for the edges a distributed run may deliver more than once at one
-    iteration (see `_repeatable_edges`). Or, with an `ArrivalStore` on the traversal (a worker's),
-    only counted here (`arrived`, of which `taken` were taken) while each taken value is a store
-    field of its own: a join's state stays the same size however many arrivals it waits for."""
+    A join's arrivals are in `arrivals` (edge index -> carried value, or DEAD), except those of the
+    counted joins of a traversal with an `ArrivalStore` (a worker's): they are counted and kept
+    there, and the join's state does not change until it is resolved."""
 
-    __slots__ = ("iteration", "status", "arrivals", "laps", "pending", "arrived", "taken")
+    __slots__ = ("iteration", "status", "arrivals", "laps", "pending")
 
     def __init__(
         self, iteration: int = 0, status: str = PENDING, arrivals: Optional[Dict[int, Any]] = None,
-        laps: int = 0, pending: int = 0, arrived: int = 0, taken: int = 0,
+        laps: int = 0, pending: int = 0,
     ) -> None:
         self.iteration = iteration
         self.status = status
         self.arrivals = arrivals  # edge index -> carried value, or DEAD
         self.laps = laps  # times this node took a back edge since its loop was (re-)entered
-        self.pending = pending  # dynamic nodes (batch items) it still waits for
-        self.arrived = arrived  # arrivals counted only (their values are in an ArrivalStore)
-        self.taken = taken  # how many of those were taken edges
+        self.pending = pending  # dynamic nodes (batch items) it waits for (a worker: it expanded into)
 
     def to_dict(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"it": self.iteration, "st": self.status}
         if self.arrivals:
             out["arr"] = [[i, v is not DEAD, None if v is DEAD else v] for i, v in self.arrivals.items()]
-        if self.arrived:
-            out["n"] = self.arrived
-            if self.taken:
-                out["t"] = self.taken
         if self.laps:
             out["laps"] = self.laps
         if self.pending:
@@ -687,23 +679,24 @@ class NodeState:
         arrivals = {int(i): (v if taken else DEAD) for i, taken, v in data.get("arr", ())} or None
         return cls(
             int(data.get("it", 0)), data.get("st", PENDING), arrivals, int(data.get("laps", 0)), int(data.get("pending", 0)),
-            int(data.get("n", 0)), int(data.get("t", 0)),
         )
 
     def __repr__(self) -> str:
         return (f"NodeState(iteration={self.iteration}, status={self.status!r}, arrivals={self.arrivals!r}, "
-                f"arrived={self.arrived}, taken={self.taken})")
+                f"laps={self.laps}, pending={self.pending})")
 
 
 class ArrivalStore(Protocol):
-    """Where a traversal keeps the values of a join's arrivals that its node states only count
-    (a worker: fields of the run store, written with the commit, read once when the join is ready)."""
+    """Where a traversal counts the arrivals of its *counted joins* (`counted_joins`), instead of in
+    their states (a worker: an atomic counter of the run store, and each taken value a field of its
+    own, written with the commit; the join is resolved by the job the count reaching its in-degree
+    makes, see `Traversal.resolve`)."""
 
-    def put(self, node_id: str, iteration: int, edge_index: int, value: Any) -> None:
-        """Edge `edge_index` was taken into join `node_id` at `iteration`, carrying `value`."""
+    def arrive(self, node_id: str, iteration: int, edge_index: int, taken: bool, value: Any) -> None:
+        """Edge `edge_index` arrived at counted join `node_id` at `iteration` (taken, carrying `value`, or not)."""
 
     def taken(self, node_id: str, iteration: int, edge_indices: Sequence[int]) -> List[Tuple[int, Any]]:
-        """(edge index, value) of those of `edge_indices` put for `node_id` at `iteration`."""
+        """(edge index, value) of those of `edge_indices` taken into `node_id` at `iteration`."""
 
 
 @functools.lru_cache(maxsize=256)
@@ -715,6 +708,16 @@ def _repeatable_edges(graph: CompiledGraph) -> FrozenSet[int]:
     bodies = list(graph.cycle_bodies.values())
     return frozenset(e.index for e in graph.edges
                      if not e.back and any(e.source in body and e.target not in body for body in bodies))
+
+
+@functools.lru_cache(maxsize=256)
+def counted_joins(graph: CompiledGraph) -> FrozenSet[str]:
+    """The joins whose arrivals an `ArrivalStore` counts: every node waiting for all of several
+    edges, none of which can arrive twice at one iteration (`_repeatable_edges`). Their states do not
+    change per arrival, so the predecessors of one join commit without touching one another."""
+    repeatable = _repeatable_edges(graph)
+    return frozenset(node.id for node in graph.nodes.values()
+                     if node.in_count > 1 and not node.join_any and not any(e.index in repeatable for e in node.incoming))
 
 
 class Traversal:
@@ -866,11 +869,17 @@ class Traversal:
             st.status = READY
             ready.append(Activation(target.id, st.iteration, value, True))
             return
+        store = self.arrival_store
+        counted = counted_joins(self.graph) if store is not None else frozenset()
         work = [(edge, taken, value)]
         while work:
             edge, taken, value = work.pop()
             target = nodes[edge.target]
             st = self.states.get(target.id)
+            if target.id in counted:  # its state is left as it is: only its own job resolves it
+                if st is None or st.status == PENDING:
+                    store.arrive(target.id, st.iteration if st is not None else 0, edge.index, taken, value)  # type: ignore[union-attr]  # counted: a store
+                continue
             if st is None:
                 st = self.states[target.id] = NodeState()
             elif st.status != PENDING:
@@ -879,31 +888,49 @@ class Traversal:
                 st.status = READY
                 ready.append(Activation(target.id, st.iteration, value, True))
                 continue
-            store = self.arrival_store
-            if store is None or edge.index in _repeatable_edges(self.graph):
-                if st.arrivals is None:
-                    st.arrivals = {}
-                st.arrivals[edge.index] = value if taken else DEAD
-            else:  # counted here, the value in the store (a join_any needs none: a taken edge made it ready)
-                st.arrived += 1
-                if taken:
-                    st.taken += 1
-                    store.put(target.id, st.iteration, edge.index, value)
-            if (len(st.arrivals) if st.arrivals else 0) + st.arrived < target.in_count:
+            if st.arrivals is None:
+                st.arrivals = {}
+            st.arrivals[edge.index] = value if taken else DEAD
+            if (len(st.arrivals) if st.arrivals else 0) < target.in_count:
                 continue
-            taken_values = self._taken_values(target, st) if not target.join_any else ()
-            if taken_values:
-                st.status = READY
-                if len(taken_values) == 1:
-                    joined = taken_values[0][1]
-                else:
-                    edges = self.graph.edges
-                    joined = {edges[i].source: v for i, v in taken_values}
-                ready.append(Activation(target.id, st.iteration, joined, True))
+            self._join_ready(target, st, ready, skipped, work)
+
+    def _join_ready(self, target: GraphNode, st: NodeState, ready: List[Activation], skipped: List[str],
+                    work: List[Tuple[Edge, bool, Any]]) -> bool:
+        """All of a join's edges arrived: it is ready with the taken values, or skipped (its
+        outgoing edges then arrive not taken, through `work`). True when it is ready."""
+        taken_values = self._taken_values(target, st) if not target.join_any else ()
+        if taken_values:
+            st.status = READY
+            if len(taken_values) == 1:
+                joined = taken_values[0][1]
             else:
-                st.status = SKIPPED
-                skipped.append(target.id)
-                work.extend((e, False, None) for e in reversed(target.outgoing) if not e.back)
+                edges = self.graph.edges
+                joined = {edges[i].source: v for i, v in taken_values}
+            ready.append(Activation(target.id, st.iteration, joined, True))
+            return True
+        st.status = SKIPPED
+        skipped.append(target.id)
+        work.extend((e, False, None) for e in reversed(target.outgoing) if not e.back)
+        return False
+
+    def resolve(self, node_id: str) -> Tuple[Optional[Activation], List[Activation], List[str]]:
+        """Resolve counted join `node_id`, all of whose edges arrived (its count reached its
+        in-degree, which reserved it one outstanding activation): (its activation, None when it is
+        skipped; what its skip made ready; what was skipped). The reservation becomes its activation,
+        or is released when it is skipped."""
+        target = self.graph.nodes[node_id]
+        st = self.state(node_id)
+        ready: List[Activation] = []
+        skipped: List[str] = []
+        work: List[Tuple[Edge, bool, Any]] = []
+        if self._join_ready(target, st, ready, skipped, work):
+            return ready[0], [], []
+        self.outstanding -= 1
+        for edge, taken, value in work:
+            self._arrive(edge, taken, value, ready, skipped)
+        self.outstanding += len(ready)
+        return None, ready, skipped
 
     def _skip_unentered(self, edge: Edge, ready: List[Activation], skipped: List[str]) -> None:
         """A loop tested first broke before its `continue` was ever taken at this iteration: the
@@ -921,10 +948,8 @@ class Traversal:
     def _taken_values(self, target: GraphNode, st: NodeState) -> List[Tuple[int, Any]]:
         """(edge index, value) of the taken edges into a join all of whose edges arrived, in edge order."""
         found = [(i, v) for i, v in st.arrivals.items() if v is not DEAD] if st.arrivals else []
-        if st.taken and self.arrival_store is not None:
-            inline = st.arrivals or {}
-            counted = [e.index for e in target.incoming if e.index not in inline]
-            found += self.arrival_store.taken(target.id, st.iteration, counted)
+        if self.arrival_store is not None and target.id in counted_joins(self.graph):
+            found += self.arrival_store.taken(target.id, st.iteration, [e.index for e in target.incoming])
         found.sort(key=lambda pair: pair[0])
         return found
 

@@ -12,9 +12,9 @@ from .builtins import Await
 from .errors import LoopLimitError, SerializationError
 from .events import Event
 from .execution import FallbackResult, NodeFailure, item_failure
-from .graph import READY, Activation, CompiledGraph, GraphNode, NodeState, RoutingError, Traversal
+from .graph import PENDING, READY, Activation, CompiledGraph, GraphNode, NodeState, RoutingError, Traversal, counted_joins
 from .node import NodeResult
-from .ports import Commit, Job, RunRecord, RunSnapshot, RunStore, copy_record, item_field, job_node_id
+from .ports import Commit, Counter, Job, RunRecord, RunSnapshot, RunStore, copy_record, item_field, job_node_id
 from .result import AWAITING, COMPLETED, FAILED, FINAL_STATUSES, RUNNING, STALLED, WorkflowError, WorkflowResult
 from .runtime import FlowRuntime
 from .serializer import DEFAULT_MAX_VALUE_BYTES, check_json
@@ -50,6 +50,8 @@ class CommitPlan:
         loader = _no_states if snap.whole else functools.partial(adapter.store.read_states, job.run_id)
         self.states = LazyStates(snap.states, loader, absent=set(wanted_states) - set(snap.states))
         self.items: Dict[str, Any] = {}
+        self.unset_items: List[str] = []
+        self.counters: Dict[str, Counter] = {}
         self.traversal = Traversal(graph, self.states, snap.record.outstanding, StoreArrivals(self))
         self.context = LazyContext(adapter.store, job.run_id, snap.context, absent=set(wanted_keys) - set(snap.context),
                                    whole=snap.whole)
@@ -68,7 +70,16 @@ class CommitPlan:
             outcome = outcome.outcome
         self.context.overlay(delta, deleted)
         job = self.job
-        if type(outcome) is NodeFailure and job.kind == "item":
+        if job.kind == "node" and node.id in counted_joins(self.graph) and self.traversal.state(node.id).status == PENDING:
+            activation, ready, skipped = self.traversal.resolve(node.id)  # this job is the join's resolution
+            if activation is None:
+                self._skipped(ready, skipped)
+                return self._finish()
+            if node.inputs is None:
+                self.context.set(node.inputs_key, activation.input)
+        if type(outcome) is Gather:
+            self._gather(node)
+        elif type(outcome) is NodeFailure and job.kind == "item":
             assert job.index is not None  # an item job has one (`Job.from_dict` requires it)
             self.traversal.item_done(node.id)
             self._failed(node, item_failure(job.index, job.node_id, outcome.cause))
@@ -108,6 +119,12 @@ class CommitPlan:
             self._event("node:finish", node_id=node.id, output=outcome.output, action=outcome.action)
             for edge, taken, _ in decisions:
                 self._event("edge:evaluate", source=edge.source, target=edge.target, taken=taken)
+            for skipped_id in skipped:
+                self._event("node:skipped", node_id=skipped_id)
+        self._schedule(ready)
+
+    def _skipped(self, ready: List[Activation], skipped: List[str]) -> None:
+        if self.events is not None:
             for skipped_id in skipped:
                 self._event("node:skipped", node_id=skipped_id)
         self._schedule(ready)
@@ -162,6 +179,9 @@ class CommitPlan:
         self.jobs.extend(item_job(run_id, blueprint_id, node.id, iteration, i, spec.get("id")) for i, spec in enumerate(specs))
 
     def _item_done(self, parent: GraphNode, outcome: Any) -> None:
+        """A batch item's result: its own field (which must not be stored yet: committed once), and
+        one more on the batch's count of finished items; the count reaching the batch's size makes
+        the batch's gathering job (`_gather`). The batch's state does not change per item."""
         job = self.job
         try:
             check_json(outcome.output, job.node_id, self.adapter.runtime.max_value_bytes)
@@ -170,67 +190,122 @@ class CommitPlan:
         assert job.index is not None  # an item job has one (`Job.from_dict` requires it)
         field = item_field(parent.id, job.iteration, job.index)
         self.items[field] = {"v": outcome.output}
-        if not self.traversal.item_done(parent.id):
-            return
-        header = self.adapter.store.read_items(job.run_id, [spec_field(parent.id, job.iteration)])[0]
-        fields = [item_field(parent.id, job.iteration, i) for i in range(batch_size(header))]
+        self.unset_items.append(field)
+        self.traversal.outstanding -= 1
+        size = self.traversal.state(parent.id).pending
+        self.count(done_field(parent.id, job.iteration), size,
+                   Job(job.run_id, self.graph.blueprint.id, parent.id, job.iteration), reserve=0)
+
+    def _gather(self, parent: GraphNode) -> None:
+        """Every item of the batch finished: the batch completes with their results, in order."""
+        iteration = self.job.iteration
+        header = self.adapter.store.read_items(self.job.run_id, [spec_field(parent.id, iteration)])[0]
+        fields = [item_field(parent.id, iteration, i) for i in range(batch_size(header))]
         results = [(found or {}).get("v") for found in self.read_fields(fields)]
+        self.traversal.state(parent.id).pending = 0
         if self.events is not None:
             self._event("batch:finish", node_id=parent.id, items=len(results))
         try:
-            self._complete(parent, job.iteration, NodeResult(output=results))
+            self._complete(parent, iteration, NodeResult(output=results))
         except (SerializationError, RoutingError, LoopLimitError) as error:
             self._failed(parent, error)
+
+    def count(self, field: str, threshold: int, job: Job, reserve: int) -> None:
+        """Add one to counter `field` with this commit (see `ports.Counter`)."""
+        counter = self.counters.get(field)
+        if counter is None:
+            self.counters[field] = Counter(field, 1, threshold, job, reserve)
+        else:
+            counter.delta += 1
 
     def read_fields(self, fields: Sequence[str]) -> List[Any]:
         """Item fields as this commit will leave them: its own writes, then those of the commits
         before it in its wave segment (`RunSnapshot.pending_items`), then the store (one read, of
-        the fields neither holds)."""
+        the fields neither holds, kept in the snapshot). Only for fields that no commit can write any
+        more: a join's arrivals once all arrived, a batch's results once all finished."""
         own, wave = self.items, self.snap.pending_items
         unread = [f for f in fields if f not in own and f not in wave]
         stored = dict(zip(unread, self.adapter.store.read_items(self.job.run_id, unread))) if unread else {}
+        wave.update(stored)  # read once per snapshot: fields are read once no commit can write them any more
         return [own.get(f) or wave.get(f) or stored.get(f) for f in fields]
 
     # --- the commit ----------------------------------------------------------------------------
 
-    def _finish(self) -> None:
-        record = self.record
-        record.outstanding = self.traversal.outstanding
+    def _finish(self, settling: bool = False) -> None:
+        """Make the commit: a node commit when the run's record is left as it is (see `Commit`),
+        else a run commit, which also decides the run's status (unless counters it adds to may
+        reserve more work: the driver then settles the run once the commit is in)."""
+        record, loaded = self.record, self.snap.record
         record.updated_at = self.adapter.clock()
+        record.outstanding = self.traversal.outstanding
+        changes_record = (settling or record.status != loaded.status or record.awaiting != loaded.awaiting
+                          or len(record.errors) != len(loaded.errors))
+        if not changes_record and (self.counters or not due_to_settle(RUNNING, record.awaiting, record.outstanding)):
+            return self._node_commit()
         if record.status == RUNNING or record.status == AWAITING:
-            blocking = [n for n, d in record.awaiting.items() if d.get("type") == "wait" or d.get("childAwaiting")]
-            if record.outstanding <= 0 and not record.awaiting and self.graph.fallback_only_ids:
-                ready, _ = self.traversal.settle()
-                self._schedule(ready)
-                record.outstanding = self.traversal.outstanding
-            if record.outstanding <= 0 and not record.awaiting:
-                all_states = self._all_states()
-                record.status = STALLED if Traversal(self.graph, dict(all_states)).unfinished() else COMPLETED
-            elif blocking and record.outstanding == len(blocking) and len(blocking) == len(record.awaiting):
-                record.status = AWAITING
-            else:
+            if self.counters:
                 record.status = RUNNING
+            else:
+                self._settle_status()
         changed_states = self.states.changed()
+        result = None
         if record.status in FINAL_STATUSES:
             all_states = self._all_states()
             result = self.adapter._final_result(self.job.run_id, record, self.context.delta, self.context.deleted,
                                                 all_states, self.graph, self.snap.context if self.snap.whole else None)
             record.result = result.to_dict()
             self.jobs.extend(self.adapter._parent_jobs(record))
-        elif record.status == AWAITING and self.snap.record.status != AWAITING:
+        elif record.status == AWAITING and loaded.status != AWAITING:
             self.jobs.extend(self.adapter._parent_jobs(record))
+        self._job_events()
         if self.events is not None:
-            self.events.extend(job_event("job:enqueued", job, delay=0.0) for job in self.jobs)
-            self.events.extend(job_event("job:enqueued", job, delay=delay) for job, delay in self.delayed)
-            if record.status == STALLED:
+            if record.status == STALLED and result is not None:
                 self._event("workflow:stall", stalled=result.stalled)
             if record.status in FINAL_STATUSES:
                 self._event("workflow:finish", status=record.status, errors=list(record.errors))
         self.commit = Commit(
-            self.job.run_id, self.snap.record.version, record, context_set=dict(self.context.delta),
+            self.job.run_id, loaded.version, record, context_set=dict(self.context.delta),
             context_delete=list(self.context.deleted), states=changed_states, items=self.items,
-            jobs=self.jobs, delayed=self.delayed,
+            jobs=self.jobs, delayed=self.delayed, counters=list(self.counters.values()),
         )
+
+    def _settle_status(self) -> None:
+        """The status of a run whose record this run commit changes, from its outstanding work."""
+        record = self.record
+        if record.outstanding <= 0 and not record.awaiting and self.graph.fallback_only_ids:
+            ready, _ = self.traversal.settle()
+            self._schedule(ready)
+            record.outstanding = self.traversal.outstanding
+            if self.counters:  # skipping unused fallbacks reached counted joins: settled once it is in
+                record.status = RUNNING
+                return
+        if record.outstanding <= 0 and not record.awaiting:
+            record.status = STALLED if Traversal(self.graph, dict(self._all_states())).unfinished() else COMPLETED
+        elif due_to_settle(RUNNING, record.awaiting, record.outstanding):
+            record.status = AWAITING
+        else:
+            record.status = RUNNING
+
+    def _node_commit(self) -> None:
+        changed = self.states.changed()
+        original = self.states.original
+        self._job_events()
+        self.commit = Commit(
+            self.job.run_id, None, self.record, context_set=dict(self.context.delta),
+            context_delete=list(self.context.deleted), states=changed, items=self.items, jobs=self.jobs,
+            delayed=self.delayed, guards={k: original(k) for k in changed}, unset_items=self.unset_items,
+            counters=list(self.counters.values()),
+            outstanding_delta=self.traversal.outstanding - self.snap.record.outstanding,
+        )
+
+    def settle(self) -> None:
+        """The run commit that settles a run nothing but parked nodes is left outstanding in."""
+        self._finish(settling=True)
+
+    def _job_events(self) -> None:
+        if self.events is not None:
+            self.events.extend(job_event("job:enqueued", job, delay=0.0) for job in self.jobs)
+            self.events.extend(job_event("job:enqueued", job, delay=delay) for job, delay in self.delayed)
 
     def _all_states(self) -> Dict[str, NodeState]:
         if self._stored_states is None:  # read once per commit: only a run's last commit needs them
@@ -243,22 +318,45 @@ class CommitPlan:
 
 
 class StoreArrivals:
-    """The `graph.ArrivalStore` of a commit: a join's taken arrival is an item field of its own
-    (`arrival_field`), written with the commit; the values are read once, when the join is ready,
-    through `CommitPlan.read_fields`."""
+    """The `graph.ArrivalStore` of a commit: an arrival at a counted join adds one to the join's
+    counter (`count_field`), and a taken one's value is an item field of its own (`arrival_field`);
+    the count reaching the join's in-degree makes the join's job, which reads the values once
+    (through `CommitPlan.read_fields`) and resolves it."""
 
     __slots__ = ("plan",)
 
     def __init__(self, plan: CommitPlan) -> None:
         self.plan = plan
 
-    def put(self, node_id: str, iteration: int, edge_index: int, value: Any) -> None:
-        self.plan.items[arrival_field(node_id, iteration, edge_index)] = {"v": value}
+    def arrive(self, node_id: str, iteration: int, edge_index: int, taken: bool, value: Any) -> None:
+        plan = self.plan
+        if taken:
+            plan.items[arrival_field(node_id, iteration, edge_index)] = {"v": value}
+        job = Job(plan.job.run_id, plan.graph.blueprint.id, node_id, iteration)
+        plan.count(count_field(node_id, iteration), plan.graph.nodes[node_id].in_count, job, reserve=1)
 
     def taken(self, node_id: str, iteration: int, edge_indices: Sequence[int]) -> List[Tuple[int, Any]]:
         fields = self.plan.read_fields([arrival_field(node_id, iteration, i) for i in edge_indices])
         return [(index, found["v"]) for index, found in zip(edge_indices, fields)
                 if isinstance(found, Mapping) and "v" in found]
+
+
+class Gather:
+    """The outcome of a batch's gathering job: no node code runs, the items' results are read."""
+
+
+GATHER = Gather()
+
+
+def due_to_settle(status: str, awaiting: Mapping[str, Any], outstanding: int) -> bool:
+    """Whether a `running` run has nothing outstanding but parked nodes that wait for someone
+    else (a `wait`, a child awaiting): it is to end, or to await (`CommitPlan.settle`)."""
+    if status != RUNNING:
+        return False
+    if not awaiting:
+        return outstanding <= 0
+    blocking = sum(1 for d in awaiting.values() if d.get("type") == "wait" or d.get("childAwaiting"))
+    return blocking == len(awaiting) and outstanding <= blocking
 
 
 class LazyStates(MutableMapping):
@@ -312,6 +410,10 @@ class LazyStates(MutableMapping):
             if now != self._original.get(key):
                 out[key] = now
         return out
+
+    def original(self, key: str) -> Optional[Dict[str, Any]]:
+        """The state `key` as loaded (None: not stored)."""
+        return self._original.get(key)
 
     def current(self) -> Dict[str, NodeState]:
         return {k: v for k, v in self._states.items() if v is not None}
@@ -384,6 +486,16 @@ def arrival_field(node_id: str, iteration: int, edge_index: int) -> str:
     """The store field of the value edge `edge_index` carried into join `node_id` at `iteration`
     (see `StoreArrivals`)."""
     return f"arr:{node_id}:{iteration}:{edge_index}"
+
+
+def count_field(node_id: str, iteration: int) -> str:
+    """The store field counting the arrivals at counted join `node_id` at `iteration`."""
+    return f"cnt:{node_id}:{iteration}"
+
+
+def done_field(parent: str, iteration: int) -> str:
+    """The store field counting the finished items of batch `parent` at `iteration`."""
+    return f"done:{parent}:{iteration}"
 
 
 def input_field(parent: str, iteration: int, index: int) -> str:

@@ -342,13 +342,41 @@ class RunSnapshot:
 
 
 @attrs.define
+class Counter:
+    """A count a commit adds `delta` to, atomically (an item field of its own): a join's arrivals, a
+    batch's finished items. The commit whose add makes it reach `threshold` (below it before, at or
+    above it after: exactly one commit does) also adds `reserve` to the run's outstanding count and
+    makes `job` deliverable, in the same atomic step."""
+
+    field: str
+    delta: int
+    threshold: int
+    job: Optional[Job] = None
+    reserve: int = 0
+
+
+@attrs.define
 class Commit:
-    """Everything one decision changes in a run, applied atomically iff the run's version is still
-    `expected_version`. `jobs` become durable with the commit (in the queue, or an outbox the
-    driver publishes from right after)."""
+    """Everything one decision changes in a run, applied atomically, or not at all.
+
+    Two kinds, as the core decides (`plan.CommitPlan`):
+
+    - a *run commit* (`expected_version` set) changes the run's record (status, awaiting, errors,
+      result) and applies iff the run's version is still `expected_version`;
+    - a *node commit* (`expected_version` None) is what one node execution touches: it applies iff
+      the run is still running or awaiting, every node state in `guards` is still as loaded (None:
+      not stored) and no item field of `unset_items` is stored. It writes none of the record but
+      `updated_at`, adds `outstanding_delta` to the run's outstanding count and bumps the version,
+      without checking it: node commits of one run never conflict unless they touch the same node.
+
+    Both kinds apply their `counters`. `jobs` become durable with the commit (in the queue, or an
+    outbox the driver publishes from right after). A store that applies a commit sets
+    `outstanding_after` and `awaiting_after`: the run's outstanding count and awaiting nodes as the
+    commit left them (the driver settles the run when nothing but parked nodes is outstanding),
+    and `reached`."""
 
     run_id: str
-    expected_version: int
+    expected_version: Optional[int]
     record: RunRecord  # the new record (status, outstanding, awaiting, errors, result...)
     context_set: Dict[str, Any] = attrs.field(factory=dict)
     context_delete: List[str] = attrs.field(factory=list)
@@ -357,6 +385,26 @@ class Commit:
     jobs: List[Job] = attrs.field(factory=list)
     delayed: List[Tuple[Job, float]] = attrs.field(factory=list)
     ack: List[Delivery] = attrs.field(factory=list)  # deliveries a store may ack within the commit
+    guards: Dict[str, Optional[Dict[str, Any]]] = attrs.field(factory=dict)
+    unset_items: List[str] = attrs.field(factory=list)
+    counters: List[Counter] = attrs.field(factory=list)
+    outstanding_delta: int = 0
+    outstanding_after: Optional[int] = None
+    awaiting_after: Optional[Dict[str, Any]] = None
+    reached: List[Counter] = attrs.field(factory=list)  # set by the store: the counters this commit made reach
+
+    def made_jobs(self) -> List[Job]:
+        """The jobs an applied commit made deliverable now: its own and those of the counters it made reach."""
+        return self.jobs + [c.job for c in self.reached if c.job is not None]
+
+    @property
+    def node_commit(self) -> bool:
+        return self.expected_version is None
+
+
+def counter_reached(before: int, after: int, threshold: int) -> bool:
+    """Whether a count going from `before` to `after` reaches `threshold` (the rule every store applies)."""
+    return before < threshold <= after
 
 
 class RunStore(Protocol):
@@ -389,7 +437,8 @@ class RunStore(Protocol):
         """Item fields in the order asked (None where missing)."""
 
     def commit(self, commit: Commit) -> bool:
-        """Apply atomically iff the version matches; False otherwise (nothing written).
+        """Apply atomically iff its checks hold (see `Commit`); False otherwise (nothing written).
+        An applied commit gets `outstanding_after` and `awaiting_after` set.
 
         Raises `flowcraft.errors.StoreRejected` (nothing written) when the store cannot hold what
         the commit carries; `ConnectionError` only for outages."""

@@ -320,13 +320,13 @@ def test_help_of_every_command(capsys, command):
     assert capsys.readouterr().out.startswith("usage: flowcraft")
 
 
-def test_unreachable_rabbitmq_names_the_service_and_hides_the_password(capsys, app):
-    # nothing listens on port 1: the coordination Redis is checked first
+def test_unreachable_postgres_names_the_service_and_hides_the_password_and_redis_is_not_needed(capsys, app):
+    # nothing listens on port 1; the rabbitmq backend never reaches for Redis (the engine needs none)
     code, _, err = run_cli(capsys, "status", "r1", "--backend", "rabbitmq", "--redis-url",
-                           "redis://:secret@127.0.0.1:1/0")
+                           "redis://:secret@127.0.0.1:1/0", "--postgres-url", "postgresql://u:secret@127.0.0.1:1/test")
     assert code == EXIT_USAGE
-    assert_one_line_error(err, "cannot reach Redis at redis://:***@127.0.0.1:1/0")
-    assert "secret" not in err
+    assert_one_line_error(err, "cannot reach PostgreSQL at postgresql://u:***@127.0.0.1:1/test")
+    assert "secret" not in err and "Redis" not in err
 
 
 # --- lint and graph -----------------------------------------------------------------------------

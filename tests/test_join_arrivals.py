@@ -1,7 +1,8 @@
-"""A join's arrivals in a distributed run (issue 12): its node state only counts them, each taken
-arrival's value is a store field of its own (`plan.arrival_field`), read once when the join is
-ready; edges a loop can deliver more than once stay in the state. Also: batch item jobs never
-load the whole run, and the driver counts its version conflicts.
+"""A join's arrivals in a distributed run (issue 12): each adds one to the join's counter
+(`plan.count_field`) and each taken arrival's value is a store field of its own
+(`plan.arrival_field`); the join's state does not change until the job the count reaching its
+in-degree makes resolves it, reading the values once. Edges a loop can deliver more than once stay
+in the state. Also: batch item jobs never load the whole run, and the driver counts its conflicts.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 from flowcraft import FlowRuntime, NodeContext, create_flow
 from flowcraft.graph import DEAD, NodeState
-from flowcraft.plan import arrival_field
+from flowcraft.plan import arrival_field, count_field
 from flowcraft.ports import Commit
 from flowcraft.testing import InMemoryAdapter
 
@@ -71,9 +72,10 @@ def test_a_join_state_stays_small_and_its_input_is_the_in_memory_one(fetch_batch
     assert result.status == "completed", result.errors
     assert result.context == memory.context
     assert result.context["_outputs.join"]["keys"] == [f"w{i}" for i in range(WIDTH)]  # edge order
-    assert written and max(written) < 100, written  # counts only, never the 1 KB values
+    assert len(written) == 1 and max(written) < 100, written  # once, by its own job, never the 1 KB values
     stored = adapter.store.read_all_states(run_id)["join"]
-    assert "arr" not in stored and stored["n"] == WIDTH and stored["t"] == WIDTH, stored
+    assert stored == {"it": 0, "st": "done"}, stored
+    assert adapter.store.read_items(run_id, [count_field("join", 0)]) == [WIDTH]
     fields = [arrival_field("join", 0, e.index) for e in adapter.runtime.graph(flow.to_blueprint()).nodes["join"].incoming]
     values = adapter.store.read_items(run_id, fields)
     assert [v["v"]["i"] for v in values] == [1 + i for i in range(WIDTH)]
@@ -93,10 +95,10 @@ def test_the_arrival_values_are_read_once_when_the_join_is_ready() -> None:
     adapter.store.read_items = recording
     _, result = run(adapter, flow)
     assert result.status == "completed", result.errors
-    assert len(reads) == 1 and len(reads[0]) == WIDTH - 1, reads  # the last arrival is the commit's own
+    assert len(reads) == 1 and len(reads[0]) == WIDTH, reads  # by the join's own job
 
 
-def test_dead_arrivals_are_counted_and_an_all_dead_join_is_skipped_without_a_read() -> None:
+def test_dead_arrivals_are_counted_and_an_all_dead_join_is_skipped_by_its_job() -> None:
     flow = (create_flow("arrivals-dead").node("src", lambda ctx: 1)
             .node("a", lambda ctx: 1).node("b", lambda ctx: 2).node("join", lambda ctx: ctx.input)
             .node("after", lambda ctx: "ran")
@@ -110,7 +112,9 @@ def test_dead_arrivals_are_counted_and_an_all_dead_join_is_skipped_without_a_rea
     memory = expected(flow)
     assert result.context == memory.context and sorted(result.skipped) == sorted(memory.skipped)
     assert "join" in result.skipped and "after" in result.skipped
-    assert reads == []
+    assert [f for f in reads if any(x.startswith("arr:") for x in f)] == [[arrival_field("join", 0, 2),
+                                                                            arrival_field("join", 0, 3)]]
+    assert adapter.store.activations[(run_id, "join", 0)] == 1  # its job, made once
 
 
 def _lapping(ctx: NodeContext) -> Any:
@@ -139,32 +143,12 @@ def test_an_edge_out_of_a_cycle_arrives_once_per_lap_and_counts_once() -> None:
         assert list(fired.values()) == [1], fired
 
 
-def test_a_join_state_stored_before_the_upgrade_finishes_with_the_same_input() -> None:
-    """A run in flight whose join state holds its arrivals' values (the old layout) goes on:
-    the arrivals from then on are counted, and the join sees both."""
-    flow = fan(6)
-    adapter = adapter_for(flow)
-    run_id = adapter.start_workflow(flow.id, {})
-    adapter.work(burst=True, max_jobs=4)  # src and three workers: three arrivals
-    stored = adapter.store._runs[run_id]
-    state = stored.states["join"]
-    assert state["n"] == 3 and "arr" not in state
-    incoming = [e.index for e in adapter.runtime.graph(flow.to_blueprint()).nodes["join"].incoming]
-    old = [[i, True, stored.items.pop(arrival_field("join", 0, i))["v"]] for i in incoming[:3]]
-    stored.states["join"] = {"it": 0, "st": "pending", "arr": old}  # what the previous version wrote
-    adapter.drain()
-    result = adapter.wait_for_result(run_id, timeout=5)
-    assert result.status == "completed", result.errors
-    assert result.context == expected(flow).context
-
-
-def test_node_state_round_trips_its_counts() -> None:
-    state = NodeState(2, "pending", {3: "v", 4: DEAD}, arrived=5, taken=2)
+def test_node_state_round_trips() -> None:
+    state = NodeState(2, "pending", {3: "v", 4: DEAD}, laps=1, pending=5)
     data = state.to_dict()
-    assert data == {"it": 2, "st": "pending", "arr": [[3, True, "v"], [4, False, None]], "n": 5, "t": 2}
+    assert data == {"it": 2, "st": "pending", "arr": [[3, True, "v"], [4, False, None]], "laps": 1, "pending": 5}
     back = NodeState.from_dict(data)
-    assert (back.arrivals, back.arrived, back.taken) == ({3: "v", 4: DEAD}, 5, 2)
-    assert NodeState.from_dict({"it": 0, "st": "pending"}).arrived == 0
+    assert (back.arrivals, back.laps, back.pending) == ({3: "v", 4: DEAD}, 1, 5)
 
 
 def test_in_memory_runs_keep_the_arrivals_in_the_state() -> None:
@@ -195,24 +179,30 @@ def test_batch_item_jobs_never_load_the_whole_run(items: int) -> None:
     adapter.store.load_many = recording
     _, result = run(adapter, flow, {"xs": list(range(items))})
     assert result.status == "completed" and result.context["out"] == [2 * i for i in range(items)], result.errors
-    assert len(whole) == 2, whole  # each_scatter's job and each_gather's
+    assert len(whole) == 3, whole  # each_scatter's job, its gathering job (a start node's), and each_gather's
 
 
-def test_the_driver_counts_version_conflicts() -> None:
-    flow = create_flow("arrivals-conflict").node("a", lambda ctx: 1).node("b", lambda ctx: ctx.input + 1).edge("a", "b")
+def test_node_commits_conflict_only_on_the_states_they_touch() -> None:
+    """Another commit of the run (the version moves on) does not conflict with a node's commit;
+    one that changed a state the node's commit changes does: it is derived again, once."""
+    flow = (create_flow("arrivals-conflict").node("a", lambda ctx: 1).node("b", lambda ctx: ctx.input + 1)
+            .node("c", lambda ctx: ctx.input + 1).edge("a", "b").edge("b", "c"))
     adapter = adapter_for(flow)
     commit = adapter.store.commit
     raced: List[str] = []
 
     def racing(c: Commit) -> bool:
-        if not raced and "b" in c.states and c.states["b"].get("st") == "ready":
-            raced.append(c.run_id)  # another worker commits first: the version moves on
+        if c.node_commit and len(raced) < 2:
             record = adapter.store.get_record(c.run_id)
-            assert commit(Commit(c.run_id, record.version, record))
+            node = "a" if not raced else "b"  # a's commit: a version bump only; b's: b's state changes
+            states = {} if not raced else {"b": {"it": 0, "st": "ready", "laps": 0, "pending": 0}}
+            raced.append(node)
+            assert c.states[node]["st"] == "done"
+            assert commit(Commit(c.run_id, record.version, record, states=states))  # another worker commits first
         return commit(c)
 
     adapter.store.commit = racing
     run_id, result = run(adapter, flow)
-    assert raced == [run_id]
-    assert result.status == "completed" and result.context["b"] == 2, result.errors
+    assert raced == ["a", "b"]
+    assert result.status == "completed" and result.context["c"] == 3, result.errors
     assert adapter.conflicts == 1

@@ -1,6 +1,7 @@
 """`RabbitMqAdapter`: `flowcraft.distributed.DistributedAdapter` over RabbitMQ (jobs), PostgreSQL
-(contexts, statuses, run records, outbox) and a coordination store (Redis). All orchestration is the
-core's; this module only wires the ports."""
+(contexts, statuses, run records, outbox), and optionally a coordination store (Redis) for the code
+that uses one: the engine itself needs none. All orchestration is the core's; this module only
+wires the ports."""
 from __future__ import annotations
 
 import logging
@@ -23,7 +24,8 @@ class RabbitMqAdapter(DistributedAdapter):
     `amqp_url` may be a ready `pika.BlockingConnection` (used for consuming; a second connection
     with the same parameters publishes) and `postgres_dsn` a ready `psycopg2` connection (switched
     to autocommit; it is re-opened from its DSN after a drop). The tables are created if missing
-    (`ensure_schema`). Other keyword options go to `DistributedAdapter` (`retry_mode`,
+    (`ensure_schema`). `coordination_store` may be None: the engine never calls it (it is kept as
+    `adapter.coordination` for node code and tools that share locks). Other keyword options go to `DistributedAdapter` (`retry_mode`,
     `fetch_batch`, `poll_timeout`, `version_mismatch_ttl`, ...)."""
 
     queue: RabbitMqQueue
@@ -32,7 +34,7 @@ class RabbitMqAdapter(DistributedAdapter):
     def __init__(
         self,
         runtime: Any,
-        coordination_store: Any,
+        coordination_store: Optional[Any],
         amqp_url: Any,
         postgres_dsn: Any,
         context_table_name: str = DEFAULT_CONTEXT_TABLE,

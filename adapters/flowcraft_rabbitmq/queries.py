@@ -29,21 +29,54 @@ class Queries:
         execute = lambda name: sql.SQL("EXECUTE {} (%s)").format(sql.Identifier(name))  # noqa: E731
         upsert = (" ON CONFLICT (run_id) DO UPDATE SET status = EXCLUDED.status, updated_at = now(),"
                   " result = EXCLUDED.result")
-        # What every commit statement returns: a row per applied run, then a row per outbox row.
-        returning = (" SELECT run_id, NULL::bigint, NULL::text, NULL::int FROM r"
-                     " UNION ALL SELECT run_id, id, body, delay_ms FROM o")
+        # What every commit statement returns: a row per applied run ('r': its awaiting nodes and
+        # outstanding count as the commit left them, where it says), a row per outbox row ('o'),
+        # a row per counter reached ('c': its position in the commit's counters, from 1).
+        returning = (" SELECT 'r', run_id, NULL::bigint, NULL::text, NULL::int FROM r"
+                     " UNION ALL SELECT 'o', run_id, id, body, delay_ms FROM o")
+        wave_returning = (" SELECT 'r', run_id, NULL::bigint, awaiting::text, outstanding FROM r"
+                          " UNION ALL SELECT 'o', run_id, id, body, delay_ms FROM o"
+                          " UNION ALL SELECT 'c', run_id, NULL::bigint, NULL::text, ord::int FROM rc")
+        reserved = "COALESCE((SELECT sum((rc.e->>3)::int) FROM rc WHERE rc.run_id = w.run_id), 0)"
         # The wave commit ($1: a JSON array, one object per commit; see `_wave`). Only runs rows whose
         # version matches are locked, in run-id order, before anything is written; everything
         # else of a run is written only once its runs row is locked by this statement.
+        # The wave commit ($1: a JSON array, one object per commit; see `_wave`). The runs rows of
+        # the commits whose checks hold (a run commit: its version; a node commit: the run running
+        # or awaiting, its guarded node states as loaded, its unset item fields absent; see
+        # `flowcraft.ports.Commit`) are locked in run-id order before anything is written (a wave
+        # with node commits runs in a transaction that locked them first, so the checks read what
+        # the last writer left); everything else of a run is written only once its runs row is
+        # locked by this statement.
         wave = (
             "WITH w AS MATERIALIZED (SELECT * FROM jsonb_to_recordset($1) AS w(run_id text, expected int, record jsonb,"
             "         states jsonb, items jsonb, ctx_set jsonb, ctx_del text[], status text, result jsonb, jobs jsonb,"
-            "         final boolean))"
+            "         final boolean, node boolean, guards jsonb, unset text[], counters jsonb, delta int, updated_at float8))"
             ", lk AS MATERIALIZED (SELECT t.run_id FROM {runs} AS t JOIN w ON w.run_id = t.run_id"
-            "         WHERE (t.record->>'version')::int = w.expected ORDER BY t.run_id FOR UPDATE OF t)"
-            ", r AS (UPDATE {runs} AS t SET record = w.record"
+            "         WHERE CASE WHEN w.node THEN t.record->>'status' IN ('running', 'awaiting')"
+            "           AND NOT EXISTS (SELECT 1 FROM jsonb_each(w.guards) AS g LEFT JOIN {ns} AS x"
+            "               ON x.run_id = w.run_id AND x.node_id = g.key WHERE x.state IS DISTINCT FROM NULLIF(g.value, 'null'::jsonb))"
+            "           AND NOT EXISTS (SELECT 1 FROM {items} AS x WHERE x.run_id = w.run_id AND x.field = ANY(w.unset))"
+            "         ELSE (t.record->>'version')::int = w.expected END"
+            "         ORDER BY t.run_id FOR UPDATE OF t)"
+            # counters: one row each, added to atomically; `rc`: those this commit made reach their threshold
+            ", cn AS (INSERT INTO {items} AS t (run_id, field, value)"
+            "         SELECT w.run_id, c.e->>0, to_jsonb((c.e->>1)::bigint) FROM w JOIN lk ON lk.run_id = w.run_id,"
+            "         jsonb_array_elements(w.counters) AS c(e) ORDER BY w.run_id, c.e->>0"
+            "         ON CONFLICT (run_id, field) DO UPDATE SET value = to_jsonb((t.value #>> '{{}}')::bigint"
+            "           + (EXCLUDED.value #>> '{{}}')::bigint)"
+            "         RETURNING t.run_id, t.field, (t.value #>> '{{}}')::bigint AS after)"
+            ", rc AS (SELECT cn.run_id, c.e, c.ord FROM cn JOIN w ON w.run_id = cn.run_id,"
+            "         jsonb_array_elements(w.counters) WITH ORDINALITY AS c(e, ord)"
+            "         WHERE c.e->>0 = cn.field AND cn.after - (c.e->>1)::bigint < (c.e->>2)::bigint"
+            "         AND (c.e->>2)::bigint <= cn.after)"
+            ", r AS (UPDATE {runs} AS t SET record = CASE WHEN w.node THEN t.record || jsonb_build_object("
+            "           'version', (t.record->>'version')::int + 1, 'updated_at', w.updated_at,"
+            "           'outstanding', (t.record->>'outstanding')::int + w.delta + " + reserved + ")"
+            "         ELSE w.record || jsonb_build_object('outstanding', (w.record->>'outstanding')::int + " + reserved + ") END"
             "         FROM w JOIN lk ON lk.run_id = w.run_id"
-            "         WHERE t.run_id = w.run_id AND (t.record->>'version')::int = w.expected RETURNING t.run_id)"
+            "         WHERE t.run_id = w.run_id RETURNING t.run_id, (t.record->>'outstanding')::int AS outstanding,"
+            "         t.record->'awaiting' AS awaiting)"
             # node states and context keys: only the rows this commit changes
             ", ns AS (INSERT INTO {ns} (run_id, node_id, state)"
             "         SELECT w.run_id, e.key, e.value FROM w JOIN r ON r.run_id = w.run_id, jsonb_each(w.states) AS e"
@@ -64,17 +97,25 @@ class Queries:
             "         SELECT w.run_id, e.key, e.value FROM w JOIN r ON r.run_id = w.run_id, jsonb_each(w.items) AS e"
             "         ORDER BY w.run_id, e.key ON CONFLICT (run_id, field) DO UPDATE SET value = EXCLUDED.value)"
             ", s AS (INSERT INTO {st} (run_id, status, updated_at, result)"
-            "         SELECT w.run_id, w.status, now(), w.result FROM w JOIN r ON r.run_id = w.run_id ORDER BY w.run_id"
-            + upsert + ")"
+            "         SELECT w.run_id, w.status, now(), w.result FROM w JOIN r ON r.run_id = w.run_id WHERE NOT w.node"
+            "         ORDER BY w.run_id" + upsert + ")"
+            ", su AS (UPDATE {st} AS t SET updated_at = now() FROM w JOIN r ON r.run_id = w.run_id"
+            "         WHERE t.run_id = w.run_id AND w.node)"
             ", o AS (INSERT INTO {outbox} (run_id, body, delay_ms)"
-            "         SELECT w.run_id, j.e->>0, (j.e->>1)::int FROM w JOIN r ON r.run_id = w.run_id,"
-            "         jsonb_array_elements(w.jobs) WITH ORDINALITY AS j(e, ord) ORDER BY w.run_id, j.ord"
+            "         SELECT x.run_id, x.body, x.delay_ms FROM ("
+            "           SELECT w.run_id, j.e->>0 AS body, (j.e->>1)::int AS delay_ms, 0 AS grp, j.ord FROM w"
+            "           JOIN r ON r.run_id = w.run_id, jsonb_array_elements(w.jobs) WITH ORDINALITY AS j(e, ord)"
+            "           UNION ALL SELECT rc.run_id, rc.e->>4, 0, 1, rc.ord FROM rc WHERE rc.e->>4 IS NOT NULL) AS x"
+            "         ORDER BY x.run_id, x.grp, x.ord"
             "         RETURNING id, run_id, body, delay_ms)"
             # $2: outbox rows published since the last commit (rows a publisher elsewhere holds
             # locked are skipped: it deletes them itself)
             ", d AS (DELETE FROM {outbox} WHERE id = ANY($2) AND id IN"
-            "         (SELECT id FROM {outbox} WHERE id = ANY($2) FOR UPDATE SKIP LOCKED))" + returning
+            "         (SELECT id FROM {outbox} WHERE id = ANY($2) FOR UPDATE SKIP LOCKED))" + wave_returning
         )
+        # A node commit's wave is a transaction that locks its runs rows first (then its checks
+        # read the rows as the last writer of the run left them).
+        self.lock_runs = q("BEGIN; SELECT 1 FROM {runs} WHERE run_id = ANY(%s::text[]) ORDER BY run_id FOR UPDATE; ")
         # Version 0: a run started by a seed client (a context row, no runs row) being adopted.
         self.adopt = q(
             "WITH r AS (INSERT INTO {runs} (run_id, record, keyed)"

@@ -473,26 +473,34 @@ class PostgresRunStore:
         if any(c.expected_version == 0 for c in commits) or len({c.run_id for c in commits}) < len(commits):
             return self._commit_each(commits)
         wave = self._wave(commits)
+        lock = [c.run_id for c in commits] if any(c.node_commit for c in commits) else None
 
         def op(cur: Any) -> List[Any]:
             published = list(self._published)  # under the store's lock, as every change of the list
-            cur.execute(self.sql.exec_commit, (wave, published))
-            rows = cur.fetchall()
+            if lock is None:
+                cur.execute(self.sql.exec_commit, (wave, published))
+                rows = cur.fetchall()
+            else:
+                cur.execute(self.sql.lock_runs + self.sql.exec_commit, (lock, wave, published))
+                rows = cur.fetchall()
+                cur.execute("COMMIT")
             del self._published[:len(published)]
             return rows
 
-        applied = self._remember(self._run(op, lambda why: _rejected_commits(commits, why)))
+        rows = self._run(op, lambda why: _rejected_commits(commits, why))
+        applied = self._remember(rows)
+        self._note_applied(commits, rows)
         return [c.run_id in applied for c in commits]
 
     def _commit_each(self, commits: Sequence[Commit]) -> List[bool]:
         """Adoptions of seed-protocol runs (version 0), or several commits of one run: one
         statement per commit, in run-id order (the lock order of the wave statement), in one
-        transaction."""
+        transaction that locks the runs rows first."""
         order = sorted(range(len(commits)), key=lambda i: commits[i].run_id)
 
         def op(cur: Any) -> List[List[Any]]:
             rows: List[List[Any]] = [[] for _ in commits]
-            cur.execute("BEGIN")
+            cur.execute(self.sql.lock_runs, ([c.run_id for c in commits],))
             for i in order:
                 if commits[i].expected_version == 0:
                     cur.execute(self.sql.adopt, self._adopt_params(commits[i]))
@@ -503,12 +511,30 @@ class PostgresRunStore:
             return rows
 
         results = self._run(op, lambda why: _rejected_commits(commits, why))
+        for commit, rows in zip(commits, results):
+            self._note_applied([commit], rows)
         return [c.run_id in self._remember(rows) for c, rows in zip(commits, results)]
 
     @staticmethod
+    def _note_applied(commits: Sequence[Commit], rows: Sequence[Sequence[Any]]) -> None:
+        """Set `outstanding_after`, `awaiting_after` and `reached` of the applied commits (one per run)."""
+        by_run = {c.run_id: c for c in commits}
+        for kind, run_id, _, awaiting, number in rows:
+            commit = by_run.get(run_id)
+            if commit is None:
+                continue
+            if kind == "r" and number is not None:
+                commit.outstanding_after = int(number)
+                commit.awaiting_after = json.loads(awaiting) if awaiting else {}
+            elif kind == "c":
+                commit.reached.append(commit.counters[int(number) - 1])
+
+    @staticmethod
     def _new_record(commit: Commit) -> Tuple[Dict[str, Any], Any]:
+        if commit.node_commit:  # the stored record is kept: only its version, count and updated_at change
+            return {}, None
         record = attrs.asdict(commit.record, recurse=False)  # its values are JSON already
-        record["version"] = commit.expected_version + 1
+        record["version"] = commit.expected_version + 1  # type: ignore[operator]  # a run commit has one
         # Errors quote what failed, a hostile job's ids too: what JSONB cannot hold is escaped, so
         # that recording a failure never fails in turn.
         if record["errors"]:
@@ -532,7 +558,11 @@ class PostgresRunStore:
                 "states": commit.states, "items": commit.items, "ctx_set": commit.context_set,
                 "ctx_del": list(commit.context_delete), "status": commit.record.status, "result": result,
                 "jobs": self._jobs_json(commit.jobs, commit.delayed),
-                "final": commit.record.status in _FINAL,
+                "final": not commit.node_commit and commit.record.status in _FINAL,
+                "node": commit.node_commit, "guards": commit.guards, "unset": list(commit.unset_items),
+                "counters": [[c.field, c.delta, c.threshold, c.reserve, c.job.to_json() if c.job is not None else None]
+                             for c in commit.counters],
+                "delta": commit.outstanding_delta, "updated_at": float(commit.record.updated_at),
             })
         try:
             wave = _dumps(entries)
@@ -564,9 +594,9 @@ class PostgresRunStore:
         """Keep the outbox rows a commit statement returned, for this thread's next publish;
         returns them by applied run (a run without jobs maps to an empty list)."""
         applied: Dict[str, List[Tuple[int, str, int]]] = {}
-        for run_id, row_id, body, delay_ms in rows:
+        for kind, run_id, row_id, body, delay_ms in rows:
             jobs = applied.setdefault(run_id, [])
-            if row_id is not None:
+            if kind == "o":
                 jobs.append((row_id, body, delay_ms))
         pending = self._unpublished()
         for run_id, jobs in applied.items():

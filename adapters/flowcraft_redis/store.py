@@ -153,27 +153,34 @@ class RedisRunStore:
         return self._apply(commits)
 
     def _apply(self, commits: Sequence[Commit]) -> List[bool]:
-        fields = [dict(record_fields(c.record)) for c in commits]
+        fields = [dict(record_fields(c.record)) if not c.node_commit else {} for c in commits]
         calls = [self._commit_call(c, f) if self._valid(c.run_id) else None for c, f in zip(commits, fields)]
         replies = iter(self._call_commits([c for c in calls if c is not None]))
         results = []
         for commit, call, written in zip(commits, calls, fields):
-            applied = call is not None and bool(next(replies))
-            if applied and call is not None and call[2] and self.queue is not None:
-                self.queue.mark_acked(call[2])
+            reply: Any = next(replies) if call is not None else 0
+            applied = isinstance(reply, list)
+            if applied:
+                _, outstanding, awaiting, reached, acked = reply
+                commit.outstanding_after = int(outstanding)
+                commit.awaiting_after = _decode_field(to_text(awaiting))
+                commit.reached = [commit.counters[int(i) - 1] for i in reached]
+                if acked and call is not None and call[2] and self.queue is not None:
+                    self.queue.mark_acked(call[2])
             if call is not None:
-                self._remember(commit, written if applied else None)
+                self._remember(commit, written if applied and not commit.node_commit else None)
             results.append(applied)
         return results
 
     def _remember(self, commit: Commit, fields: Optional[Dict[str, str]]) -> None:
-        """Note the record a commit wrote (None: it was not applied, what is stored is unknown)."""
+        """Note the record a run commit wrote (None: it was not applied, or it was a node commit:
+        what is stored is unknown)."""
         if fields is None or commit.record.status in FINAL_STATUSES:
             self._known.pop(commit.run_id, None)
             return
         if len(self._known) >= 4096:
             self._known.clear()
-        self._known[commit.run_id] = (commit.expected_version + 1, fields)
+        self._known[commit.run_id] = (commit.expected_version + 1, fields)  # type: ignore[operator]  # a run commit's
 
     def _call_commits(self, calls: List[Tuple[List[Any], List[Any], List[Any]]]) -> List[Any]:
         """ONE `self._commit(keys=..., args=...)` call for all the commits (RqRunStore wraps
@@ -203,14 +210,20 @@ class RedisRunStore:
         final = ""
         if record.status in FINAL_STATUSES:
             final = json.dumps({"status": record.status, "result": record.result}, separators=(",", ":"))
-        fields = fields if fields is not None else dict(record_fields(record))
-        known = self._known.get(run_id)
-        if known is not None and known[0] == commit.expected_version:
-            # updated_at always: a reconciler's touch changes it without a new version
-            changed = [(k, v) for k, v in fields.items() if k == "updated_at" or known[1].get(k) != v]
+        if commit.node_commit:  # the record is the stored one: only when it was last updated
+            changed = [("updated_at", repr(float(record.updated_at)))]
         else:
-            changed = list(fields.items())
-        args: List[Any] = [int(commit.expected_version), self.state_ttl_seconds, final, len(changed), *_flat(changed)]
+            fields = fields if fields is not None else dict(record_fields(record))
+            known = self._known.get(run_id)
+            if known is not None and known[0] == commit.expected_version:
+                # updated_at always: a reconciler's touch changes it without a new version
+                changed = [(k, v) for k, v in fields.items() if k == "updated_at" or known[1].get(k) != v]
+            else:
+                changed = list(fields.items())
+        expected = "" if commit.expected_version is None else int(commit.expected_version)
+        guards = [x for node_id, state in commit.guards.items() for x in (node_id, "" if state is None else encode(state))]
+        args: List[Any] = [expected, len(commit.guards), *guards, len(commit.unset_items), *commit.unset_items,
+                           self.state_ttl_seconds, final, len(changed), *_flat(changed)]
         args += [len(commit.context_set), *_encoded(commit.context_set)]
         args += [len(commit.context_delete), *commit.context_delete]
         args += [len(commit.states), *_encoded(commit.states)]
@@ -219,6 +232,9 @@ class RedisRunStore:
         now = self.clock()
         args += [len(commit.delayed), *_flat((repr(now + max(0.0, float(d))), delayed_member(j.to_json().encode()))
                                              for j, d in commit.delayed)]
+        args += [len(commit.counters), *(x for c in commit.counters for x in (
+            c.field, c.delta, c.threshold, c.reserve, c.job.to_json() if c.job is not None else ""))]
+        args.append(commit.outstanding_delta)
         acks = [d for d in commit.ack if isinstance(d.tag, tuple) and len(d.tag) == 2]
         args += [len(acks), *(d.tag[1] for d in acks)]
         keys = [*self.keys.of(run_id), self.queue_keys.ready, self.queue_keys.delayed, *(d.tag[0] for d in acks)]

@@ -221,7 +221,7 @@ def _redis_adapter(args: Any, runtime: FlowRuntime, options: dict) -> Any:
 def _rabbitmq_adapter(args: Any, runtime: FlowRuntime, options: dict) -> Any:
     context_table, status_table = table_names(args)
     package = _import_adapter("flowcraft_rabbitmq", "rabbitmq")
-    coordination = package.RedisCoordinationStore(_redis_client(args), key_prefix(args))
+    coordination = None  # the engine calls none: RabbitMQ + PostgreSQL users need no Redis
     amqp, postgres = url(args, "rabbitmq"), url(args, "postgres")
     # PostgreSQL is reached first (the store), then RabbitMQ: name whichever failed.
     import psycopg2

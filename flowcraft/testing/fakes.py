@@ -20,7 +20,7 @@ import attrs
 
 from ..distributed import DistributedAdapter, WorkerCrash
 from ..errors import StoreRejected
-from ..ports import Commit, Delivery, Job, RunRecord, RunSnapshot
+from ..ports import Commit, Delivery, Job, RunRecord, RunSnapshot, counter_reached
 
 CRASH_POINTS = ("before_execute", "after_execute", "after_commit", "after_publish", "before_ack")
 
@@ -234,7 +234,7 @@ class InMemoryRunStore:
         self._refuse_commit(commit)
         with self._lock:
             run = self._runs.get(commit.run_id)
-            if run is None or run.record.version != commit.expected_version:
+            if run is None or not self._checks_hold(run, commit):
                 return False
             for node_id, state in commit.states.items():
                 before = run.states.get(node_id, {})
@@ -243,9 +243,15 @@ class InMemoryRunStore:
                     self.completions[key] += 1
                 if state.get("st") == "ready" and (before.get("st") != "ready" or before.get("it") != state.get("it")):
                     self.activations[key] += 1
-            record = _copy_record(commit.record)
-            record.version = commit.expected_version + 1
-            run.record = record
+            if commit.node_commit:  # the record is the stored one: its updated_at, version and count change
+                record = run.record
+                record.version += 1
+                record.updated_at = commit.record.updated_at
+                record.outstanding += commit.outstanding_delta
+            else:
+                record = _copy_record(commit.record)
+                record.version = commit.expected_version + 1  # type: ignore[operator]  # a run commit has one
+                run.record = record
             run.context.update(_copy(commit.context_set))
             for name in commit.context_delete:
                 run.context.pop(name, None)
@@ -253,8 +259,30 @@ class InMemoryRunStore:
             run.items.update(_copy(commit.items))
             run.outbox.extend((j, 0.0) for j in commit.jobs)
             run.outbox.extend(commit.delayed)
+            for counter in commit.counters:
+                count = int(run.items.get(counter.field) or 0)
+                run.items[counter.field] = count + counter.delta
+                if counter_reached(count, count + counter.delta, counter.threshold):
+                    commit.reached.append(counter)
+                    record.outstanding += counter.reserve
+                    if counter.job is not None:
+                        run.outbox.append((counter.job, 0.0))
+                        if counter.reserve:  # the job that resolves a join: it is made ready
+                            self.activations[(commit.run_id, counter.job.node_id, counter.job.iteration)] += 1
+            commit.outstanding_after = record.outstanding
+            commit.awaiting_after = _copy(record.awaiting)
             self.commits += 1
             return True
+
+    @staticmethod
+    def _checks_hold(run: "_StoredRun", commit: Commit) -> bool:
+        if not commit.node_commit:
+            return run.record.version == commit.expected_version
+        if run.record.status not in ("running", "awaiting"):
+            return False
+        if any(run.states.get(node_id) != guard for node_id, guard in commit.guards.items()):
+            return False
+        return not any(field in run.items for field in commit.unset_items)
 
     def commit_many(self, commits: Sequence[Commit]) -> List[bool]:
         for commit in commits:  # all refused, nothing written, when one cannot be held

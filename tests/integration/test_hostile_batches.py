@@ -161,7 +161,7 @@ def test_postgres_stores_batch_items_a_row_per_field(amqp_url: str, postgres_dsn
         cur.execute(f'SELECT items FROM "{pg_table_prefix}runs" WHERE run_id = %s', (run_id,))
         document = cur.fetchone()[0]
     pg_conn.rollback()
-    assert rows == 1 + 2 * n  # the header, each item's input and each item's result
+    assert rows == 2 + 2 * n  # the header, the count of finished items, each item's input and result
     assert document == {}
 
 
