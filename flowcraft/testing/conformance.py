@@ -602,11 +602,11 @@ class ConformanceSuite:
 
     @staticmethod
     def assert_same_result(result: WorkflowResult, expected: WorkflowResult) -> None:
+        """SPEC 5: the same status, context, skipped nodes and errors as the in-memory run."""
         assert result.status == expected.status, (result.status, result.errors)
         assert result.context == expected.context
         assert sorted(result.skipped) == sorted(expected.skipped)
-        assert [(e.node_id, e.message, e.type) for e in result.errors] == \
-            [(e.node_id, e.message, e.type) for e in expected.errors]
+        assert result.errors == expected.errors
 
     @staticmethod
     def assert_one_key_per_execution(counts: Mapping[str, int]) -> None:
