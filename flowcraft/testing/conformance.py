@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -58,7 +59,8 @@ from ..runtime import FlowRuntime
 
 __all__ = [
     "BackendFactory", "Check", "ConformanceSuite", "FileLedger", "Ledger", "MemoryLedger", "SCENARIOS", "Scenario",
-    "WorkerProcess", "check_names", "conformance_flows", "conformance_runtime", "worker_runtime",
+    "WorkerProcess", "check_names", "conformance_flows", "conformance_runtime", "normalised_effects", "run_in_memory",
+    "worker_runtime",
 ]
 
 LEDGER = "conformance.ledger"  # the runtime dependency node code records its side effects in
@@ -777,19 +779,18 @@ class ConformanceSuite:
                 factory.recover(client, killed)
                 time.sleep(0.05)
             result = client.wait_for_result(run_id, timeout=TIMEOUT)
+            for worker in pool.values():
+                worker.kill()  # no worker runs node code while the ledger is read
+            counts = ledger.counts()
         finally:
             for worker in pool.values():
                 worker.close()
+            shutil.rmtree(directory, ignore_errors=True)
         self.assert_same_result(result, expected)
-        got = normalised_effects(ledger.counts())
+        got = normalised_effects(counts)
         assert set(got) == set(effects), sorted(set(got) ^ set(effects))
-        self.assert_one_key_per_execution(ledger.counts())
+        self.assert_one_key_per_execution(counts)
         assert len(killed) == factory.kills
         extra = sum(got.values()) - sum(effects.values())
         assert extra <= factory.kills * max(1, int(getattr(client, "fetch_batch", 1))), (extra, got)
         assert factory.dead_letters(client) == []
-        try:
-            os.remove(path)
-            os.rmdir(directory)
-        except OSError:
-            pass
