@@ -66,3 +66,37 @@ def test_checks_are_named_callables(factory: FakesFactory) -> None:
     assert "sigkill_workers" not in checks  # the fakes have no worker processes
     checks["chain"]()
     assert str(checks["chain"]) == "chain"
+
+
+# --- the kit fails a backend that breaks the contract --------------------------------------------
+
+
+class SilentDeadLetters(FakesFactory):
+    def dead_letters(self, adapter: InMemoryAdapter) -> List[bytes]:
+        return []
+
+
+class DoubleCommits(FakesFactory):
+    def commit_counts(self, adapter: InMemoryAdapter) -> Optional[Mapping[Tuple[str, str, int], int]]:
+        return {key: n + 1 for key, n in adapter.store.completions.items()}
+
+
+class RunsNodesTwice(FakesFactory):
+    """Node code runs twice per execution (its side effect happens twice)."""
+
+    def make_adapter(self, runtime: FlowRuntime) -> InMemoryAdapter:
+        adapter = super().make_adapter(runtime)
+        ledger = runtime.dependencies["conformance.ledger"]
+        record = ledger.record
+        ledger.record = lambda key: (record(key), record(key))  # type: ignore[method-assign]
+        return adapter
+
+
+@pytest.mark.parametrize("broken, check", [
+    (SilentDeadLetters, "malformed_job"),  # a malformed job not dead-lettered
+    (DoubleCommits, "chain"),  # a node execution committed twice
+    (RunsNodesTwice, "duplicate_job"),  # node code run twice
+])
+def test_the_kit_fails_a_backend_that_breaks_the_contract(broken: Any, check: str) -> None:
+    with pytest.raises(AssertionError):
+        ConformanceSuite(broken()).run(check)

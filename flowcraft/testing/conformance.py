@@ -14,7 +14,8 @@ dead letters, and, for process backends, start a worker process), and runs every
         def make_adapter(self, runtime): ...       # a NatsAdapter on this test's own subjects/buckets
         def publish_raw(self, adapter, body): ...
         def dead_letters(self, adapter): ...
-        def spawn_worker(self, name, ledger_path): ...   # `worker_runtime()` in a process of its own
+        def spawn_worker(self, name, ledger_path, nap):  # `worker_runtime()` in a process of its own
+            return WorkerProcess(["nats-worker", ...], name, env=self.worker_env(name, ledger_path, nap))
 
     @pytest.mark.parametrize("check", check_names(kills=True))
     def test_nats_conforms(check, nats_factory):
@@ -466,6 +467,7 @@ class BackendFactory:
     name = "backend"
     crash_points: Sequence[str] = ()  # crash points `make_crashing_adapter` can inject
     kills = 0  # SIGKILLs of worker processes the kill check throws (0: no process workers)
+    workers = 2  # worker processes the kill check keeps running
     kill_timeout = TIMEOUT  # seconds a run may take to finish after the kills (recovery included)
 
     def make_adapter(self, runtime: FlowRuntime) -> Any:
@@ -731,7 +733,7 @@ class ConformanceSuite:
         assert adapter.reconcile(run_id) == set()
         assert self.factory.dead_letters(adapter) == []
 
-    def check_sigkill_workers(self, nap: float = 0.02, workers: int = 2) -> None:
+    def check_sigkill_workers(self, nap: float = 0.02) -> None:
         """Worker processes run a fan of chains; `factory.kills` times, the worker that ran the latest
         node is SIGKILLed (mid-node: each node naps after its side effect) and a fresh one started.
         The run ends as in memory, every node execution ran, and none ran twice but for the jobs in
@@ -754,7 +756,7 @@ class ConformanceSuite:
             pool[name] = factory.spawn_worker(name, path, nap)
 
         try:
-            for _ in range(workers):
+            for _ in range(factory.workers):
                 spawn()
             run_id = client.start_workflow(scenario.blueprint_id)
             total = sum(effects.values())
