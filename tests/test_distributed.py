@@ -21,6 +21,7 @@ from flowcraft import BaseNode, Flow, FlowRuntime, NodeContext, WorkflowError, W
 from flowcraft.distributed import DistributedAdapter, ReconcileStats, Reconciler
 from flowcraft.ports import Job
 from flowcraft.testing import InMemoryAdapter, InMemoryEventLogger
+from flowcraft.testing.conformance import ConformanceSuite
 
 # =================================================================================================
 # Scenario catalogue (also imported by test_distributed_faults.py)
@@ -251,11 +252,7 @@ def assert_effectively_once(adapter: InMemoryAdapter) -> None:
     assert not fired, f"nodes made ready more than once: {fired}"
 
 
-def assert_same_result(distributed: WorkflowResult, expected: WorkflowResult) -> None:
-    assert distributed.status == expected.status, distributed.errors
-    assert distributed.context == expected.context
-    assert sorted(distributed.skipped) == sorted(expected.skipped)
-    assert distributed.errors == expected.errors
+assert_same_result = ConformanceSuite.assert_same_result  # the conformance kit's: SPEC 5's "identical"
 
 
 # =================================================================================================

@@ -1,4 +1,5 @@
-"""Test helpers: an event logger, a tracing runner, a step-by-step runner."""
+"""Test helpers: an event logger, a tracing runner, a step-by-step runner, the distributed fakes, and
+(in `flowcraft.testing.conformance`) the adapter conformance kit every backend passes."""
 from .event_logger import InMemoryEventLogger
 from .fakes import CRASH_POINTS, InMemoryAdapter, InMemoryCoordinationStore, InMemoryQueue, InMemoryRunStore
 from .stepper import Stepper

@@ -134,6 +134,7 @@ def test_postgres_stores_batch_items_a_row_per_field(amqp_url: str, postgres_dsn
     """On PostgreSQL an item's commit writes its own row and its job reads its own rows: the run's
     item document (`<runs>.items`) is never read or rewritten whole per item."""
     import redis as redis_client
+    from psycopg2 import sql
 
     from flowcraft import FlowRuntime, create_flow
     from flowcraft_rabbitmq import RabbitMqAdapter, RedisCoordinationStore
@@ -156,9 +157,11 @@ def test_postgres_stores_batch_items_a_row_per_field(amqp_url: str, postgres_dsn
     assert result.status == "completed", result.errors
     assert result.context["out"] == [3 * i for i in range(n)]
     with pg_conn.cursor() as cur:
-        cur.execute(f'SELECT count(*) FROM "{pg_table_prefix}items" WHERE run_id = %s', (run_id,))
+        cur.execute(sql.SQL("SELECT count(*) FROM {} WHERE run_id = %s").format(
+            sql.Identifier(f"{pg_table_prefix}items")), (run_id,))
         rows = cur.fetchone()[0]
-        cur.execute(f'SELECT items FROM "{pg_table_prefix}runs" WHERE run_id = %s', (run_id,))
+        cur.execute(sql.SQL("SELECT items FROM {} WHERE run_id = %s").format(
+            sql.Identifier(f"{pg_table_prefix}runs")), (run_id,))
         document = cur.fetchone()[0]
     pg_conn.rollback()
     assert rows == 2 + 2 * n  # the header, the count of finished items, each item's input and result
@@ -196,6 +199,7 @@ def test_a_finished_runs_context_is_stored_once_on_postgres(amqp_url: str, postg
                                                             redis_prefix: str, amqp_queue_name: str,
                                                             pg_table_prefix: str, pg_conn: Any) -> None:
     import redis as redis_client
+    from psycopg2 import sql
 
     from flowcraft import FlowRuntime, create_flow
     from flowcraft_rabbitmq import RabbitMqAdapter, RedisCoordinationStore
@@ -217,9 +221,11 @@ def test_a_finished_runs_context_is_stored_once_on_postgres(amqp_url: str, postg
     assert result.status == "completed" and result.context["big"] == "v" * 5000
     assert status.result["context"]["big"] == "v" * 5000
     with pg_conn.cursor() as cur:
-        cur.execute(f'SELECT record->\'result\' FROM "{pg_table_prefix}runs" WHERE run_id = %s', (run_id,))
+        cur.execute(sql.SQL("SELECT record->'result' FROM {} WHERE run_id = %s").format(
+            sql.Identifier(f"{pg_table_prefix}runs")), (run_id,))
         in_record = cur.fetchone()[0]
-        cur.execute(f'SELECT result->\'context\'->>\'big\' FROM "{pg_table_prefix}statuses" WHERE run_id = %s', (run_id,))
+        cur.execute(sql.SQL("SELECT result->'context'->>'big' FROM {} WHERE run_id = %s").format(
+            sql.Identifier(f"{pg_table_prefix}statuses")), (run_id,))
         in_status = cur.fetchone()[0]
     pg_conn.rollback()
     assert in_record is None and in_status == "v" * 5000

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +27,7 @@ sys.path.insert(0, TESTS)
 
 from flowcraft import FlowRuntime, NodeContext, create_flow  # noqa: E402
 from flowcraft.ports import Job  # noqa: E402
+from flowcraft.testing.conformance import WorkerProcess  # noqa: E402
 from test_distributed import SCENARIOS, Scenario, make_runtime, run_in_memory  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -638,16 +638,10 @@ def worker_main(redis_url: str, prefix: str, queue_name: str) -> None:
     adapter.work()
 
 
-def _start_worker(redis_url: str, prefix: str, queue_name: str) -> subprocess.Popen:
+def _start_worker(redis_url: str, prefix: str, queue_name: str) -> WorkerProcess:
     code = (f"import sys; sys.path.insert(0, {HERE!r}); import test_redis_adapter as t; "
             f"t.worker_main({redis_url!r}, {prefix!r}, {queue_name!r})")
-    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGKILL)
-    proc.wait(10)
+    return WorkerProcess([sys.executable, "-c", code], "redis-worker", cwd=ROOT)
 
 
 def test_worker_sigkilled_mid_run_loses_nothing(make_adapter: Any, redis_client: Any, redis_prefix: str, redis_url: str) -> None:
@@ -662,15 +656,14 @@ def test_worker_sigkilled_mid_run_loses_nothing(make_adapter: Any, redis_client:
         deadline = time.monotonic() + 60
         while len(redis_client.hgetall(RunKeys(redis_prefix).states(run_id))) < 40:
             assert time.monotonic() < deadline, "the workers made no progress"
-            assert all(w.poll() is None for w in workers), [w.stderr.read() for w in workers if w.poll() is not None]
+            assert all(w.alive() for w in workers), [w.stderr() for w in workers if not w.alive()]
             time.sleep(0.02)
-        workers[0].send_signal(signal.SIGKILL)
-        workers[0].wait(10)
+        workers[0].kill()
         workers.append(_start_worker(redis_url, redis_prefix, queue_name))
         result = client_adapter.wait_for_result(run_id, timeout=120)
     finally:
         for w in workers:
-            _stop(w)
+            w.close()
     assert result.status == "completed", result.errors
     assert result.context["k199"] == KILL_CHAIN
     assert result.context == flow.run(runtime).context
