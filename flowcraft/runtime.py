@@ -131,6 +131,8 @@ class FlowRuntime:
         for item in (blueprints.values() if isinstance(blueprints, Mapping) else blueprints or ()):
             self.add_blueprint(item)
         self._graphs: Dict[Tuple[int, bool], Tuple[WorkflowBlueprint, CompiledGraph]] = {}
+        # blueprint id() -> (blueprint, the registry it was checked against, the registry keys it needs)
+        self._registry_checked: Dict[int, Tuple[WorkflowBlueprint, Mapping[str, Any], Tuple[str, ...]]] = {}
         self._runner = NodeRunner(self.middleware, None)
         self.scheduler: Any = None  # a `timers.TimerScheduler` once `start_scheduler` made one
         self.pause_requests: set = set()  # ids of runs `request_pause` asked to pause (timetravel)
@@ -214,9 +216,19 @@ class FlowRuntime:
         """Raise `UnknownNodeError` (one line naming them all) if `blueprint` uses what this runtime
         lacks (`registry_problems`): checked before a run starts, so that no node runs (and no side
         effect happens) in a run that would fail on the first node nobody can run."""
+        known = self._registry_for(registry)
+        checked = self._registry_checked.get(id(blueprint))
+        if checked is not None and checked[0] is blueprint and checked[1] is known and all(k in known for k in checked[2]):
+            return  # checked against this registry before, and the keys it needed are all still there
         found = self.registry_problems(blueprint, registry)
         if found:
             raise UnknownNodeError(f"blueprint {blueprint.id!r} cannot run, nothing was started: {'; '.join(found)}")
+        if all(node.uses != SUBFLOW for node in blueprint.nodes):  # a subflow's check depends on other blueprints
+            needed = tuple({k for n in blueprint.nodes for k in (n.uses, (n.params or {}).get("workerUsesKey"))
+                            if isinstance(k, str) and k in known})
+            if len(self._registry_checked) >= _GRAPH_CACHE_SIZE:
+                self._registry_checked.pop(next(iter(self._registry_checked)))
+            self._registry_checked[id(blueprint)] = (blueprint, known, needed)
 
     def blueprint(self, ref: BlueprintRef) -> WorkflowBlueprint:
         """A blueprint from a `WorkflowBlueprint`, its dict form, a `Flow`, or the id of a known one."""

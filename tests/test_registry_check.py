@@ -80,3 +80,18 @@ def test_builtins_are_not_registry_keys_and_a_misspelling_gets_a_suggestion():
     typo = create_flow("typo").node("a", "fetch-ordr").to_blueprint()
     assert runtime.registry_problems(typo) == [
         "not in the registry: 'fetch-ordr' (node 'a'; did you mean 'fetch-order'?)"]
+
+
+def test_a_registry_changed_after_a_run_is_checked_again():
+    """The check is remembered per blueprint and registry, but only while the keys it needed are
+    still there: a key removed after a run is refused by the next run, before anything runs."""
+    ran: List[str] = []
+    flow = create_flow("checked-again").node("a", lambda ctx: ran.append("a")).node("b", lambda ctx: ran.append("b"))
+    flow.edge("a", "b")
+    blueprint, registry, runtime = flow.to_blueprint(), dict(flow.registry), FlowRuntime()
+    assert runtime.run(blueprint, registry=registry).status == "completed"
+    del registry[next(n.uses for n in blueprint.nodes if n.id == "b")]
+    ran.clear()
+    with pytest.raises(UnknownNodeError, match="node 'b'"):
+        runtime.run(blueprint, registry=registry)
+    assert ran == []
