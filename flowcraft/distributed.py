@@ -143,6 +143,8 @@ class DistributedAdapter:
         self._busy = threading.Lock()
         self._whole_loads = bool(getattr(store, "whole_loads", False))  # see RunStore.load_many
         self._item_spec: Tuple[str, Dict[str, Any]] = ("", {})  # the last batch item read by `_executable`
+        # (run id, field) -> value: the item fields of a wave's item jobs, read for all of them at once
+        self._wave_items: Dict[Tuple[str, str], Any] = {}
         # commits (one node execution's, or a wave's merged commit of one run) whose checks failed
         # (a run commit: the version moved; a node commit: a state it changes was changed) and were
         # derived again: a measure of contention between workers
@@ -243,6 +245,7 @@ class DistributedAdapter:
                     for items in [[(d, r) for d in segment for r in [self._guarded(d, self._resolve, d)] if r is not None]]
                     if items]
         snaps = self._load_wave(resolved)
+        self._read_wave_items(resolved)
         prepared: List[_Prepared] = []
         chains: List[List[Tuple[_Prepared, Commit]]] = []
         late: List[_Prepared] = []  # executed; its commit is derived again once its segment's is in
@@ -270,6 +273,7 @@ class DistributedAdapter:
                     break
             if chain:
                 chains.append(chain)
+        self._wave_items = {}  # read before these commits: a commit derived again reads the store
         applied = self._commit_wave(chains)
         for chain, (ok, merged) in zip(chains, applied):
             for p, _ in chain:
@@ -323,6 +327,25 @@ class DistributedAdapter:
                                  _identity(delivery.job))  # type: ignore[arg-type]  # resolved deliveries have jobs (`_resolve`)
                 snaps.append(_UNLOADED)
         return snaps
+
+    def _read_wave_items(self, resolved: List[List[Tuple[Delivery, Tuple[CompiledGraph, GraphNode]]]]) -> None:
+        """Read the item fields of a wave's batch item jobs in one read per run (not one per item);
+        a read that fails leaves each item to read its own."""
+        self._wave_items = {}
+        for items in resolved:
+            jobs = [(d.job, node) for d, (_, node) in items if d.job is not None and d.job.kind == "item"]
+            if len(jobs) < 2:
+                continue
+            run_id = jobs[0][0].run_id
+            fields = [f for job, node in jobs for f in _item_fields(job, node.id)]
+            try:
+                values = self.store.read_items(run_id, fields)
+            except _OUTAGES:
+                raise
+            except Exception:
+                logger.exception("worker: reading the items of run %s failed; reading them one by one", run_id)
+                continue
+            self._wave_items.update(((run_id, f), v) for f, v in zip(fields, values))
 
     def _commit_wave(self, chains: List[List[Tuple["_Prepared", Commit]]]) -> List[Tuple[Optional[bool], Commit]]:
         """Apply each chain's merged commit: (True, False (its checks failed) or None (refused: the
@@ -575,9 +598,12 @@ class DistributedAdapter:
         item fields in one read (never from the job: a queue writer could name anything there);
         None when the item is done already or the job names no item of the batch (then dropped)."""
         assert job.index is not None  # an item job has one (`Job.from_dict` requires it)
-        fields = [item_field(node.id, job.iteration, job.index), spec_field(node.id, job.iteration),
-                  input_field(node.id, job.iteration, job.index)]
-        done, header, own = self.store.read_items(job.run_id, fields)
+        fields = _item_fields(job, node.id)
+        wave = self._wave_items
+        if all((job.run_id, f) in wave for f in fields):
+            done, header, own = (wave[(job.run_id, f)] for f in fields)
+        else:
+            done, header, own = self.store.read_items(job.run_id, fields)
         if done is not None:
             return None
         spec = batch_item(node.id, job.index, header, own)
@@ -1101,6 +1127,13 @@ class DistributedAdapter:
             self._emit_jobs(jobs)
             self._emit_all([Event("workflow:finish", {"run_id": record.run_id, "blueprint_id": record.blueprint_id,
                                                       "status": record.status, "errors": list(record.errors)})])
+
+
+def _item_fields(job: Job, parent: str) -> List[str]:
+    """What a batch item job reads before it runs: its result (set once done), the batch's header, its own input."""
+    assert job.index is not None  # an item job has one (`Job.from_dict` requires it)
+    return [item_field(parent, job.iteration, job.index), spec_field(parent, job.iteration),
+            input_field(parent, job.iteration, job.index)]
 
 
 def _same_parent(stored: Optional[Mapping[str, Any]], parent: Mapping[str, Any]) -> bool:
