@@ -16,6 +16,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Protocol, Seque
 
 import attrs
 
+# What a job on the wire may be (see `Job`); "resume" jobs never travel, a client makes them in process.
+JOB_KINDS = ("node", "timer", "child", "item")
 _JOB_FIELDS = {"runId", "blueprintId", "nodeId", "iteration", "attempt", "input", "parent", "index", "kind", "firstSeen"}
 
 # Bounds on what a queue message may be (anyone who can write to the queue can write anything):
@@ -207,7 +209,7 @@ class Job:
         if index is not None:
             _whole_number("index", index)
         kind = data.get("kind", "node")
-        if kind not in ("node", "timer", "child", "item"):
+        if kind not in JOB_KINDS:
             raise MalformedJob(f"unknown job kind {_short(kind)}")
         if kind == "item" and (data.get("parent") is None or index is None):
             raise MalformedJob("an item job needs 'parent' and a whole-number 'index'")

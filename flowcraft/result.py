@@ -9,6 +9,7 @@ COMPLETED, FAILED, AWAITING, CANCELLED, STALLED, RUNNING = (
     "completed", "failed", "awaiting", "cancelled", "stalled", "running",
 )
 FINAL_STATUSES = frozenset({COMPLETED, FAILED, CANCELLED, STALLED})
+LIVE_STATUSES = (RUNNING, AWAITING)  # a run that commits still apply to (stores' scripts and SQL use these too)
 
 
 @attrs.frozen

@@ -9,6 +9,8 @@ from typing import Dict, Tuple
 
 from psycopg2 import sql
 
+from flowcraft.result import AWAITING, RUNNING
+
 from .schema import context_keys_table_name, items_table_name, node_states_table_name
 
 
@@ -16,7 +18,8 @@ class Queries:
     """Every statement the store runs, for one context, status, runs and outbox table."""
 
     def __init__(self, context_table: str, status_table: str, runs_table: str, outbox_table: str) -> None:
-        ids = {"ctx": sql.Identifier(context_table), "st": sql.Identifier(status_table),
+        # the core's run statuses, as literals (one set of constants for Python and SQL)
+        ids = {"running": sql.Literal(RUNNING), "awaiting": sql.Literal(AWAITING), "ctx": sql.Identifier(context_table), "st": sql.Identifier(status_table),
                "runs": sql.Identifier(runs_table), "outbox": sql.Identifier(outbox_table),
                "items": sql.Identifier(items_table_name(runs_table)),
                "ns": sql.Identifier(node_states_table_name(runs_table)),
@@ -53,7 +56,7 @@ class Queries:
             "         states jsonb, items jsonb, ctx_set jsonb, ctx_del text[], status text, result jsonb, jobs jsonb,"
             "         final boolean, node boolean, guards jsonb, unset text[], counters jsonb, delta int, updated_at float8))"
             ", lk AS MATERIALIZED (SELECT t.run_id FROM {runs} AS t JOIN w ON w.run_id = t.run_id"
-            "         WHERE CASE WHEN w.node THEN t.record->>'status' IN ('running', 'awaiting')"
+            "         WHERE CASE WHEN w.node THEN t.record->>'status' IN ({running}, {awaiting})"
             "           AND NOT EXISTS (SELECT 1 FROM jsonb_each(w.guards) AS g LEFT JOIN {ns} AS x"
             "               ON x.run_id = w.run_id AND x.node_id = g.key WHERE x.state IS DISTINCT FROM NULLIF(g.value, 'null'::jsonb))"
             "           AND NOT EXISTS (SELECT 1 FROM {items} AS x WHERE x.run_id = w.run_id AND x.field = ANY(w.unset))"
@@ -216,11 +219,11 @@ class Queries:
         self.outbox_forget = q("BEGIN; SET LOCAL synchronous_commit TO OFF;"
                                   " DELETE FROM {outbox} WHERE id = ANY(%(ids)s::bigint[]); COMMIT")
         self.idle = q(
-            "SELECT (SELECT count(*) FROM {st} WHERE status = 'running'),"
-            " array(SELECT run_id FROM {st} WHERE status = 'running'"
+            "SELECT (SELECT count(*) FROM {st} WHERE status = {running}),"
+            " array(SELECT run_id FROM {st} WHERE status = {running}"
             "       AND updated_at <= now() - make_interval(secs => %(idle)s) ORDER BY updated_at LIMIT %(limit)s)"
         )
-        self.touch = q("UPDATE {st} SET updated_at = now() WHERE run_id = %(run_id)s AND status = 'running'")
+        self.touch = q("UPDATE {st} SET updated_at = now() WHERE run_id = %(run_id)s AND status = {running}")
         # A tool's patch of one key: the adopted run's key row, and its context_data as well (so a
         # finished run's final context, and a seed client's run not adopted yet, see it too).
         self.set_key = q(

@@ -43,6 +43,7 @@ from __future__ import annotations
 import re
 from typing import Any, Optional, Tuple
 
+from flowcraft.result import RUNNING
 from psycopg2 import sql
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")  # matched whole (`fullmatch`): `$` would take "x\n"
@@ -112,7 +113,8 @@ def ensure_schema(conn: Any, context_table_name: str = DEFAULT_CONTEXT_TABLE,
         sql.SQL("CREATE TABLE IF NOT EXISTS {} (run_id TEXT PRIMARY KEY, context_data JSONB NOT NULL)").format(ident(context)),
         sql.SQL("CREATE TABLE IF NOT EXISTS {} (run_id TEXT PRIMARY KEY, status TEXT NOT NULL,"
                 " updated_at TIMESTAMPTZ DEFAULT NOW(), result JSONB)").format(ident(status)),
-        sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (updated_at) WHERE status = 'running'").format(ident(index), ident(status)),
+        sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (updated_at) WHERE status = {}").format(ident(index), ident(status),
+                                                                                             sql.Literal(RUNNING)),
         sql.SQL("CREATE TABLE IF NOT EXISTS {} (run_id TEXT PRIMARY KEY, record JSONB NOT NULL,"
                 " states JSONB NOT NULL DEFAULT '{{}}', items JSONB NOT NULL DEFAULT '{{}}')").format(ident(runs)),
         sql.SQL("CREATE TABLE IF NOT EXISTS {} (run_id TEXT NOT NULL, field TEXT NOT NULL, value JSONB NOT NULL,"

@@ -56,13 +56,14 @@ from psycopg2 import sql
 
 from flowcraft.errors import StoreRejected
 from flowcraft.ports import Commit, Job, RunRecord, RunSnapshot
+from flowcraft.result import FINAL_STATUSES, RUNNING
 
 from .queries import Queries
 from .schema import DEFAULT_CONTEXT_TABLE, DEFAULT_STATUS_TABLE, default_table_names, ensure_schema, validate_identifier
 
 logger = logging.getLogger("flowcraft.rabbitmq.store")
 
-_FINAL = ("completed", "failed", "cancelled", "stalled")
+_FINAL = FINAL_STATUSES
 _CONNECTION_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)
 _MAX_DEFERRED_DELETES = 5000  # published outbox rows whose delete may wait for the next commit
 # SQLSTATE classes of a statement's values refused: data exception, program limit exceeded
@@ -412,7 +413,7 @@ class PostgresRunStore:
     @staticmethod
     def _seed_record(run_id: str, status: Optional[str], updated_at: Optional[float]) -> RunRecord:
         """A run started by a seed client: a context (and a status) row, never initialised."""
-        return RunRecord(run_id, status=status or "running", version=0, updated_at=updated_at or 0.0)
+        return RunRecord(run_id, status=status or RUNNING, version=0, updated_at=updated_at or 0.0)
 
     def _select_one(self, query: Any, params: Mapping[str, Any]) -> Any:
         def op(cur: Any) -> Any:

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 from importlib import resources
 from typing import Any, Callable, TypeVar
 
 import redis
 from flowcraft.errors import ServiceUnavailable
+from flowcraft.result import LIVE_STATUSES
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -32,11 +34,17 @@ def translate_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+# The core's run statuses, as the scripts name them (one set of constants for Python and Lua).
+LUA_CONSTANTS = "local RUNNING, AWAITING = {}, {}".format(*(json.dumps(s) for s in LIVE_STATUSES))
+
+
 def load_script(client: Any, *names: str) -> Any:
     """Register ``lua/<name>`` (package data) with the client, called with EVALSHA; several names
-    make one script of their texts in that order (the first ones define functions the last uses)."""
+    make one script of their texts in that order (the first ones define functions the last uses),
+    after `LUA_CONSTANTS`."""
     lua = resources.files(__package__).joinpath("lua")
-    return client.register_script("\n".join(lua.joinpath(name).read_text(encoding="utf-8") for name in names))
+    texts = [LUA_CONSTANTS] + [lua.joinpath(name).read_text(encoding="utf-8") for name in names]
+    return client.register_script("\n".join(texts))
 
 
 def to_text(value: Any) -> str:

@@ -12,12 +12,12 @@ import time
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from flowcraft.ports import Commit, Job, RunRecord, RunSnapshot
+from flowcraft.result import FINAL_STATUSES, RUNNING
 
 from ._util import delayed_member, load_script, to_text, translate_errors
 from .context import decode, decode_hash, encode
 from .keys import QueueKeys, RunKeys
 
-FINAL_STATUSES = ("completed", "failed", "cancelled", "stalled")
 _JSON_FIELDS = ("blueprint_id", "blueprint_version", "awaiting", "errors", "parent", "result", "blueprint_digest")
 
 
@@ -65,7 +65,7 @@ def parse_record(run_id: str, raw: Mapping[Any, Any]) -> RunRecord:
 def record_from_texts(run_id: str, data: Mapping[str, str]) -> RunRecord:
     values: Dict[str, Any] = {name: _decode_field(data[name]) for name in _JSON_FIELDS if name in data}
     return RunRecord(
-        run_id=run_id, status=data.get("status", "running"), version=int(data.get("version", 0)),
+        run_id=run_id, status=data.get("status", RUNNING), version=int(data.get("version", 0)),
         outstanding=int(data.get("outstanding", 0)), updated_at=float(data.get("updated_at", 0.0)),
         blueprint_id=values.get("blueprint_id"), blueprint_version=values.get("blueprint_version"),
         awaiting=values.get("awaiting") or {}, errors=values.get("errors") or [], parent=values.get("parent"),
@@ -356,7 +356,7 @@ class RedisRunStore:
             for key in keys:
                 pipe.hmget(key, ["status", "updated_at"])
             for key, (status, updated) in zip(keys, pipe.execute()):
-                if status is None or to_text(status) != "running":
+                if status is None or to_text(status) != RUNNING:
                     continue
                 if now - float(to_text(updated or b"0")) >= idle_seconds:
                     idle.append(self.keys.run_id_of_record(key))

@@ -12,6 +12,7 @@
 --       pairs, item field/JSON pairs, job bodies, delayed score/member pairs, counters (field,
 --       delta, threshold, reserve, job body or "": 5 args each); then the outstanding delta; then
 --       the acknowledged delivery bodies (one per key 8.., in order).
+-- (RUNNING and AWAITING: the core's statuses, defined before this script by `load_script`.)
 -- A run commit applies iff the version matches; a node commit iff the run is running or awaiting,
 -- every guarded state is as given and no unset item field is stored; a node commit writes the
 -- record fields given (updated_at) and adds to the outstanding count and the version. Counters are
@@ -57,7 +58,7 @@ local function checks_hold(expected)
   pos = pos + unset
   if expected ~= '' then return version_matches(tonumber(expected)) end
   local status = redis.call('HGET', KEYS[kb + 1], 'status')
-  if status ~= 'running' and status ~= 'awaiting' then return false end
+  if status ~= RUNNING and status ~= AWAITING then return false end
   for i = 0, guards - 1 do
     local got = redis.call('HGET', KEYS[kb + 3], ARGV[gpos + 2 * i])
     local want = ARGV[gpos + 2 * i + 1]
