@@ -14,8 +14,9 @@ ratio large/small: the target is <= 1.3 (a run 10x larger costs at most 1.3x per
 `--workers 1,2,4` measures contention instead: for each N, N worker processes (the adapter's own
 `work()`; for rq, `RqAdapter.work()`, an in-process RQ SimpleWorker per process) run one
 1 -> WORKERS_FAN -> 1 fan and one WORKERS_BATCH-item batch (behind a producer), started from this
-process; it prints node executions/s and the workers' version conflicts per node execution
-(`DistributedAdapter.conflicts`: commits that found the run's version moved and were derived
+process; it prints node executions/s and the workers' commit conflicts per node execution
+(`DistributedAdapter.conflicts`: commits whose checks failed (a node commit: a state it changes had
+changed; a run commit: the run's version had moved) and were derived
 again). `--sleep-ms` makes every node sleep that long first (nodes that wait on I/O).
 
 Output: one JSON line per measurement on stdout, then a summary line; a table on stderr unless

@@ -101,6 +101,7 @@ def merge(commits: Sequence[Commit]) -> Commit:
         for key, guard in commit.guards.items():
             merged.guards.setdefault(key, guard)
         merged.unset_items.extend(commit.unset_items)
+        merged.history.extend(commit.history)
         merged.outstanding_delta += commit.outstanding_delta
         for counter in commit.counters:
             same = counters.get(counter.field)

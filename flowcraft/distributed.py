@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import socket
 import threading
 import time
 from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
@@ -98,6 +100,7 @@ class _Prepared:
     snap: Optional[RunSnapshot]
     outcome: Any
     events: Optional[List[Event]] = None  # what its commit does, as events (only with an event bus)
+    duration_ms: Optional[float] = None  # how long its node code ran
 
 
 @functools.lru_cache(maxsize=256)
@@ -142,13 +145,15 @@ class DistributedAdapter:
         self._thread: Optional[threading.Thread] = None
         self._busy = threading.Lock()
         self._whole_loads = bool(getattr(store, "whole_loads", False))  # see RunStore.load_many
-        self._item_spec: Tuple[str, Dict[str, Any]] = ("", {})  # the last batch item read by `_executable`
-        # (run id, field) -> value: the item fields of a wave's item jobs, read for all of them at once
-        self._wave_items: Dict[Tuple[str, str], Any] = {}
+        self._acks_in_commit = bool(getattr(store, "acks_in_commit", False))  # see RunStore
+        # per worker thread: the last batch item read by `_executable` (`_item_spec`), and the item
+        # fields of a wave's item jobs, read for all of them at once (`_wave_items`: (run id, field) -> value)
+        self._local = threading.local()
         # commits (one node execution's, or a wave's merged commit of one run) whose checks failed
         # (a run commit: the version moved; a node commit: a state it changes was changed) and were
         # derived again: a measure of contention between workers
         self.conflicts = 0
+        self.worker_name = f"{socket.gethostname()}:{os.getpid()}"  # who ran a node, in the run's history
 
     # === worker ==================================================================================
 
@@ -273,7 +278,7 @@ class DistributedAdapter:
                     break
             if chain:
                 chains.append(chain)
-        self._wave_items = {}  # read before these commits: a commit derived again reads the store
+        self._local.wave_items = {}  # read before these commits: a commit derived again reads the store
         applied = self._commit_wave(chains)
         for chain, (ok, merged) in zip(chains, applied):
             for p, _ in chain:
@@ -331,7 +336,7 @@ class DistributedAdapter:
     def _read_wave_items(self, resolved: List[List[Tuple[Delivery, Tuple[CompiledGraph, GraphNode]]]]) -> None:
         """Read the item fields of a wave's batch item jobs in one read per run (not one per item);
         a read that fails leaves each item to read its own."""
-        self._wave_items = {}
+        self._local.wave_items = {}
         for items in resolved:
             jobs = [(d.job, node) for d, (_, node) in items if d.job is not None and d.job.kind == "item"]
             if len(jobs) < 2:
@@ -345,7 +350,7 @@ class DistributedAdapter:
             except Exception:
                 logger.exception("worker: reading the items of run %s failed; reading them one by one", run_id)
                 continue
-            self._wave_items.update(((run_id, f), v) for f, v in zip(fields, values))
+            self._local.wave_items.update(((run_id, f), v) for f, v in zip(fields, values))
 
     def _commit_wave(self, chains: List[List[Tuple["_Prepared", Commit]]]) -> List[Tuple[Optional[bool], Commit]]:
         """Apply each chain's merged commit: (True, False (its checks failed) or None (refused: the
@@ -398,7 +403,11 @@ class DistributedAdapter:
                     f"worker error: cannot publish the run's jobs: {type(error).__name__}: {error}"), "WorkerError"))
 
     def _ack_quietly(self, deliveries: List[Delivery]) -> None:
-        """Acknowledge; a delivery the queue cannot acknowledge (other than by an outage) is logged."""
+        """Acknowledge (but those their commit did); a delivery the queue cannot acknowledge (other
+        than by an outage) is logged."""
+        deliveries = [d for d in deliveries if not d.acked]
+        if not deliveries:
+            return
         try:
             self.queue.ack(deliveries)
             return
@@ -452,12 +461,13 @@ class DistributedAdapter:
         prepared = self._prepare(delivery, graph, node, self._load(job, graph, node))
         if prepared is None:
             return
-        self._commit_outcome(prepared.job, graph, node, prepared.snap, prepared.outcome, delivery)
+        self._commit_outcome(prepared.job, graph, node, prepared.snap, prepared.outcome, delivery, prepared.duration_ms)
         self._fault("after_commit")
         self.store.publish_outbox(prepared.job.run_id, self.queue)
         self._fault("after_publish")
         self._fault("before_ack")
-        self.queue.ack([delivery])
+        if not delivery.acked:
+            self.queue.ack([delivery])
         if self.runtime.event_bus is not None:
             self._emit_all([job_event("job:processed", prepared.job)])
 
@@ -508,14 +518,16 @@ class DistributedAdapter:
             if node.inputs is None:
                 snap = attrs.evolve(snap, context=dict(snap.context, **{node.inputs_key: activation.input}))
         self._fault("before_execute")
+        started = time.perf_counter()
         outcome = self._execute(job, graph, node, snap)
+        duration_ms = round((time.perf_counter() - started) * 1000, 3)
         self._fault("after_execute")
         if type(outcome) is RetryLater:
             retry = job.with_(attempt=job.attempt + 1)
             self.queue.enqueue([retry], outcome.delay)
             self._emit_jobs([retry], outcome.delay)
             return self.queue.ack([delivery])
-        return _Prepared(delivery, job, graph, node, snap, outcome)
+        return _Prepared(delivery, job, graph, node, snap, outcome, duration_ms=duration_ms)
 
     @staticmethod
     def _wanted(node: GraphNode) -> Tuple[List[str], List[str]]:
@@ -599,7 +611,7 @@ class DistributedAdapter:
         None when the item is done already or the job names no item of the batch (then dropped)."""
         assert job.index is not None  # an item job has one (`Job.from_dict` requires it)
         fields = _item_fields(job, node.id)
-        wave = self._wave_items
+        wave = getattr(self._local, "wave_items", None) or {}
         if all((job.run_id, f) in wave for f in fields):
             done, header, own = (wave[(job.run_id, f)] for f in fields)
         else:
@@ -611,7 +623,7 @@ class DistributedAdapter:
             logger.warning("dropping job %s: batch %r of run %s has no item %r at index %r", job.key, node.id,
                            job.run_id, job.node_id, job.index)
             return None
-        self._item_spec = (job.key, spec)
+        self._local.item_spec = (job.key, spec)
         return spec
 
     def _version_mismatch(self, delivery: Delivery, job: Job, record: RunRecord, graph: CompiledGraph) -> None:
@@ -679,7 +691,8 @@ class DistributedAdapter:
         context.max_value_bytes = self.runtime.max_value_bytes  # and what one node writes (see FlowRuntime)
         context.max_context_bytes = self.runtime.max_context_bytes
         if job.kind == "item":  # what it runs and its input as committed; the job's own fields are ignored
-            key, spec = self._item_spec
+            last: Tuple[str, Dict[str, Any]] = getattr(self._local, "item_spec", None) or ("", {})
+            key, spec = last
             if key != job.key:
                 spec = self._item_to_run(job, node) or {}
             run_node = GraphNode(item_definition(job.node_id, spec))
@@ -729,10 +742,10 @@ class DistributedAdapter:
     # === committing ==============================================================================
 
     def _commit_outcome(self, job: Job, graph: CompiledGraph, node: GraphNode, snap: Optional[RunSnapshot], outcome: Any,
-                        delivery: Optional[Delivery]) -> Set[str]:
-        """Derive the commit for an outcome from the loaded state and apply it; on a version
-        conflict reload and derive again. Returns the ids of the nodes whose jobs it enqueued."""
-        prepared = _Prepared(delivery, job, graph, node, snap, outcome)
+                        delivery: Optional[Delivery], duration_ms: Optional[float] = None) -> Set[str]:
+        """Derive the commit for an outcome from the loaded state and apply it; when its checks
+        fail reload and derive again. Returns the ids of the nodes whose jobs it enqueued."""
+        prepared = _Prepared(delivery, job, graph, node, snap, outcome, duration_ms=duration_ms)
         for _ in range(_MAX_CONFLICTS):
             commit = self._derive_commit(prepared)
             if commit is None:
@@ -798,9 +811,10 @@ class DistributedAdapter:
         if snap is None or snap.record.status not in (RUNNING, AWAITING):
             return None  # the run ended meanwhile (cancelled, failed): nothing more is written
         plan = CommitPlan(self, prepared.job, prepared.graph, snap)
+        plan.duration_ms = prepared.duration_ms
         plan.apply(prepared.node, prepared.outcome)
         prepared.events = plan.events
-        if plan.commit is not None and prepared.delivery is not None:
+        if plan.commit is not None and prepared.delivery is not None and self._acks_in_commit:
             plan.commit.ack.append(prepared.delivery)
         return plan.commit
 
@@ -816,7 +830,8 @@ class DistributedAdapter:
         """A batched commit lost a version race: derive it again from the reloaded state."""
         snap = self._reload(prepared)
         if snap is not None:
-            self._commit_outcome(prepared.job, prepared.graph, prepared.node, snap, prepared.outcome, prepared.delivery)
+            self._commit_outcome(prepared.job, prepared.graph, prepared.node, snap, prepared.outcome, prepared.delivery,
+                                 prepared.duration_ms)
 
     def _still_applicable(self, job: Job, graph: CompiledGraph, node: GraphNode, snap: RunSnapshot) -> bool:
         if job.kind == "resume":
@@ -839,13 +854,16 @@ class DistributedAdapter:
             if new.result is None:
                 new.result = WorkflowResult(FAILED, {}, [WorkflowError.from_dict(e) for e in new.errors], run_id).to_dict()
             jobs = self._parent_jobs(new)
+            history = [{"type": "node:error", "payload": dict(error.to_dict(), node_id=error.node_id, worker=self.worker_name,
+                                                             timestamp=new.updated_at)},
+                       _finish_event(new)]
             try:
-                applied = self.store.commit(Commit(run_id, record.version, new, jobs=jobs))
+                applied = self.store.commit(Commit(run_id, record.version, new, jobs=jobs, history=history))
             except StoreRejected:  # the result's context cannot be held again: fail with none of it
                 if not new.result.get("context"):
                     raise
                 new.result = WorkflowResult(FAILED, {}, [WorkflowError.from_dict(e) for e in new.errors], run_id).to_dict()
-                applied = self.store.commit(Commit(run_id, record.version, new, jobs=jobs))
+                applied = self.store.commit(Commit(run_id, record.version, new, jobs=jobs, history=history))
             if applied:
                 self.store.publish_outbox(run_id, self.queue)
                 self._emit_ended(new, jobs)
@@ -944,7 +962,9 @@ class DistributedAdapter:
         if not jobs:
             record.status = COMPLETED
             record.outstanding = 0
-        if not self.store.create_run(record, context, states, jobs):
+        history = [{"type": "workflow:start", "payload": {"initial_context": context, "blueprint_id": blueprint.id,
+                                                          "timestamp": record.updated_at}}]
+        if not self.store.create_run(record, context, states, jobs, history):
             existing = self.store.get_record(run_id)
             if parent is None or existing is None or not _same_parent(existing.parent, parent):
                 raise ValueError(f"run {run_id!r} exists already: start a new run with another run id")
@@ -952,7 +972,8 @@ class DistributedAdapter:
             return run_id
         if record.status == COMPLETED:
             record.result = WorkflowResult(COMPLETED, context, run_id=run_id).to_dict()
-            self.store.commit(Commit(run_id, 1, attrs.evolve(record), jobs=self._parent_jobs(record)))
+            self.store.commit(Commit(run_id, 1, attrs.evolve(record), jobs=self._parent_jobs(record),
+                                     history=[_finish_event(record)]))
         self.store.publish_outbox(run_id, self.queue)
         if self.runtime.event_bus is not None:
             self._emit_all([Event("workflow:start", {"run_id": run_id, "blueprint_id": blueprint.id,
@@ -971,6 +992,12 @@ class DistributedAdapter:
         if limit is not None and depth > limit:
             raise subflow_depth_error(parent["nodeId"], depth, limit)
         return dict(parent, depth=depth)
+
+    def get_history(self, run_id: str) -> List[Event]:
+        """The run's durable history (SPEC 11), in commit order: written by the same atomic commits
+        as the states it describes (`Commit.history`), the newest `ports.HISTORY_CAP` commits' worth.
+        `runtime.replay(blueprint, adapter.get_history(run_id))` rebuilds a finished run's context."""
+        return [Event(e["type"], e.get("payload") or {}) for e in self.store.read_history(run_id)]
 
     def get_status(self, run_id: str) -> Optional[RunStatus]:
         record = self.store.get_record(run_id)
@@ -1037,7 +1064,8 @@ class DistributedAdapter:
             new = attrs.evolve(record, status=CANCELLED, updated_at=self.clock())
             new.result = self._final_result(run_id, new, {}, ()).to_dict()
             jobs = self._parent_jobs(new)
-            if self.store.commit(Commit(run_id, record.version, new, jobs=jobs)):
+            history = [{"type": "run:cancel", "payload": {"timestamp": new.updated_at}}, _finish_event(new)]
+            if self.store.commit(Commit(run_id, record.version, new, jobs=jobs, history=history)):
                 self.store.publish_outbox(run_id, self.queue)
                 self._emit_ended(new, jobs)
                 return
@@ -1127,6 +1155,11 @@ class DistributedAdapter:
             self._emit_jobs(jobs)
             self._emit_all([Event("workflow:finish", {"run_id": record.run_id, "blueprint_id": record.blueprint_id,
                                                       "status": record.status, "errors": list(record.errors)})])
+
+
+def _finish_event(record: RunRecord) -> Dict[str, Any]:
+    return {"type": "workflow:finish", "payload": {"status": record.status, "errors": list(record.errors),
+                                                   "timestamp": record.updated_at}}
 
 
 def _item_fields(job: Job, parent: str) -> List[str]:

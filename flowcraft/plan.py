@@ -27,6 +27,7 @@ class PlanAdapter(Protocol):
     runtime: FlowRuntime
     store: RunStore
     clock: Callable[[], float]
+    worker_name: str
 
     def _wanted_for(self, job: Job, node: GraphNode) -> Tuple[List[str], List[str]]: ...
 
@@ -61,6 +62,8 @@ class CommitPlan:
         self.delayed: List[Tuple[Job, float]] = []
         self.commit: Optional[Commit] = None
         self.events: Optional[List[Event]] = [] if adapter.runtime.event_bus is not None else None
+        self.history: List[Dict[str, Any]] = []  # the run's durable history: what this commit did
+        self.duration_ms: Optional[float] = None  # how long the node code ran (set by the driver)
 
     def apply(self, node: GraphNode, outcome: Any) -> None:
         delta: Dict[str, Any] = {}
@@ -110,11 +113,15 @@ class CommitPlan:
         ready, skipped = self.traversal.complete(node.id, iteration, decisions)
         if fallback is not None:
             self._record_output(fallback, outcome)
+            self._record("node:finish", fallback.id, output=outcome.output, action=outcome.action, fallback_for=node.id)
             fallback_decisions = self.graph.route(fallback.id, outcome, self.context)
             more, more_skipped = self.traversal.complete(fallback.id, self.traversal.state(fallback.id).iteration,
                                                          fallback_decisions, counted=False)
             ready += more
             skipped += more_skipped
+        self._record("node:finish", node.id, output=outcome.output, action=outcome.action)
+        for skipped_id in skipped:
+            self.history.append({"type": "node:skipped", "payload": {"node_id": skipped_id}})
         if self.events is not None:
             self._event("node:finish", node_id=node.id, output=outcome.output, action=outcome.action)
             for edge, taken, _ in decisions:
@@ -124,6 +131,8 @@ class CommitPlan:
         self._schedule(ready)
 
     def _skipped(self, ready: List[Activation], skipped: List[str]) -> None:
+        for skipped_id in skipped:
+            self.history.append({"type": "node:skipped", "payload": {"node_id": skipped_id}})
         if self.events is not None:
             for skipped_id in skipped:
                 self._event("node:skipped", node_id=skipped_id)
@@ -142,6 +151,13 @@ class CommitPlan:
                 self.context.set(target.inputs_key, activation.input)
             self.jobs.append(Job(self.job.run_id, blueprint_id, activation.node_id, activation.iteration))
 
+    def _record(self, kind: str, node_id: str, **payload: Any) -> None:
+        """A history event of this commit's node execution (`Commit.history`)."""
+        job = self.job
+        payload.update(node_id=node_id, iteration=job.iteration, attempt=job.attempt, worker=self.adapter.worker_name,
+                       timestamp=self.adapter.clock(), duration_ms=self.duration_ms)
+        self.history.append({"type": kind, "payload": payload})
+
     def _event(self, kind: str, **payload: Any) -> None:
         """Record an event; called only when the runtime has an event bus (`self.events` is a list)."""
         assert self.events is not None
@@ -150,13 +166,17 @@ class CommitPlan:
     def _failed(self, node: GraphNode, error: BaseException) -> None:
         self.traversal.fail(node.id)
         self.record.status = FAILED
-        self.record.errors.append(WorkflowError.from_exception(node.id, error).to_dict())
+        failure = WorkflowError.from_exception(node.id, error)
+        self.record.errors.append(failure.to_dict())
+        self._record("node:error", node.id, message=failure.message, error=failure.message, type=failure.type,
+                     traceback=getattr(failure, "traceback", None))
         if self.events is not None:
             self._event("node:error", node_id=node.id, error=str(error), type=type(error).__name__)
 
     def _park(self, node: GraphNode, details: Dict[str, Any]) -> None:
         kind = details.get("type")
         self.record.awaiting[node.id] = dict(details, iteration=self.job.iteration)
+        self._record("workflow:pause", node.id, details=details)
         if self.events is not None and (kind == "wait" or details.get("childAwaiting")):
             self._event("workflow:pause", node_id=node.id, details=details)  # a running child or a timer is no pause
         if kind == "sleep":
@@ -173,6 +193,7 @@ class CommitPlan:
             return self._failed(node, error)
         self.traversal.expand(node.id, len(specs))
         self.items.update(fields)
+        self._record("batch:start", node.id, items=len(specs))
         if self.events is not None:
             self._event("batch:start", node_id=node.id, items=len(specs))
         run_id, blueprint_id = self.job.run_id, self.graph.blueprint.id
@@ -191,6 +212,7 @@ class CommitPlan:
         field = item_field(parent.id, job.iteration, job.index)
         self.items[field] = {"v": outcome.output}
         self.unset_items.append(field)
+        self._record("node:finish", job.node_id, parent=parent.id, index=job.index)
         self.traversal.outstanding -= 1
         size = self.traversal.state(parent.id).pending
         self.count(done_field(parent.id, job.iteration), size,
@@ -203,6 +225,8 @@ class CommitPlan:
         fields = [item_field(parent.id, iteration, i) for i in range(batch_size(header))]
         results = [(found or {}).get("v") for found in self.read_fields(fields)]
         self.traversal.state(parent.id).pending = 0
+        self.history.append({"type": "batch:finish", "payload": {"node_id": parent.id, "items": len(results),
+                                                                 "timestamp": self.adapter.clock()}})
         if self.events is not None:
             self._event("batch:finish", node_id=parent.id, items=len(results))
         try:
@@ -258,6 +282,10 @@ class CommitPlan:
         elif record.status == AWAITING and loaded.status != AWAITING:
             self.jobs.extend(self.adapter._parent_jobs(record))
         self._job_events()
+        history = self._history()
+        if record.status in FINAL_STATUSES:
+            history.append({"type": "workflow:finish", "payload": {"status": record.status, "errors": list(record.errors),
+                                                                   "timestamp": record.updated_at}})
         if self.events is not None:
             if record.status == STALLED and result is not None:
                 self._event("workflow:stall", stalled=result.stalled)
@@ -266,8 +294,20 @@ class CommitPlan:
         self.commit = Commit(
             self.job.run_id, loaded.version, record, context_set=dict(self.context.delta),
             context_delete=list(self.context.deleted), states=changed_states, items=self.items,
-            jobs=self.jobs, delayed=self.delayed, counters=list(self.counters.values()),
+            jobs=self.jobs, delayed=self.delayed, counters=list(self.counters.values()), history=history,
         )
+
+    def _history(self) -> List[Dict[str, Any]]:
+        """This commit's history: its node's events, then the context keys it changes that they do not say."""
+        said = {e["payload"]["node_id"] for e in self.history if e["type"] == "node:finish" and "parent" not in e["payload"]}
+        said |= {"_outputs." + node_id for node_id in said}
+        changes = [{"type": "context:change", "payload": {"key": key, "value": value, "op": "set"}}
+                   for key, value in self.context.delta.items() if key not in said]
+        changes += [{"type": "context:change", "payload": {"key": key, "op": "delete"}} for key in self.context.deleted]
+        if self.job.kind == "resume":
+            changes.insert(0, {"type": "workflow:resume", "payload": {"node_id": self.job.node_id,
+                                                                      "timestamp": self.record.updated_at}})
+        return changes[:1] + self.history + changes[1:] if self.job.kind == "resume" else self.history + changes
 
     def _settle_status(self) -> None:
         """The status of a run whose record this run commit changes, from its outstanding work."""
@@ -294,7 +334,7 @@ class CommitPlan:
             self.job.run_id, None, self.record, context_set=dict(self.context.delta),
             context_delete=list(self.context.deleted), states=changed, items=self.items, jobs=self.jobs,
             delayed=self.delayed, guards={k: original(k) for k in changed}, unset_items=self.unset_items,
-            counters=list(self.counters.values()),
+            counters=list(self.counters.values()), history=self._history(),
             outstanding_delta=self.traversal.outstanding - self.snap.record.outstanding,
         )
 

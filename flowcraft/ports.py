@@ -242,6 +242,7 @@ class Delivery:
     job: Optional[Job] = None
     error: Optional[str] = None
     redelivered: bool = False
+    acked: bool = False  # acknowledged already, by the commit that carried it (see `RunStore.acks_in_commit`)
 
     @classmethod
     def parse(cls, body: Any, tag: Any, redelivered: bool = False) -> "Delivery":
@@ -391,6 +392,8 @@ class Commit:
     unset_items: List[str] = attrs.field(factory=list)
     counters: List[Counter] = attrs.field(factory=list)
     outstanding_delta: int = 0
+    # the run's history events this commit appends (`{"type", "payload"}`, JSON), in the same atomic step
+    history: List[Dict[str, Any]] = attrs.field(factory=list)
     outstanding_after: Optional[int] = None
     awaiting_after: Optional[Dict[str, Any]] = None
     reached: List[Counter] = attrs.field(factory=list)  # set by the store: the counters this commit made reach
@@ -409,9 +412,22 @@ def counter_reached(before: int, after: int, threshold: int) -> bool:
     return before < threshold <= after
 
 
+# How many commits' history a store keeps per run (the newest; see `RunStore.read_history`).
+HISTORY_CAP = 10_000
+
+
 class RunStore(Protocol):
-    def create_run(self, record: RunRecord, context: Mapping[str, Any], states: Mapping[str, Dict[str, Any]], jobs: Sequence[Job]) -> bool:
-        """Create a run with its first jobs; False (and nothing written) if the run exists."""
+    """A store whose attribute `acks_in_commit` is true removes the deliveries in a commit's `ack`
+    from the queue inside the commit, when it can, and then sets their `acked` (the driver does not
+    acknowledge them again); other stores get no deliveries in `ack`."""
+
+    def create_run(self, record: RunRecord, context: Mapping[str, Any], states: Mapping[str, Dict[str, Any]], jobs: Sequence[Job],
+                   history: Sequence[Dict[str, Any]] = ()) -> bool:
+        """Create a run with its first jobs (and the first events of its history); False (and
+        nothing written) if the run exists."""
+
+    def read_history(self, run_id: str) -> List[Dict[str, Any]]:
+        """The run's history events in commit order: those of its newest `HISTORY_CAP` commits."""
 
     def load(self, run_id: str, node_ids: Iterable[str], context_keys: Iterable[str]) -> Optional[RunSnapshot]:
         """The run's record with the given node states and context keys; None for an unknown run.

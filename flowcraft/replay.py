@@ -21,7 +21,7 @@ def replay_events(events: Iterable[Event]) -> WorkflowResult:
             context.update(payload.get("initial_context") or {})
         elif kind == "node:start" and payload.get("stored_input"):
             context["_inputs." + payload["node_id"]] = payload.get("input")
-        elif kind == "node:finish":
+        elif kind == "node:finish" and "parent" not in payload:  # a batch item's is not in the context
             node_id = payload["node_id"]
             context["_outputs." + node_id] = payload.get("output")
             context[node_id] = payload.get("output")

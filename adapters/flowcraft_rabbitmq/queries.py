@@ -11,7 +11,7 @@ from psycopg2 import sql
 
 from flowcraft.result import AWAITING, RUNNING
 
-from .schema import context_keys_table_name, items_table_name, node_states_table_name
+from .schema import context_keys_table_name, history_table_name, items_table_name, node_states_table_name
 
 
 class Queries:
@@ -23,7 +23,8 @@ class Queries:
                "runs": sql.Identifier(runs_table), "outbox": sql.Identifier(outbox_table),
                "items": sql.Identifier(items_table_name(runs_table)),
                "ns": sql.Identifier(node_states_table_name(runs_table)),
-               "ck": sql.Identifier(context_keys_table_name(runs_table))}
+               "ck": sql.Identifier(context_keys_table_name(runs_table)),
+               "hist": sql.Identifier(history_table_name(runs_table))}
         q = lambda text: sql.SQL(text).format(**ids)  # noqa: E731
         # Statement names are per table set, so two stores may share a connection.
         tag = hashlib.sha1("|".join((context_table, status_table, runs_table,
@@ -54,7 +55,8 @@ class Queries:
         wave = (
             "WITH w AS MATERIALIZED (SELECT * FROM jsonb_to_recordset($1) AS w(run_id text, expected int, record jsonb,"
             "         states jsonb, items jsonb, ctx_set jsonb, ctx_del text[], status text, result jsonb, jobs jsonb,"
-            "         final boolean, node boolean, guards jsonb, unset text[], counters jsonb, delta int, updated_at float8))"
+            "         final boolean, node boolean, guards jsonb, unset text[], counters jsonb, delta int, updated_at float8,"
+            "         history jsonb))"
             ", lk AS MATERIALIZED (SELECT t.run_id FROM {runs} AS t JOIN w ON w.run_id = t.run_id"
             "         WHERE CASE WHEN w.node THEN t.record->>'status' IN ({running}, {awaiting})"
             "           AND NOT EXISTS (SELECT 1 FROM jsonb_each(w.guards) AS g LEFT JOIN {ns} AS x"
@@ -104,6 +106,11 @@ class Queries:
             "         ORDER BY w.run_id" + upsert + ")"
             ", su AS (UPDATE {st} AS t SET updated_at = now() FROM w JOIN r ON r.run_id = w.run_id"
             "         WHERE t.run_id = w.run_id AND w.node)"
+            # the run's history: a row per commit; a run that ends keeps its newest $3 rows
+            ", h AS (INSERT INTO {hist} (run_id, events) SELECT w.run_id, w.history FROM w JOIN r ON r.run_id = w.run_id"
+            "         WHERE jsonb_array_length(w.history) > 0 ORDER BY w.run_id)"
+            ", hc AS (DELETE FROM {hist} AS t USING w JOIN r ON r.run_id = w.run_id WHERE w.final AND t.run_id = w.run_id"
+            "         AND t.seq <= (SELECT x.seq FROM {hist} AS x WHERE x.run_id = w.run_id ORDER BY x.seq DESC OFFSET $3 LIMIT 1))"
             ", o AS (INSERT INTO {outbox} (run_id, body, delay_ms)"
             "         SELECT x.run_id, x.body, x.delay_ms FROM ("
             "           SELECT w.run_id, j.e->>0 AS body, (j.e->>1)::int AS delay_ms, 0 AS grp, j.ord FROM w"
@@ -152,6 +159,8 @@ class Queries:
             "        FROM r, jsonb_each(%(context)s::jsonb) AS e ORDER BY e.key ON CONFLICT DO NOTHING)"
             ", s AS (INSERT INTO {st} (run_id, status, updated_at, result) SELECT run_id, %(status)s, now(), %(result)s"
             "        FROM r" + upsert + ")"
+            ", h AS (INSERT INTO {hist} (run_id, events) SELECT r.run_id, %(history)s::jsonb FROM r"
+            "        WHERE jsonb_array_length(%(history)s::jsonb) > 0)"
             ", o AS (INSERT INTO {outbox} (run_id, body, delay_ms) SELECT r.run_id, j.e->>0, (j.e->>1)::int FROM r,"
             "        jsonb_array_elements(%(jobs)s::jsonb) WITH ORDINALITY AS j(e, ord) ORDER BY j.ord"
             "        RETURNING id, run_id, body, delay_ms)" + returning
@@ -180,11 +189,12 @@ class Queries:
         # a finished run's result is stored once, in its status row, not in its record too
         record = ("SELECT CASE WHEN s.result IS NULL THEN r.record ELSE r.record || jsonb_build_object('result', s.result) END"
                   " FROM {runs} AS r LEFT JOIN {st} AS s ON s.run_id = r.run_id WHERE r.run_id = $1")
-        self.prepared: Dict[str, Tuple[str, sql.Composable]] = {names["commit"]: ("jsonb, bigint[]", q(wave)), names["load"]: ("jsonb", q(load)),
+        self.prepared: Dict[str, Tuple[str, sql.Composable]] = {names["commit"]: ("jsonb, bigint[], int", q(wave)), names["load"]: ("jsonb", q(load)),
                               names["record"]: ("text", q(record))}
-        self.exec_commit = sql.SQL("EXECUTE {} (%s, %s)").format(sql.Identifier(names["commit"]))
+        self.exec_commit = sql.SQL("EXECUTE {} (%s, %s, %s)").format(sql.Identifier(names["commit"]))
         self.exec_load = execute(names["load"])
         self.exec_record = execute(names["record"])
+        self.history = q("SELECT events FROM {hist} WHERE run_id = %(run_id)s ORDER BY seq")
         self.states = q("SELECT jsonb_object_agg(node_id, state) FROM {ns}"
                         " WHERE run_id = %(run_id)s AND node_id = ANY(%(nodes)s::text[])")
         self.all_states = q("SELECT jsonb_object_agg(node_id, state) FROM {ns} WHERE run_id = %(run_id)s")

@@ -92,6 +92,12 @@ def node_states_table_name(runs_table_name: str) -> str:
     return _companion(runs_table_name, "node_states")
 
 
+def history_table_name(runs_table_name: str) -> str:
+    """The run history table that goes with a runs table (`flowcraft_runs` -> `flowcraft_history`,
+    `x` -> `x_history`): a row per commit, its events."""
+    return _companion(runs_table_name, "history")
+
+
 def context_keys_table_name(runs_table_name: str) -> str:
     """The in-flight context table that goes with a runs table (`flowcraft_runs` ->
     `flowcraft_context_keys`, `x` -> `x_context_keys`)."""
@@ -141,6 +147,9 @@ def ensure_schema(conn: Any, context_table_name: str = DEFAULT_CONTEXT_TABLE,
         # outbox tables made before created_at existed
         sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS created_at TIMESTAMPTZ NOT NULL DEFAULT now()").format(ident(outbox)),
         sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (run_id)").format(ident(outbox_index), ident(outbox)),
+        # the runs' histories: appended by the commits, read per run in commit order
+        sql.SQL("CREATE TABLE IF NOT EXISTS {} (run_id TEXT NOT NULL, seq BIGSERIAL, events JSONB NOT NULL,"
+                " PRIMARY KEY (run_id, seq))").format(ident(history_table_name(runs))),
     ]
     autocommit = conn.autocommit
     if not autocommit:

@@ -55,7 +55,7 @@ import psycopg2.extras
 from psycopg2 import sql
 
 from flowcraft.errors import StoreRejected
-from flowcraft.ports import Commit, Job, RunRecord, RunSnapshot
+from flowcraft.ports import HISTORY_CAP, Commit, Job, RunRecord, RunSnapshot
 from flowcraft.result import FINAL_STATUSES, RUNNING
 
 from .queries import Queries
@@ -360,10 +360,12 @@ class PostgresRunStore:
         return ([[job.to_json(), 0] for job in commit_jobs]
                 + [[job.to_json(), max(0, int(round(delay * 1000)))] for job, delay in delayed])
 
-    def create_run(self, record: RunRecord, context: Mapping[str, Any], states: Mapping[str, Dict[str, Any]], jobs: Sequence[Job]) -> bool:
+    def create_run(self, record: RunRecord, context: Mapping[str, Any], states: Mapping[str, Dict[str, Any]], jobs: Sequence[Job],
+                   history: Sequence[Dict[str, Any]] = ()) -> bool:
         params = {"run_id": record.run_id, "context": _json(dict(context)), "record": _json(attrs.asdict(record)),
                   "states": _json(dict(states)), "status": record.status, "result": _json(record.result)
-                  if record.result is not None else None, "jobs": _json(self._jobs_json(jobs))}
+                  if record.result is not None else None, "jobs": _json(self._jobs_json(jobs)),
+                  "history": _json(list(history))}
 
         def op(cur: Any) -> List[Any]:
             cur.execute(self.sql.create, params)
@@ -442,6 +444,16 @@ class PostgresRunStore:
     def read_all_context(self, run_id: str) -> Dict[str, Any]:
         return {} if _has_nul(run_id) else self._select_one(self.sql.all_context, {"run_id": run_id}) or {}
 
+    def read_history(self, run_id: str) -> List[Dict[str, Any]]:
+        if _has_nul(run_id):
+            return []
+
+        def op(cur: Any) -> List[Any]:
+            cur.execute(self.sql.history, {"run_id": run_id})
+            return [event for (events,) in cur.fetchall() for event in events]
+
+        return self._run(op)
+
     def read_items(self, run_id: str, fields: Sequence[str]) -> List[Any]:
         fields = list(fields)
         if not fields:
@@ -479,10 +491,10 @@ class PostgresRunStore:
         def op(cur: Any) -> List[Any]:
             published = list(self._published)  # under the store's lock, as every change of the list
             if lock is None:
-                cur.execute(self.sql.exec_commit, (wave, published))
+                cur.execute(self.sql.exec_commit, (wave, published, HISTORY_CAP))
                 rows = cur.fetchall()
             else:
-                cur.execute(self.sql.lock_runs + self.sql.exec_commit, (lock, wave, published))
+                cur.execute(self.sql.lock_runs + self.sql.exec_commit, (lock, wave, published, HISTORY_CAP))
                 rows = cur.fetchall()
                 cur.execute("COMMIT")
             del self._published[:len(published)]
@@ -506,7 +518,7 @@ class PostgresRunStore:
                 if commits[i].expected_version == 0:
                     cur.execute(self.sql.adopt, self._adopt_params(commits[i]))
                 else:
-                    cur.execute(self.sql.exec_commit, (self._wave([commits[i]]), []))
+                    cur.execute(self.sql.exec_commit, (self._wave([commits[i]]), [], HISTORY_CAP))
                 rows[i] = cur.fetchall()
             cur.execute("COMMIT")
             return rows
@@ -564,6 +576,7 @@ class PostgresRunStore:
                 "counters": [[c.field, c.delta, c.threshold, c.reserve, c.job.to_json() if c.job is not None else None]
                              for c in commit.counters],
                 "delta": commit.outstanding_delta, "updated_at": float(commit.record.updated_at),
+                "history": commit.history,
             })
         try:
             wave = _dumps(entries)

@@ -98,6 +98,7 @@ class RunKeys:
     RECORD = "flowcraft:run:"
     STATES = "flowcraft:states:"
     ITEMS = "flowcraft:items:"
+    HISTORY = "flowcraft:history:"  # a list, one JSON array of events per commit
 
     def __init__(self, prefix: str = "") -> None:
         self.prefix = validate_prefix(prefix)
@@ -130,6 +131,9 @@ class RunKeys:
 
     def items(self, run_id: str) -> str:
         return self.prefix + self.ITEMS + validate_name("run id", run_id)
+
+    def history(self, run_id: str) -> str:
+        return self.prefix + self.HISTORY + validate_name("run id", run_id)
 
     def all_of(self, run_id: str) -> list:
         """Every key of one run (for EXPIRE)."""

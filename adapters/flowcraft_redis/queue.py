@@ -15,7 +15,6 @@ import os
 import socket
 import threading
 import time
-from collections import Counter
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import redis
@@ -51,7 +50,6 @@ class RedisQueue:
         self.clock = clock
         self._promote = load_script(client, "take.lua", "promote.lua")
         self._recover = load_script(client, "recover.lua")
-        self._acked: Counter = Counter()  # tags the store already acknowledged within a commit
         # Jobs a commit took for this worker (see `take_step`), served by the next `fetch`.
         self.prefetch = 0  # how many a commit may take: set while a worker loop runs
         self._stash: List[bytes] = []
@@ -150,23 +148,9 @@ class RedisQueue:
         except redis.TimeoutError:
             return None
 
-    def mark_acked(self, deliveries: Sequence[Delivery]) -> None:
-        """Called by the run store: these deliveries were removed from the processing list by a commit."""
-        with self._lock:
-            for d in deliveries:
-                self._acked[d.tag] += 1
-
     @translate_errors
     def ack(self, deliveries: Sequence[Delivery]) -> None:
-        todo = []
-        with self._lock:
-            for d in deliveries:
-                if self._acked.get(d.tag):
-                    self._acked[d.tag] -= 1
-                    if not self._acked[d.tag]:
-                        del self._acked[d.tag]
-                else:
-                    todo.append(d)
+        todo = [d for d in deliveries if not d.acked]  # the run store's commit removed those already
         if not todo:
             return
         if len(todo) == 1:
@@ -214,7 +198,6 @@ class RedisQueue:
         n = self._recover(keys=[self.processing_key, self.keys.ready, self.heartbeat_key, self.keys.workers],
                           args=[self.worker_id, "1"])
         with self._lock:
-            self._acked.clear()
             self._stash.clear()
         return int(n)
 

@@ -11,7 +11,7 @@ import json
 import time
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from flowcraft.ports import Commit, Job, RunRecord, RunSnapshot
+from flowcraft.ports import HISTORY_CAP, Commit, Job, RunRecord, RunSnapshot
 from flowcraft.result import FINAL_STATUSES, RUNNING
 
 from ._util import delayed_member, load_script, to_text, translate_errors
@@ -96,11 +96,12 @@ def _encoded(values: Mapping[str, Any]) -> List[Any]:
 class RedisRunStore:
     """Runs in Redis hashes, changed only by version-checked Lua commits.
 
-    `queue` (a `RedisQueue`) or `queue_name` says where committed jobs go; with a queue, the
-    deliveries a commit acknowledges are also marked so the queue does not LREM them again.
+    `queue` (a `RedisQueue`) or `queue_name` says where committed jobs go; with a queue, a commit
+    also takes the worker's next jobs. The deliveries a commit acknowledges are marked `acked`.
     """
 
     whole_loads = True  # load_many takes None for "all node states" and "the whole context"
+    acks_in_commit = True  # commit.lua removes a commit's deliveries from their processing list (see RunStore)
 
     def __init__(self, client: Any, prefix: str = "", state_ttl_seconds: int = 86400, *, queue: Any = None,
                  queue_name: str = "flowcraft-queue", clock: Callable[[], float] = time.time, scan_count: int = 100) -> None:
@@ -133,14 +134,16 @@ class RedisRunStore:
 
     @translate_errors
     def create_run(self, record: RunRecord, context: Mapping[str, Any], states: Mapping[str, Dict[str, Any]],
-                   jobs: Sequence[Job]) -> bool:
+                   jobs: Sequence[Job], history: Sequence[Dict[str, Any]] = ()) -> bool:
         run_id = record.run_id
         fields = record_fields(record) + [("version", str(int(record.version)))]
         args: List[Any] = [len(fields), *_flat(fields)]
         args += [len(context), *_encoded(context)]
         args += [len(states), *_encoded(states)]
         args += [len(jobs), *(j.to_json() for j in jobs)]
-        keys = [self.keys.record(run_id), self.keys.context(run_id), self.keys.states(run_id), self.queue_keys.ready]
+        args += [1, encode(list(history))] if history else [0]
+        keys = [self.keys.record(run_id), self.keys.context(run_id), self.keys.states(run_id), self.queue_keys.ready,
+                self.keys.history(run_id)]
         return bool(self._create(keys=keys, args=args))
 
     @translate_errors
@@ -165,8 +168,9 @@ class RedisRunStore:
                 commit.outstanding_after = int(outstanding)
                 commit.awaiting_after = _decode_field(to_text(awaiting))
                 commit.reached = [commit.counters[int(i) - 1] for i in reached]
-                if acked and call is not None and call[2] and self.queue is not None:
-                    self.queue.mark_acked(call[2])
+                if acked and call is not None:
+                    for delivery in call[2]:
+                        delivery.acked = True
             if call is not None:
                 self._remember(commit, written if applied and not commit.node_commit else None)
             results.append(applied)
@@ -235,9 +239,11 @@ class RedisRunStore:
         args += [len(commit.counters), *(x for c in commit.counters for x in (
             c.field, c.delta, c.threshold, c.reserve, c.job.to_json() if c.job is not None else ""))]
         args.append(commit.outstanding_delta)
+        args += [encode(commit.history) if commit.history else "", HISTORY_CAP]
         acks = [d for d in commit.ack if isinstance(d.tag, tuple) and len(d.tag) == 2]
         args += [len(acks), *(d.tag[1] for d in acks)]
-        keys = [*self.keys.of(run_id), self.queue_keys.ready, self.queue_keys.delayed, *(d.tag[0] for d in acks)]
+        keys = [*self.keys.of(run_id), self.queue_keys.ready, self.queue_keys.delayed, self.keys.history(run_id),
+                *(d.tag[0] for d in acks)]
         return keys, args, acks
 
     def publish_outbox(self, run_id: str, queue: Any) -> int:
@@ -319,6 +325,12 @@ class RedisRunStore:
             chunk = fields[start:start + 5000]
             out += [None if v is None else decode(v) for v in self.client.hmget(self.keys.items(run_id), chunk)]
         return out
+
+    @translate_errors
+    def read_history(self, run_id: str) -> List[Dict[str, Any]]:
+        if not self._valid(run_id):
+            return []
+        return [event for entry in self.client.lrange(self.keys.history(run_id), 0, -1) for event in decode(entry)]
 
     @translate_errors
     def get_record(self, run_id: str) -> Optional[RunRecord]:

@@ -267,7 +267,7 @@ def init_schema(args: Any) -> dict:
     import psycopg2
     from flowcraft_rabbitmq import ensure_schema
     from flowcraft_rabbitmq.schema import (context_keys_table_name, default_table_names, items_table_name,
-                                          node_states_table_name)
+                                          history_table_name, node_states_table_name)
 
     address = url(args, "postgres")
     with reaching("PostgreSQL", address):
@@ -280,4 +280,4 @@ def init_schema(args: Any) -> dict:
     runs, outbox = default_table_names(context_table)
     return {"context_table": context_table, "status_table": status_table, "runs_table": runs, "outbox_table": outbox,
             "items_table": items_table_name(runs), "node_states_table": node_states_table_name(runs),
-            "context_keys_table": context_keys_table_name(runs)}
+            "context_keys_table": context_keys_table_name(runs), "history_table": history_table_name(runs)}

@@ -20,7 +20,7 @@ import attrs
 
 from ..distributed import DistributedAdapter, WorkerCrash
 from ..errors import StoreRejected
-from ..ports import Commit, Delivery, Job, RunRecord, RunSnapshot, counter_reached
+from ..ports import HISTORY_CAP, Commit, Delivery, Job, RunRecord, RunSnapshot, counter_reached
 
 CRASH_POINTS = ("before_execute", "after_execute", "after_commit", "after_publish", "before_ack")
 
@@ -138,6 +138,7 @@ class _StoredRun:
     states: Dict[str, Dict[str, Any]] = attrs.field(factory=dict)
     items: Dict[str, Any] = attrs.field(factory=dict)
     outbox: List[Tuple[Job, float]] = attrs.field(factory=list)
+    history: Deque[List[Dict[str, Any]]] = attrs.field(factory=lambda: deque(maxlen=HISTORY_CAP))  # a list per commit
 
 
 class InMemoryRunStore:
@@ -181,13 +182,16 @@ class InMemoryRunStore:
                                      ("a job", [j.to_dict() for j in commit.jobs]),
                                      ("a job", [j.to_dict() for j, _ in commit.delayed])])
 
-    def create_run(self, record: RunRecord, context: Mapping[str, Any], states: Mapping[str, Dict[str, Any]], jobs: Sequence[Job]) -> bool:
+    def create_run(self, record: RunRecord, context: Mapping[str, Any], states: Mapping[str, Dict[str, Any]], jobs: Sequence[Job],
+                   history: Sequence[Dict[str, Any]] = ()) -> bool:
         self._refuse(record.run_id, [(f"the value of {k!r}", v) for k, v in context.items()])
         with self._lock:
             if record.run_id in self._runs:
                 return False
             self._runs[record.run_id] = _StoredRun(_copy_record(record), _copy(dict(context)), _copy(dict(states)),
                                                    outbox=[(j, 0.0) for j in jobs])
+            if history:
+                self._runs[record.run_id].history.append(_copy(list(history)))
             for node_id, state in states.items():
                 if state.get("st") == "ready":
                     self.activations[(record.run_id, node_id, state.get("it", 0))] += 1
@@ -225,6 +229,11 @@ class InMemoryRunStore:
         with self._lock:
             return _copy(self._runs[run_id].context)
 
+    def read_history(self, run_id: str) -> List[Dict[str, Any]]:
+        with self._lock:
+            run = self._runs.get(run_id)
+            return [_copy(event) for events in run.history for event in events] if run is not None else []
+
     def read_items(self, run_id: str, fields: Sequence[str]) -> List[Any]:
         with self._lock:
             items = self._runs[run_id].items
@@ -259,6 +268,8 @@ class InMemoryRunStore:
             run.items.update(_copy(commit.items))
             run.outbox.extend((j, 0.0) for j in commit.jobs)
             run.outbox.extend(commit.delayed)
+            if commit.history:
+                run.history.append(_copy(commit.history))
             for counter in commit.counters:
                 count = int(run.items.get(counter.field) or 0)
                 run.items[counter.field] = count + counter.delta

@@ -349,7 +349,7 @@ def test_db_init_creates_the_tables(capsys, backend, pg_conn, pg_table_prefix):
     assert names == {"context_table": f"{pg_table_prefix}contexts", "status_table": f"{pg_table_prefix}statuses",
                      "runs_table": f"{pg_table_prefix}runs", "outbox_table": f"{pg_table_prefix}outbox",
                      "items_table": f"{pg_table_prefix}items", "node_states_table": f"{pg_table_prefix}node_states",
-                     "context_keys_table": f"{pg_table_prefix}context_keys"}
+                     "context_keys_table": f"{pg_table_prefix}context_keys", "history_table": f"{pg_table_prefix}history"}
     with pg_conn.cursor() as cur:
         cur.execute("SELECT tablename FROM pg_tables WHERE tablename LIKE %s", (pg_table_prefix + "%",))
         assert {row[0] for row in cur.fetchall()} == set(names.values())

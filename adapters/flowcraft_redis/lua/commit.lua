@@ -4,14 +4,15 @@
 -- ARGV[1]: the number of commits; then, per commit, a header "number of keys", "number of args"
 -- followed by that commit's args; the keys of all commits follow each other in KEYS.
 -- A commit's KEYS: 1 record hash, 2 context hash, 3 node states hash, 4 items hash, 5 status string,
---       6 ready list, 7 delayed zset, 8.. the processing list of each acknowledged delivery
+--       6 ready list, 7 delayed zset, 8 history list, 9.. the processing list of each acknowledged delivery
 -- A commit's args: the expected version ("" = a node commit); counted groups, each "n" followed
 --       by its entries: guards (node id / state JSON pairs, "" = not stored), unset item fields;
 --       the TTL seconds for a final run (0 = keep), the status JSON ("" = not final); then counted
 --       groups again: record field/value pairs, context field/value pairs, context fields to delete, node state id/JSON
 --       pairs, item field/JSON pairs, job bodies, delayed score/member pairs, counters (field,
---       delta, threshold, reserve, job body or "": 5 args each); then the outstanding delta; then
---       the acknowledged delivery bodies (one per key 8.., in order).
+--       delta, threshold, reserve, job body or "": 5 args each); then the outstanding delta; the
+--       history entry (a JSON array of events, "" = none) and the most entries the history keeps;
+--       then the acknowledged delivery bodies (one per key 9.., in order).
 -- (RUNNING and AWAITING: the core's statuses, defined before this script by `load_script`.)
 -- A run commit applies iff the version matches; a node commit iff the run is running or awaiting,
 -- every guarded state is as given and no unset item field is stored; a node commit writes the
@@ -113,11 +114,16 @@ local function apply(expected)
     outstanding = tonumber(redis.call('HGET', KEYS[kb + 1], 'outstanding') or '0')
   end
   local awaiting = redis.call('HGET', KEYS[kb + 1], 'awaiting') or '{}'
+  local history, cap = take(), tonumber(take())
+  if history ~= '' then
+    redis.call('RPUSH', KEYS[kb + 8], history)
+    redis.call('LTRIM', KEYS[kb + 8], -cap, -1)
+  end
   local acks = tonumber(take())
   local acked = 0
   if outstanding > awaiting_count(awaiting) or final ~= '' then
     for i = 1, acks do
-      redis.call('LREM', KEYS[kb + 7 + i], 1, take())
+      redis.call('LREM', KEYS[kb + 8 + i], 1, take())
     end
     acked = 1
   end
@@ -125,6 +131,7 @@ local function apply(expected)
     redis.call('SET', KEYS[kb + 5], final)
     if ttl > 0 then
       for i = 1, 5 do redis.call('EXPIRE', KEYS[kb + i], ttl) end
+      redis.call('EXPIRE', KEYS[kb + 8], ttl)
     end
   end
   return {1, outstanding, awaiting, reached, acked}

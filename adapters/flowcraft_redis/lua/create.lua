@@ -1,8 +1,8 @@
 -- Create a run with its first jobs (RedisRunStore.create_run); nothing is written if it exists.
 --
--- KEYS: 1 record hash, 2 context hash, 3 node states hash, 4 ready list
+-- KEYS: 1 record hash, 2 context hash, 3 node states hash, 4 ready list, 5 history list
 -- ARGV: counted groups ("n" then entries): record field/value pairs, context field/value pairs,
---       node state id/JSON pairs, job bodies
+--       node state id/JSON pairs, job bodies, history entries (JSON arrays of events)
 -- Returns 1 when created, 0 when a record or a context of that run already exists.
 if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 local CHUNK = 500
@@ -24,4 +24,5 @@ chunked('HSET', KEYS[1], take_count(), 2)
 chunked('HSET', KEYS[2], take_count(), 2)
 chunked('HSET', KEYS[3], take_count(), 2)
 chunked('LPUSH', KEYS[4], take_count(), 1)
+chunked('RPUSH', KEYS[5], take_count(), 1)
 return 1
