@@ -16,8 +16,10 @@ module, and this module imports those libraries only when one of its classes is 
 """
 from __future__ import annotations
 
+import bisect
 import logging
 import os
+import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -126,14 +128,12 @@ class PrometheusMetrics:
         prometheus = _require("prometheus_client", "prometheus")
         self._prometheus = prometheus
         self.registry = registry if registry is not None else prometheus.CollectorRegistry()
-        self.node_executions = prometheus.Counter(
-            "flowcraft_node_executions", "Node executions, by blueprint, node and final status.",
-            ["blueprint", "node", "status"], registry=self.registry,
-        )
-        self.node_duration = prometheus.Histogram(
-            "flowcraft_node_duration_seconds", "Duration of a node execution (all its attempts).",
-            ["blueprint", "node"], registry=self.registry,
-        )
+        core = _require("prometheus_client.core", "prometheus")
+        # node executions and durations: counted here under one lock, turned into the counter and
+        # histogram families on scrape (prometheus_client's own labelled metrics cost a few locks
+        # and a loop over the buckets per observation: several times a whole in-memory node)
+        self.nodes = _NodeStats(core)
+        self.registry.register(self.nodes)
         self.runs_finished = prometheus.Counter(
             "flowcraft_runs_finished", "Runs that finished, by blueprint and status.",
             ["blueprint", "status"], registry=self.registry,
@@ -142,33 +142,19 @@ class PrometheusMetrics:
             "flowcraft_jobs_dead_lettered", "Jobs sent to a dead-letter queue.", registry=self.registry,
         )
         self._watched: List[Tuple[Any, str]] = []  # (adapter, queue label)
-        self.registry.register(_AdapterCollector(_require("prometheus_client.core", "prometheus"), self._watched))
-        # labelled children, looked up once per (blueprint, node): a `labels()` call costs a lock and a dict
-        self._node_children: Dict[Tuple[str, str, str], Tuple[Any, Any]] = {}
-        self._run_children: Dict[Tuple[str, str], Any] = {}
+        self.registry.register(_AdapterCollector(core, self._watched))
+        self._run_children: Dict[Tuple[str, str], Any] = {}  # labelled children, looked up once
 
     # --- middleware -----------------------------------------------------------------------------
-
-    def _children(self, blueprint: str, node: str, status: str) -> Tuple[Any, Any]:
-        key = (blueprint, node, status)
-        children = self._node_children.get(key)
-        if children is None:
-            children = self._node_children[key] = (self.node_duration.labels(blueprint, node),
-                                                   self.node_executions.labels(blueprint, node, status))
-        return children
 
     def around(self, ctx: NodeContext, call_next: Callable[..., NodeResult]) -> NodeResult:
         started = time.perf_counter()
         try:
             result = call_next()
         except BaseException:
-            duration, executions = self._children(ctx.blueprint_id, ctx.node_id, "failed")
-            duration.observe(time.perf_counter() - started)
-            executions.inc()
+            self.nodes.observe(ctx.blueprint_id, ctx.node_id, 1, time.perf_counter() - started)
             raise
-        duration, executions = self._children(ctx.blueprint_id, ctx.node_id, "completed")
-        duration.observe(time.perf_counter() - started)
-        executions.inc()
+        self.nodes.observe(ctx.blueprint_id, ctx.node_id, 0, time.perf_counter() - started)
         return result
 
     # --- middleware hooks -----------------------------------------------------------------------
@@ -207,6 +193,56 @@ class PrometheusMetrics:
         (`.shutdown()` stops it)."""
         served = self._prometheus.start_http_server(port, addr=addr, registry=self.registry)
         return served[0] if isinstance(served, tuple) else served
+
+
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)  # prometheus_client's default
+
+
+class _NodeStats:
+    """Node executions by (blueprint, node, status) and their duration histogram by (blueprint,
+    node), kept as plain numbers under one lock and exposed as metric families on scrape."""
+
+    def __init__(self, core: Any) -> None:
+        self._core = core
+        self._lock = threading.Lock()
+        # (blueprint, node) -> [completed, failed, sum of seconds, count per bucket..., count over the last]
+        self._stats: Dict[Tuple[str, str], List[float]] = {}
+
+    def observe(self, blueprint: str, node: str, failed: int, seconds: float) -> None:
+        key = (blueprint, node)
+        bucket = 3 + bisect.bisect_left(_BUCKETS, seconds)
+        with self._lock:
+            stats = self._stats.get(key)
+            if stats is None:
+                stats = self._stats[key] = [0.0] * (4 + len(_BUCKETS))
+            stats[failed] += 1
+            stats[2] += seconds
+            stats[bucket] += 1
+
+    def describe(self) -> List[Any]:
+        return [self._core.CounterMetricFamily("flowcraft_node_executions", ""),
+                self._core.HistogramMetricFamily("flowcraft_node_duration_seconds", "")]
+
+    def collect(self) -> Any:
+        with self._lock:
+            stats = {key: list(values) for key, values in self._stats.items()}
+        executions = self._core.CounterMetricFamily(
+            "flowcraft_node_executions", "Node executions, by blueprint, node and final status.",
+            labels=["blueprint", "node", "status"])
+        durations = self._core.HistogramMetricFamily(
+            "flowcraft_node_duration_seconds", "Duration of a node execution (all its attempts).",
+            labels=["blueprint", "node"])
+        for (blueprint, node), values in stats.items():
+            for index, status in ((0, "completed"), (1, "failed")):
+                if values[index]:
+                    executions.add_metric([blueprint, node, status], values[index])
+            cumulative, buckets = 0.0, []
+            for bound, count in zip((*(repr(b) for b in _BUCKETS), "+Inf"), values[3:]):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            durations.add_metric([blueprint, node], buckets, values[2])
+        yield executions
+        yield durations
 
 
 class _AdapterCollector:

@@ -116,6 +116,9 @@ def test_prometheus_metrics_after_known_runs():
     assert sample(registry, total, blueprint="order", node="ship", status="completed") == 1
     assert sample(registry, total, blueprint="order", node="ship", status="failed") is None
     assert sample(registry, "flowcraft_node_duration_seconds_count", blueprint="order", node="fetch") == 2
+    assert sample(registry, "flowcraft_node_duration_seconds_bucket", blueprint="order", node="fetch", le="+Inf") == 2
+    assert sample(registry, "flowcraft_node_duration_seconds_bucket", blueprint="order", node="ship", le="10.0") == 1
+    assert 0 < sample(registry, "flowcraft_node_duration_seconds_sum", blueprint="order", node="fetch") < 10
     assert sample(registry, "flowcraft_runs_finished_total", blueprint="order", status="completed") == 1
     assert sample(registry, "flowcraft_runs_finished_total", blueprint="order", status="failed") == 1
     assert sample(registry, "flowcraft_jobs_dead_lettered_total") == 0
