@@ -288,3 +288,31 @@ def test_worker_metrics_port_of_each_supervised_child():
     argv = ["worker", "--app", "m:a", "--metrics-port", "9100", "--burst"]
     assert with_port(argv, 9101) == ["worker", "--app", "m:a", "--burst", "--metrics-port", "9101"]
     assert with_port(["worker", "--metrics-port=9100"], 9102) == ["worker", "--metrics-port", "9102"]
+
+
+@pytest.mark.parametrize("distributed", [False, True])
+def test_a_subflow_child_run_is_in_the_parent_trace_under_the_subflow_node_span(distributed):
+    provider, exporter = tracing()
+    child = create_flow("child").node("inner", lambda ctx: 7)
+    parent = create_flow("parent").node("before", lambda ctx: 1).subflow("sub", "child").edge("before", "sub")
+    runtime = FlowRuntime(middleware=[OpenTelemetryMiddleware(tracer_provider=provider)], blueprints=[child, parent])
+    runtime.registry.update(child.registry)
+    runtime.registry.update(parent.registry)
+    with provider.get_tracer("test").start_as_current_span("caller") as caller:
+        if distributed:
+            adapter = InMemoryAdapter(runtime)
+            run_id = adapter.start_workflow("parent")
+        else:
+            assert runtime.run("parent").status == "completed"
+    if distributed:
+        adapter.work(burst=True)
+        assert adapter.wait_for_result(run_id, timeout=5).status == "completed"
+    nodes = [s for s in exporter.get_finished_spans() if s.name.startswith("flowcraft.node")]
+    by_node: Dict[str, list] = {}
+    for span in nodes:
+        by_node.setdefault(span.attributes["flowcraft.node_id"], []).append(span)
+    assert sorted(by_node) == ["before", "inner", "sub"]
+    assert {span.context.trace_id for span in nodes} == {caller.get_span_context().trace_id}
+    assert [s.parent.span_id for s in by_node["before"]] == [caller.get_span_context().span_id]
+    [inner] = by_node["inner"]
+    assert inner.parent.span_id in {s.context.span_id for s in by_node["sub"]}  # the execution that started it
