@@ -13,6 +13,14 @@ ratio ours/TS are printed. Usage:
     python benchmarks/inmemory.py --no-peer       # ours only
     python benchmarks/inmemory.py --shape a_chain # one shape, one process, one JSON line
     python benchmarks/inmemory.py --scale         # cost per node as the run grows (fans, chains)
+    python benchmarks/inmemory.py --telemetry     # a_chain with OpenTelemetry + Prometheus, next to without
+
+--telemetry measures the a_chain shape in one process, the variants interleaved ROUNDS times:
+plain, PrometheusMetrics only, OpenTelemetryMiddleware only (an SDK TracerProvider, no span
+processor nor exporter: every span is still recorded and ended), and both; it prints nodes/s,
+the ratio to plain (issue 16's target: both >= 70%) and the cost per node of each, plus the cost
+of one bare SDK span measured alone (what a recording span costs whatever the middleware does).
+Needs the otel and prometheus extras and opentelemetry-sdk.
 """
 from __future__ import annotations
 
@@ -24,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -100,6 +109,53 @@ def measure_ours(shape: str, seconds: float, warmup: float) -> dict:
     wall = time.perf_counter() - started
     return {"shape": shape, "runs": runs, "wall_s": round(wall, 3), "nodes_per_s": round(runs * nodes / wall, 1),
             "runs_per_s": round(runs / wall, 1), "us_per_run": round(wall / runs * 1e6, 1)}
+
+
+def measure_telemetry(seconds: float, rounds: int) -> dict:
+    """a_chain nodes/s plain and with telemetry (see the module docstring); medians of `rounds`."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from flowcraft import FlowRuntime
+    from flowcraft.telemetry import OpenTelemetryMiddleware, PrometheusMetrics
+
+    flow, initial, nodes, check = build("a_chain")
+    blueprint, registry = flow.to_blueprint(), flow.registry
+    variants = {
+        "plain": lambda: FlowRuntime(),
+        "prometheus": lambda: FlowRuntime(middleware=[PrometheusMetrics()]),
+        "otel": lambda: FlowRuntime(middleware=[OpenTelemetryMiddleware(tracer_provider=TracerProvider())]),
+        "both": lambda: FlowRuntime(middleware=[OpenTelemetryMiddleware(tracer_provider=TracerProvider()),
+                                                PrometheusMetrics()]),
+    }
+
+    def rate(runtime: Any) -> float:
+        for _ in range(3):  # warm-up
+            runtime.run(blueprint, dict(initial), registry=registry)
+        runs, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds or runs < 3:
+            result = runtime.run(blueprint, dict(initial), registry=registry)
+            if result.status != "completed" or not check(result):
+                raise SystemExit(f"a_chain: wrong result {result.status} {result.errors}")
+            runs += 1
+        return runs * nodes / (time.perf_counter() - started)
+
+    samples: dict = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, make in variants.items():
+            samples[name].append(rate(make()))
+    tracer = TracerProvider().get_tracer("bench")
+    span_cost = []
+    for _ in range(rounds):
+        started, count = time.perf_counter(), 20_000
+        for _ in range(count):
+            tracer.start_span("flowcraft.node n").end()
+        span_cost.append((time.perf_counter() - started) / count * 1e6)
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    plain = medians["plain"]
+    return {"shape": "a_chain", "nodes_per_s": {k: round(v, 1) for k, v in medians.items()},
+            "ratio_to_plain": {k: round(v / plain, 3) for k, v in medians.items()},
+            "us_per_node_added": {k: round((1 / v - 1 / plain) * 1e6, 2) for k, v in medians.items()},
+            "bare_sdk_span_us": round(statistics.median(span_cost), 2), "target_both_ratio": 0.7}
 
 
 SCALE_SIZES = {"fan": (250, 1_000, 4_000), "chain": (100, 1_000, 10_000)}
@@ -182,7 +238,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--scale", action="store_true", help="cost per node at growing fan and chain sizes, and the ratio")
+    parser.add_argument("--telemetry", action="store_true",
+                        help="a_chain with OpenTelemetry + Prometheus next to without, and the ratio")
     args = parser.parse_args()
+    if args.telemetry:
+        out = measure_telemetry(args.seconds, args.rounds)
+        for name, value in out["nodes_per_s"].items():
+            print(f"a_chain {name:<11} {value:>10,.0f} nodes/s  {out['ratio_to_plain'][name]:>6.1%} of plain  "
+                  f"+{out['us_per_node_added'][name]:.1f} us/node", file=sys.stderr)
+        print(f"one bare SDK span (start + end): {out['bare_sdk_span_us']:.1f} us; "
+              f"both/plain {out['ratio_to_plain']['both']:.1%} (target 70%)", file=sys.stderr)
+        print(json.dumps({"bench": "flowcraft-py-inmem-telemetry", "python": sys.version.split()[0],
+                          "loadavg": os.getloadavg(), **out}))
+        return
     if args.scale:
         run_scale(args.seconds)
         return

@@ -25,8 +25,7 @@ def main() -> WorkflowResult:
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
     metrics = PrometheusMetrics()
-    runtime = FlowRuntime(middleware=[OpenTelemetryMiddleware(tracer_provider=provider), metrics],
-                          event_bus=metrics)
+    runtime = FlowRuntime(middleware=[OpenTelemetryMiddleware(tracer_provider=provider), metrics])
     flow = create_flow("telemetry-demo").node("fetch", fetch).node("bill", bill).edge("fetch", "bill")
     result = flow.run(runtime=runtime)
     print(result.status)

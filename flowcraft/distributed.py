@@ -43,6 +43,7 @@ from .events import Event
 from .execution import NodeFailure, NodeRunner, RetryLater, resolve_impl
 from .graph import (PENDING, READY, SKIPPED, CompiledGraph, GraphNode, NodeState, Traversal, check_resume_action,
                     counted_joins, input_keys, input_value)
+from .middleware import hooks, start_traceparent
 from .node import NodeContext, NodeResult
 from .plan import (GATHER, CommitPlan, batch_item, batch_size, count_field, done_field, drop_unstarted_inputs,
                    due_to_settle, input_field, item_definition, item_job, job_event, spec_field)
@@ -103,6 +104,29 @@ class _Prepared:
     duration_ms: Optional[float] = None  # how long its node code ran
 
 
+TRACEPARENT = "traceparent"  # the job field carrying a run's W3C trace context (SPEC 13)
+
+
+def _carry_traceparent(commit: Commit, traceparent: Optional[str]) -> None:
+    """Successor jobs carry the trace context of the job (or run) they follow, unless they have one."""
+    if not traceparent:
+        return
+    commit.jobs[:] = [j if TRACEPARENT in j.extra else j.with_(extra={**j.extra, TRACEPARENT: traceparent})
+                      for j in commit.jobs]
+    commit.delayed[:] = [(j if TRACEPARENT in j.extra else j.with_(extra={**j.extra, TRACEPARENT: traceparent}), d)
+                         for j, d in commit.delayed]
+    for counter in commit.counters:  # the job of a join or a batch that a count reaching its threshold makes
+        job = counter.job
+        if job is not None and TRACEPARENT not in job.extra:
+            counter.job = job.with_(extra={**job.extra, TRACEPARENT: traceparent})
+
+
+def _traced(jobs: List[Job], traceparent: Optional[str]) -> List[Job]:
+    if not traceparent:
+        return jobs
+    return [j.with_(extra={**j.extra, TRACEPARENT: traceparent}) for j in jobs]
+
+
 @functools.lru_cache(maxsize=256)
 def _whole_load_ids(graph: CompiledGraph) -> FrozenSet[str]:
     """The nodes whose jobs load the whole run (see `DistributedAdapter._load_request`)."""
@@ -154,6 +178,9 @@ class DistributedAdapter:
         # derived again: a measure of contention between workers
         self.conflicts = 0
         self.worker_name = f"{socket.gethostname()}:{os.getpid()}"  # who ran a node, in the run's history
+        # middleware hooks (see `flowcraft.middleware`): told of finished runs and dead letters
+        self._finish_hooks = hooks(runtime.middleware, "run_finished")
+        self._dead_letter_hooks = hooks(runtime.middleware, "job_dead_lettered")
 
     # === worker ==================================================================================
 
@@ -281,15 +308,18 @@ class DistributedAdapter:
         self._local.wave_items = {}  # read before these commits: a commit derived again reads the store
         applied = self._commit_wave(chains)
         for chain, (ok, merged) in zip(chains, applied):
-            for p, _ in chain:
+            for p, c in chain:
                 if ok is None:
                     break  # the store refused it: its run failed
                 if not ok:
                     if p is chain[0][0]:
                         self.conflicts += 1  # one merged commit lost the race
                     self._guarded(p.delivery, self._recommit, p)  # type: ignore[arg-type]  # a wave's jobs come with their deliveries
-                elif p.events:
-                    self._emit_all(p.events)
+                else:
+                    if p.events:
+                        self._emit_all(p.events)
+                    if self._finish_hooks and c.record.status in FINAL_STATUSES:
+                        self._run_finished(c.record)
             if ok:
                 self._emit_reached(merged)
                 first = chain[0][0]
@@ -670,6 +700,14 @@ class DistributedAdapter:
                 event = Event("job:failed", {"run_id": identity[0] if identity else None, "blueprint_id": None,
                                              "node_id": None, "reason": reason, "dead_lettered": True})
             self._emit_all([event])
+        if self._dead_letter_hooks:
+            job = delivery.job
+            ids = (job.run_id, job.blueprint_id, job.node_id) if job is not None else (identity[0] if identity else None, None, None)
+            for hook in self._dead_letter_hooks:
+                try:
+                    hook(*ids, reason)
+                except Exception:  # an observer must never break a worker
+                    logger.exception("a middleware's job_dead_lettered hook failed")
         if identity is not None and self._names_its_run(identity):
             self._fail_quietly(identity[0], WorkflowError(identity[2], reason, "InvalidJob"))
 
@@ -707,6 +745,7 @@ class DistributedAdapter:
         ctx = NodeContext(
             context, node_input, run_node.params, self.runtime.dependencies, run_node.id, job.run_id, job.attempt,
             job.key, CancelToken(), graph.blueprint.id, job.iteration,
+            job.extra.get(TRACEPARENT) or snap.record.traceparent,
         )
         fallback = graph.nodes.get(node.config.fallback) if node.config.fallback and job.kind != "item" else None
         fallback_impl = self._impl(fallback, engine) if fallback is not None else None
@@ -758,6 +797,8 @@ class DistributedAdapter:
             if applied:
                 if prepared.events:
                     self._emit_all(prepared.events)
+                if self._finish_hooks and commit.record.status in FINAL_STATUSES:
+                    self._run_finished(commit.record)
                 self._emit_reached(commit)
                 self._settle_if_due(prepared, commit)
                 return {job_node_id(j) for j in commit.made_jobs()}
@@ -798,6 +839,8 @@ class DistributedAdapter:
             if applied:
                 if plan.events:
                     self._emit_all(plan.events)
+                if self._finish_hooks and commit.record.status in FINAL_STATUSES:
+                    self._run_finished(commit.record)
                 self._emit_reached(commit)
                 if not due_to_settle(commit.record.status, commit.awaiting_after or {}, commit.outstanding_after or 0):
                     return
@@ -816,6 +859,8 @@ class DistributedAdapter:
         prepared.events = plan.events
         if plan.commit is not None and prepared.delivery is not None and self._acks_in_commit:
             plan.commit.ack.append(prepared.delivery)
+        if plan.commit is not None:
+            _carry_traceparent(plan.commit, prepared.job.extra.get(TRACEPARENT) or snap.record.traceparent)
         return plan.commit
 
     def _reload(self, prepared: "_Prepared") -> Optional[RunSnapshot]:
@@ -934,8 +979,13 @@ class DistributedAdapter:
     # === client ==================================================================================
 
     def start_workflow(self, blueprint_or_id: Any, initial_context: Optional[Mapping[str, Any]] = None,
-                       run_id: Optional[str] = None, *, parent: Optional[Dict[str, Any]] = None) -> str:
+                       run_id: Optional[str] = None, *, parent: Optional[Dict[str, Any]] = None,
+                       traceparent: Optional[str] = None) -> str:
         """Create a run and enqueue its start nodes; return its id.
+
+        `traceparent` (a W3C trace context, opaque here) defaults to the one a telemetry middleware
+        of the runtime gives (`middleware.start_traceparent`): the record keeps it and every job of
+        the run carries it (SPEC 13).
 
         `run_id` must be a valid identity (`ports.identity_problem`) of no existing run: naming an
         existing one raises `ValueError` (it is never handed back, nor its context). `parent` is
@@ -955,9 +1005,11 @@ class DistributedAdapter:
         context = dict(initial_context or {})
         check_values(context, "initial context", self.runtime.max_value_bytes)  # as FlowRuntime.run
         traversal = Traversal(graph, {})
-        jobs = [Job(run_id, blueprint.id, a.node_id, a.iteration) for a in traversal.start()]
+        if traceparent is None and self.runtime.middleware:
+            traceparent = start_traceparent(self.runtime.middleware)
+        jobs = _traced([Job(run_id, blueprint.id, a.node_id, a.iteration) for a in traversal.start()], traceparent)
         record = RunRecord(run_id, blueprint.id, blueprint.version, RUNNING, 1, traversal.outstanding,
-                           parent=parent, updated_at=self.clock(), blueprint_digest=graph.digest)
+                           parent=parent, updated_at=self.clock(), blueprint_digest=graph.digest, traceparent=traceparent)
         states = {k: v.to_dict() for k, v in traversal.states.items()}
         if not jobs:
             record.status = COMPLETED
@@ -1044,7 +1096,8 @@ class DistributedAdapter:
             check_resume_action(node, action)  # before anything changes: a misspelt action ends nothing
         except ValueError as error:
             raise ValueError(f"run {run_id}: {error}") from None
-        job = Job(run_id, graph.blueprint.id, node_id, int(details.get("iteration", 0)), kind="resume")
+        job = Job(run_id, graph.blueprint.id, node_id, int(details.get("iteration", 0)), kind="resume",
+                  extra={TRACEPARENT: record.traceparent} if record.traceparent else {})
         snap = self._load(job, graph, node)
         if self.runtime.event_bus is not None:
             self._emit_all([Event("workflow:resume", {"run_id": run_id, "blueprint_id": graph.blueprint.id,
@@ -1108,6 +1161,8 @@ class DistributedAdapter:
         # `requeue` (optional on a queue): an enqueue that checks the queue's own bookkeeping of jobs
         # it believes waiting, where a plain enqueue trusts it (RqQueue: an RQ job hash left behind)
         requeue = getattr(self.queue, "requeue", self.queue.enqueue)
+        if record.traceparent:
+            jobs = [(_traced([job], record.traceparent)[0], delay) for job, delay in jobs]
         for job, delay in jobs:
             requeue([job], delay)
             self._emit_jobs([job], delay)
@@ -1149,8 +1204,17 @@ class DistributedAdapter:
         if self.runtime.event_bus is not None:
             self._emit_all([job_event("job:enqueued", job, delay=delay) for job in jobs])
 
+    def _run_finished(self, record: RunRecord) -> None:
+        for hook in self._finish_hooks:
+            try:
+                hook(record.run_id, record.blueprint_id, record.status)
+            except Exception:  # an observer must never break a worker
+                logger.exception("a middleware's run_finished hook failed")
+
     def _emit_ended(self, record: RunRecord, jobs: Sequence[Job]) -> None:
         """A run ended outside a node's commit (cancelled, failed by a bad job, empty)."""
+        if self._finish_hooks and record.status in FINAL_STATUSES:
+            self._run_finished(record)
         if self.runtime.event_bus is not None:
             self._emit_jobs(jobs)
             self._emit_all([Event("workflow:finish", {"run_id": record.run_id, "blueprint_id": record.blueprint_id,

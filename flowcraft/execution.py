@@ -10,7 +10,7 @@ import functools
 import logging
 import threading
 import time
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 from .cancel import CancelToken
 from .errors import CancelledError, NodeTimeoutError, ServiceUnavailable, UnknownNodeError
@@ -73,6 +73,9 @@ def resolve_impl(registry: Mapping[str, Any], node: GraphNode, engine: Any) -> A
     return impl
 
 
+_MAX_WRAPPED = 4096
+
+
 class NodeRunner:
     """Runs a node implementation against a `NodeContext` and returns its `NodeResult`."""
 
@@ -80,6 +83,8 @@ class NodeRunner:
         self.middleware = tuple(middleware)
         self.emit = emit
         self.sleep = sleep
+        # node, impl -> the middleware chain around them, built once (see `_wrap`)
+        self._wrapped: Dict[Tuple[int, int, bool], Tuple[GraphNode, Any, Callable[[NodeContext], Any]]] = {}
 
     def run_or_fall_back(
         self, node: GraphNode, impl: Any, ctx: NodeContext, fallback: Optional[GraphNode], fallback_impl: Any,
@@ -150,6 +155,19 @@ class NodeRunner:
             raise NodeFailure(node.id, error) from error
 
     def _wrap(self, node: GraphNode, impl: Any, queue_retry: bool = False) -> Callable[[NodeContext], Any]:
+        """The middleware chain around `node`'s `impl`, kept per (node, impl): building it is a
+        closure per middleware, a cost every execution of a node would pay again."""
+        key = (id(node), id(impl), queue_retry)
+        cached = self._wrapped.get(key)
+        if cached is not None and cached[0] is node and cached[1] is impl:
+            return cached[2]
+        call = self._build(node, impl, queue_retry)
+        if len(self._wrapped) >= _MAX_WRAPPED:  # batch items and dynamic nodes come and go
+            self._wrapped.clear()
+        self._wrapped[key] = (node, impl, call)  # holding node and impl: their ids stay theirs
+        return call
+
+    def _build(self, node: GraphNode, impl: Any, queue_retry: bool) -> Callable[[NodeContext], Any]:
         def core(ctx: NodeContext) -> NodeResult:
             try:
                 if is_class_node(impl):

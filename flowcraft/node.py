@@ -34,7 +34,7 @@ class NodeContext:
 
     __slots__ = (
         "context", "input", "params", "dependencies", "node_id", "run_id",
-        "attempt", "_idempotency_key", "cancel", "blueprint_id", "iteration",
+        "attempt", "_idempotency_key", "cancel", "blueprint_id", "iteration", "traceparent",
     )
 
     def __init__(
@@ -50,6 +50,7 @@ class NodeContext:
         cancel: Optional[CancelToken] = None,
         blueprint_id: str = "",
         iteration: int = 0,
+        traceparent: Optional[str] = None,
     ) -> None:
         self.context = context
         self.input = input
@@ -62,6 +63,9 @@ class NodeContext:
         self.cancel = cancel if cancel is not None else CancelToken()
         self.blueprint_id = blueprint_id
         self.iteration = iteration
+        # the W3C trace context (`traceparent`) of the run, opaque to the core: a telemetry
+        # middleware parents the node's span on it (SPEC 13); None when the run has none
+        self.traceparent = traceparent
 
     @property
     def idempotency_key(self) -> str:

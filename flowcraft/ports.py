@@ -321,6 +321,9 @@ class RunRecord:
     # `blueprint_digest` of the blueprint the run started with; None: not recorded (a seed client's
     # run, or one started before digests were recorded), and then not checked
     blueprint_digest: Optional[str] = None
+    # the W3C trace context current when the run started (SPEC 13), opaque to the core; jobs carry
+    # it as `traceparent`, and jobs made from the record alone (reconcile, resume) take it from here
+    traceparent: Optional[str] = None
 
 
 def copy_record(record: RunRecord) -> RunRecord:
@@ -328,7 +331,7 @@ def copy_record(record: RunRecord) -> RunRecord:
     the loaded record once per node execution; this is cheaper than `attrs.evolve`)."""
     return RunRecord(record.run_id, record.blueprint_id, record.blueprint_version, record.status, record.version,
                      record.outstanding, dict(record.awaiting), list(record.errors), record.parent, record.updated_at,
-                     record.result, record.blueprint_digest)
+                     record.result, record.blueprint_digest, record.traceparent)
 
 
 @attrs.define

@@ -19,6 +19,7 @@ from .events import Event
 from .execution import FallbackResult, NodeFailure, NodeRunner, item_failure, resolve_impl
 from .graph import (MAX_CYCLE_ITERATIONS, Activation, CompiledGraph, GraphNode, RoutingError, Traversal,
                     check_resume_action, input_value)
+from .middleware import call_hooks, start_traceparent
 from .node import NodeContext, NodeResult, to_result
 from .result import AWAITING, CANCELLED, COMPLETED, FAILED, STALLED, WorkflowError, WorkflowResult
 from .serializer import DEFAULT_MAX_CONTEXT_BYTES, DEFAULT_MAX_VALUE_BYTES, JsonSerializer, check_json, check_values
@@ -471,7 +472,7 @@ class _Run:
     __slots__ = (
         "runtime", "evaluator", "wait_timers", "awaiting", "batches", "graph", "data", "context", "registry",
         "run_id", "blueprint_id", "cancel", "concurrency", "traversal", "errors", "skipped", "emit", "runner",
-        "dependencies", "child_contexts", "depth", "recorded",
+        "dependencies", "child_contexts", "depth", "recorded", "traceparent",
     )
 
     def __init__(
@@ -506,6 +507,8 @@ class _Run:
         self.errors: List[WorkflowError] = []
         self.skipped: List[str] = []
         self.emit = runtime._emitter(run_id, self.blueprint_id)
+        # the run's trace context, from a telemetry middleware (`middleware.start_traceparent`)
+        self.traceparent = start_traceparent(runtime.middleware) if runtime.middleware else None
         self.runner = NodeRunner(runtime.middleware, self.emit) if self.emit is not None else runtime._runner
         if self.emit is not None:
             emit = self.emit
@@ -585,7 +588,7 @@ class _Run:
         node_input = self._input(node, activation)
         ctx = NodeContext(
             self.context, node_input, node.params, self.dependencies, node.id, self.run_id, 1,
-            "", self.cancel, self.blueprint_id, activation.iteration,
+            "", self.cancel, self.blueprint_id, activation.iteration, self.traceparent,
         )
         emit = self.emit
         if emit is not None:
@@ -820,6 +823,8 @@ class _Run:
                 snapshot[CHILD_CONTEXTS_KEY] = children
             result._serialized = self.runtime.serializer.dumps({**self.data, TRAVERSAL_KEY: snapshot})
         self.emit_event("workflow:finish", {"status": status, "errors": [e.to_dict() for e in self.errors]})
+        if self.runtime.middleware and status != AWAITING:
+            call_hooks(self.runtime.middleware, "run_finished", self.run_id, self.blueprint_id, status)
         return result
 
 

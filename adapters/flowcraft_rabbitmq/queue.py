@@ -416,6 +416,11 @@ class RabbitMqQueue:
 
     # --- inspection (tests, tools) ---------------------------------------------------------------
 
+    def depth(self) -> int:
+        """Messages ready in the main queue (not delayed, not unacknowledged): the queue's depth."""
+        with self._publisher.lock:
+            return int(self._pending_in_broker(self._publisher.ensure()))
+
     def message_counts(self) -> Tuple[int, int, int]:
         """(ready in the main queue, in the delay queue, in the dead-letter queue)."""
         with self._publisher.lock:

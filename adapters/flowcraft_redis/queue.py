@@ -238,6 +238,11 @@ class RedisQueue:
         return [json.loads(x) for x in self.client.lrange(self.keys.dead, 0, -1)]
 
     @translate_errors
+    def depth(self) -> int:
+        """Jobs ready to be taken now (not delayed, not in a worker's hands): the queue's depth."""
+        return int(self.client.llen(self.keys.ready))
+
+    @translate_errors
     def pending(self) -> int:
         pipe = self.client.pipeline(transaction=False)
         pipe.llen(self.keys.ready)

@@ -273,6 +273,11 @@ class RqQueue:
         return out
 
     @translate_errors
+    def depth(self) -> int:
+        """RQ jobs queued, ready to be taken (not scheduled, not running): the queue's depth."""
+        return int(self.rq.count)
+
+    @translate_errors
     def pending(self) -> int:
         """RQ jobs queued, scheduled or running."""
         return self.rq.count + self.rq.scheduled_job_registry.count + self.rq.started_job_registry.count

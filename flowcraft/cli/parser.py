@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
     worker.add_argument("--concurrency", type=positive_int, default=1, metavar="N", help="worker processes")
     worker.add_argument("--blueprint", action="append", metavar="FILE", help="add a blueprint JSON file (repeatable)")
+    worker.add_argument("--metrics-port", type=positive_int, metavar="P",
+                        help="serve Prometheus metrics on port P (needs flowcraft[prometheus]); with "
+                             "--concurrency N, worker i of N serves on P+i")
     worker.add_argument("--batch", type=positive_int, metavar="N",
                         help="jobs fetched and committed together (default: the adapter's); a stop signal "
                              "lets the batch in hand finish")

@@ -4,6 +4,10 @@ SIGTERM or SIGINT stops a worker gracefully: the jobs in hand (one fetch: a sing
 `--batch 1`, else up to the adapter's batch size) are finished, committed and acknowledged,
 prefetched jobs go back to the queue, and the process exits 0. A second signal stops it at once
 (exit 1): the jobs in hand are not acknowledged and will be delivered again.
+
+`--metrics-port P` serves the Prometheus metrics (`flowcraft.telemetry.PrometheusMetrics`, the
+app's own if its runtime has one as middleware, else one added) on http://0.0.0.0:P/metrics while
+the worker runs; with `--concurrency N`, worker i (0..N-1) serves on P+i.
 """
 from __future__ import annotations
 
@@ -12,10 +16,10 @@ import os
 import signal
 import subprocess
 import sys
-from typing import Any, List, Sequence
+from typing import Any, List, Optional, Sequence
 
 from . import backends
-from .errors import EXIT_FAILED, EXIT_OK
+from .errors import EXIT_FAILED, EXIT_OK, CliError
 from .inputs import load_app, load_blueprint
 from .signals import STOP_SIGNALS, ForcedStop, StopSignals
 
@@ -26,14 +30,40 @@ def cmd_worker(args: Any, argv: Sequence[str]) -> int:
     runtime = load_app(args.app)
     for path in args.blueprint or ():
         runtime.add_blueprint(load_blueprint(path, runtime))
+    port = getattr(args, "metrics_port", None)
+    metrics = with_metrics(runtime) if port is not None and args.concurrency == 1 else None  # before the adapter binds the middleware
     adapter = backends.open_adapter(args, runtime)
     if args.concurrency > 1:
         backends.close_adapter(adapter)  # it only checked the input and services, once: children open their own
-        return supervise(args.concurrency, child_argv(argv))
+        return supervise(args.concurrency, child_argv(argv), metrics_port=port)
+    server = None
     try:
+        if metrics is not None:
+            metrics.watch(adapter, backends.queue_name(args))
+            try:
+                server = metrics.serve(port)
+            except OSError as error:
+                raise CliError(f"cannot serve metrics on port {port}: {error}") from None
+            logger.info("worker %d serves metrics on http://0.0.0.0:%d/metrics", os.getpid(), port)
         return serve(adapter, burst=args.burst, label=f"{args.backend} queue {backends.queue_name(args)!r}")
     finally:
+        if server is not None:
+            server.shutdown()
         backends.close_adapter(adapter)
+
+
+def with_metrics(runtime: Any) -> Any:
+    """The runtime's `PrometheusMetrics` middleware, added when it has none."""
+    try:
+        from ..telemetry import PrometheusMetrics
+        for middleware in runtime.middleware:
+            if isinstance(middleware, PrometheusMetrics):
+                return middleware
+        metrics = PrometheusMetrics()
+    except ImportError as error:
+        raise CliError(f"--metrics-port: {error}") from None
+    runtime.middleware = (*runtime.middleware, metrics)
+    return metrics
 
 
 def serve(adapter: Any, burst: bool = False, label: str = "") -> int:
@@ -69,9 +99,25 @@ def child_argv(argv: Sequence[str]) -> List[str]:
     return out
 
 
-def supervise(count: int, argv: Sequence[str]) -> int:
-    """Start `count` worker processes and forward SIGTERM/SIGINT to them; exit with the worst code."""
-    command = [sys.executable, "-m", "flowcraft", *argv]
+def with_port(argv: Sequence[str], port: int) -> List[str]:
+    """`argv` with `--metrics-port port` instead of its own."""
+    out: List[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--metrics-port":
+            skip = True
+        elif not arg.startswith("--metrics-port="):
+            out.append(arg)
+    return [*out, "--metrics-port", str(port)]
+
+
+def supervise(count: int, argv: Sequence[str], metrics_port: Optional[int] = None) -> int:
+    """Start `count` worker processes and forward SIGTERM/SIGINT to them; exit with the worst code.
+    With `metrics_port` P, worker i serves its metrics on P+i."""
+    commands = [[sys.executable, "-m", "flowcraft", *(argv if metrics_port is None else with_port(argv, metrics_port + i))]
+                for i in range(count)]
     children: List[subprocess.Popen] = []
 
     def forward(signum: int, frame: Any) -> None:
@@ -82,7 +128,7 @@ def supervise(count: int, argv: Sequence[str]) -> int:
     previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}  # before any child exists
     try:
         # Own sessions: a terminal's Ctrl-C reaches the children only through us, once.
-        children.extend(subprocess.Popen(command, start_new_session=True) for _ in range(count))
+        children.extend(subprocess.Popen(command, start_new_session=True) for command in commands)
         logger.info("supervisor %d started %d workers: %s", os.getpid(), count, " ".join(str(c.pid) for c in children))
         codes = [child.wait() for child in children]
     finally:

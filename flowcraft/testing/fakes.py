@@ -125,6 +125,11 @@ class InMemoryQueue:
         with self._cond:
             return len(self._ready) + len(self._delayed) + len(self._unacked)
 
+    def depth(self) -> int:
+        """Jobs ready to be taken now (not delayed, not in a worker's hands): the queue's depth."""
+        with self._cond:
+            return len(self._ready)
+
     @property
     def next_due_in(self) -> Optional[float]:
         with self._cond:
