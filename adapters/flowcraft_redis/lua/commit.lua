@@ -116,8 +116,7 @@ local function apply(expected)
   local awaiting = redis.call('HGET', KEYS[kb + 1], 'awaiting') or '{}'
   local history, cap = take(), tonumber(take())
   if history ~= '' then
-    redis.call('RPUSH', KEYS[kb + 8], history)
-    redis.call('LTRIM', KEYS[kb + 8], -cap, -1)
+    if redis.call('RPUSH', KEYS[kb + 8], history) > cap then redis.call('LTRIM', KEYS[kb + 8], -cap, -1) end
   end
   local acks = tonumber(take())
   local acked = 0
