@@ -366,9 +366,14 @@ class RabbitMqQueue:
                                 self._idle()
                             if not self._buffer and time.monotonic() < deadline:
                                 continue
-                        elif timeout <= 0 and self._pending_in_broker(channel):
-                            # burst mode: messages are ready but not pushed to us yet
-                            link.connection.process_data_events(time_limit=0.2)
+                        elif timeout <= 0:
+                            # burst mode: messages ready but not pushed to us yet, or pushed while
+                            # the declare's reply came (a small prefetch window: the broker pushes
+                            # the next one once our last ack reached it)
+                            pending = self._pending_in_broker(channel)
+                            link.connection.process_data_events(time_limit=0)
+                            if pending and not self._buffer:
+                                link.connection.process_data_events(time_limit=0.2)
                     if self._buffer:
                         self._gather(link, max_jobs)
                     break
