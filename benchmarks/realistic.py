@@ -32,6 +32,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -194,8 +195,11 @@ def run_celery(args: argparse.Namespace) -> Dict[str, Any]:
             raise RuntimeError(why)
         python = os.path.join(peer, ".venv", "bin", "python")
     env = dict(os.environ, BENCH_REDIS_URL=args.celery_redis_url)
-    done = subprocess.run([python, os.path.join(HERE, "realistic_celery.py"), *peer_args(args)], cwd=HERE, env=env,
-                          capture_output=True, text=True, timeout=args.timeout * 10, stdin=subprocess.DEVNULL)
+    env.pop("PYTHONPATH", None)
+    with tempfile.TemporaryDirectory() as where:  # away from benchmarks/redis.py, which would shadow `redis`
+        script = shutil.copy(os.path.join(HERE, "realistic_celery.py"), where)
+        done = subprocess.run([python, script, *peer_args(args)], cwd=where, env=env, capture_output=True, text=True,
+                              timeout=args.timeout * 10, stdin=subprocess.DEVNULL)
     line = C.last_json_line(done.stdout)
     if line is None or not line.get("ok"):
         raise RuntimeError(f"celery peer failed (exit {done.returncode}): {(line or {}).get('error') or done.stderr[-800:]}")
