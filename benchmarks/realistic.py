@@ -78,17 +78,16 @@ class Workers(S.ScaleWorkers):
         return reports
 
 
-def wait_all(adapter: Any, run_ids: Sequence[str], timeout: float) -> Dict[str, Any]:
-    """Poll until every run ended; their results."""
-    pending = set(run_ids)
+def wait_all(poll: C.FinalStatuses, run_ids: Sequence[str], timeout: float) -> Dict[str, Any]:
+    """Poll, every 2 ms with one read for all of them (as the peers do), until every run ended;
+    their results."""
+    pending = list(run_ids)
     results: Dict[str, Any] = {}
     deadline = time.monotonic() + timeout
     while pending:
-        for run_id in list(pending):
-            status = adapter.get_status(run_id)
-            if status is not None and status.status in C.FINAL:
-                pending.discard(run_id)
-                results[run_id] = status.result or {}
+        for run_id, (status, result) in poll(pending).items():
+            results[run_id] = dict(result or {}, status=status)
+        pending = [r for r in pending if r not in results]
         if pending:
             if time.monotonic() > deadline:
                 raise C.CheckFailed(f"{len(pending)} runs still not finished after {timeout}s")
@@ -111,15 +110,16 @@ def measure_ours(backend: str, args: argparse.Namespace, tag: str, out: C.Output
         conf = S.backend_conf(backend, f"{tag}{shape[:2]}", flows, {"threads": threads} if threads > 1 else {})
         S.prepare(conf)
         client = S.adapter_for(conf, runtime, worker=False)
+        poll = C.final_statuses(conf, client)
         workers = Workers(conf, procs)
         try:
             workers.wait_ready()
             if shape == "chains":
                 flow = S.flow_id("chain", args.chain, args.chain_ms)
-                wait_all(client, [client.start_workflow(flow, {"value": 0})], args.timeout)  # warm-up
+                wait_all(poll, [client.start_workflow(flow, {"value": 0})], args.timeout)  # warm-up
                 started = time.perf_counter()
                 run_ids = [client.start_workflow(flow, {"value": 0}) for _ in range(args.runs)]
-                results = wait_all(client, run_ids, args.timeout)
+                results = wait_all(poll, run_ids, args.timeout)
                 wall = time.perf_counter() - started
                 check("chain", args.chain, results)
                 nodes = args.runs * args.chain
@@ -127,11 +127,11 @@ def measure_ours(backend: str, args: argparse.Namespace, tag: str, out: C.Output
                                            "nodes_per_s": round(nodes / wall, 1)}
             else:
                 flow = S.flow_id("fan", args.fan, args.fan_ms)
-                wait_all(client, [client.start_workflow(flow)], args.timeout)  # warm-up
+                wait_all(poll, [client.start_workflow(flow)], args.timeout)  # warm-up
                 walls = []
                 for _ in range(args.repeat):
                     started = time.perf_counter()
-                    results = wait_all(client, [client.start_workflow(flow)], args.timeout)
+                    results = wait_all(poll, [client.start_workflow(flow)], args.timeout)
                     walls.append(time.perf_counter() - started)
                     check("fan", args.fan, results)
                 figures = {"wall_s": round(statistics.median(walls), 3), "walls_s": [round(w, 3) for w in walls],
@@ -283,7 +283,7 @@ def run(args: argparse.Namespace, out: C.Output) -> int:
         for name, runner in (("celery_threads", run_celery), ("ts_bullmq", run_bullmq)):
             try:
                 peers[name] = runner(args)
-                out.emit("peer", peer=name, **peers[name])
+                out.emit("peer", **dict(peers[name], peer=name))
                 out.note(f"{name:<15} " + ", ".join(f"{s}: {describe_peer(f)}" for s, f in peers[name]["shapes"].items()))
             except Exception as error:  # a peer that cannot run is reported, ours still stand
                 out.emit("peer_unavailable", peer=name, error=str(error)[:1000])
@@ -298,8 +298,14 @@ def run(args: argparse.Namespace, out: C.Output) -> int:
 def table(rows: Sequence[Mapping[str, Any]]) -> str:
     keys = ["backend", "shape", "wall_s", "nodes_per_s", "conflicts", "celery_threads", "vs_celery_threads",
             "ts_bullmq", "vs_ts_bullmq"]
-    cells = [keys] + [[str(row[k]) if isinstance(row.get(k), str) else C.fmt(row.get(k)) if row.get(k) is not None else "-"
-                       for k in keys] for row in rows]
+    def cell(value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.3f}" if value < 10 else f"{value:,.0f}"
+        return str(value)
+
+    cells = [keys] + [[cell(row.get(k)) for k in keys] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(keys))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells)
 

@@ -132,8 +132,23 @@ class RqReconciler(Reconciler):
     adapter: RqAdapter
 
     def run(self) -> ReconcileStats:
+        """First the runs whose RQ job was held by an RQ worker that is gone (`RqQueue.take_abandoned`),
+        idle or not; then the runs idle past the threshold."""
         with self.adapter.queue.reconcile_pass():
-            return super().run()
+            reconciled = failed = 0
+            abandoned = self.adapter.queue.take_abandoned()
+            for run_id in abandoned:
+                try:
+                    if self.adapter.reconcile(run_id):
+                        reconciled += 1
+                except Exception:
+                    logger.exception("reconciling run %s failed", run_id)
+                    failed += 1
+            stats = super().run()
+        if not abandoned:
+            return stats
+        return ReconcileStats(scanned=stats.scanned, stalled=stats.stalled, reconciled=stats.reconciled + reconciled,
+                              failed=stats.failed + failed)
 
 
 class RqAdapter(DistributedAdapter):
