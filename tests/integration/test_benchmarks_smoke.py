@@ -235,7 +235,7 @@ def test_realistic_benchmark_prints_checked_figures(service_env: Dict[str, str],
     lines = run_script("realistic.py", ["--backends", "redis,rabbitmq", *REALISTIC_TINY], service_env, tmp_path)
     ours = {(line["backend"], line["shape"]): line for line in lines if line["kind"] == "ours"}
     assert set(ours) == {(b, s) for b in ("redis", "rabbitmq") for s in ("fan_threads", "fan_procs", "chains")}, ours
-    for (backend, shape), line in ours.items():
+    for (_backend, shape), line in ours.items():
         assert positive_rate(line["wall_s"]) and line["conflicts"] >= 0, line
         assert "met" not in line  # tiny sizes: no verdict on the targets
         if shape == "chains":

@@ -38,6 +38,7 @@ from flowcraft_redis import (  # noqa: E402
     RedisAdapter, RedisContext, RedisCoordinationStore, RedisRunStore, create_redis_reconciler,
 )
 from flowcraft_redis.keys import QueueKeys, RunKeys  # noqa: E402
+from flowcraft_redis.queue import RedisQueue  # noqa: E402
 
 FINAL = ("completed", "failed", "cancelled", "stalled")
 
@@ -789,3 +790,48 @@ def test_commits_write_only_changed_record_fields_and_stay_right_across_stores(r
     final = two.load("r1", [], []).record
     assert (final.version, final.outstanding, final.errors, final.awaiting, final.updated_at) == (4, 2, errors, {}, 5.0)
     assert (final.blueprint_id, final.blueprint_version, final.status) == ("bp", "1", "running")
+
+
+# =================================================================================================
+# a dead worker found by its connection (SPEC section 10)
+# =================================================================================================
+
+HOLDER = """
+import sys, time, redis
+sys.path[:0] = [{root!r}, {adapters!r}]
+from flowcraft_redis.queue import RedisQueue
+queue = RedisQueue(redis.Redis.from_url({url!r}), {queue!r}, "victim-1", {prefix!r}, heartbeat_ttl=60.0)
+held = queue.fetch(2, timeout=1.0)
+print(len(held), flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_killed_workers_jobs_come_back_at_once_though_its_heartbeat_lives(redis_client: Any, redis_prefix: str,
+                                                                             redis_url: str) -> None:
+    """The victim's heartbeat lasts 60 s; its registered connection is gone the moment it dies."""
+    queue_name = f"q{uuid.uuid4().hex[:8]}"
+    live = RedisQueue(redis.Redis.from_url(redis_url), queue_name, "survivor-1", redis_prefix)
+    live.enqueue([Job("r1", "b", "n1"), Job("r2", "b", "n1")])
+    code = HOLDER.format(root=ROOT, adapters=os.path.join(ROOT, "adapters"), url=redis_url, queue=queue_name,
+                         prefix=redis_prefix)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "2", proc.stderr.read() if proc.stderr else ""
+        keys = QueueKeys(queue_name, redis_prefix)
+        assert redis_client.hexists(keys.clients, "victim-1")
+        assert live.recover_dead_workers() == 0  # alive: nothing is taken from it
+        assert redis_client.llen(keys.processing("victim-1")) == 2
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert redis_client.exists(QueueKeys(queue_name, redis_prefix).heartbeat("victim-1"))  # the fallback would wait
+    deadline = time.monotonic() + 5
+    moved = 0
+    while moved < 2 and time.monotonic() < deadline:  # Redis notices the closed socket at once; allow a moment
+        moved += live.recover_dead_workers()
+    assert moved == 2
+    assert sorted(d.job.run_id for d in live.fetch(2, timeout=0) if d.job) == ["r1", "r2"]
+    assert not redis_client.hexists(QueueKeys(queue_name, redis_prefix).clients, "victim-1")
+    live.close()
+    live.client.close()
