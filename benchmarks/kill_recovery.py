@@ -10,6 +10,10 @@ a job: from the kill to the moment the survivor starts executing it (node code r
 with its pid in Redis). No reconciler runs. Then every run must end as in memory (the same
 context), and every node must have been committed exactly once (the workers count their commits).
 
+Then an outage: a worker on a private Redis (append-only, so its data survives) in the middle of
+``--outage-runs`` runs; Redis stopped for ``--outage-s`` (10) seconds and started again: how soon
+after it answers does a node start (the bar: 2 s)?
+
 Prints JSON lines: one per round, and per backend the min/median/max over all recovered jobs and
 over each round's slowest, with `met` (every job recovered within ``--bar`` seconds, 2.0).
 """
@@ -270,6 +274,104 @@ def measure(backend: str, args: argparse.Namespace, out: C.Output) -> Dict[str, 
     return line
 
 
+# =================================================================================================
+# a Redis outage
+# =================================================================================================
+
+
+class PrivateRedis:
+    """A redis-server of our own (append-only file, fsync always: its data survives a restart)."""
+
+    def __init__(self) -> None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.dir = tempfile.mkdtemp(prefix="fckill-redis-")
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self) -> float:
+        """Start it; the time it first answered."""
+        import redis
+
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "yes", "--appendfsync", "always", "--dir", self.dir],
+                                     stdout=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                client.ping()
+                client.close()
+                return time.time()
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise C.CheckFailed("the private redis-server did not start") from None
+                time.sleep(0.005)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # flushes the append-only file
+            self.proc.wait(20)
+        self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        import shutil
+
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def measure_outage(args: argparse.Namespace, out: C.Output) -> Dict[str, Any]:
+    """A worker on a private Redis; Redis stopped for `--outage-s` seconds in the middle of a run
+    (`--outage-runs` runs); how soon after it answers again does a node start?"""
+    import redis
+
+    server = PrivateRedis()
+    server.start()
+    tag = C.new_tag()
+    conf = S.backend_conf("redis", tag, [], {"threads": args.threads})
+    conf.update(redis_url=server.url, node_ms=args.outage_node_ms, record_key=f"fckill:{tag}:starts",
+                commits_key=f"fckill:{tag}:commits")
+    worker: Optional[subprocess.Popen] = None
+    try:
+        client = redis.Redis.from_url(server.url)
+        adapter = S.adapter_for(conf, make_runtime(conf), worker=False)
+        worker = spawn(conf)
+        run_ids = [adapter.start_workflow(FLOW, {"value": i}) for i in range(args.outage_runs)]
+        wait_for("a first node to start", lambda: client.llen(conf["record_key"]) > 0, 30, [worker])
+        client.close()
+        C.close_adapter(adapter)
+        server.stop()
+        time.sleep(args.outage_s)
+        up_at = server.start()
+        client = redis.Redis.from_url(server.url)
+        wait_for("a node to start after the outage",
+                 lambda: any(r[3] >= up_at for r in records(client, conf["record_key"])), args.outage_s + 30, [worker])
+        first = min(r[3] for r in records(client, conf["record_key"]) if r[3] >= up_at)
+        adapter = S.adapter_for(conf, make_runtime(conf), worker=False)
+        results = {r: adapter.wait_for_result(r, timeout=60) for r in run_ids}
+        check_runs(conf, client, results, args)
+        C.close_adapter(adapter)
+        client.close()
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+        server.close()
+    progress = first - up_at
+    line = out.emit("outage", backend="redis", down_s=args.outage_s, progress_after_up_s=round(progress, 3),
+                    bar_s=args.bar, met=progress <= args.bar)
+    out.note(f"redis     down {args.outage_s:g} s: a node started {progress:.3f} s after Redis answered again "
+             f"(bar {args.bar:g} s)")
+    return line
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backends", default="redis,rabbitmq")
@@ -278,6 +380,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=10, help="threads of each worker")
     p.add_argument("--node-ms", type=float, default=500.0)
     p.add_argument("--bar", type=float, default=2.0, help="seconds within which every job must run again")
+    p.add_argument("--outage-s", type=float, default=10.0, help="seconds a private Redis is down (0: no outage test)")
+    p.add_argument("--outage-node-ms", type=float, default=20.0)
+    p.add_argument("--outage-runs", type=int, default=200, help="runs in flight across the outage")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     args.backend_list = [b for b in args.backends.split(",") if b]
@@ -293,6 +398,12 @@ def run(args: argparse.Namespace, out: C.Output) -> int:
             ok = measure(backend, args, out)["met"] and ok
         except C.CheckFailed as error:
             out.emit("check_failed", backend=backend, error=str(error))
+            ok = False
+    if args.outage_s > 0:
+        try:
+            ok = measure_outage(args, out)["met"] and ok
+        except C.CheckFailed as error:
+            out.emit("check_failed", backend="redis-outage", error=str(error))
             ok = False
     out.emit("summary", ok=ok)
     return 0 if ok else 1

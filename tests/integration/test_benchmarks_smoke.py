@@ -246,14 +246,16 @@ def test_realistic_benchmark_prints_checked_figures(service_env: Dict[str, str],
     assert summary["ok"] is True and len(summary["rows"]) == 6, summary
 
 
-@pytest.mark.slow  # about 10 s: a victim and a survivor worker per kill
+@pytest.mark.slow  # about 15 s: a victim and a survivor worker per kill, a private Redis stopped for 1 s
 def test_kill_recovery_benchmark_prints_recovery_times(service_env: Dict[str, str], tmp_path: Any) -> None:
-    lines = run_script("kill_recovery.py", ["--kills", "1", "--runs", "3", "--threads", "3", "--node-ms", "50"],
-                       service_env, tmp_path)
+    lines = run_script("kill_recovery.py", ["--kills", "1", "--runs", "3", "--threads", "3", "--node-ms", "50",
+                                            "--outage-s", "1", "--outage-runs", "60"], service_env, tmp_path)
     recovery = {line["backend"]: line for line in lines if line["kind"] == "recovery"}
     assert set(recovery) == {"redis", "rabbitmq"}, lines
     for line in recovery.values():
         assert line["jobs"] == 3 and 0 < line["all_jobs_s"]["max"] <= line["bar_s"], line
         assert line["met"] is True, line
+    (outage,) = [line for line in lines if line["kind"] == "outage"]
+    assert 0 <= outage["progress_after_up_s"] <= outage["bar_s"] and outage["met"] is True, outage
     (summary,) = [line for line in lines if line["kind"] == "summary"]
     assert summary["ok"] is True
