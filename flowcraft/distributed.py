@@ -243,18 +243,19 @@ class DistributedAdapter:
                 thread.start()
             for thread in threads:
                 thread.join()
-        finally:
-            self._stop.set()  # a lane that died (or this thread, interrupted) stops the others
-            for thread in threads:
-                thread.join()
-            self._conflicts += sum(lane._conflicts for lane in lanes)
-            self._lanes = []
-            for lane in lanes:
-                lane._pool = None
-                try:
-                    lane._close_lane()
-                except Exception:
-                    logger.exception("worker: closing a worker thread's connections failed")
+        except BaseException:
+            # this thread was interrupted (a forced stop): leave at once; the lanes are daemon
+            # threads, and the jobs in their hands are delivered again
+            self._stop.set()
+            raise
+        self._conflicts += sum(lane._conflicts for lane in lanes)
+        self._lanes = []
+        for lane in lanes:
+            lane._pool = None
+            try:
+                lane._close_lane()
+            except Exception:
+                logger.exception("worker: closing a worker thread's connections failed")
         if pool.error is not None:
             raise pool.error
         return pool.budget.processed
