@@ -804,3 +804,19 @@ def test_runs_of_an_older_schema_are_migrated_once(make_adapter: Callable[..., R
     store.delete_key(run_id, "marker")
     ensure_schema(pg_conn, **tables)
     assert "marker" not in store.read_all_context(run_id)
+
+
+@pytest.mark.parametrize("name", ["fan_in", "batch", "diamond_even", "loop", "subflow", "chain"])
+def test_a_worker_with_threads_matches_in_memory(name: str, make_adapter: Callable[..., RabbitMqAdapter],
+                                                 amqp_connection: Any, amqp_queue_name: str) -> None:
+    """`threads=4`: each thread consumes on a channel of its own (acknowledging there) with a
+    PostgreSQL connection of its own; every run ends as in memory."""
+    scenario = SCENARIOS[name]
+    expected = run_in_memory(scenario)
+    adapter = make_adapter(scenario.build(), threads=4)
+    adapter.start()
+    run_ids = [adapter.start_workflow(scenario.build()[0].id, dict(scenario.initial_context)) for _ in range(3)]
+    for run_id in run_ids:
+        assert_same_result(adapter.wait_for_result(run_id, timeout=TIMEOUT), expected)
+    adapter.stop(timeout=10)
+    assert dead_letters(amqp_connection, amqp_queue_name) == []

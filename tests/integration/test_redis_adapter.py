@@ -835,3 +835,30 @@ def test_a_killed_workers_jobs_come_back_at_once_though_its_heartbeat_lives(redi
     assert not redis_client.hexists(QueueKeys(queue_name, redis_prefix).clients, "victim-1")
     live.close()
     live.client.close()
+
+
+@pytest.mark.parametrize("name", ["fan_in", "batch", "diamond_even", "loop", "subflow", "wait_approve", "chain"])
+def test_a_worker_with_threads_matches_in_memory(make_adapter: Any, redis_client: Any, redis_prefix: str,
+                                                 name: str) -> None:
+    """`threads=4`: four threads share the client, the processing list and the stash of jobs taken
+    with commits; every node is committed once and the run ends as in memory."""
+    scenario = SCENARIOS[name]
+    expected = run_in_memory(scenario)
+    flows = scenario.build()
+    adapter = make_adapter(make_runtime(flows), threads=4)
+    completions = count_completions(adapter)
+    run_ids = [adapter.start_workflow(flows[0].id, dict(scenario.initial_context)) for _ in range(3)]
+    drain(adapter, run_ids)
+    if scenario.resume is not None:
+        action, output = scenario.resume
+        for run_id in run_ids:
+            assert adapter.wait_for_result(run_id, timeout=5).status == "awaiting"
+            adapter.resume_with_action(run_id, action, output=output)
+        drain(adapter, run_ids)
+    for run_id in run_ids:
+        result = adapter.wait_for_result(run_id, timeout=10)
+        assert result.status == expected.status, result.errors
+        assert result.context == expected.context
+    assert completions and all(n == 1 for n in completions.values()), completions
+    assert adapter.queue.dead_letters() == []
+    assert queue_is_empty(redis_client, redis_prefix, make_adapter.queue_name)
