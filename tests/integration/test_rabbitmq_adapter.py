@@ -820,3 +820,17 @@ def test_a_worker_with_threads_matches_in_memory(name: str, make_adapter: Callab
         assert_same_result(adapter.wait_for_result(run_id, timeout=TIMEOUT), expected)
     adapter.stop(timeout=10)
     assert dead_letters(amqp_connection, amqp_queue_name) == []
+
+
+def test_idle_workers_get_the_rest_of_a_fan_out_of_slow_nodes(make_adapter: Callable[..., RabbitMqAdapter]) -> None:
+    """Three one-thread workers, a fan-out of three nodes that wait for each other: each worker's
+    prefetch window holds what it can start soon, so the three run at once."""
+    from test_redis_adapter import _barrier_fan
+
+    flow = _barrier_fan(3)
+    workers = [make_adapter([flow]) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    result = workers[0].wait_for_result(workers[0].start_workflow(flow.id), timeout=30)
+    assert result.status == "completed", result.errors
+    assert result.context["end"] == [1, 1, 1]

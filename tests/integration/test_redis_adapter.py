@@ -862,3 +862,28 @@ def test_a_worker_with_threads_matches_in_memory(make_adapter: Any, redis_client
     assert completions and all(n == 1 for n in completions.values()), completions
     assert adapter.queue.dead_letters() == []
     assert queue_is_empty(redis_client, redis_prefix, make_adapter.queue_name)
+
+
+def _barrier_fan(width: int) -> Any:
+    barrier = __import__("threading").Barrier(width, timeout=15)
+
+    def meet(ctx: NodeContext) -> int:
+        barrier.wait()  # completes only if `width` of them run at once
+        return 1
+
+    flow = create_flow(f"barrier{width}").node("start", lambda ctx: 0).node("end", lambda ctx: sorted(ctx.input.values()))
+    for i in range(width):
+        flow.node(f"m{i}", meet).edge("start", f"m{i}").edge(f"m{i}", "end")
+    return flow
+
+
+def test_idle_workers_get_the_rest_of_a_fan_out_of_slow_nodes(make_adapter: Any) -> None:
+    """Three one-thread workers, a fan-out of three nodes that wait for each other: the worker that
+    commits the start node holds one of them, not all three (SPEC section 10's fetch policy)."""
+    flow = _barrier_fan(3)
+    workers = [make_adapter(make_runtime([flow])) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    result = workers[0].wait_for_result(workers[0].start_workflow(flow.id), timeout=30)
+    assert result.status == "completed", result.errors
+    assert result.context["end"] == [1, 1, 1]
