@@ -58,6 +58,7 @@ from .worker_pool import DEFAULT_FETCH_BUDGET, FetchPace, JobBudget, outage_dela
 logger = logging.getLogger("flowcraft.distributed")
 
 _MAX_CONFLICTS = 1000
+GIVE_BACK_AFTER = 4  # fetch budgets: a batch still running its jobs after that gives the rest back
 CLOCK_SKEW = 300.0  # seconds: a job's `firstSeen` further in the future than this is taken as now
 _MAX_REASON = 2000  # characters of a failure reason kept in a dead letter or a run's errors
 _UNLOADED = object()  # a run whose load failed: its deliveries were dead-lettered
@@ -197,6 +198,10 @@ class DistributedAdapter:
         self._lanes: List[DistributedAdapter] = []  # the threads of a running `work(threads > 1)`
         self._conflicts = 0
         self._pool: Optional[_Pool] = None  # what the lanes of a running `work()` share
+        # while a fetched batch runs: past this (monotonic) time its jobs not started are given
+        # back to the queue (`_prepare`), so that a batch that turned out slow goes to idle workers
+        self._batch_deadline: Optional[float] = None
+        self._given_back = 0
         # node commits (one node execution's, or a wave's merged commit of one run) that found the
         # run's version changed and were derived again: a measure of contention between workers
         self.conflicts = 0
@@ -270,6 +275,8 @@ class DistributedAdapter:
         lane._thread = None
         lane._busy = threading.Lock()
         lane._item_spec = ("", {})
+        lane._batch_deadline = None
+        lane._given_back = 0
         lane.queue, lane.store = self._lane_ports(index)
         return lane
 
@@ -317,11 +324,17 @@ class DistributedAdapter:
                     continue
                 with pool.working(), self._busy:
                     began = time.monotonic()
+                    self._given_back = 0
                     if len(deliveries) == 1:
                         self.handle(deliveries[0])
                     else:
-                        self._handle_batch_guarded(deliveries)
-                    self.pace.record(len(deliveries), time.monotonic() - began)
+                        if not self.pace.fixed and hasattr(self.queue, "give_back"):
+                            self._batch_deadline = began + max(GIVE_BACK_AFTER * self.pace.budget, 0.05)
+                        try:
+                            self._handle_batch_guarded(deliveries)
+                        finally:
+                            self._batch_deadline = None
+                    self.pace.record(len(deliveries) - self._given_back, time.monotonic() - began)
                 delays = None
             except (ConnectionError, OSError) as error:
                 # a service is down: the unacknowledged jobs come back; wait (at most about a
@@ -340,6 +353,12 @@ class DistributedAdapter:
                 budget.settle(want, taken)
             if budget.spent:
                 break
+
+    def _give_back(self, delivery: Delivery) -> None:
+        """Hand a fetched delivery back to the queue unstarted (`JobQueue.give_back`, optional)."""
+        self.queue.give_back([delivery])  # type: ignore[attr-defined]  # only set up when the queue has it
+        self._given_back += 1
+        logger.debug("worker: gave job %s back (its batch is slow)", delivery.job.key if delivery.job else "?")
 
     def _hold(self, size: int) -> None:
         """The next fetch asks for `size` jobs: adapters that take jobs ahead of a fetch (a
@@ -622,6 +641,8 @@ class DistributedAdapter:
         if record.status not in (RUNNING, AWAITING) or not self._executable(job, graph, node, snap):
             self.store.publish_outbox(job.run_id, self.queue)  # a crash may have left committed jobs unpublished
             return self.queue.ack([delivery])
+        if self._batch_deadline is not None and time.monotonic() > self._batch_deadline:
+            return self._give_back(delivery)  # a slow batch: the jobs not started go to idle workers
         self._fault("before_execute")
         outcome = self._execute(job, graph, node, snap)
         self._fault("after_execute")

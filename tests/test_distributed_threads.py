@@ -259,3 +259,34 @@ def test_a_long_outage_never_makes_the_worker_wait_more_than_a_second() -> None:
     adapter.work(burst=True)
     assert adapter.wait_for_result(run_id, timeout=5).status == "completed"
     assert len(waits) == 40 and max(waits) <= 1.0, waits
+
+
+def test_a_batch_that_turns_out_slow_gives_its_unstarted_jobs_back() -> None:
+    """A worker warmed by fast jobs fetches many at once; when they turn out slow, the jobs of the
+    batch it has not started go back to the queue (for idle workers) instead of waiting behind."""
+    import time as _time
+
+    fast = create_flow("warm")
+    fast.node("a", lambda ctx: 1)
+    slow = fan_flow("slowbatch", 8, lambda ctx: _time.sleep(0.03) or 1)
+    runtime = runtime_of(fast, slow)
+    adapter = InMemoryAdapter(runtime, max_fetch=20, fetch_budget=0.005)
+    warm = [adapter.start_workflow("warm") for _ in range(40)]
+    adapter.work(burst=True)
+    assert all(adapter.wait_for_result(r, timeout=5).status == "completed" for r in warm)
+    assert adapter.pace.size() > 1  # fast so far: it takes several jobs a fetch
+    given: List[int] = []
+    give_back = adapter.queue.give_back
+
+    def recorded(deliveries: Any) -> None:
+        given.append(len(deliveries))
+        give_back(deliveries)
+
+    adapter.queue.give_back = recorded  # type: ignore[method-assign]
+    run_id = adapter.start_workflow("slowbatch")
+    adapter.work(burst=True)
+    result = adapter.wait_for_result(run_id, timeout=5)
+    assert result.status == "completed", result.errors
+    assert result.context == slow.run(runtime_of(fan_flow("slowbatch", 8, lambda ctx: 1))).context
+    assert given, "the slow batch kept all its jobs"
+    assert adapter.pace.size() == 1

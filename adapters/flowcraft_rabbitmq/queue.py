@@ -431,6 +431,24 @@ class RabbitMqQueue:
                 logger.warning("ack failed (%r); the jobs will be redelivered and dropped", error)
                 link.drop()
 
+    def give_back(self, deliveries: Sequence[Delivery]) -> None:
+        """Deliveries this consumer will not start (its batch turned out slow): its prefetch
+        window is shrunk to one first (it holds the rest of its batch, so RabbitMQ pushes it no
+        more), then they are rejected with requeue, for other consumers to take."""
+        self.set_prefetch(1)
+        link = self._consumer
+        with link.lock:
+            tags = [d.tag[1] for d in deliveries if d.tag[0] == link.generation and d.tag[1] in self._unacked]
+            if not tags or link.channel is None:
+                return
+            try:
+                for tag in tags:
+                    self._unacked.remove(tag)
+                    link.channel.basic_nack(tag, multiple=False, requeue=True)
+            except _AMQP_ERRORS as error:
+                logger.warning("giving deliveries back failed (%r); they will be redelivered", error)
+                link.drop()
+
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Publish the delivery's body unchanged to the dead-letter queue with the reason in a
         bounded header (see the module docstring), then acknowledge it."""

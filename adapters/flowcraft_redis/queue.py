@@ -168,6 +168,18 @@ class RedisQueue:
             pipe.execute()
         return len(bodies)
 
+    @translate_errors
+    def give_back(self, deliveries: Sequence[Delivery]) -> None:
+        """Deliveries fetched that the worker will not start (its batch turned out slow): back to
+        the consuming end of the ready list, in order, for any worker to take next."""
+        if not deliveries:
+            return
+        pipe = self.client.pipeline(transaction=True)
+        for d in reversed(deliveries):
+            pipe.lrem(d.tag[0], 1, d.tag[1])
+            pipe.rpush(self.keys.ready, d.tag[1])
+        pipe.execute()
+
     def _blocking_move(self, wait: float) -> Optional[bytes]:
         socket_timeout = self.client.connection_pool.connection_kwargs.get("socket_timeout")
         if socket_timeout:
