@@ -225,7 +225,10 @@ def kill_round(conf: Dict[str, Any], args: argparse.Namespace, client: Any, adap
     return {"recovery": recovery, "line": line}
 
 
-def check_runs(conf: Mapping[str, Any], client: Any, results: Mapping[str, Any], args: argparse.Namespace) -> None:
+def check_runs(conf: Mapping[str, Any], client: Any, results: Mapping[str, Any], args: argparse.Namespace,
+               exact: bool = True) -> None:
+    """Every run as in memory, every node committed once (`exact`), or at most once as counted
+    (a count lost with the Redis that went down right after the commit it counts)."""
     from flowcraft import FlowRuntime
 
     runtime = FlowRuntime(dependencies={"redis": client})
@@ -238,7 +241,7 @@ def check_runs(conf: Mapping[str, Any], client: Any, results: Mapping[str, Any],
         C.check(result.context == expected, f"run {run_id}: context {result.context} != in memory {expected}")
         for node_id in ("n0", "n1"):
             n = commits.get(f"{run_id}:{node_id}", 0)
-            C.check(n == 1, f"run {run_id}: node {node_id} committed {n} times")
+            C.check(n == 1 if exact else n <= 1, f"run {run_id}: node {node_id} committed {n} times")
     client.delete(conf["record_key"] + ":memory")
 
 
@@ -353,7 +356,7 @@ def measure_outage(args: argparse.Namespace, out: C.Output) -> Dict[str, Any]:
         first = min(r[3] for r in records(client, conf["record_key"]) if r[3] >= up_at)
         adapter = S.adapter_for(conf, make_runtime(conf), worker=False)
         results = {r: adapter.wait_for_result(r, timeout=60) for r in run_ids}
-        check_runs(conf, client, results, args)
+        check_runs(conf, client, results, args, exact=False)
         C.close_adapter(adapter)
         client.close()
     finally:
