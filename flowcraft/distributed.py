@@ -26,13 +26,15 @@ of the same versioned state; a run completes when its outstanding count reaches 
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import logging
 import os
 import socket
 import threading
 import time
-from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
 import attrs
 
@@ -54,10 +56,12 @@ from .runtime import (AWAITING_DETAILS_KEY, AWAITING_IDS_KEY, FlowRuntime, await
                       subflow_depth_error)
 from .serializer import check_json, check_values
 from .worker_context import StoreContext, WithDelta, WorkerEngine
+from .worker_pool import DEFAULT_FETCH_BUDGET, FetchPace, JobBudget, outage_delays
 
 logger = logging.getLogger("flowcraft.distributed")
 
 _MAX_CONFLICTS = 1000
+GIVE_BACK_AFTER = 4  # fetch budgets: a batch still running its jobs after that gives the rest back
 CLOCK_SKEW = 300.0  # seconds: a job's `firstSeen` further in the future than this is taken as now
 _MAX_REASON = 2000  # characters of a failure reason kept in a dead letter or a run's errors
 _UNLOADED = object()  # a run whose load failed: its deliveries were dead-lettered
@@ -127,6 +131,46 @@ def _traced(jobs: List[Job], traceparent: Optional[str]) -> List[Job]:
     return [j.with_(extra={**j.extra, TRACEPARENT: traceparent}) for j in jobs]
 
 
+class _Pool:
+    """What the threads (lanes) of one `work()` share."""
+
+    def __init__(self, budget: JobBudget, threads: int) -> None:
+        self.budget = budget
+        self.threads = threads
+        self.lock = threading.Lock()
+        self.active = 0  # lanes handling jobs right now
+        self.error: Optional[BaseException] = None
+        self.recovered_at = float("-inf")  # when a lane last ran `after_outage`
+
+    @contextlib.contextmanager
+    def working(self) -> Iterator[None]:
+        with self.lock:
+            self.active += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.active -= 1
+
+    def idle_done(self) -> bool:
+        """A burst lane found the queue empty: done once no other lane is handling jobs (their
+        commits may enqueue more); else it waits a moment and looks again."""
+        with self.lock:
+            if self.active == 0:
+                return True
+        time.sleep(0.002)
+        return False
+
+    def after_outage(self, lane: "DistributedAdapter", failed_at: float) -> None:
+        """`lane.after_outage()`, unless another lane ran it since this one failed: the jobs the
+        worker held were given back once, not once per thread."""
+        with self.lock:
+            if self.recovered_at > failed_at:
+                return
+            lane.after_outage()
+            self.recovered_at = time.monotonic()
+
+
 @functools.lru_cache(maxsize=256)
 def _whole_load_ids(graph: CompiledGraph) -> FrozenSet[str]:
     """The nodes whose jobs load the whole run (see `DistributedAdapter._load_request`)."""
@@ -148,7 +192,10 @@ class DistributedAdapter:
         retry_mode: str = "in-process",
         version_mismatch_ttl: float = 86400.0,
         version_mismatch_delay: float = 5.0,
-        fetch_batch: int = 1,
+        fetch_batch: Optional[int] = None,
+        max_fetch: int = 1,
+        fetch_budget: float = DEFAULT_FETCH_BUDGET,
+        threads: int = 1,
         poll_timeout: float = 1.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -161,7 +208,13 @@ class DistributedAdapter:
         self.retry_mode = retry_mode
         self.version_mismatch_ttl = version_mismatch_ttl
         self.version_mismatch_delay = version_mismatch_delay
-        self.fetch_batch = max(1, fetch_batch)
+        if int(threads) < 1:
+            raise ValueError(f"threads must be >= 1, not {threads!r}")
+        self.threads = int(threads)
+        # `fetch_batch` given: every fetch asks for that many; else the size adapts to the pace of
+        # the jobs, from 1 up to `max_fetch` (see `worker_pool.FetchPace`)
+        self.fetch_batch = max(1, int(fetch_batch if fetch_batch is not None else max_fetch))
+        self.pace = FetchPace(self.fetch_batch, fetch_budget, fixed=fetch_batch is not None)
         self.poll_timeout = poll_timeout
         self.clock = clock
         self.runner = NodeRunner(runtime.middleware, None)
@@ -173,6 +226,13 @@ class DistributedAdapter:
         # per worker thread: the last batch item read by `_executable` (`_item_spec`), and the item
         # fields of a wave's item jobs, read for all of them at once (`_wave_items`: (run id, field) -> value)
         self._local = threading.local()
+        self._lanes: List[DistributedAdapter] = []  # the threads of a running `work(threads > 1)`
+        self._conflicts = 0
+        self._pool: Optional[_Pool] = None  # what the lanes of a running `work()` share
+        # while a fetched batch runs: past this (monotonic) time its jobs not started are given
+        # back to the queue (`_prepare`), so that a batch that turned out slow goes to idle workers
+        self._batch_deadline: Optional[float] = None
+        self._given_back = 0
         # commits (one node execution's, or a wave's merged commit of one run) whose checks failed
         # (a run commit: the version moved; a node commit: a state it changes was changed) and were
         # derived again: a measure of contention between workers
@@ -182,48 +242,162 @@ class DistributedAdapter:
         self._finish_hooks = hooks(runtime.middleware, "run_finished")
         self._dead_letter_hooks = hooks(runtime.middleware, "job_dead_lettered")
 
+    @property
+    def conflicts(self) -> int:
+        """Version conflicts of this worker's commits, its threads' included."""
+        return self._conflicts + sum(lane._conflicts for lane in list(self._lanes))
+
+    @conflicts.setter
+    def conflicts(self, value: int) -> None:
+        self._conflicts = value - sum(lane._conflicts for lane in list(self._lanes))
+
     # === worker ==================================================================================
 
     def work(self, burst: bool = False, max_jobs: Optional[int] = None) -> int:
         """Process jobs until stopped (or, with `burst`, until the queue is empty); return how many.
 
-        A `stop()` that comes before `work()` starts is not lost: `work()` then returns at once."""
+        With `threads` > 1, that many threads each fetch and handle jobs (each with its own queue
+        and store connections where the adapter's are not thread-safe: `_lane`). A `stop()` that
+        comes before `work()` starts is not lost: `work()` then returns at once."""
         try:
             return self._work(burst, max_jobs)
         finally:
             self._stop.clear()  # the request is served; the next `work()` runs
 
     def _work(self, burst: bool, max_jobs: Optional[int]) -> int:
-        processed = 0
-        backoff = 0.0
+        pool = _Pool(JobBudget(max_jobs), self.threads)
+        if self.threads == 1:
+            self._pool = pool
+            try:
+                self._serve(burst)
+            finally:
+                self._pool = None
+            return pool.budget.processed
+        lanes = [self._lane(i) for i in range(self.threads)]
+        for lane in lanes:
+            lane._pool = pool
+        self._lanes = lanes
+        threads = [threading.Thread(target=lane._lane_main, args=(burst,), name=f"flowcraft-worker-{i}", daemon=True)
+                   for i, lane in enumerate(lanes)]
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        except BaseException:
+            # this thread was interrupted (a forced stop): leave at once; the lanes are daemon
+            # threads, and the jobs in their hands are delivered again
+            self._stop.set()
+            raise
+        self._conflicts += sum(lane._conflicts for lane in lanes)
+        self._lanes = []
+        for lane in lanes:
+            lane._pool = None
+            try:
+                lane._close_lane()
+            except Exception:
+                logger.exception("worker: closing a worker thread's connections failed")
+        if pool.error is not None:
+            raise pool.error
+        return pool.budget.processed
+
+    def _lane(self, index: int) -> "DistributedAdapter":
+        """A copy of this adapter that one worker thread runs (`index` > 0: another thread), with
+        the same runtime, stop request and fetch pace; adapters whose queue or store clients are
+        not thread-safe give it connections of its own (see `_lane_ports`)."""
+        lane = copy.copy(self)
+        lane._lanes = []
+        lane._conflicts = 0
+        lane._thread = None
+        lane._busy = threading.Lock()
+        lane._batch_deadline = None
+        lane._given_back = 0
+        lane.queue, lane.store = self._lane_ports(index)
+        return lane
+
+    def _lane_ports(self, index: int) -> Tuple[JobQueue, RunStore]:
+        """The queue and store one worker thread uses: these, shared (they must be thread-safe)."""
+        return self.queue, self.store
+
+    def _close_lane(self) -> None:
+        """Close what `_lane_ports` opened for this lane (nothing here)."""
+
+    def _lane_main(self, burst: bool) -> None:
+        pool = self._pool
+        assert pool is not None
+        try:
+            self._serve(burst)
+        except BaseException as error:  # a bug or a simulated crash: the worker stops (and `work` raises it)
+            with pool.lock:
+                if pool.error is None:
+                    pool.error = error
+            self._stop.set()
+
+    def _serve(self, burst: bool) -> None:
+        """One worker thread's loop (`_loop`); adapters wrap it with what each thread sets up."""
+        self._loop(burst)
+
+    def _loop(self, burst: bool) -> None:
+        pool = self._pool
+        assert pool is not None
+        budget = pool.budget
+        delays: Optional[Iterator[float]] = None
         while not self._stop.is_set():
-            want = self.fetch_batch if max_jobs is None else min(self.fetch_batch, max_jobs - processed)
+            size = self.pace.size()
+            self._hold(size)
+            want = budget.reserve(size)
+            if want <= 0:
+                break
+            taken = 0
             try:
                 deliveries = self.queue.fetch(want, timeout=0.0 if burst else self.poll_timeout)
+                taken = len(deliveries)
                 if not deliveries:
-                    if burst:
+                    if burst and pool.idle_done():
                         break
+                    delays = None
                     continue
-                with self._busy:
+                with pool.working(), self._busy:
+                    began = time.monotonic()
+                    self._given_back = 0
                     if len(deliveries) == 1:
                         self.handle(deliveries[0])
                     else:
-                        self._handle_batch_guarded(deliveries)
-                    processed += len(deliveries)
-                backoff = 0.0
+                        if not self.pace.fixed and hasattr(self.queue, "give_back"):
+                            self._batch_deadline = began + max(GIVE_BACK_AFTER * self.pace.budget, 0.05)
+                        try:
+                            self._handle_batch_guarded(deliveries)
+                        finally:
+                            self._batch_deadline = None
+                    self.pace.record(len(deliveries) - self._given_back, time.monotonic() - began)
+                delays = None
             except (ConnectionError, OSError) as error:
-                # a service is down: the unacknowledged job comes back; wait and go on
-                backoff = min(max(backoff * 2, 0.1), 30.0)
-                logger.warning("worker: %s; retrying in %.1fs", error, backoff)
-                if self._stop.wait(backoff):
+                # a service is down: the unacknowledged jobs come back; wait (at most about a
+                # second, jittered, however long the outage) and go on
+                failed_at = time.monotonic()
+                delays = delays or outage_delays()
+                delay = next(delays)
+                logger.warning("worker: %s; retrying in %.2fs", error, delay)
+                if self._stop.wait(delay):
                     break
                 try:
-                    self.after_outage()
+                    pool.after_outage(self, failed_at)
                 except (ConnectionError, OSError):
                     continue
-            if max_jobs is not None and processed >= max_jobs:
+            finally:
+                budget.settle(want, taken)
+            if budget.spent:
                 break
-        return processed
+
+    def _give_back(self, delivery: Delivery) -> None:
+        """Hand a fetched delivery back to the queue unstarted (`JobQueue.give_back`, optional)."""
+        self.queue.give_back([delivery])  # type: ignore[attr-defined]  # only set up when the queue has it
+        self._given_back += 1
+        logger.debug("worker: gave job %s back (its batch is slow)", delivery.job.key if delivery.job else "?")
+
+    def _hold(self, size: int) -> None:
+        """The next fetch asks for `size` jobs: adapters that take jobs ahead of a fetch (a
+        broker's prefetch window, jobs taken with a commit) hold no more than that."""
 
     def start(self) -> None:
         """Run `work()` in a background thread."""
@@ -234,7 +408,7 @@ class DistributedAdapter:
         self._thread.start()
 
     def stop(self, timeout: Optional[float] = None) -> None:
-        """Finish (and acknowledge) the job in hand, then stop the worker."""
+        """Finish (and acknowledge) the jobs in hand (of every thread), then stop the worker."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -538,6 +712,8 @@ class DistributedAdapter:
                 self._settle(job, graph)
                 self.store.publish_outbox(job.run_id, self.queue)
             return self.queue.ack([delivery])
+        if self._batch_deadline is not None and time.monotonic() > self._batch_deadline:
+            return self._give_back(delivery)  # a slow batch: the jobs not started go to idle workers
         state = snap.states.get(node.id)
         if state is not None and state.get("pending") and job.kind == "node":
             return _Prepared(delivery, job, graph, node, snap, GATHER)  # every item finished: no node code runs

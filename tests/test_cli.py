@@ -21,6 +21,7 @@ import pytest
 from flowcraft import create_flow
 from flowcraft.cli import backends, main
 from flowcraft.cli.errors import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE
+from flowcraft.cli.parser import build_parser
 from flowcraft.cli.progress import Progress
 from flowcraft.cli.signals import ForcedStop, StopSignals
 from flowcraft.cli.worker import child_argv, serve
@@ -294,6 +295,7 @@ def test_run_keeps_the_apps_own_event_bus(capsys, app, app_module, files, monkey
     (["status", "r1", "--redis-url", "redis://127.0.0.1:1/0"], ["cannot reach Redis at redis://127.0.0.1:1/0"]),
     (["start", "chain", "--app", "{app}:runtime", "--redis-url", "redis://127.0.0.1:1/0"], ["cannot reach Redis"]),
     (["worker", "--app", "{app}:runtime", "--burst", "--redis-url", "redis://127.0.0.1:1/0"], ["cannot reach Redis"]),
+    (["worker", "--app", "{app}:runtime", "--backend", "rq", "--threads", "4"], ["--threads is not for rq", "--concurrency"]),
     (["status", "r1", "--backend", "rabbitmq", "--context-table", "bad name; drop"],
      ["--context-table 'bad name; drop' is not a valid table name"]),
     (["db", "init", "--status-table", "1bad"], ["--status-table '1bad' is not a valid table name"]),
@@ -310,6 +312,7 @@ def test_usage_errors_exit_2(capsys):
     assert main([]) == EXIT_USAGE
     assert main(["worker", "--backend", "nosuch", "--app", "m:a"]) == EXIT_USAGE
     assert main(["run", "x.json", "--concurrency", "0"]) == EXIT_USAGE
+    assert main(["worker", "--app", "m:a", "--threads", "0"]) == EXIT_USAGE
     assert "usage: flowcraft" in capsys.readouterr().err
 
 
@@ -375,6 +378,17 @@ def memory_backend(monkeypatch):
     monkeypatch.setattr(backends, "open_adapter", open_adapter)
     monkeypatch.setattr(backends, "open_reconciler", lambda args, adapter: Reconciler(adapter, args.stalled_after))
     return shared
+
+
+@pytest.mark.parametrize("backend, threads, expected", [("redis", "3", 3), ("rabbitmq", "16", 16), ("redis", None, None)])
+def test_worker_threads_reach_the_adapter(monkeypatch, backend, threads, expected):
+    seen = {}
+    monkeypatch.setattr(backends, "_redis_adapter", lambda args, runtime, options: seen.update(options))
+    monkeypatch.setattr(backends, "_rabbitmq_adapter", lambda args, runtime, options: seen.update(options))
+    argv = ["worker", "--backend", backend, "--app", "m:a"] + (["--threads", threads] if threads else [])
+    args = build_parser().parse_args(argv)
+    backends.open_adapter(args, None)
+    assert seen.get("threads") == expected
 
 
 def test_start_worker_status_wait(capsys, app, memory_backend):

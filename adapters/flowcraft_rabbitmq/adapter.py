@@ -5,7 +5,7 @@ wires the ports."""
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 from flowcraft.distributed import DistributedAdapter, ReconcileStats, Reconciler
 
@@ -25,8 +25,9 @@ class RabbitMqAdapter(DistributedAdapter):
     with the same parameters publishes) and `postgres_dsn` a ready `psycopg2` connection (switched
     to autocommit; it is re-opened from its DSN after a drop). The tables are created if missing
     (`ensure_schema`). `coordination_store` may be None: the engine never calls it (it is kept as
-    `adapter.coordination` for node code and tools that share locks). Other keyword options go to `DistributedAdapter` (`retry_mode`,
-    `fetch_batch`, `poll_timeout`, `version_mismatch_ttl`, ...)."""
+    `adapter.coordination` for node code and tools that share locks). Other keyword options go to
+    `DistributedAdapter` (`retry_mode`, `threads`, `fetch_batch`, `max_fetch`, `poll_timeout`,
+    `version_mismatch_ttl`, ...)."""
 
     queue: RabbitMqQueue
     store: PostgresRunStore
@@ -56,20 +57,45 @@ class RabbitMqAdapter(DistributedAdapter):
         except BaseException:
             store.close()
             raise
-        options.setdefault("fetch_batch", queue.prefetch)  # the whole prefetch window is one batch
+        # while jobs are fast, the whole prefetch window is one batch; while they are slow, a
+        # thread holds one (`_hold` sizes the window as the fetch)
+        options.setdefault("max_fetch", queue.prefetch)
         super().__init__(runtime, queue, store, coordination_store, **options)
+        self._own_ports = False  # a worker thread's lane with connections of its own (`_lane_ports`)
 
     def context(self, run_id: str) -> PostgresContext:
         """The run's context in PostgreSQL, read and patched key by key."""
         return PostgresContext(self.store, run_id)
 
-    def work(self, burst: bool = False, max_jobs: Optional[int] = None) -> int:
+    def _lane_ports(self, index: int) -> Tuple[Any, Any]:
+        """A `BlockingConnection` is not thread-safe, and a psycopg2 connection serialises its
+        users (and holds one transaction): each worker thread but the first gets a consumer
+        channel on a connection of its own (its deliveries are acknowledged on it) and a
+        PostgreSQL connection of its own; publishing shares one connection, behind its lock."""
+        if index == 0:
+            return self.queue, self.store
+        return self.queue.lane(), self.store.lane()
+
+    def _lane(self, index: int) -> DistributedAdapter:
+        lane = super()._lane(index)
+        lane._own_ports = index > 0  # type: ignore[attr-defined]  # a RabbitMqAdapter's lane
+        return lane
+
+    def _close_lane(self) -> None:
+        if self._own_ports:
+            self.queue.close_consumer()
+            self.store.close()
+
+    def _hold(self, size: int) -> None:
+        self.queue.set_prefetch(size)
+
+    def _serve(self, burst: bool) -> None:
         # While the loop runs, published outbox rows are deleted by the next commit, or once the
         # worker is idle (`queue.on_idle`), instead of by a transaction of their own per batch.
         self.store.defer_deletes = True
         self.queue.on_idle = self.store.flush_published
         try:
-            return super().work(burst, max_jobs)
+            super()._serve(burst)
         finally:
             self.store.defer_deletes = False
             self.queue.on_idle = None

@@ -35,7 +35,9 @@ acks for them are dropped (their delivery tags belong to the closed channel).
 from __future__ import annotations
 
 import collections
+import copy
 import logging
+import random
 import threading
 import time
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
@@ -100,7 +102,7 @@ class _Link:
     """One connection + channel, re-opened with backoff when it drops."""
 
     def __init__(self, params: pika.connection.Parameters, setup: Callable[[Any], None], name: str,
-                 connection: Any = None, reconnect_timeout: float = 60.0, max_backoff: float = 2.0) -> None:
+                 connection: Any = None, reconnect_timeout: float = 60.0, max_backoff: float = 1.0) -> None:
         self.params = params
         self.setup = setup
         self.name = name
@@ -134,8 +136,9 @@ class _Link:
                     raise
                 if time.monotonic() + delay > deadline:
                     raise ConnectionError(f"RabbitMQ unreachable for {self.reconnect_timeout:g}s: {error!r}") from error
-                logger.warning("RabbitMQ unreachable (%r); retrying in %.2fs", error, delay)
-                time.sleep(delay)
+                wait = delay * random.uniform(0.5, 1.0)  # jittered: a fleet of workers does not retry in step
+                logger.warning("RabbitMQ unreachable (%r); retrying in %.2fs", error, wait)
+                time.sleep(wait)
                 delay = min(delay * 2, self.max_backoff)
 
     def drop(self) -> None:
@@ -159,7 +162,7 @@ class RabbitMqQueue:
     """The job queue on RabbitMQ; see the module docstring."""
 
     def __init__(self, connection_or_url: Any, queue_name: str = "flowcraft-jobs", prefetch: int = DEFAULT_PREFETCH, *,
-                 reconnect_timeout: float = 60.0, max_backoff: float = 2.0) -> None:
+                 reconnect_timeout: float = 60.0, max_backoff: float = 1.0) -> None:
         if not isinstance(queue_name, str) or not queue_name or len(queue_name.encode()) > 240:
             raise ValueError(f"invalid queue name {queue_name!r}")
         self.queue_name = queue_name
@@ -180,6 +183,45 @@ class RabbitMqQueue:
         self.on_idle: Optional[Callable[[], None]] = None
         with self._publisher.lock:
             self._publisher.ensure(first=True)  # declares the queues; fails fast on a bad URL or login
+
+    def lane(self) -> "RabbitMqQueue":
+        """The same queue for another worker thread: a consumer channel on a connection of its
+        own (its deliveries, prefetch window and acknowledgements are its own), publishing
+        through this queue's publisher connection (shared, behind its lock)."""
+        other = copy.copy(self)
+        link = self._consumer
+        other._consumer = _Link(link.params, other._setup_consumer, "consumer", None, link.reconnect_timeout,
+                                link.max_backoff)
+        other._buffer = collections.deque()
+        other._unacked = collections.deque()
+        other._consumer_tag = None
+        other._tx = None
+        other._returned = []
+        other.on_idle = None
+        return other
+
+    def set_prefetch(self, count: int) -> None:
+        """Hold at most `count` unacknowledged deliveries from now on (`basic.qos` on the consumer
+        channel when it changes; deliveries already held stay held until acknowledged)."""
+        count = max(1, int(count))
+        if count == self.prefetch:
+            return
+        link = self._consumer
+        with link.lock:
+            self.prefetch = count
+            channel = link.channel
+            if channel is None or not channel.is_open:
+                return  # the next channel is set up with it
+            try:
+                channel.basic_qos(prefetch_count=count)
+            except _AMQP_ERRORS as error:
+                logger.warning("basic.qos failed (%r): reconnecting", error)
+                link.drop()
+
+    def close_consumer(self) -> None:
+        """Close the consumer connection only (a worker thread's lane; the publisher is shared)."""
+        self._consumer.close()
+        self._buffer.clear()
 
     # --- topology --------------------------------------------------------------------------------
 
@@ -324,9 +366,14 @@ class RabbitMqQueue:
                                 self._idle()
                             if not self._buffer and time.monotonic() < deadline:
                                 continue
-                        elif timeout <= 0 and self._pending_in_broker(channel):
-                            # burst mode: messages are ready but not pushed to us yet
-                            link.connection.process_data_events(time_limit=0.2)
+                        elif timeout <= 0:
+                            # burst mode: messages ready but not pushed to us yet, or pushed while
+                            # the declare's reply came (a small prefetch window: the broker pushes
+                            # the next one once our last ack reached it)
+                            pending = self._pending_in_broker(channel)
+                            link.connection.process_data_events(time_limit=0)
+                            if pending and not self._buffer:
+                                link.connection.process_data_events(time_limit=0.2)
                     if self._buffer:
                         self._gather(link, max_jobs)
                     break
@@ -382,6 +429,24 @@ class RabbitMqQueue:
                         link.channel.basic_ack(tag)
             except _AMQP_ERRORS as error:
                 logger.warning("ack failed (%r); the jobs will be redelivered and dropped", error)
+                link.drop()
+
+    def give_back(self, deliveries: Sequence[Delivery]) -> None:
+        """Deliveries this consumer will not start (its batch turned out slow): its prefetch
+        window is shrunk to one first (it holds the rest of its batch, so RabbitMQ pushes it no
+        more), then they are rejected with requeue, for other consumers to take."""
+        self.set_prefetch(1)
+        link = self._consumer
+        with link.lock:
+            tags = [d.tag[1] for d in deliveries if d.tag[0] == link.generation and d.tag[1] in self._unacked]
+            if not tags or link.channel is None:
+                return
+            try:
+                for tag in tags:
+                    self._unacked.remove(tag)
+                    link.channel.basic_nack(tag, multiple=False, requeue=True)
+            except _AMQP_ERRORS as error:
+                logger.warning("giving deliveries back failed (%r); they will be redelivered", error)
                 link.drop()
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:

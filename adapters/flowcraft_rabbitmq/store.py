@@ -43,7 +43,9 @@ from __future__ import annotations
 
 import json
 import logging
+import copy
 import math
+import random
 import threading
 import time
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -234,7 +236,7 @@ class PostgresRunStore:
         *,
         create_schema: bool = True,
         reconnect_timeout: float = 60.0,
-        max_backoff: float = 5.0,
+        max_backoff: float = 1.0,
         connect_timeout: int = 5,
     ) -> None:
         self.context_table = validate_identifier(context_table_name, "context table name")
@@ -293,8 +295,9 @@ class PostgresRunStore:
             except _CONNECTION_ERRORS as error:
                 if time.monotonic() + delay > deadline:
                     raise StoreUnavailable(f"PostgreSQL unreachable for {self.reconnect_timeout:g}s: {error}") from error
-                logger.warning("PostgreSQL unreachable (%s); retrying in %.2fs", error, delay)
-                time.sleep(delay)
+                wait = delay * random.uniform(0.5, 1.0)  # jittered: a fleet of workers does not retry in step
+                logger.warning("PostgreSQL unreachable (%s); retrying in %.2fs", error, wait)
+                time.sleep(wait)
                 delay = min(delay * 2, self.max_backoff)
 
     def _run(self, operation: Callable[[Any], Any], reject: Optional[Callable[[str], StoreRejected]] = None) -> Any:
@@ -340,6 +343,19 @@ class PostgresRunStore:
                     cur.execute("ROLLBACK")
         except _CONNECTION_ERRORS:
             pass
+
+    def lane(self) -> "PostgresRunStore":
+        """The same store on a connection of its own, for another worker thread (a psycopg2
+        connection serialises its users and holds one transaction at a time)."""
+        other = copy.copy(self)
+        other._lock = threading.RLock()
+        other._local = threading.local()
+        other._published = []
+        other.defer_deletes = False
+        other._prepared_on = None
+        other.conn = self._connect()
+        other._prepare()
+        return other
 
     def close(self) -> None:
         with self._lock:

@@ -20,7 +20,8 @@ class RedisAdapter(DistributedAdapter):
     """A worker and client whose queue, run store and coordination store are one Redis.
 
     Options beyond the spec's: `prefix` (a key prefix, default ""), `worker_id`, `heartbeat_ttl`
-    and `recover_interval` (dead-worker detection, seconds); the rest go to `DistributedAdapter`.
+    and `recover_interval` (dead-worker detection, seconds: see `RedisQueue`); the rest go to
+    `DistributedAdapter` (`threads`, `fetch_batch`, `max_fetch`, `poll_timeout`, ...).
     """
 
     queue: RedisQueue
@@ -28,21 +29,22 @@ class RedisAdapter(DistributedAdapter):
 
     def __init__(self, runtime: Any, redis_url_or_client: Any, queue_name: str = "flowcraft-queue",
                  state_ttl_seconds: int = 86400, retry_mode: str = "in-process", *, prefix: str = "",
-                 worker_id: Optional[str] = None, heartbeat_ttl: float = 30.0, recover_interval: float = 5.0,
+                 worker_id: Optional[str] = None, heartbeat_ttl: float = 30.0, recover_interval: float = 0.5,
                  **options: Any) -> None:
         client = connect(redis_url_or_client)
         clock = options.get("clock", time.time)
         queue = RedisQueue(client, queue_name, worker_id, prefix, heartbeat_ttl=heartbeat_ttl,
                            recover_interval=recover_interval, clock=clock)
         store = RedisRunStore(client, prefix, state_ttl_seconds, queue=queue, clock=clock)
-        options.setdefault("fetch_batch", 20)  # one fetch, load and commit round for up to 20 runs' jobs
+        options.setdefault("max_fetch", 20)  # while jobs are fast: one fetch, load and commit round for up to 20
         super().__init__(runtime, queue, store, RedisCoordinationStore(client, prefix), retry_mode=retry_mode, **options)
         self.redis = client
 
     def work(self, burst: bool = False, max_jobs: Optional[int] = None) -> int:
-        """The core's worker loop; meanwhile each commit also takes this worker's next jobs (one
-        round trip instead of two), and those not fetched are given back when it returns."""
-        self.queue.prefetch = self.fetch_batch if max_jobs is None else min(self.fetch_batch, max_jobs)
+        """The core's worker loop (its threads share this Redis client, queue and store: redis-py
+        is thread-safe); meanwhile each commit also takes this worker's next jobs (one round trip
+        instead of two, as many as the next fetch asks: `_hold`), and those not fetched are given
+        back when it returns."""
         try:
             return super().work(burst, max_jobs)
         finally:
@@ -51,6 +53,11 @@ class RedisAdapter(DistributedAdapter):
                 self.queue.release_stash()
             except ConnectionError as error:  # they come back to the ready list with the heartbeat's expiry
                 logger.warning("could not give back prefetched jobs: %s", error)
+
+    def _hold(self, size: int) -> None:
+        pool = self._pool
+        left = pool.budget.left if pool is not None else None
+        self.queue.prefetch = size if left is None else max(0, min(size, left))
 
     def after_outage(self) -> None:
         """Redis answers again: give back the jobs this worker held (neither surely committed nor acked)."""

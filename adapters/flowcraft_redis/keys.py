@@ -160,6 +160,7 @@ class QueueKeys:
         self.delayed = base + ":delayed"
         self.dead = base + ":dead"
         self.workers = base + ":workers"
+        self.clients = base + ":clients"  # worker id -> the CLIENT ID of its registered connection
 
     def processing(self, worker_id: str) -> str:
         return f"{self.ready}:processing:{validate_simple('worker id', worker_id)}"

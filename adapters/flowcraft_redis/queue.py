@@ -1,21 +1,31 @@
 """`RedisQueue`: the `JobQueue` port as a reliable Redis list queue.
 
 Jobs are JSON bodies LPUSHed onto ``<queue>``; a worker moves them (RIGHT -> LEFT, so FIFO) to its
-own ``<queue>:processing:<worker id>`` list and removes them from there when acknowledged. A worker
-refreshes its heartbeat ``<queue>:worker:<id>`` on every fetch (and from a background thread while
-it runs a long job); the processing list of a worker whose heartbeat expired is moved back to the
-ready list by any other worker (`recover_dead_workers`, run from `fetch` every few seconds).
+own ``<queue>:processing:<worker id>`` list and removes them from there when acknowledged (the
+threads of one worker share its list).
+
+A dead worker's jobs go back to the ready list within about a second, found by any live worker's
+monitor thread (`recover_dead_workers`, every `recover_interval`, 0.5 s by default: two cheap round
+trips). Each worker holds one connection of its own for its whole life and registers that
+connection's ``CLIENT ID`` in ``<queue>:clients``; when the process dies, its socket closes and
+Redis forgets the client at once, so a registered id missing from ``CLIENT LIST ID ...`` means a
+dead worker. A host that vanishes without closing its sockets (power loss, a partition) is found by
+the fallback, the heartbeat ``<queue>:worker:<id>`` (refreshed on every fetch and by the monitor
+thread every `heartbeat_ttl` / 3) expiring. A worker whose connection dropped while it lives (a
+Redis restart) registers its new id at its next tick; meanwhile its jobs may be given back and run
+again elsewhere, which at-least-once delivery allows (no node is committed twice).
 Delayed jobs wait in the ``<queue>:delayed`` ZSET (score = due time) until `fetch` promotes them.
 Bytes in, bytes out: nothing is ever unpickled.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
 import time
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Set, Tuple
 
 import redis
 
@@ -23,6 +33,22 @@ from flowcraft.ports import Delivery, Job
 
 from ._util import delayed_member, load_script, to_text, translate_errors
 from .keys import QueueKeys, validate_simple
+
+logger = logging.getLogger("flowcraft.redis.queue")
+
+
+def _own_connection(client: Any) -> Any:
+    """A client on one connection of `client`'s pool, held for the worker's life (None when the
+    client has no such pool, e.g. a test double: then only heartbeats tell a dead worker)."""
+    pool = getattr(client, "connection_pool", None)
+    if pool is None or not isinstance(client, redis.Redis):
+        return None
+    try:
+        holder = redis.Redis(connection_pool=pool, single_connection_client=True)
+        holder.client_id()
+        return holder
+    except redis.ResponseError:
+        return None
 
 
 def default_worker_id() -> str:
@@ -34,7 +60,7 @@ class RedisQueue:
     """A reliable job queue on Redis lists (see the module doc)."""
 
     def __init__(self, client: Any, queue_name: str = "flowcraft-queue", worker_id: Optional[str] = None,
-                 prefix: str = "", *, heartbeat_ttl: float = 30.0, recover_interval: float = 5.0,
+                 prefix: str = "", *, heartbeat_ttl: float = 30.0, recover_interval: float = 0.5,
                  promote_limit: int = 1000, clock: Callable[[], float] = time.time) -> None:
         self.client = client
         self.keys = QueueKeys(queue_name, prefix)
@@ -56,8 +82,11 @@ class RedisQueue:
         self._lock = threading.Lock()
         self._last_recover = float("-inf")
         self._started = False
+        self._start_lock = threading.Lock()
         self._beat_stop = threading.Event()
         self._beat_thread: Optional[threading.Thread] = None
+        self._holder: Any = None  # this worker's own connection, whose CLIENT ID it registers
+        self._client_id: Optional[str] = None  # the id registered
 
     # --- producing -------------------------------------------------------------------------
 
@@ -86,8 +115,6 @@ class RedisQueue:
         max_jobs = max(1, int(max_jobs))
         if not self._started:
             self._start()
-        if time.monotonic() - self._last_recover >= self.recover_interval:
-            self.recover_dead_workers()
         with self._lock:
             bodies, self._stash = self._stash[:max_jobs], self._stash[max_jobs:]
         if bodies:
@@ -139,6 +166,18 @@ class RedisQueue:
             pipe.execute()
         return len(bodies)
 
+    @translate_errors
+    def give_back(self, deliveries: Sequence[Delivery]) -> None:
+        """Deliveries fetched that the worker will not start (its batch turned out slow): back to
+        the consuming end of the ready list, in order, for any worker to take next."""
+        if not deliveries:
+            return
+        pipe = self.client.pipeline(transaction=True)
+        for d in reversed(deliveries):
+            pipe.lrem(d.tag[0], 1, d.tag[1])
+            pipe.rpush(self.keys.ready, d.tag[1])
+        pipe.execute()
+
     def _blocking_move(self, wait: float) -> Optional[bytes]:
         socket_timeout = self.client.connection_pool.connection_kwargs.get("socket_timeout")
         if socket_timeout:
@@ -173,52 +212,108 @@ class RedisQueue:
 
     @translate_errors
     def recover_dead_workers(self) -> int:
-        """Move the processing lists of workers whose heartbeat expired back to the ready list;
-        return how many jobs came back."""
+        """Give back the jobs of dead workers: those whose registered client connection is gone
+        (`CLIENT LIST ID`), and, as the fallback, those whose heartbeat expired; return how many
+        jobs came back."""
         self._last_recover = time.monotonic()
-        members = [to_text(m) for m in self.client.smembers(self.keys.workers)]
-        moved = 0
-        for worker_id in members:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.smembers(self.keys.workers)
+        pipe.hgetall(self.keys.clients)
+        members, registered = pipe.execute()
+        clients = {to_text(k): to_text(v) for k, v in registered.items()}
+        others: List[str] = []
+        for worker_id in {to_text(m) for m in members} | set(clients):
             if worker_id == self.worker_id:
                 continue
             try:
                 validate_simple("worker id", worker_id)
             except ValueError:
                 self.client.srem(self.keys.workers, worker_id)
+                self.client.hdel(self.keys.clients, worker_id)
                 continue
-            n = self._recover(keys=[self.keys.processing(worker_id), self.keys.ready, self.keys.heartbeat(worker_id),
-                                    self.keys.workers], args=[worker_id, "0"])
+            others.append(worker_id)
+        gone = self._gone_clients([clients[w] for w in others if w in clients])
+        moved = 0
+        for worker_id in others:
+            client_id = clients.get(worker_id)
+            mode = "2" if client_id is not None and client_id in gone else "0"
+            n = self._recover(keys=self._worker_keys(worker_id), args=[worker_id, mode, client_id or ""])
             moved += max(0, int(n))
         return moved
+
+    def _gone_clients(self, client_ids: List[str]) -> Set[str]:
+        """Which of these client ids Redis no longer has connected (`CLIENT LIST ID`, Redis 6.2+;
+        none when it cannot tell, and the heartbeat decides)."""
+        wanted = [c for c in client_ids if c.isdigit()]
+        if not wanted:
+            return set()
+        try:
+            live = {str(entry.get("id")) for entry in self.client.client_list(client_id=wanted)}
+        except redis.ResponseError:  # an older Redis, or CLIENT not allowed to this user
+            return set()
+        return set(wanted) - live
+
+    def _worker_keys(self, worker_id: str) -> List[str]:
+        return [self.keys.processing(worker_id), self.keys.ready, self.keys.heartbeat(worker_id), self.keys.workers,
+                self.keys.clients]
 
     @translate_errors
     def requeue_own(self) -> int:
         """Give back every job this worker holds (after it lost track of them, e.g. a lost
         connection in the middle of a job, or a previous process with the same worker id)."""
-        n = self._recover(keys=[self.processing_key, self.keys.ready, self.heartbeat_key, self.keys.workers],
-                          args=[self.worker_id, "1"])
+        n = self._recover(keys=self._worker_keys(self.worker_id), args=[self.worker_id, "1", ""])
         with self._lock:
             self._stash.clear()
         return int(n)
 
     def _start(self) -> None:
-        self._started = True
-        self.requeue_own()
-        self._beat_stop.clear()
-        self._beat_thread = threading.Thread(target=self._beat, name=f"flowcraft-heartbeat-{self.worker_id}", daemon=True)
-        self._beat_thread.start()
+        with self._start_lock:  # the threads of one worker: one of them starts it
+            if self._started:
+                return
+            self.requeue_own()
+            self._holder = _own_connection(self.client)
+            self._register()
+            self._started = True
+            self._beat_stop.clear()
+            self._beat_thread = threading.Thread(target=self._monitor, name=f"flowcraft-monitor-{self.worker_id}",
+                                                 daemon=True)
+            self._beat_thread.start()
 
-    def _beat(self) -> None:
-        interval = max(0.05, self.heartbeat_ttl / 3)
-        while not self._beat_stop.wait(interval):
+    def _register(self) -> None:
+        """Register the CLIENT ID of this worker's own connection (again after it reconnected)."""
+        holder = self._holder
+        if holder is None:
+            return
+        client_id = str(holder.client_id())
+        if client_id != self._client_id:
+            pipe = holder.pipeline(transaction=False)
+            pipe.hset(self.keys.clients, self.worker_id, client_id)
+            pipe.sadd(self.keys.workers, self.worker_id)
+            pipe.execute()
+            self._client_id = client_id
+
+    def _monitor(self) -> None:
+        """The worker's background thread: every `recover_interval` it checks its own
+        registration and gives back dead workers' jobs; every `heartbeat_ttl` / 3 it beats."""
+        beat_every = max(0.05, self.heartbeat_ttl / 3)
+        tick = max(0.01, min(self.recover_interval, beat_every))
+        last_beat = time.monotonic()
+        while not self._beat_stop.wait(tick):
             try:
-                self.client.set(self.heartbeat_key, "1", px=int(self.heartbeat_ttl * 1000))
-            except redis.RedisError:
+                if time.monotonic() - last_beat >= beat_every:
+                    (self._holder or self.client).set(self.heartbeat_key, "1", px=int(self.heartbeat_ttl * 1000))
+                    last_beat = time.monotonic()
+                self._register()
+                if time.monotonic() - self._last_recover >= self.recover_interval:
+                    self.recover_dead_workers()
+            except (redis.RedisError, ConnectionError, OSError):
                 pass  # the worker loop sees the outage and reconnects
+            except Exception:  # a monitor must not die of a bug: the heartbeat fallback still holds
+                logger.exception("redis worker monitor: tick failed")
 
     @translate_errors
     def close(self) -> None:
-        """Stop heart-beating and unregister (jobs still held are given back first)."""
+        """Stop the monitor thread and unregister (jobs still held are given back first)."""
         self._beat_stop.set()
         if self._beat_thread is not None:
             self._beat_thread.join(1.0)
@@ -229,7 +324,14 @@ class RedisQueue:
             pipe = self.client.pipeline(transaction=False)
             pipe.delete(self.heartbeat_key)
             pipe.srem(self.keys.workers, self.worker_id)
+            pipe.hdel(self.keys.clients, self.worker_id)
             pipe.execute()
+        holder, self._holder, self._client_id = self._holder, None, None
+        if holder is not None:
+            try:
+                holder.close()
+            except Exception:
+                pass
 
     # --- inspection ------------------------------------------------------------------------
 

@@ -132,8 +132,23 @@ class RqReconciler(Reconciler):
     adapter: RqAdapter
 
     def run(self) -> ReconcileStats:
+        """First the runs whose RQ job was held by an RQ worker that is gone (`RqQueue.take_abandoned`),
+        idle or not; then the runs idle past the threshold."""
         with self.adapter.queue.reconcile_pass():
-            return super().run()
+            reconciled = failed = 0
+            abandoned = self.adapter.queue.take_abandoned()
+            for run_id in abandoned:
+                try:
+                    if self.adapter.reconcile(run_id):
+                        reconciled += 1
+                except Exception:
+                    logger.exception("reconciling run %s failed", run_id)
+                    failed += 1
+            stats = super().run()
+        if not abandoned:
+            return stats
+        return ReconcileStats(scanned=stats.scanned, stalled=stats.stalled, reconciled=stats.reconciled + reconciled,
+                              failed=stats.failed + failed)
 
 
 class RqAdapter(DistributedAdapter):
@@ -157,6 +172,10 @@ class RqAdapter(DistributedAdapter):
                  job_timeout: int = -1, failure_ttl: Optional[int] = None, result_ttl: int = DEFAULT_RESULT_TTL,
                  retry_intervals: Sequence[int] = DEFAULT_RETRY_INTERVALS,
                  reconnect_backoff: Tuple[float, float] = (0.1, 5.0), **options: Any) -> None:
+        if int(options.get("threads", 1)) != 1:
+            raise ValueError("RqAdapter does not take threads: its jobs run in RQ worker processes (`rq worker`, "
+                             "or RqAdapter.work()), one job at a time each; for N at once run N of them "
+                             "(`rq worker-pool -n N`, or `flowcraft worker --backend rq --concurrency N`)")
         client = connect(redis_url_or_client)
         settings = RqSettings(prefix, int(state_ttl_seconds), retry_mode, job_timeout, failure_ttl, result_ttl,
                               tuple(retry_intervals))

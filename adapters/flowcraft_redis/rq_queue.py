@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import re
+import socket
 import threading
 import time
 from enum import Enum
@@ -155,6 +157,58 @@ class RqQueue:
                 self._publish_checked(missing, "L")
 
     @translate_errors
+    def take_abandoned(self) -> List[str]:
+        """The run ids of the started RQ jobs of this queue whose RQ worker is gone, each such job
+        taken off RQ's StartedJobRegistry and filed failed (abandoned), so that the reconciler
+        enqueues its node again at once instead of waiting for the job's heartbeat (the job
+        timeout + 60 s, 420 s with no timeout) and a registry maintenance (every 600 s).
+
+        An RQ worker names its Redis connection after itself (``CLIENT SETNAME``, at its start): a
+        worker is gone when no connection of that name is left (`CLIENT LIST`) and, when it ran on
+        this host, its process no longer exists (a live worker whose connection was re-opened has
+        lost its name, but not its process). A worker of another host that lost its connection
+        while it lives is taken for gone: its job runs again (at-least-once), never commits twice."""
+        members = [to_text(m) for m in self.client.zrange(self.rq.started_job_registry.key, 0, -1)]
+        if not members:
+            return []
+        job_ids = {m.rsplit(":", 1)[0]: m for m in members}
+        pipe = self.client.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(RqJob.key_for(job_id), "worker_name")
+        names = dict(zip(job_ids, (to_text(n) if n else None for n in pipe.execute())))
+        try:
+            connected = {entry.get("name") for entry in self.client.client_list()}
+        except Exception:  # CLIENT not allowed: RQ's heartbeats decide
+            return []
+        gone: Dict[str, bool] = {}
+        host = socket.gethostname()
+        for worker in {n for n in names.values() if n}:
+            if worker in connected:
+                gone[worker] = False
+                continue
+            hostname, pid = self.client.hmget(f"rq:worker:{worker}", "hostname", "pid")
+            gone[worker] = not (hostname is not None and to_text(hostname) == host and pid and _alive(int(pid)))
+        run_ids: List[str] = []
+        for job_id, name in names.items():
+            if not name or not gone.get(name):
+                continue
+            if not self.client.zrem(self.rq.started_job_registry.key, job_ids[job_id]):
+                continue  # finished or taken meanwhile
+            try:
+                rq_job = RqJob.fetch(job_id, connection=self.client, serializer=JSONSerializer)
+                payload = json.loads(rq_job.args[0]) if rq_job.args and isinstance(rq_job.args[0], str) else {}
+                self.rq.failed_job_registry.add(rq_job, ttl=self.settings.failure_ttl or None,
+                                                exc_string=f"abandoned: RQ worker {name} is gone")
+            except Exception as error:  # the hash is gone or unreadable: nothing to run again
+                logger.warning("abandoned RQ job %s of worker %s: %s", job_id, name, error)
+                continue
+            run_id = payload.get("runId") if isinstance(payload, dict) else None
+            if isinstance(run_id, str):
+                logger.warning("RQ worker %s is gone: its job %s (run %s) is enqueued again", name, job_id, run_id)
+                run_ids.append(run_id)
+        return list(dict.fromkeys(run_ids))
+
+    @translate_errors
     def _publish_checked(self, entries: Sequence[Entry], check: str) -> List[Entry]:
         keys, args = self.publish_call(entries, check)
         _, _, unchecked = self._publish(keys=keys, args=args)
@@ -281,6 +335,16 @@ class RqQueue:
     def pending(self) -> int:
         """RQ jobs queued, scheduled or running."""
         return self.rq.count + self.rq.scheduled_job_registry.count + self.rq.started_job_registry.count
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _describe(job: Optional[Job]) -> str:

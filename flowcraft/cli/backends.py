@@ -12,7 +12,7 @@ import logging
 import os
 import re
 import sys
-from typing import Any, Iterator, List, Tuple, Type
+from typing import Any, Dict, Iterator, List, Tuple, Type
 from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import ServiceUnavailable
@@ -32,6 +32,8 @@ QUEUE_ENV = "FLOWCRAFT_QUEUE"  # default: DEFAULT_QUEUES[backend]
 PREFIX_ENV = "FLOWCRAFT_PREFIX"  # Redis key prefix; default: none (the seed's key names)
 TABLE_PREFIX_ENV = "FLOWCRAFT_TABLE_PREFIX"  # rabbitmq: <prefix>contexts and <prefix>statuses
 DEFAULT_TABLE_PREFIX = "flowcraft_"
+RQ_THREADS = ("--threads is not for rq: its jobs run in RQ worker processes, one job at a time each; "
+              "run several (--concurrency N, or `rq worker-pool -n N`)")
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")  # as flowcraft_rabbitmq.validate_identifier
 
 
@@ -160,7 +162,12 @@ def _import_adapter(package: str, backend: str) -> Any:
 
 def open_adapter(args: Any, runtime: FlowRuntime) -> Any:
     """The adapter of `args.backend`, connected and checked (raises `ServiceUnavailable`)."""
-    options = {"fetch_batch": args.batch} if getattr(args, "batch", None) else {}
+    options: Dict[str, Any] = {"fetch_batch": args.batch} if getattr(args, "batch", None) else {}
+    threads = getattr(args, "threads", 1) or 1
+    if threads > 1:
+        if args.backend == "rq":
+            raise CliError(RQ_THREADS)
+        options["threads"] = threads
     with _first_connection(args):
         if args.backend == "rabbitmq":
             return _rabbitmq_adapter(args, runtime, options)

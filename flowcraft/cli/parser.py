@@ -97,7 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = add("worker", "process jobs from the backend's queue", _app(True), conn)
     worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
-    worker.add_argument("--concurrency", type=positive_int, default=1, metavar="N", help="worker processes")
+    worker.add_argument("--concurrency", type=positive_int, default=1, metavar="N",
+                        help="worker processes (for CPU-bound nodes: each has its own interpreter)")
+    worker.add_argument("--threads", type=positive_int, default=1, metavar="N",
+                        help="node executions at once in each worker process (for I/O-bound nodes; not with rq)")
     worker.add_argument("--blueprint", action="append", metavar="FILE", help="add a blueprint JSON file (repeatable)")
     worker.add_argument("--metrics-port", type=positive_int, metavar="P",
                         help="serve Prometheus metrics on port P (needs flowcraft[prometheus]); with "

@@ -108,6 +108,13 @@ class InMemoryQueue:
             self.dead.append((delivery.body, reason))
             self._unacked.pop(delivery.tag, None)
 
+    def give_back(self, deliveries: Sequence[Delivery]) -> None:
+        """Unacknowledged deliveries the worker will not start: back at the head of the queue."""
+        with self._cond:
+            bodies = [self._unacked.pop(d.tag) for d in deliveries if d.tag in self._unacked]
+            self._ready.extendleft((b, True) for b in reversed(bodies))
+            self._cond.notify_all()
+
     def requeue_unacked(self) -> int:
         """What a broker does when a worker dies: its unacknowledged deliveries come back first."""
         with self._cond:

@@ -224,3 +224,38 @@ def test_scale_benchmark_rejects_bad_sizes(tmp_path: Any) -> None:
     done = subprocess.run([sys.executable, os.path.join(BENCH, "scale.py"), "--fan", "100,10"], cwd=str(tmp_path),
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "--fan" in done.stderr, done.stderr
+
+
+REALISTIC_TINY = ["--fan", "6", "--fan-ms", "5", "--threads", "3", "--procs", "2", "--runs", "3", "--chain", "3",
+                  "--chain-ms", "2", "--chain-threads", "2", "--repeat", "1", "--timeout", "60", "--no-peer"]
+
+
+@pytest.mark.slow  # about 10 s: worker processes to start and stop, per shape and backend
+def test_realistic_benchmark_prints_checked_figures(service_env: Dict[str, str], tmp_path: Any) -> None:
+    lines = run_script("realistic.py", ["--backends", "redis,rabbitmq", *REALISTIC_TINY], service_env, tmp_path)
+    ours = {(line["backend"], line["shape"]): line for line in lines if line["kind"] == "ours"}
+    assert set(ours) == {(b, s) for b in ("redis", "rabbitmq") for s in ("fan_threads", "fan_procs", "chains")}, ours
+    for (_backend, shape), line in ours.items():
+        assert positive_rate(line["wall_s"]) and line["conflicts"] >= 0, line
+        assert "met" not in line  # tiny sizes: no verdict on the targets
+        if shape == "chains":
+            assert line["node_executions"] == 9 and positive_rate(line["nodes_per_s"]), line
+        if shape == "fan_procs":
+            assert len(line["shares"]) == 2 and abs(sum(line["shares"]) - 1) < 0.01, line
+    (summary,) = [line for line in lines if line["kind"] == "summary"]
+    assert summary["ok"] is True and len(summary["rows"]) == 6, summary
+
+
+@pytest.mark.slow  # about 15 s: a victim and a survivor worker per kill, a private Redis stopped for 1 s
+def test_kill_recovery_benchmark_prints_recovery_times(service_env: Dict[str, str], tmp_path: Any) -> None:
+    lines = run_script("kill_recovery.py", ["--kills", "1", "--runs", "3", "--threads", "3", "--node-ms", "50",
+                                            "--outage-s", "1", "--outage-runs", "60"], service_env, tmp_path)
+    recovery = {line["backend"]: line for line in lines if line["kind"] == "recovery"}
+    assert set(recovery) == {"redis", "rabbitmq"}, lines
+    for line in recovery.values():
+        assert line["jobs"] == 3 and 0 < line["all_jobs_s"]["max"] <= line["bar_s"], line
+        assert line["met"] is True, line
+    (outage,) = [line for line in lines if line["kind"] == "outage"]
+    assert 0 <= outage["progress_after_up_s"] <= outage["bar_s"] and outage["met"] is True, outage
+    (summary,) = [line for line in lines if line["kind"] == "summary"]
+    assert summary["ok"] is True

@@ -804,3 +804,33 @@ def test_runs_of_an_older_schema_are_migrated_once(make_adapter: Callable[..., R
     store.delete_key(run_id, "marker")
     ensure_schema(pg_conn, **tables)
     assert "marker" not in store.read_all_context(run_id)
+
+
+@pytest.mark.parametrize("name", ["fan_in", "batch", "diamond_even", "loop", "subflow", "chain"])
+def test_a_worker_with_threads_matches_in_memory(name: str, make_adapter: Callable[..., RabbitMqAdapter],
+                                                 amqp_connection: Any, amqp_queue_name: str) -> None:
+    """`threads=4`: each thread consumes on a channel of its own (acknowledging there) with a
+    PostgreSQL connection of its own; every run ends as in memory."""
+    scenario = SCENARIOS[name]
+    expected = run_in_memory(scenario)
+    adapter = make_adapter(scenario.build(), threads=4)
+    adapter.start()
+    run_ids = [adapter.start_workflow(scenario.build()[0].id, dict(scenario.initial_context)) for _ in range(3)]
+    for run_id in run_ids:
+        assert_same_result(adapter.wait_for_result(run_id, timeout=TIMEOUT), expected)
+    adapter.stop(timeout=10)
+    assert dead_letters(amqp_connection, amqp_queue_name) == []
+
+
+def test_idle_workers_get_the_rest_of_a_fan_out_of_slow_nodes(make_adapter: Callable[..., RabbitMqAdapter]) -> None:
+    """Three one-thread workers, a fan-out of three nodes that wait for each other: each worker's
+    prefetch window holds what it can start soon, so the three run at once."""
+    from test_redis_adapter import _barrier_fan
+
+    flow = _barrier_fan(3)
+    workers = [make_adapter([flow]) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    result = workers[0].wait_for_result(workers[0].start_workflow(flow.id), timeout=30)
+    assert result.status == "completed", result.errors
+    assert result.context["end"] == [1, 1, 1]

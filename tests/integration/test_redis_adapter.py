@@ -38,6 +38,7 @@ from flowcraft_redis import (  # noqa: E402
     RedisAdapter, RedisContext, RedisCoordinationStore, RedisRunStore, create_redis_reconciler,
 )
 from flowcraft_redis.keys import QueueKeys, RunKeys  # noqa: E402
+from flowcraft_redis.queue import RedisQueue  # noqa: E402
 
 FINAL = ("completed", "failed", "cancelled", "stalled")
 
@@ -783,3 +784,100 @@ def test_commits_write_only_changed_record_fields_and_stay_right_across_stores(r
     final = two.load("r1", [], []).record
     assert (final.version, final.outstanding, final.errors, final.awaiting, final.updated_at) == (4, 2, errors, {}, 5.0)
     assert (final.blueprint_id, final.blueprint_version, final.status) == ("bp", "1", "running")
+
+
+# =================================================================================================
+# a dead worker found by its connection (SPEC section 10)
+# =================================================================================================
+
+HOLDER = """
+import sys, time, redis
+sys.path[:0] = [{root!r}, {adapters!r}]
+from flowcraft_redis.queue import RedisQueue
+queue = RedisQueue(redis.Redis.from_url({url!r}), {queue!r}, "victim-1", {prefix!r}, heartbeat_ttl=60.0)
+held = queue.fetch(2, timeout=1.0)
+print(len(held), flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_killed_workers_jobs_come_back_at_once_though_its_heartbeat_lives(redis_client: Any, redis_prefix: str,
+                                                                             redis_url: str) -> None:
+    """The victim's heartbeat lasts 60 s; its registered connection is gone the moment it dies."""
+    queue_name = f"q{uuid.uuid4().hex[:8]}"
+    live = RedisQueue(redis.Redis.from_url(redis_url), queue_name, "survivor-1", redis_prefix)
+    live.enqueue([Job("r1", "b", "n1"), Job("r2", "b", "n1")])
+    code = HOLDER.format(root=ROOT, adapters=os.path.join(ROOT, "adapters"), url=redis_url, queue=queue_name,
+                         prefix=redis_prefix)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "2", proc.stderr.read() if proc.stderr else ""
+        keys = QueueKeys(queue_name, redis_prefix)
+        assert redis_client.hexists(keys.clients, "victim-1")
+        assert live.recover_dead_workers() == 0  # alive: nothing is taken from it
+        assert redis_client.llen(keys.processing("victim-1")) == 2
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert redis_client.exists(QueueKeys(queue_name, redis_prefix).heartbeat("victim-1"))  # the fallback would wait
+    deadline = time.monotonic() + 5
+    moved = 0
+    while moved < 2 and time.monotonic() < deadline:  # Redis notices the closed socket at once; allow a moment
+        moved += live.recover_dead_workers()
+    assert moved == 2
+    assert sorted(d.job.run_id for d in live.fetch(2, timeout=0) if d.job) == ["r1", "r2"]
+    assert not redis_client.hexists(QueueKeys(queue_name, redis_prefix).clients, "victim-1")
+    live.close()
+    live.client.close()
+
+
+@pytest.mark.parametrize("name", ["fan_in", "batch", "diamond_even", "loop", "subflow", "wait_approve", "chain"])
+def test_a_worker_with_threads_matches_in_memory(make_adapter: Any, redis_client: Any, redis_prefix: str,
+                                                 name: str) -> None:
+    """`threads=4`: four threads share the client, the processing list and the stash of jobs taken
+    with commits; every node is committed once and the run ends as in memory."""
+    scenario = SCENARIOS[name]
+    expected = run_in_memory(scenario)
+    flows = scenario.build()
+    adapter = make_adapter(make_runtime(flows), threads=4)
+    completions = count_completions(adapter)
+    run_ids = [adapter.start_workflow(flows[0].id, dict(scenario.initial_context)) for _ in range(3)]
+    drain(adapter, run_ids)
+    if scenario.resume is not None:
+        action, output = scenario.resume
+        for run_id in run_ids:
+            assert adapter.wait_for_result(run_id, timeout=5).status == "awaiting"
+            adapter.resume_with_action(run_id, action, output=output)
+        drain(adapter, run_ids)
+    for run_id in run_ids:
+        result = adapter.wait_for_result(run_id, timeout=10)
+        assert result.status == expected.status, result.errors
+        assert result.context == expected.context
+    assert completions and all(n == 1 for n in completions.values()), completions
+    assert adapter.queue.dead_letters() == []
+    assert queue_is_empty(redis_client, redis_prefix, make_adapter.queue_name)
+
+
+def _barrier_fan(width: int) -> Any:
+    barrier = __import__("threading").Barrier(width, timeout=15)
+
+    def meet(ctx: NodeContext) -> int:
+        barrier.wait()  # completes only if `width` of them run at once
+        return 1
+
+    flow = create_flow(f"barrier{width}").node("start", lambda ctx: 0).node("end", lambda ctx: sorted(ctx.input.values()))
+    for i in range(width):
+        flow.node(f"m{i}", meet).edge("start", f"m{i}").edge(f"m{i}", "end")
+    return flow
+
+
+def test_idle_workers_get_the_rest_of_a_fan_out_of_slow_nodes(make_adapter: Any) -> None:
+    """Three one-thread workers, a fan-out of three nodes that wait for each other: the worker that
+    commits the start node holds one of them, not all three (SPEC section 10's fetch policy)."""
+    flow = _barrier_fan(3)
+    workers = [make_adapter(make_runtime([flow])) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    result = workers[0].wait_for_result(workers[0].start_workflow(flow.id), timeout=30)
+    assert result.status == "completed", result.errors
+    assert result.context["end"] == [1, 1, 1]

@@ -792,6 +792,9 @@ def test_a_sigkilled_rq_worker_loses_nothing(make_adapter: Callable[..., RqAdapt
         while redis_client.llen(started_key) == 0 and time.monotonic() < deadline:
             time.sleep(0.02)
         assert redis_client.llen(started_key) == 1, "the rq worker never started the node"
+        # its worker lives: the reconciler leaves the job alone
+        assert create_redis_reconciler(adapter, stalled_threshold_seconds=3600).run().reconciled == 0
+        assert rq_queue_of(adapter).count == 0
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # mid-job: `hold` is running in it
         proc.wait(timeout=10)
@@ -806,15 +809,15 @@ def test_a_sigkilled_rq_worker_loses_nothing(make_adapter: Callable[..., RqAdapt
         registry.cleanup(timestamp=time.time() + 10_000)
         assert rq_queue_of(adapter).count == 1  # retries were left: RQ put it back
     else:
-        reconciler = create_redis_reconciler(adapter, stalled_threshold_seconds=0)
-        reconciler.run()  # the job's heartbeat has not expired: it may still run, no duplicate
-        assert rq_queue_of(adapter).count == 0 and adapter.queue.pending() == 1
-        # what the killed worker's silence does, in time: its heartbeat (the registry score) expires
-        [member] = adapter.redis.zrange(registry.key, 0, -1)
-        adapter.redis.zadd(registry.key, {member: time.time() - 1}, xx=True)
+        # the job's heartbeat has not expired, but its RQ worker is gone (no connection of its name
+        # is left, its process is dead): the reconciler enqueues the node again at once, although
+        # the run is not idle past the threshold
+        reconciler = create_redis_reconciler(adapter, stalled_threshold_seconds=3600)
         stats = reconciler.run()
         assert stats.reconciled == 1 and stats.failed == 0
         assert rq_queue_of(adapter).count == 1
+        assert hold_job not in registry.get_job_ids()
+        assert reconciler.run().reconciled == 0  # the new job waits: no duplicate
     drain(adapter, [run_id])
     result = adapter.wait_for_result(run_id)
     assert_same_result(result, expected)
