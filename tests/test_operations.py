@@ -1,0 +1,85 @@
+"""SPEC section 11 on the in-memory fakes: run lists, retry / restart / skip / patch, dead
+letters, pruning, tracebacks and failure logs (the same scenarios run on each real backend in
+tests/integration/test_operations_backends.py)."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+
+from flowcraft import FlowRuntime, WorkflowError, create_flow
+from flowcraft.testing import InMemoryAdapter
+from tests.operations_scenarios import SCENARIOS, dead_letter_listed_and_requeued
+
+
+def _make(runtime: FlowRuntime) -> InMemoryAdapter:
+    return InMemoryAdapter(runtime)
+
+
+def _drain(adapter: Any) -> None:
+    adapter.drain()
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_scenario_on_fakes(name: str) -> None:
+    SCENARIOS[name](_make, _drain)
+
+
+def test_dead_letters_on_fakes() -> None:
+    dead_letter_listed_and_requeued(_make, _drain, lambda adapter, body: adapter.queue.push_raw(body))
+
+
+def test_traceback_in_memory_and_round_trip() -> None:
+    def boom(ctx: Any) -> Any:
+        raise KeyError("missing-thing")
+
+    flow = create_flow("tb").node("a", boom)
+    result = flow.run(FlowRuntime(), {})
+    error = result.errors[0]
+    assert error.traceback is not None and "in boom" in error.traceback and "KeyError" in error.traceback
+    again = WorkflowError.from_dict(error.to_dict())
+    assert again.traceback == error.traceback and again == error
+    old = WorkflowError.from_dict({"node_id": "a", "message": "m", "type": "T"})  # stored before tracebacks
+    assert old.traceback is None and "traceback" not in old.to_dict()
+
+
+def test_worker_logs_node_failure_warning_and_run_failure_error(caplog: pytest.LogCaptureFixture) -> None:
+    def boom(ctx: Any) -> Any:
+        raise RuntimeError("disk on fire")
+
+    runtime = FlowRuntime()
+    runtime.add_blueprint(create_flow("logs").node("a", boom))
+    adapter = InMemoryAdapter(runtime)
+    with caplog.at_level(logging.WARNING, logger="flowcraft"):
+        run_id = adapter.start_workflow("logs", {})
+        adapter.drain()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "node a failed" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].exc_info is not None and warnings[0].name.startswith("flowcraft")
+    assert "disk on fire" in caplog.text and "in boom" in caplog.text  # the traceback is logged
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR and run_id in r.getMessage()]
+    assert len(errors) == 1 and "disk on fire" in errors[0].getMessage()
+
+
+def test_operations_refuse_bad_arguments() -> None:
+    runtime = FlowRuntime()
+    runtime.add_blueprint(create_flow("x").node("a", lambda ctx: 1))
+    adapter = InMemoryAdapter(runtime)
+    with pytest.raises(ValueError):
+        adapter.list_runs(status="nope")
+    with pytest.raises(ValueError):
+        adapter.list_runs(limit=0)
+    with pytest.raises(ValueError):
+        adapter.list_runs(cursor="%%%")
+    with pytest.raises(KeyError):
+        adapter.retry("missing")
+    run_id = adapter.start_workflow("x", {})
+    adapter.drain()
+    with pytest.raises(ValueError):
+        adapter.restart_from(run_id, "no-such-node")
+    with pytest.raises(ValueError):
+        adapter.skip(run_id, "a")  # completed: nothing to skip
+    with pytest.raises(ValueError):
+        adapter.prune(10, statuses=("running",))
+    with pytest.raises(ValueError):
+        adapter.patch_context(run_id, set={"_traversal": 1})
