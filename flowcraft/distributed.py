@@ -150,12 +150,12 @@ class _Operations:
         operations.patch_context(self, run_id, set, delete)  # type: ignore[arg-type]
 
     def dead_letters(self, limit: int = 100) -> List["operations.DeadLetter"]:
-        return list(self.queue.dead_letters(limit))  # type: ignore[attr-defined]
+        return list(self.queue.list_dead_letters(limit))  # type: ignore[attr-defined]
 
     def requeue_dead_letter(self, dead_letter_id: str) -> bool:
         """Put a dead letter back in the queue; True if it was there. When its run failed because
         of it, the run is retried (back to `running`, the node's job enqueued) instead."""
-        found = [d for d in self.queue.dead_letters(None) if d.id == dead_letter_id]  # type: ignore[attr-defined]
+        found = [d for d in self.queue.list_dead_letters(None) if d.id == dead_letter_id]  # type: ignore[attr-defined]
         if not found:
             return False
         delivery = Delivery.parse(found[0].body, None)

@@ -168,6 +168,14 @@ def _frontier_jobs(adapter: "DistributedAdapter", run_id: str, graph: CompiledGr
     return jobs
 
 
+def _reindex(adapter: "DistributedAdapter", run_id: str, before: str) -> None:
+    """A store whose run list index follows final statuses only (Redis: `reindex`) is told that
+    an ended run runs again."""
+    reindex = getattr(adapter.store, "reindex", None)
+    if reindex is not None and before not in (RUNNING, AWAITING):
+        reindex(run_id)
+
+
 def _outstanding(states: Mapping[str, NodeState]) -> int:
     """Activations not yet completed: each ready node, and each unfinished item of a batch."""
     return sum(1 + max(0, s.pending) for s in states.values() if s.status == READY)
@@ -200,6 +208,7 @@ def _rerun(adapter: "DistributedAdapter", run_id: str, choose: Any, forget_outpu
         commit = Commit(run_id, record.version, new, context_delete=delete,
                         states={k: v.to_dict() for k, v in reset.items()}, jobs=jobs)
         if adapter.store.commit(commit):
+            _reindex(adapter, run_id, record.status)
             adapter.store.publish_outbox(run_id, adapter.queue)
             return {job_node_id(j) for j in jobs}
     raise RuntimeError(f"run {run_id}: could not commit after {_MAX_CONFLICTS} version conflicts")
@@ -283,6 +292,7 @@ def skip(adapter: "DistributedAdapter", run_id: str, node_id: str, output: Any =
         if commit is None:
             return set()
         if adapter.store.commit(commit):
+            _reindex(adapter, run_id, record.status)
             adapter.store.publish_outbox(run_id, adapter.queue)
             return {job_node_id(j) for j in commit.jobs}
     raise RuntimeError(f"run {run_id}: could not commit after {_MAX_CONFLICTS} version conflicts")

@@ -112,7 +112,7 @@ class InMemoryQueue:
             self._dead_meta.append((str(next(self._dead_ids)), self.clock()))
             self._unacked.pop(delivery.tag, None)
 
-    def dead_letters(self, limit: Optional[int] = 100) -> List[DeadLetter]:
+    def list_dead_letters(self, limit: Optional[int] = 100) -> List[DeadLetter]:
         """The dead letters, oldest first (at most `limit`; None: all)."""
         with self._cond:
             entries = list(zip(self.dead, self._dead_meta))[:limit]
