@@ -477,6 +477,11 @@ class DistributedAdapter(_Operations):
             self._reject(delivery, f"worker error: {type(error).__name__}: {error}", identity)
             return None
 
+    def node_failed(self, job: Job, failure: NodeFailure) -> None:
+        """A node failed for good (after its retries, without a fallback that saved it): logged at
+        WARNING with its traceback; adapters may also report it to their queue (RQ: a failed job)."""
+        log_node_failure(job, failure)
+
     def _report_failed_runs(self, prepared: Sequence["_Prepared"]) -> None:
         """Log at ERROR each run a node failure of `prepared` failed (one record read per failure)."""
         for run_id in dict.fromkeys(p.job.run_id for p in prepared if type(p.outcome) is NodeFailure):
@@ -557,7 +562,7 @@ class DistributedAdapter(_Operations):
         outcome = self._execute(job, graph, node, snap)
         self._fault("after_execute")
         if type(outcome) is NodeFailure:
-            log_node_failure(job, outcome)
+            self.node_failed(job, outcome)
         if type(outcome) is RetryLater:
             retry = job.with_(attempt=job.attempt + 1)
             self.queue.enqueue([retry], outcome.delay)

@@ -63,3 +63,61 @@ def test_redis_index_follows_status_and_prune_deletes_every_key(redis_make: Any,
     left = [k for k in redis_client.scan_iter(match=f"{redis_prefix}*") if run_id.encode() in k]
     assert left == []
     assert redis_client.zscore(f"{redis_prefix}flowcraft:runs:all", run_id) is None
+
+
+# --- RQ -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def rq_make(redis_client: Any, redis_prefix: str) -> Iterator[Callable[[FlowRuntime], Any]]:
+    from flowcraft_redis import RqAdapter
+
+    from tests.integration.test_rq_adapter import delete_rq_queue
+
+    queue_name = f"fcopsrq-{uuid.uuid4().hex[:8]}"
+    made: List[Any] = []
+
+    def make(runtime: FlowRuntime) -> Any:
+        adapter = RqAdapter(runtime, redis_client, queue_name=queue_name, prefix=redis_prefix, poll_timeout=0.1,
+                            retry_intervals=(0, 0, 0))
+        made.append(adapter)
+        return adapter
+
+    yield make
+    for adapter in made:
+        adapter.close()
+    delete_rq_queue(redis_client, queue_name)
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_rq(rq_make: Any, name: str) -> None:
+    SCENARIOS[name](rq_make, _drain)
+
+
+def _rq_push_raw(adapter: Any, body: bytes) -> None:
+    from flowcraft_redis.rq_queue import RUN_NODE
+
+    adapter.queue.rq.enqueue(RUN_NODE, body.decode())
+
+
+def test_rq_dead_letters(rq_make: Any) -> None:
+    dead_letter_listed_and_requeued(rq_make, _drain, _rq_push_raw)
+
+
+def test_rq_a_failed_node_is_a_failed_rq_job(rq_make: Any) -> None:
+    from flowcraft import create_flow
+
+    def boom(ctx: Any) -> Any:
+        raise RuntimeError("flaky dependency")
+
+    runtime = FlowRuntime()
+    runtime.add_blueprint(create_flow("rqfail").node("a", boom))
+    adapter = rq_make(runtime)
+    run_id = adapter.start_workflow("rqfail", {})
+    _drain(adapter)
+    assert adapter.get_status(run_id).status == "failed"
+    registry = adapter.queue.rq.failed_job_registry
+    assert registry.count == 1  # what `rq info` counts as failed
+    rq_job = adapter.queue.rq.fetch_job(registry.get_job_ids()[0])
+    assert "flaky dependency" in (rq_job.latest_result().exc_string or "") and "in boom" in rq_job.latest_result().exc_string
+    assert adapter.dead_letters() == []  # a failed node is no dead letter
