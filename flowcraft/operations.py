@@ -78,18 +78,38 @@ class DeadLetter:
 # --- cursors: (updated_at, run_id) of the last run of a page, opaque to callers ---------------
 
 
-def encode_cursor(updated_at: float, run_id: str) -> str:
-    return base64.urlsafe_b64encode(json.dumps([updated_at, run_id]).encode()).decode()
+def encode_cursor(position: Any, run_id: str) -> str:
+    """An opaque cursor: a store's position of the last run of a page (epoch seconds, or a
+    store's exact time text) and its run id."""
+    return base64.urlsafe_b64encode(json.dumps([position, run_id]).encode()).decode()
 
 
-def decode_cursor(cursor: Optional[str]) -> Optional[Tuple[float, str]]:
+def decode_cursor(cursor: Optional[str]) -> Optional[Tuple[Any, str]]:
+    """(position, run id) of a cursor (the position as `encode_cursor` got it); ValueError if
+    it is not one."""
     if not cursor:
         return None
     try:
-        updated_at, run_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        return float(updated_at), str(run_id)
+        position, run_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
     except (ValueError, TypeError) as error:
         raise ValueError(f"not a run list cursor: {cursor!r}") from error
+    if not isinstance(run_id, str) or not isinstance(position, (int, float, str)) or isinstance(position, bool):
+        raise ValueError(f"not a run list cursor: {cursor!r}")
+    return position, run_id
+
+
+def _float_position(after: Optional[Tuple[Any, str]], cursor: Optional[str]) -> Optional[Tuple[float, str]]:
+    if after is None:
+        return None
+    try:
+        return float(after[0]), after[1]
+    except ValueError:
+        raise ValueError(f"not a run list cursor of this store: {cursor!r}") from None
+
+
+def float_cursor(cursor: Optional[str]) -> Optional[Tuple[float, str]]:
+    """A cursor whose position is epoch seconds (the fakes', Redis's)."""
+    return _float_position(decode_cursor(cursor), cursor)
 
 
 def check_list_args(status: Optional[str], limit: int) -> None:
@@ -117,7 +137,7 @@ def list_in_memory(summaries: Iterable[RunSummary], status: Optional[str], bluep
                    since: Optional[float], until: Optional[float], limit: int, cursor: Optional[str]) -> RunPage:
     """`list_runs` over summaries in memory (the fakes): a sort, O(n log n)."""
     check_list_args(status, limit)
-    after = decode_cursor(cursor)
+    after = _float_position(decode_cursor(cursor), cursor)
     chosen = [s for s in summaries
               if (status is None or s.status == status) and (blueprint_id is None or s.blueprint_id == blueprint_id)
               and (since is None or s.updated_at >= since) and (until is None or s.updated_at <= until)]

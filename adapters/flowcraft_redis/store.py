@@ -11,7 +11,7 @@ import json
 import time
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from flowcraft.operations import RunPage, RunSummary, check_list_args, decode_cursor, encode_cursor
+from flowcraft.operations import RunPage, RunSummary, check_list_args, encode_cursor, float_cursor
 from flowcraft.ports import Commit, Job, RunRecord, RunSnapshot
 
 from ._util import delayed_member, load_script, to_text, translate_errors
@@ -374,7 +374,7 @@ class RedisRunStore:
         the index plus one pipelined HMGET per run shown. `blueprint_id` filters what is read."""
         check_list_args(status, limit)
         key = self.keys.index + ("all" if status is None else "active" if status in ("running", "awaiting") else status)
-        after = decode_cursor(cursor)
+        after = float_cursor(cursor)
         high: Any = "+inf" if until is None else repr(float(until))
         if after is not None:
             high = repr(after[0]) if until is None else repr(min(after[0], float(until)))

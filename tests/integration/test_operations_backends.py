@@ -121,3 +121,65 @@ def test_rq_a_failed_node_is_a_failed_rq_job(rq_make: Any) -> None:
     rq_job = adapter.queue.rq.fetch_job(registry.get_job_ids()[0])
     assert "flaky dependency" in (rq_job.latest_result().exc_string or "") and "in boom" in rq_job.latest_result().exc_string
     assert adapter.dead_letters() == []  # a failed node is no dead letter
+
+
+# --- RabbitMQ + PostgreSQL ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def rabbit_make(amqp_url: str, postgres_dsn: str, redis_url: str, redis_prefix: str, amqp_queue_name: str,
+                pg_table_prefix: str) -> Iterator[Callable[[FlowRuntime], Any]]:
+    import redis
+
+    from flowcraft_rabbitmq import RabbitMqAdapter
+    from flowcraft_redis import RedisCoordinationStore
+
+    made: List[Any] = []
+
+    def make(runtime: FlowRuntime) -> Any:
+        adapter = RabbitMqAdapter(
+            runtime, RedisCoordinationStore(redis.Redis.from_url(redis_url), prefix=redis_prefix), amqp_url,
+            postgres_dsn, queue_name=amqp_queue_name, poll_timeout=0.2,
+            context_table_name=f"{pg_table_prefix}contexts", status_table_name=f"{pg_table_prefix}statuses")
+        made.append(adapter)
+        return adapter
+
+    yield make
+    for adapter in made:
+        adapter.close()
+        adapter.coordination.client.close()
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_rabbitmq(rabbit_make: Any, name: str) -> None:
+    SCENARIOS[name](rabbit_make, _drain)
+
+
+def test_rabbitmq_dead_letters(rabbit_make: Any) -> None:
+    dead_letter_listed_and_requeued(rabbit_make, _drain, lambda adapter, body: adapter.queue.publish_raw(body))
+
+
+def test_rabbitmq_listing_dead_letters_loses_none(rabbit_make: Any) -> None:
+    runtime = FlowRuntime()
+    adapter = rabbit_make(runtime)
+    for i in range(5):
+        adapter.queue.publish_raw(f"junk {i}".encode())
+    _drain(adapter)
+    first = adapter.dead_letters(limit=2)
+    assert [d.body for d in first] == [b"junk 0", b"junk 1"]
+    assert [d.body for d in adapter.dead_letters()] == [f"junk {i}".encode() for i in range(5)]
+    assert adapter.queue.message_counts()[2] == 5
+    assert adapter.purge_dead_letters() == 5
+
+
+def test_postgres_list_runs_uses_the_status_index(rabbit_make: Any, pg_conn: Any, pg_table_prefix: str) -> None:
+    from psycopg2 import sql
+
+    rabbit_make(FlowRuntime())  # ensure_schema
+    with pg_conn.cursor() as cur:
+        cur.execute("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = %s", (f"{pg_table_prefix}statuses",))
+        defs = " | ".join(d for _, d in cur.fetchall())
+        assert "(status, updated_at DESC, run_id DESC)" in defs and "(updated_at DESC, run_id DESC)" in defs
+        cur.execute(sql.SQL("SELECT column_name FROM information_schema.columns WHERE table_name = %s"),
+                    (f"{pg_table_prefix}statuses",))
+        assert {r[0] for r in cur.fetchall()} == {"run_id", "status", "updated_at", "result", "created_at"}
