@@ -83,3 +83,33 @@ def test_operations_refuse_bad_arguments() -> None:
         adapter.prune(10, statuses=("running",))
     with pytest.raises(ValueError):
         adapter.patch_context(run_id, set={"_traversal": 1})
+
+
+def test_runtime_retry_in_memory_runs_only_what_had_not_completed() -> None:
+    from collections import Counter
+
+    calls: Counter = Counter()
+    broken = {"on": True}
+
+    def step(name: str, value: Any) -> Any:
+        def run(ctx: Any) -> Any:
+            calls[name] += 1
+            if name == "charge" and broken["on"]:
+                raise ConnectionError("payment service unavailable")
+            return value
+        return run
+
+    flow = (create_flow("mem").node("load", step("load", 1)).node("charge", step("charge", 2))
+            .node("ship", step("ship", 3)).edge("load", "charge").edge("charge", "ship"))
+    runtime = FlowRuntime()
+    runtime.add_blueprint(flow)  # its registry too
+    failed = runtime.run("mem", {"k": 1})
+    assert failed.status == "failed" and failed.errors[0].traceback
+    broken["on"] = False
+    result = runtime.retry("mem", failed.serialized_context)
+    assert result.status == "completed" and result.context["ship"] == 3 and result.context["k"] == 1
+    assert calls == Counter({"load": 1, "charge": 2, "ship": 1})
+    again = runtime.retry("mem", result.serialized_context, node_ids=["load"])
+    assert again.status == "completed" and calls["load"] == 2 and calls["ship"] == 1
+    with pytest.raises(Exception):
+        runtime.retry("mem", failed.serialized_context, node_ids=["nope"])
