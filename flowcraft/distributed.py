@@ -159,9 +159,9 @@ class _Operations:
         if not found:
             return False
         delivery = Delivery.parse(found[0].body, None)
-        if operations.failed_by(self, delivery.job):  # type: ignore[arg-type]
-            assert delivery.job is not None
-            self.retry(delivery.job.run_id, [job_node_id(delivery.job)])
+        failed = operations.failed_by(self, delivery)  # type: ignore[arg-type]
+        if failed is not None:
+            self.retry(*failed)
             return bool(self.queue.remove_dead_letter(dead_letter_id, publish=False))  # type: ignore[attr-defined]
         return bool(self.queue.remove_dead_letter(dead_letter_id, publish=True))  # type: ignore[attr-defined]
 

@@ -16,7 +16,7 @@ import attrs
 
 from .graph import PENDING, READY, CompiledGraph, NodeState
 from .node import NodeResult
-from .ports import Commit, Job, RunRecord, RunSnapshot, copy_record, job_node_id
+from .ports import Commit, Delivery, Job, RunRecord, RunSnapshot, copy_record, job_node_id
 from .result import AWAITING, CANCELLED, COMPLETED, FAILED, RUNNING, STALLED
 from .timetravel import apply_patch, descendants
 
@@ -334,14 +334,21 @@ def patch_context(adapter: "DistributedAdapter", run_id: str, set: Optional[Mapp
     raise RuntimeError(f"run {run_id}: could not commit after {_MAX_CONFLICTS} version conflicts")
 
 
-def failed_by(adapter: "DistributedAdapter", job: Optional[Job]) -> bool:
-    """Whether `job`'s run failed because of it (an error of its node): requeuing it then retries
-    the run (`retry` of that node), which enqueues the node's job itself."""
-    if job is None:
-        return False
-    record = adapter.store.get_record(job.run_id)
-    node_id = job_node_id(job)
-    return record is not None and record.status == FAILED and any(e.get("node_id") == node_id for e in record.errors)
+def failed_by(adapter: "DistributedAdapter", delivery: Delivery) -> Optional[Tuple[str, List[str]]]:
+    """(run id, [node id]) when the delivery's run failed because of it (an error of the node it
+    names, read out of it even when it is malformed): requeuing it then retries the run from that
+    node (back to `running`, the node's job enqueued by the retry); else None."""
+    if delivery.job is not None:
+        run_id, node_id = delivery.job.run_id, job_node_id(delivery.job)
+    else:
+        hint = delivery.identity_hint()
+        if hint is None:
+            return None
+        run_id, node_id = hint[0], hint[2]
+    record = adapter.store.get_record(run_id)
+    if record is not None and record.status == FAILED and any(e.get("node_id") == node_id for e in record.errors):
+        return run_id, [node_id]
+    return None
 
 
 __all__ = ["DeadLetter", "RunPage", "RunSummary", "patch_context", "restart_from", "retry", "skip"]

@@ -208,3 +208,25 @@ SCENARIOS: Dict[str, Callable[..., None]] = {
     "prune": prune_deletes_exactly_the_old_ended_runs,
     "list": list_runs_pages_newest_first,
 }
+
+
+def requeued_dead_letter_retries_the_run_it_failed(make: Make, drain: Drain, push_raw: Callable[[Any, bytes], None]) -> None:
+    """A job refused as malformed (its identity still readable) fails its run; requeuing it puts
+    the run back to running, and the run completes."""
+    flaky = Flaky()
+    flaky.broken = False
+    adapter = make(_runtime(_chain(flaky)))
+    adapter.purge_dead_letters()
+    run_id = adapter.start_workflow("ops-chain", {})
+    bad = json.dumps({"runId": run_id, "blueprintId": "ops-chain", "nodeId": "charge", "iteration": "one"}).encode()
+    push_raw(adapter, bad)
+    drain(adapter)
+    assert adapter.get_status(run_id).status == "failed"
+    letter = next(d for d in adapter.dead_letters() if d.body == bad)
+    assert letter.run_id == run_id and "iteration" in letter.reason
+    assert adapter.requeue_dead_letter(letter.id) is True
+    assert adapter.get_status(run_id).status == "running"
+    drain(adapter)
+    assert adapter.get_status(run_id).status == "completed"
+    assert adapter.wait_for_result(run_id, timeout=10).context["ship"] == 3
+    assert bad not in {d.body for d in adapter.dead_letters()}

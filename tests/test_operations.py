@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from flowcraft import FlowRuntime, WorkflowError, create_flow
+from flowcraft import FlowcraftError, FlowRuntime, WorkflowError, create_flow
 from flowcraft.testing import InMemoryAdapter
-from tests.operations_scenarios import SCENARIOS, dead_letter_listed_and_requeued
+from tests.operations_scenarios import SCENARIOS, dead_letter_listed_and_requeued, requeued_dead_letter_retries_the_run_it_failed
 
 
 def _make(runtime: FlowRuntime) -> InMemoryAdapter:
@@ -28,6 +28,10 @@ def test_scenario_on_fakes(name: str) -> None:
 
 def test_dead_letters_on_fakes() -> None:
     dead_letter_listed_and_requeued(_make, _drain, lambda adapter, body: adapter.queue.push_raw(body))
+
+
+def test_requeued_dead_letter_retries_its_run_on_fakes() -> None:
+    requeued_dead_letter_retries_the_run_it_failed(_make, _drain, lambda adapter, body: adapter.queue.push_raw(body))
 
 
 def test_traceback_in_memory_and_round_trip() -> None:
@@ -111,5 +115,5 @@ def test_runtime_retry_in_memory_runs_only_what_had_not_completed() -> None:
     assert calls == Counter({"load": 1, "charge": 2, "ship": 1})
     again = runtime.retry("mem", result.serialized_context, node_ids=["load"])
     assert again.status == "completed" and calls["load"] == 2 and calls["ship"] == 1
-    with pytest.raises(Exception):
+    with pytest.raises(FlowcraftError, match="nope"):
         runtime.retry("mem", failed.serialized_context, node_ids=["nope"])

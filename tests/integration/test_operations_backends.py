@@ -13,7 +13,8 @@ import pytest
 from flowcraft import FlowRuntime
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from tests.operations_scenarios import SCENARIOS, dead_letter_listed_and_requeued  # noqa: E402
+from tests.operations_scenarios import (SCENARIOS, dead_letter_listed_and_requeued,  # noqa: E402
+                                        requeued_dead_letter_retries_the_run_it_failed)
 
 
 def _drain(adapter: Any) -> None:
@@ -45,6 +46,10 @@ def test_redis(redis_make: Any, name: str) -> None:
 
 def test_redis_dead_letters(redis_make: Any) -> None:
     dead_letter_listed_and_requeued(redis_make, _drain, lambda adapter, body: adapter.queue.push_raw(body))
+
+
+def test_redis_requeued_dead_letter_retries_its_run(redis_make: Any) -> None:
+    requeued_dead_letter_retries_the_run_it_failed(redis_make, _drain, lambda adapter, body: adapter.queue.push_raw(body))
 
 
 def test_redis_index_follows_status_and_prune_deletes_every_key(redis_make: Any, redis_client: Any,
@@ -157,6 +162,10 @@ def test_rabbitmq(rabbit_make: Any, name: str) -> None:
 
 def test_rabbitmq_dead_letters(rabbit_make: Any) -> None:
     dead_letter_listed_and_requeued(rabbit_make, _drain, lambda adapter, body: adapter.queue.publish_raw(body))
+
+
+def test_rabbitmq_requeued_dead_letter_retries_its_run(rabbit_make: Any) -> None:
+    requeued_dead_letter_retries_the_run_it_failed(rabbit_make, _drain, lambda adapter, body: adapter.queue.publish_raw(body))
 
 
 def test_rabbitmq_listing_dead_letters_loses_none(rabbit_make: Any) -> None:
