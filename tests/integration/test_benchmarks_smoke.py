@@ -224,3 +224,18 @@ def test_scale_benchmark_rejects_bad_sizes(tmp_path: Any) -> None:
     done = subprocess.run([sys.executable, os.path.join(BENCH, "scale.py"), "--fan", "100,10"], cwd=str(tmp_path),
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "--fan" in done.stderr, done.stderr
+
+
+def test_operations_benchmark_tiny(tmp_path: Any) -> None:
+    """benchmarks/operations.py with a few runs: a list figure per backend, a command figure for
+    the two with services, everything it stored removed."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "adapters")]))
+    lines = run_script("operations.py", ["--runs", "30", "--repeat", "2"], env, tmp_path)
+    assert [line["kind"] for line in lines][0] == "start" and lines[-1]["kind"] == "end"
+    listed = {line["backend"]: line for line in lines if line["kind"] == "list"}
+    assert set(listed) == {"memory", "redis", "postgres"}
+    for line in listed.values():
+        assert line["all"]["listed"] == 30 and line["failed"]["listed"] == 3, line
+        assert positive_rate(line["all"]["median_ms"]) and positive_rate(line["failed"]["median_ms"]), line
+    commands = {line["backend"]: line for line in lines if line["kind"] == "command"}
+    assert set(commands) == {"redis", "rabbitmq"} and all(positive_rate(c["seconds"]) for c in commands.values())
