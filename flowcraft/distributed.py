@@ -38,7 +38,7 @@ from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Map
 
 import attrs
 
-from . import batching
+from . import batching, operations
 from .cancel import CancelToken
 from .errors import FlowcraftError, StoreRejected
 from .events import Event
@@ -74,6 +74,21 @@ def safe_reason(text: str) -> str:
     if not text.isprintable():
         text = "".join(ch if ch.isprintable() and not 0xD800 <= ord(ch) <= 0xDFFF else repr(ch)[1:-1] for ch in text)
     return text if len(text) <= _MAX_REASON else text[:_MAX_REASON - 3] + "..."
+
+
+def log_node_failure(job: Job, failure: NodeFailure) -> None:
+    """A node failed for good: WARNING, with the traceback of its last exception."""
+    cause = failure.cause
+    logger.warning("run %s: node %s failed (attempt %d): %s: %s", job.run_id, failure.node_id, job.attempt,
+                   type(cause).__name__, cause, exc_info=(type(cause), cause, cause.__traceback__))
+
+
+def log_run_failure(record: RunRecord) -> None:
+    """A run failed: ERROR, with its first error (and that error's traceback when it has one)."""
+    first = record.errors[0] if record.errors else {}
+    tb = first.get("traceback")
+    logger.error("run %s (%s) failed: node %s: %s: %s%s", record.run_id, record.blueprint_id, first.get("node_id"),
+                 first.get("type"), first.get("message"), f"\n{tb}" if tb else "")
 
 
 def _identity(job: Job) -> Identity:
@@ -178,7 +193,64 @@ def _whole_load_ids(graph: CompiledGraph) -> FrozenSet[str]:
     return frozenset(graph.start_ids) | frozenset(sinks if len(sinks) == 1 else ())
 
 
-class DistributedAdapter:
+class _Operations:
+    """SPEC section 11 on a `DistributedAdapter` (mixed in): the orchestration is in
+    `flowcraft.operations`; stores offer `list_runs` and `prune`, queues the dead letters."""
+
+    runtime: FlowRuntime
+    store: RunStore
+    queue: JobQueue
+    clock: Callable[[], float]
+
+    def list_runs(self, status: Optional[str] = None, blueprint_id: Optional[str] = None, since: Optional[float] = None,
+                  until: Optional[float] = None, limit: int = 50, cursor: Optional[str] = None) -> "operations.RunPage":
+        """Runs newest first (by `updated_at`; `since`/`until` bound it), `limit` per page."""
+        operations.check_list_args(status, limit)
+        return self.store.list_runs(status, blueprint_id, since, until, limit, cursor)  # type: ignore[attr-defined]
+
+    def retry(self, run_id: str, node_ids: Optional[Sequence[str]] = None) -> Set[str]:
+        return operations.retry(self, run_id, node_ids)  # type: ignore[arg-type]
+
+    def restart_from(self, run_id: str, node_id: str) -> Set[str]:
+        return operations.restart_from(self, run_id, node_id)  # type: ignore[arg-type]
+
+    def skip(self, run_id: str, node_id: str, output: Any = None) -> Set[str]:
+        return operations.skip(self, run_id, node_id, output)  # type: ignore[arg-type]
+
+    def patch_context(self, run_id: str, set: Optional[Mapping[str, Any]] = None, delete: Optional[Iterable[str]] = None) -> None:
+        operations.patch_context(self, run_id, set, delete)  # type: ignore[arg-type]
+
+    def dead_letters(self, limit: int = 100) -> List["operations.DeadLetter"]:
+        return list(self.queue.list_dead_letters(limit))  # type: ignore[attr-defined]
+
+    def requeue_dead_letter(self, dead_letter_id: str) -> bool:
+        """Put a dead letter back in the queue; True if it was there. When its run failed because
+        of it, the run is retried (back to `running`, the node's job enqueued) instead."""
+        found = [d for d in self.queue.list_dead_letters(None) if d.id == dead_letter_id]  # type: ignore[attr-defined]
+        if not found:
+            return False
+        delivery = Delivery.parse(found[0].body, None)
+        failed = operations.failed_by(self, delivery)  # type: ignore[arg-type]
+        if failed is not None:
+            self.retry(*failed)
+            return bool(self.queue.remove_dead_letter(dead_letter_id, publish=False))  # type: ignore[attr-defined]
+        return bool(self.queue.remove_dead_letter(dead_letter_id, publish=True))  # type: ignore[attr-defined]
+
+    def purge_dead_letters(self) -> int:
+        return int(self.queue.purge_dead_letters())  # type: ignore[attr-defined]
+
+    def prune(self, older_than_seconds: float, statuses: Sequence[str] = operations.PRUNABLE) -> int:
+        """Delete the runs in `statuses` last updated more than `older_than_seconds` ago (context,
+        states, items, status, index entries); return how many."""
+        if older_than_seconds < 0:
+            raise ValueError(f"older_than_seconds must be >= 0, not {older_than_seconds!r}")
+        unknown = [s for s in statuses if s not in FINAL_STATUSES]
+        if unknown:
+            raise ValueError(f"only ended runs can be pruned, not {unknown}")
+        return int(self.store.prune(self.clock() - older_than_seconds, tuple(statuses)))  # type: ignore[attr-defined]
+
+
+class DistributedAdapter(_Operations):
     """A worker and a client over a job queue and a run store. `coordination` is kept for the
     node code and tools that use one (the core itself never calls it): None is fine."""
 
@@ -507,6 +579,7 @@ class DistributedAdapter:
             self._fault("after_publish")
             self._fault("before_ack")
         self._ack_quietly([p.delivery for p in prepared])  # type: ignore[misc]  # a wave's jobs come with their deliveries
+        self._report_failed_runs(prepared)
         if self.runtime.event_bus is not None:
             self._emit_all([job_event("job:processed", p.job) for p in prepared])
         return deferred
@@ -646,6 +719,24 @@ class DistributedAdapter:
             self._reject(delivery, f"worker error: {type(error).__name__}: {error}", identity)
             return None
 
+    def node_failed(self, job: Job, failure: NodeFailure) -> None:
+        """A node failed for good (after its retries, without a fallback that saved it): logged at
+        WARNING with its traceback; adapters may also report it to their queue (RQ: a failed job)."""
+        log_node_failure(job, failure)
+
+    def _report_failed_runs(self, prepared: Sequence["_Prepared"]) -> None:
+        """Log at ERROR each run a node failure of `prepared` failed (one record read per failure)."""
+        for run_id in dict.fromkeys(p.job.run_id for p in prepared if type(p.outcome) is NodeFailure):
+            try:
+                record = self.store.get_record(run_id)
+            except _OUTAGES:
+                raise
+            except Exception:
+                logger.exception("worker: could not read run %s after a node failure", run_id)
+                continue
+            if record is not None and record.status == FAILED:
+                log_run_failure(record)
+
     def after_outage(self) -> None:
         """Called once a worker loop retries after a connection error (adapters give back the jobs
         they held, for instance); may raise `ConnectionError` again."""
@@ -672,6 +763,7 @@ class DistributedAdapter:
         self._fault("before_ack")
         if not delivery.acked:
             self.queue.ack([delivery])
+        self._report_failed_runs([prepared])
         if self.runtime.event_bus is not None:
             self._emit_all([job_event("job:processed", prepared.job)])
 
@@ -728,6 +820,8 @@ class DistributedAdapter:
         outcome = self._execute(job, graph, node, snap)
         duration_ms = round((time.perf_counter() - started) * 1000, 3)
         self._fault("after_execute")
+        if type(outcome) is NodeFailure:
+            self.node_failed(job, outcome)
         if type(outcome) is RetryLater:
             retry = job.with_(attempt=job.attempt + 1)
             self.queue.enqueue([retry], outcome.delay)

@@ -64,6 +64,7 @@ class CommitPlan:
         self.events: Optional[List[Event]] = [] if adapter.runtime.event_bus is not None else None
         self.history: List[Dict[str, Any]] = []  # the run's durable history: what this commit did
         self.duration_ms: Optional[float] = None  # how long the node code ran (set by the driver)
+        self.run_commit = False  # make a run commit whatever it changes (an operator's action on the run)
 
     def apply(self, node: GraphNode, outcome: Any) -> None:
         delta: Dict[str, Any] = {}
@@ -262,7 +263,7 @@ class CommitPlan:
         record, loaded = self.record, self.snap.record
         record.updated_at = self.adapter.clock()
         record.outstanding = self.traversal.outstanding
-        changes_record = (settling or record.status != loaded.status or record.awaiting != loaded.awaiting
+        changes_record = (settling or self.run_commit or record.status != loaded.status or record.awaiting != loaded.awaiting
                           or len(record.errors) != len(loaded.errors))
         if not changes_record and (self.counters or not due_to_settle(RUNNING, record.awaiting, record.outstanding)):
             return self._node_commit()

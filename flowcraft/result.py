@@ -1,6 +1,7 @@
 """What a run returns: `WorkflowResult` and its `WorkflowError` items."""
 from __future__ import annotations
 
+import traceback as _traceback
 from typing import Any, Callable, Dict, List, Optional
 
 import attrs
@@ -10,6 +11,18 @@ COMPLETED, FAILED, AWAITING, CANCELLED, STALLED, RUNNING = (
 )
 FINAL_STATUSES = frozenset({COMPLETED, FAILED, CANCELLED, STALLED})
 LIVE_STATUSES = (RUNNING, AWAITING)  # a run that commits still apply to (stores' scripts and SQL use these too)
+MAX_TRACEBACK_CHARS = 8000  # a longer traceback keeps its last lines (where the error was raised)
+
+
+def format_traceback(error: BaseException) -> Optional[str]:
+    """The formatted traceback of `error` (with its causes), bounded by `MAX_TRACEBACK_CHARS`;
+    None when it was never raised."""
+    if error.__traceback__ is None and error.__cause__ is None and error.__context__ is None:
+        return None
+    text = "".join(_traceback.format_exception(type(error), error, error.__traceback__))
+    if len(text) > MAX_TRACEBACK_CHARS:
+        text = "...\n" + text[-MAX_TRACEBACK_CHARS:]
+    return text
 
 
 @attrs.frozen
@@ -17,17 +30,24 @@ class WorkflowError:
     node_id: Optional[str]
     message: str
     type: str = "Error"
+    # the formatted traceback of the node's last exception; None when there is none (not compared)
+    traceback: Optional[str] = attrs.field(default=None, eq=False, repr=False)
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"node_id": self.node_id, "message": self.message, "type": self.type}
+        out: Dict[str, Any] = {"node_id": self.node_id, "message": self.message, "type": self.type}
+        if self.traceback is not None:  # stored errors without one (older runs) load as before
+            out["traceback"] = self.traceback
+        return out
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "WorkflowError":
-        return cls(data.get("node_id"), str(data.get("message", "")), str(data.get("type", "Error")))
+        tb = data.get("traceback")
+        return cls(data.get("node_id"), str(data.get("message", "")), str(data.get("type", "Error")),
+                   tb if isinstance(tb, str) else None)
 
     @classmethod
     def from_exception(cls, node_id: Optional[str], error: BaseException) -> "WorkflowError":
-        return cls(node_id, str(error) or type(error).__name__, type(error).__name__)
+        return cls(node_id, str(error) or type(error).__name__, type(error).__name__, format_traceback(error))
 
 
 @attrs.define(eq=False)

@@ -436,6 +436,15 @@ class FlowRuntime:
 
         return rollback_execution(self, blueprint, events, node_id)
 
+    def retry(self, blueprint: BlueprintRef, serialized_context: Union[str, Mapping[str, Any]],
+              node_ids: Optional[Sequence[str]] = None, **options: Any) -> WorkflowResult:
+        """Continue a failed (or cancelled) run from its serialized context (SPEC 11): the nodes
+        that completed (their `_outputs.<id>` is there) give their outputs without running, except
+        `node_ids`, which run again; the failed nodes run with fresh attempts."""
+        from .timetravel import retry_run
+
+        return retry_run(self, blueprint, serialized_context, node_ids, **options)
+
     def replay_from(self, blueprint: BlueprintRef, events: Any, node_id: str, **options: Any) -> WorkflowResult:
         """Run `node_id` and what follows again, its ancestors' results taken from the history
         (TS `replayFrom`; `input_overrides=` sets context keys first)."""

@@ -144,6 +144,24 @@ def continue_run(runtime: Any, blueprint: Any, data: Dict[str, Any], recorded: M
     return runtime._settled(graph.blueprint, run.execute(run.traversal.start()), registry, 0)
 
 
+def retry_run(runtime: Any, blueprint: Any, serialized_context: Union[str, Mapping[str, Any]],
+              node_ids: Optional[Sequence[str]] = None, **options: Any) -> WorkflowResult:
+    """`runtime.retry`: continue a run from its serialized context, every node whose output it
+    holds (`_outputs.<id>`) giving that output without running, but `node_ids` (they and what
+    their new results reach run). A completed node's `action` is not in a context: a node whose
+    outgoing edges name actions is routed as if it returned none (run it again with `node_ids`)."""
+    graph = runtime.graph(blueprint)
+    again = [_node(graph, n).id for n in node_ids or ()]
+    data = runtime.serializer.loads(serialized_context) if isinstance(serialized_context, (str, bytes)) \
+        else dict(serialized_context)
+    for key in ("_awaitingNodeIds", "_awaitingDetails", "_traversal"):
+        data.pop(key, None)
+    recorded = {n: NodeResult(output=data["_outputs." + n]) for n in graph.nodes
+                if "_outputs." + n in data and n not in again}
+    forget(data, again)
+    return continue_run(runtime, blueprint, data, recorded, **options)
+
+
 def replay_from(runtime: Any, blueprint: Any, events: Iterable[Event], node_id: str, *,
                 input_overrides: Optional[Mapping[str, Any]] = None, **options: Any) -> WorkflowResult:
     """Run `node_id` and what follows it again, every ancestor of `node_id` giving the output

@@ -803,7 +803,9 @@ def test_failing_node_fails_the_run_with_node_message_and_type():
     assert isinstance(error, WorkflowError)
     assert (error.node_id, error.type) == ("bad", "ValueError")
     assert "bad total: -3" in error.message
-    assert result.to_dict()["errors"] == [{"node_id": "bad", "message": error.message, "type": "ValueError"}]
+    assert result.to_dict()["errors"] == [{"node_id": "bad", "message": error.message, "type": "ValueError",
+                                           "traceback": error.traceback}]
+    assert error.traceback is not None and "in bad" in error.traceback  # SPEC 11: the node's last exception
     assert rec.ran() == ["ok"]
     assert result.context["ok"] == "ok-out"
     assert "after" not in result.context

@@ -36,15 +36,18 @@ from __future__ import annotations
 
 import collections
 import copy
+import hashlib
 import logging
 import random
 import threading
 import time
+import uuid
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import pika
 import pika.exceptions
 
+from flowcraft.operations import DeadLetter
 from flowcraft.ports import Delivery, Job
 
 logger = logging.getLogger("flowcraft.rabbitmq.queue")
@@ -456,9 +459,80 @@ class RabbitMqQueue:
         headers: Dict[str, Any] = {REASON_HEADER: text}
         if full_length is not None:
             headers[REASON_BYTES_HEADER] = full_length
-        props = pika.BasicProperties(delivery_mode=2, headers=headers)
+        props = pika.BasicProperties(delivery_mode=2, headers=headers, message_id=uuid.uuid4().hex,
+                                     timestamp=int(time.time()))
         self._publish([(self.dead_queue, delivery.body, props)])
         self.ack([delivery])
+
+    # --- dead letters (SPEC 11) ------------------------------------------------------------------
+    # Read without losing any: on a channel of their own, `basic_get` (no auto-ack) takes the
+    # dead letters one by one, and closing that channel gives every one not acknowledged back to
+    # the queue (RabbitMQ requeues a closed channel's unacknowledged messages), so a crash in the
+    # middle loses nothing either. While one is being read, others see the letters it holds as
+    # absent. A letter's id is its `message_id` (set when it was dead-lettered), else the SHA-1 of
+    # its body and reason (letters from older versions).
+
+    def _with_dead(self, visit: Callable[[Any, Any, Any, bytes], bool]) -> None:
+        """Call `visit(channel, method, properties, body)` on each dead letter (at most as many as
+        the queue held at the start) until it returns False; then give back those not acked."""
+        link = self._publisher
+        with link.lock:
+            link.ensure()
+            channel = link.connection.channel()
+            try:
+                count = channel.queue_declare(self.dead_queue, passive=True).method.message_count
+                for _ in range(count):
+                    method, properties, body = channel.basic_get(self.dead_queue, auto_ack=False)
+                    if method is None or not visit(channel, method, properties, body):
+                        break
+            finally:
+                try:
+                    channel.close()  # the letters not acknowledged go back to the queue
+                except _AMQP_ERRORS:
+                    link.drop()
+
+    @staticmethod
+    def _letter(properties: Any, body: bytes) -> DeadLetter:
+        headers = properties.headers or {}
+        reason = headers.get(REASON_HEADER, "")
+        reason = reason.decode("utf-8", "replace") if isinstance(reason, bytes) else str(reason)
+        letter_id = properties.message_id or hashlib.sha1(body + b"\0" + reason.encode("utf-8", "replace")).hexdigest()
+        return DeadLetter(letter_id, bytes(body), reason, Delivery.parse(body, None).run_id_hint(),
+                          float(properties.timestamp or 0))
+
+    def list_dead_letters(self, limit: Optional[int] = 100) -> List[DeadLetter]:
+        """The dead letters, oldest first (at most `limit`; None: all); none is lost (see above)."""
+        out: List[DeadLetter] = []
+
+        def visit(channel: Any, method: Any, properties: Any, body: bytes) -> bool:
+            out.append(self._letter(properties, body))
+            return limit is None or len(out) < limit
+
+        self._with_dead(visit)
+        return out
+
+    def remove_dead_letter(self, dead_letter_id: str, publish: bool = True) -> bool:
+        """Take the dead letter `dead_letter_id` out; with `publish`, its body goes to the main
+        queue first (confirmed), then the letter is acknowledged (a crash between: the job is there
+        twice, which workers tolerate). False if no dead letter has that id."""
+        found: List[bool] = []
+
+        def visit(channel: Any, method: Any, properties: Any, body: bytes) -> bool:
+            if self._letter(properties, body).id != dead_letter_id:
+                return True
+            if publish:
+                self._publish([(self.queue_name, bytes(body), self._plain_props)])
+            channel.basic_ack(method.delivery_tag)
+            found.append(True)
+            return False
+
+        self._with_dead(visit)
+        return bool(found)
+
+    def purge_dead_letters(self) -> int:
+        with self._publisher.lock:
+            channel = self._publisher.ensure()
+            return int(channel.queue_purge(self.dead_queue).method.message_count)
 
     def release(self) -> None:
         """Give back the deliveries prefetched but not handed out, so a stopped worker holds none:

@@ -30,6 +30,10 @@ plus two tables of the adapter's own:
   now()`` -- jobs committed with a node's completion and not yet confirmed by RabbitMQ (or confirmed
   and not yet deleted: a worker killed there leaves them, and the reconciler sweeps old rows).
 
+For run lists the status table gains a ``created_at TIMESTAMPTZ DEFAULT now()`` column (its rows
+made before it get the time of the migration) and two indexes, ``(updated_at DESC, run_id DESC)``
+and ``(status, updated_at DESC, run_id DESC)``; the seed's columns are unchanged.
+
 Migration of tables made by older versions (idempotent, under the schema lock): the columns and
 tables missing are added, and runs not ``keyed`` get their ``<runs>.states`` and ``context_data``
 copied into rows (``states`` then emptied, ``keyed`` set). Upgrade every worker at once: an older
@@ -113,6 +117,8 @@ def ensure_schema(conn: Any, context_table_name: str = DEFAULT_CONTEXT_TABLE,
     runs, outbox = default_table_names(context, runs_table_name, outbox_table_name)
     index = validate_identifier((status[:49] + "_running_idx"), "index name")
     outbox_index = validate_identifier((outbox[:52] + "_run_idx"), "index name")
+    list_index = validate_identifier((status[:48] + "_listed_idx"), "index name")
+    list_status_index = validate_identifier((status[:48] + "_status_idx"), "index name")
     states, keys = node_states_table_name(runs), context_keys_table_name(runs)
     ident = sql.Identifier
     statements = [
@@ -150,6 +156,11 @@ def ensure_schema(conn: Any, context_table_name: str = DEFAULT_CONTEXT_TABLE,
         # the runs' histories: appended by the commits, read per run in commit order
         sql.SQL("CREATE TABLE IF NOT EXISTS {} (run_id TEXT NOT NULL, seq BIGSERIAL, events JSONB NOT NULL,"
                 " PRIMARY KEY (run_id, seq))").format(ident(history_table_name(runs))),
+        # run lists (SPEC 11, `list_runs`): newest first, over all runs or one status
+        sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS created_at TIMESTAMPTZ DEFAULT now()").format(ident(status)),
+        sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (updated_at DESC, run_id DESC)").format(ident(list_index), ident(status)),
+        sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (status, updated_at DESC, run_id DESC)").format(
+            ident(list_status_index), ident(status)),
     ]
     autocommit = conn.autocommit
     if not autocommit:

@@ -60,6 +60,7 @@ from flowcraft.errors import StoreRejected
 from flowcraft.ports import HISTORY_CAP, Commit, Job, RunRecord, RunSnapshot
 from flowcraft.result import FINAL_STATUSES, RUNNING
 
+from .operations import PostgresOperations
 from .queries import Queries
 from .schema import DEFAULT_CONTEXT_TABLE, DEFAULT_STATUS_TABLE, default_table_names, ensure_schema, validate_identifier
 
@@ -221,7 +222,7 @@ def _record_from(data: Mapping[str, Any]) -> RunRecord:
     return RunRecord(**{k: v for k, v in data.items() if k in fields})
 
 
-class PostgresRunStore:
+class PostgresRunStore(PostgresOperations):
     """Runs in PostgreSQL; see the module docstring. Thread-safe (one connection behind a lock)."""
 
     whole_loads = True  # load_many takes None for "all node states" and "the whole context"

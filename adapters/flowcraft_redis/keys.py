@@ -13,10 +13,15 @@ key                                    type        holds
 ``<p>flowcraft:states:<runId>``        hash        node states, JSON per node id
 ``<p>flowcraft:items:<runId>``         hash        batch headers, each item's input and result, JSON
                                                    per field (an item job reads only its own)
+``<p>flowcraft:runs:all``               zset        the run list index: every run created by
+                                                   `create_run`, score = its creation time, then
+                                                   its `updated_at` once ended (or retried)
+``<p>flowcraft:runs:active``            zset        runs running or awaiting, score = creation time
+``<p>flowcraft:runs:<status>``          zset        ended runs of that status, score = `updated_at`
 ``<p><queue>``                         list        ready jobs (LPUSH in, taken from the right)
 ``<p><queue>:processing:<workerId>``   list        jobs a worker holds until it acks them
 ``<p><queue>:delayed``                 zset        delayed jobs, score = due time (unix seconds)
-``<p><queue>:dead``                    list        dead letters, JSON ``{"body", "reason"}``
+``<p><queue>:dead``                    list        dead letters, JSON ``{"body", "reason", "at"}``
 ``<p><queue>:workers``                 set         worker ids that own a processing list
 ``<p><queue>:worker:<workerId>``       string      a worker's heartbeat (expires when it dies)
 ``<c><key>``                           string      coordination counters and markers: the key
@@ -100,9 +105,12 @@ class RunKeys:
     ITEMS = "flowcraft:items:"
     HISTORY = "flowcraft:history:"  # a list, one JSON array of events per commit
 
+    INDEX = "flowcraft:runs:"
+
     def __init__(self, prefix: str = "") -> None:
         self.prefix = validate_prefix(prefix)
         self._cache: Dict[str, RunKeySet] = {}
+        self.index = self.prefix + self.INDEX  # `<index>all`, `<index>active`, `<index><status>`
 
     def of(self, run_id: str) -> RunKeySet:
         """The keys of one run, the run id validated once (ValueError if it is not a valid one)."""
@@ -136,8 +144,9 @@ class RunKeys:
         return self.prefix + self.HISTORY + validate_name("run id", run_id)
 
     def all_of(self, run_id: str) -> list:
-        """Every key of one run (for EXPIRE)."""
-        return [self.context(run_id), self.record(run_id), self.states(run_id), self.items(run_id), self.status(run_id)]
+        """Every key of one run (for EXPIRE): the status key next to last, the history last."""
+        return [self.context(run_id), self.record(run_id), self.states(run_id), self.items(run_id), self.status(run_id),
+                self.history(run_id)]
 
     @property
     def record_pattern(self) -> str:

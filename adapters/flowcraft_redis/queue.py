@@ -19,6 +19,7 @@ Bytes in, bytes out: nothing is ever unpickled.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from typing import Any, Callable, List, Optional, Sequence, Set, Tuple
 
 import redis
 
+from flowcraft.operations import DeadLetter
 from flowcraft.ports import Delivery, Job
 
 from ._util import delayed_member, load_script, to_text, translate_errors
@@ -202,7 +204,7 @@ class RedisQueue:
 
     @translate_errors
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
-        entry = json.dumps({"body": to_text(delivery.body), "reason": reason}, ensure_ascii=False)
+        entry = json.dumps({"body": to_text(delivery.body), "reason": reason, "at": time.time()}, ensure_ascii=False)
         pipe = self.client.pipeline(transaction=True)
         pipe.lpush(self.keys.dead, entry)
         pipe.lrem(delivery.tag[0], 1, delivery.tag[1])
@@ -338,6 +340,47 @@ class RedisQueue:
     @translate_errors
     def dead_letters(self) -> List[dict]:
         return [json.loads(x) for x in self.client.lrange(self.keys.dead, 0, -1)]
+
+    # --- dead letters (SPEC 11): the id of one is the SHA-1 of its entry ---------------------
+
+    @translate_errors
+    def list_dead_letters(self, limit: Optional[int] = 100) -> List[DeadLetter]:
+        """The dead letters, oldest first (at most `limit`; None: all)."""
+        raw = self.client.lrange(self.keys.dead, 0, -1)[::-1]  # LPUSHed: the oldest is last
+        out = []
+        for entry in raw[:limit]:
+            try:
+                data = json.loads(entry)
+            except ValueError:
+                data = {"body": to_text(entry), "reason": "unreadable dead letter"}
+            body = str(data.get("body", "")).encode("utf-8", "surrogateescape")
+            out.append(DeadLetter(hashlib.sha1(entry).hexdigest(), body, str(data.get("reason", "")),
+                                  Delivery.parse(body, None).run_id_hint(), float(data.get("at") or 0.0)))
+        return out
+
+    @translate_errors
+    def remove_dead_letter(self, dead_letter_id: str, publish: bool = True) -> bool:
+        """Take a dead letter out (LREM) and, when `publish`, push its body to the ready list, in
+        one MULTI; False if no dead letter has that id."""
+        for entry in self.client.lrange(self.keys.dead, 0, -1):
+            if hashlib.sha1(entry).hexdigest() != dead_letter_id:
+                continue
+            pipe = self.client.pipeline(transaction=True)
+            pipe.lrem(self.keys.dead, 1, entry)
+            if publish:
+                pipe.lpush(self.keys.ready, json.loads(entry)["body"])
+            removed = pipe.execute()[0]
+            if not removed and publish:  # someone else took it meanwhile: undo our push
+                self.client.lrem(self.keys.ready, 1, json.loads(entry)["body"])
+            return bool(removed)
+        return False
+
+    @translate_errors
+    def purge_dead_letters(self) -> int:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.llen(self.keys.dead)
+        pipe.delete(self.keys.dead)
+        return int(pipe.execute()[0])
 
     @translate_errors
     def depth(self) -> int:

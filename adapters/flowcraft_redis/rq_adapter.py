@@ -112,12 +112,14 @@ import redis
 from rq import Retry
 
 from flowcraft.distributed import DistributedAdapter, ReconcileStats, Reconciler
-from flowcraft.ports import Delivery
+from flowcraft.execution import NodeFailure
+from flowcraft.ports import Delivery, Job
+from flowcraft.result import format_traceback
 
 from ._util import connect
 from .coordination import RedisCoordinationStore
 from .rq_queue import RUN_NODE, InFlight, RqQueue
-from .rq_settings import (DEFAULT_RESULT_TTL, DEFAULT_RETRY_INTERVALS, DeadLettered, RqSettings, dead_letter_rq_job,
+from .rq_settings import (DEFAULT_RESULT_TTL, DEFAULT_RETRY_INTERVALS, DeadLettered, RqSettings, dead_letter_rq_job, fail_rq_job,
                           retry_interval)
 from .rq_store import RqRunStore
 from .rq_worker import InProcessWorker
@@ -206,6 +208,14 @@ class RqAdapter(DistributedAdapter):
                 self._siblings[(queue_name, settings)] = sibling
         return sibling
 
+    def node_failed(self, job: Job, failure: NodeFailure) -> None:
+        super().node_failed(job, failure)
+        inflight = getattr(self.queue._local, "inflight", None)
+        if inflight is not None and inflight.delivery.job is not None and inflight.delivery.job.key == job.key:
+            cause = failure.cause
+            text = format_traceback(cause) or ""
+            inflight.node_failure = f"node {failure.node_id!r} failed: {type(cause).__name__}: {cause}\n{text}"
+
     def run_rq_job(self, rq_job: Any, body: Any) -> Optional[Retry]:
         """Process the Flowcraft job `body` of the running RQ job `rq_job` (see `rq_jobs.run_node`)."""
         if isinstance(body, (dict, list)):  # a client that passed the payload as a JSON value
@@ -219,6 +229,8 @@ class RqAdapter(DistributedAdapter):
             self.handle(delivery)
         if inflight.dead_reason is not None:
             dead_letter_rq_job(rq_job, inflight.dead_reason)
+        if inflight.node_failure is not None:  # committed: the RQ job fails too (SPEC 11)
+            fail_rq_job(rq_job, inflight.node_failure)
         if inflight.retry_delay is not None:
             return Retry(max=retries + 1, interval=retry_interval(inflight.retry_delay))
         return None

@@ -29,6 +29,7 @@ from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 from rq.utils import now as rq_now
 
+from flowcraft.operations import DeadLetter
 from flowcraft.ports import Delivery, Job
 
 from . import rq_jobs
@@ -61,6 +62,7 @@ class InFlight:
     delivery: Delivery
     retry_delay: Optional[float] = None
     dead_reason: Optional[str] = None
+    node_failure: Optional[str] = None  # "<type>: <message>" and the traceback of the node that failed
 
 
 class RqQueue:
@@ -325,6 +327,53 @@ class RqQueue:
             if isinstance(reason, str):
                 out.append({"body": rq_job.args[0] if rq_job.args else None, "reason": reason, "rqJobId": rq_job.id})
         return out
+
+    # --- dead letters (SPEC 11): the dead-lettered jobs of RQ's FailedJobRegistry, by RQ job id -
+
+    @translate_errors
+    def list_dead_letters(self, limit: Optional[int] = 100) -> List[DeadLetter]:
+        """The dead letters (failed RQ jobs a worker dead-lettered; a failed node's RQ job is not one)."""
+        from .rq_worker import FlowcraftJob, is_job_id
+
+        job_ids = [j for j in self.rq.failed_job_registry.get_job_ids() if is_job_id(j)]
+        out: List[DeadLetter] = []
+        for rq_job in FlowcraftJob.fetch_many(job_ids, connection=self.client, serializer=JSONSerializer):
+            if rq_job is None:
+                continue
+            reason = (rq_job.meta or {}).get(DEAD_LETTER_META_KEY)
+            if not isinstance(reason, str):
+                continue
+            raw = rq_job.args[0] if rq_job.args else ""
+            body = raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else json.dumps(raw).encode()
+            ended = rq_job.ended_at.timestamp() if rq_job.ended_at is not None else 0.0
+            out.append(DeadLetter(rq_job.id, body, reason, Delivery.parse(body, None).run_id_hint(), ended))
+            if limit is not None and len(out) >= limit:
+                break
+        return out
+
+    @translate_errors
+    def remove_dead_letter(self, dead_letter_id: str, publish: bool = True) -> bool:
+        """Take a dead letter out of the FailedJobRegistry; when `publish`, its body goes out as a
+        new RQ job (its id is the job's: `job_id`), else the RQ job is deleted."""
+        letters = [d for d in self.list_dead_letters(None) if d.id == dead_letter_id]
+        if not letters:
+            return False
+        registry = self.rq.failed_job_registry
+        registry.remove(dead_letter_id, delete_job=True)
+        if publish:
+            delivery = Delivery.parse(letters[0].body, None)
+            if delivery.job is not None:
+                self.enqueue([delivery.job])
+            else:  # still unreadable: back as it is, for a worker to dead-letter again
+                self.rq.enqueue(RUN_NODE, letters[0].body.decode("utf-8", "replace"))
+        return True
+
+    @translate_errors
+    def purge_dead_letters(self) -> int:
+        letters = self.list_dead_letters(None)
+        for letter in letters:
+            self.rq.failed_job_registry.remove(letter.id, delete_job=True)
+        return len(letters)
 
     @translate_errors
     def depth(self) -> int:

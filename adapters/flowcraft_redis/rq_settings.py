@@ -25,6 +25,17 @@ class DeadLettered(Exception):
     """Raised by the RQ job function for a dead-lettered job: RQ files it as failed, never retries it."""
 
 
+class NodeFailed(Exception):
+    """Raised by the RQ job function once a node's failure is committed: RQ files the RQ job as
+    failed (``rq info`` counts it; its exc_info holds the node's traceback) and never retries it
+    (the core's retries were spent already)."""
+
+
+def fail_rq_job(rq_job: Any, description: str) -> NoReturn:
+    rq_job.retries_left = 0
+    raise NodeFailed(description)
+
+
 def dead_letter_rq_job(rq_job: Any, reason: str) -> NoReturn:
     """End the running RQ job as a dead letter: failed with `reason`, RQ retries turned off."""
     rq_job.retries_left = 0  # the worker decides on a retry from this very object

@@ -11,6 +11,7 @@ import json
 import time
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from flowcraft.operations import RunPage, RunSummary, check_list_args, encode_cursor, float_cursor
 from flowcraft.ports import HISTORY_CAP, Commit, Job, RunRecord, RunSnapshot
 from flowcraft.result import FINAL_STATUSES, RUNNING
 
@@ -144,6 +145,7 @@ class RedisRunStore:
         args += [len(states), *_encoded(states)]
         args += [len(jobs), *(j.to_json() for j in jobs)]
         args += [1, encode(list(history))] if history else [0]
+        args += [self.keys.index, run_id, repr(float(record.updated_at))]  # the run list index
         keys = [self.keys.record(run_id), self.keys.context(run_id), self.keys.states(run_id), self.queue_keys.ready,
                 self.keys.history(run_id)]
         return bool(self._create(keys=keys, args=args))
@@ -384,3 +386,112 @@ class RedisRunStore:
         if batch:
             check(batch)
         return scanned, idle[:limit]
+
+    # --- operations (SPEC 11): the run list index, pruning -------------------------------------
+    # The index is sorted sets (keys.py): `all`, `active` (running and awaiting: listing one of
+    # them reads the record's status), one per final status. create.lua adds a run to `all` and
+    # `active`; commit.lua's final-status write moves it to its status's set with its updated_at
+    # (and drops that set's entries older than the TTL: their runs' keys expired); `reindex`
+    # moves a run an operator put back to running. An entry whose record is gone (expired) is
+    # dropped when a list meets it.
+
+    _SUMMARY_FIELDS = ("status", "updated_at", "created_at", "blueprint_id", "blueprint_version", "errors")
+
+    @translate_errors
+    def list_runs(self, status: Optional[str] = None, blueprint_id: Optional[str] = None, since: Optional[float] = None,
+                  until: Optional[float] = None, limit: int = 50, cursor: Optional[str] = None) -> RunPage:
+        """Newest first by index score (see above), `limit` per page: ZREVRANGEBYSCORE pages of
+        the index plus one pipelined HMGET per run shown. `blueprint_id` filters what is read."""
+        check_list_args(status, limit)
+        key = self.keys.index + ("all" if status is None else "active" if status in ("running", "awaiting") else status)
+        after = float_cursor(cursor)
+        high: Any = "+inf" if until is None else repr(float(until))
+        if after is not None:
+            high = repr(after[0]) if until is None else repr(min(after[0], float(until)))
+        low: Any = "-inf" if since is None else repr(float(since))
+        rows: List[Tuple[float, str, RunSummary]] = []
+        offset, chunk = 0, max(limit + 1, 64)
+        while len(rows) <= limit:
+            found = self.client.zrevrangebyscore(key, high, low, start=offset, num=chunk, withscores=True)
+            if not found:
+                break
+            offset += len(found)
+            entries = [(to_text(m), float(score)) for m, score in found]
+            if after is not None:
+                entries = [(m, sc) for m, sc in entries if (sc, m) < (after[0], after[1])]
+            pipe = self.client.pipeline(transaction=False)
+            for run_id, _ in entries:
+                pipe.hmget(self.keys.record(run_id), self._SUMMARY_FIELDS)
+            gone = []
+            for (run_id, score), values in zip(entries, pipe.execute()):
+                if values[0] is None:
+                    gone.append(run_id)
+                    continue
+                summary = self._summary(run_id, values)
+                if (status is not None and summary.status != status) or (
+                        blueprint_id is not None and summary.blueprint_id != blueprint_id):
+                    continue
+                rows.append((score, run_id, summary))
+            if gone:
+                self.client.zrem(key, *gone)
+                self.client.zrem(self.keys.index + "all", *gone)
+            if len(found) < chunk:
+                break
+        page = rows[:limit]
+        more = len(rows) > limit
+        return RunPage([s for _, _, s in page], encode_cursor(page[-1][0], page[-1][1]) if more and page else None)
+
+    def _summary(self, run_id: str, values: Sequence[Any]) -> RunSummary:
+        texts = [None if v is None else to_text(v) for v in values]
+        errors = _decode_field(texts[5]) if texts[5] else []
+        first = errors[0] if isinstance(errors, list) and errors else None
+        updated = float(texts[1] or 0.0)
+        return RunSummary(run_id, _decode_field(texts[3]) if texts[3] else None,
+                          _decode_field(texts[4]) if texts[4] else None, texts[0] or "running",
+                          float(texts[2]) if texts[2] else updated, updated,
+                          None if not isinstance(first, dict) else str(first.get("message", "")))
+
+    @translate_errors
+    def reindex(self, run_id: str) -> None:
+        """Index a run by its record's status now (an operator put an ended run back to running)."""
+        values = self.client.hmget(self.keys.record(run_id), ["status", "updated_at", "ix"])
+        if values[0] is None or values[2] is None:
+            return
+        status, updated = to_text(values[0]), float(to_text(values[1] or b"0"))
+        pipe = self.client.pipeline(transaction=True)
+        for name in ("completed", "failed", "cancelled", "stalled"):
+            if name != status:
+                pipe.zrem(self.keys.index + name, run_id)
+        pipe.zadd(self.keys.index + ("active" if status in ("running", "awaiting") else status), {run_id: updated})
+        pipe.zadd(self.keys.index + "all", {run_id: updated})
+        keys = self.keys.all_of(run_id)
+        for key in keys[:4] + keys[5:]:  # running again: its keys (but the status's) must not expire meanwhile
+            pipe.persist(key)
+        pipe.execute()
+
+    @translate_errors
+    def prune(self, updated_before: float, statuses: Sequence[str]) -> int:
+        """Delete every key of the runs of `statuses` last updated before `updated_before`, and
+        their index entries; in chunks of 500 (one pipeline each)."""
+        deleted = 0
+        for status in statuses:
+            key = self.keys.index + status
+            while True:
+                ids = [to_text(m) for m in self.client.zrangebyscore(key, "-inf", f"({updated_before!r}", start=0, num=500)]
+                if not ids:
+                    break
+                pipe = self.client.pipeline(transaction=False)
+                for run_id in ids:
+                    pipe.hget(self.keys.record(run_id), "status")
+                current = [None if v is None else to_text(v) for v in pipe.execute()]
+                pipe = self.client.pipeline(transaction=True)
+                for run_id, now in zip(ids, current):
+                    if now == status:
+                        pipe.delete(*self.keys.all_of(run_id))
+                        deleted += 1
+                pipe.zrem(key, *ids)
+                gone = [r for r, now in zip(ids, current) if now in (status, None)]
+                if gone:
+                    pipe.zrem(self.keys.index + "all", *gone)
+                pipe.execute()
+        return deleted

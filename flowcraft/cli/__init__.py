@@ -97,6 +97,9 @@ def _dispatch(args: Any, argv: List[str]) -> int:
         "wait": commands.cmd_wait, "resume": commands.cmd_resume, "cancel": commands.cmd_cancel,
         "reconcile": commands.cmd_reconcile, "graph": commands.cmd_graph, "lint": commands.cmd_lint,
     }
+    from .operations import HANDLERS
+
+    handlers.update(HANDLERS)
     return handlers[args.command](args)
 
 

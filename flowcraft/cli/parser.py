@@ -139,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     lint.add_argument("blueprint", metavar="BLUEPRINT", help="a blueprint JSON file, or the id of one of the app's")
     lint.add_argument("--json", action="store_true", help="print the issues as JSON")
 
+    from .operations import add_parsers
+
+    add_parsers(add, _app, conn)
+
     db = add("db", "database administration (rabbitmq backend)")
     db_commands = db.add_subparsers(dest="db_command", metavar="COMMAND", required=True)
     db_init = db_commands.add_parser("init", help="create the PostgreSQL tables if missing", parents=[common],

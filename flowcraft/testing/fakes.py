@@ -20,6 +20,7 @@ import attrs
 
 from ..distributed import DistributedAdapter, WorkerCrash
 from ..errors import StoreRejected
+from ..operations import DeadLetter, RunPage, RunSummary, list_in_memory
 from ..ports import HISTORY_CAP, Commit, Delivery, Job, RunRecord, RunSnapshot, counter_reached
 
 CRASH_POINTS = ("before_execute", "after_execute", "after_commit", "after_publish", "before_ack")
@@ -45,6 +46,8 @@ class InMemoryQueue:
         self.reorder = reorder
         self.clock = clock
         self.dead: List[Tuple[bytes, str]] = []
+        self._dead_meta: List[Tuple[str, float]] = []  # (id, dead_at) of each entry of `dead`, aligned
+        self._dead_ids = itertools.count(1)
         self.delivered = 0
 
     def enqueue(self, jobs: Sequence[Job], delay: float = 0.0) -> None:
@@ -106,6 +109,7 @@ class InMemoryQueue:
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
         with self._cond:
             self.dead.append((delivery.body, reason))
+            self._dead_meta.append((str(next(self._dead_ids)), self.clock()))
             self._unacked.pop(delivery.tag, None)
 
     def give_back(self, deliveries: Sequence[Delivery]) -> None:
@@ -114,6 +118,33 @@ class InMemoryQueue:
             bodies = [self._unacked.pop(d.tag) for d in deliveries if d.tag in self._unacked]
             self._ready.extendleft((b, True) for b in reversed(bodies))
             self._cond.notify_all()
+
+    def list_dead_letters(self, limit: Optional[int] = 100) -> List[DeadLetter]:
+        """The dead letters, oldest first (at most `limit`; None: all)."""
+        with self._cond:
+            entries = list(zip(self.dead, self._dead_meta))[:limit]
+        return [DeadLetter(i, body, reason, Delivery.parse(body, None).run_id_hint(), at)
+                for (body, reason), (i, at) in entries]
+
+    def remove_dead_letter(self, dead_letter_id: str, publish: bool = True) -> bool:
+        """Take a dead letter out (and publish its body again when `publish`); False if unknown."""
+        with self._cond:
+            for n, (i, _) in enumerate(self._dead_meta):
+                if i == dead_letter_id:
+                    body, _ = self.dead.pop(n)
+                    del self._dead_meta[n]
+                    if publish:
+                        self._put(body, 0.0)
+                        self._cond.notify_all()
+                    return True
+            return False
+
+    def purge_dead_letters(self) -> int:
+        with self._cond:
+            count = len(self.dead)
+            self.dead.clear()
+            self._dead_meta.clear()
+            return count
 
     def requeue_unacked(self) -> int:
         """What a broker does when a worker dies: its unacknowledged deliveries come back first."""
@@ -151,6 +182,7 @@ class _StoredRun:
     items: Dict[str, Any] = attrs.field(factory=dict)
     outbox: List[Tuple[Job, float]] = attrs.field(factory=list)
     history: Deque[List[Dict[str, Any]]] = attrs.field(factory=lambda: deque(maxlen=HISTORY_CAP))  # a list per commit
+    created_at: float = 0.0
 
 
 class InMemoryRunStore:
@@ -174,7 +206,8 @@ class InMemoryRunStore:
     def seed_run(self, run_id: str, context: Mapping[str, Any]) -> None:
         """A run as a seed client creates it: a context and a `running` status, nothing else."""
         with self._lock:
-            self._runs[run_id] = _StoredRun(RunRecord(run_id, updated_at=self.clock()), _copy(dict(context)))
+            now = self.clock()
+            self._runs[run_id] = _StoredRun(RunRecord(run_id, updated_at=now), _copy(dict(context)), created_at=now)
 
     def _refuse(self, run_id: str, parts: Iterable[Tuple[str, Any]]) -> None:
         marker = self.reject_marker
@@ -201,7 +234,7 @@ class InMemoryRunStore:
             if record.run_id in self._runs:
                 return False
             self._runs[record.run_id] = _StoredRun(_copy_record(record), _copy(dict(context)), _copy(dict(states)),
-                                                   outbox=[(j, 0.0) for j in jobs])
+                                                   outbox=[(j, 0.0) for j in jobs], created_at=record.updated_at)
             if history:
                 self._runs[record.run_id].history.append(_copy(list(history)))
             for node_id, state in states.items():
@@ -342,6 +375,21 @@ class InMemoryRunStore:
             runs = list(self._runs.values())
             idle = [r.record.run_id for r in runs if r.record.status == "running" and now - r.record.updated_at >= idle_seconds]
             return len(runs), idle[:limit]
+
+    def list_runs(self, status: Optional[str] = None, blueprint_id: Optional[str] = None, since: Optional[float] = None,
+                  until: Optional[float] = None, limit: int = 50, cursor: Optional[str] = None) -> RunPage:
+        with self._lock:
+            summaries = [RunSummary.of(r.record, r.created_at) for r in self._runs.values()]
+        return list_in_memory(summaries, status, blueprint_id, since, until, limit, cursor)
+
+    def prune(self, updated_before: float, statuses: Sequence[str]) -> int:
+        """Delete the runs in `statuses` last updated before `updated_before`; return how many."""
+        with self._lock:
+            doomed = [k for k, r in self._runs.items()
+                      if r.record.status in statuses and r.record.updated_at < updated_before]
+            for run_id in doomed:
+                del self._runs[run_id]
+            return len(doomed)
 
     def run_ids(self) -> List[str]:
         with self._lock:

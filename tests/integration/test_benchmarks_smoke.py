@@ -259,3 +259,18 @@ def test_kill_recovery_benchmark_prints_recovery_times(service_env: Dict[str, st
     assert 0 <= outage["progress_after_up_s"] <= outage["bar_s"] and outage["met"] is True, outage
     (summary,) = [line for line in lines if line["kind"] == "summary"]
     assert summary["ok"] is True
+
+
+def test_operations_benchmark_tiny(tmp_path: Any) -> None:
+    """benchmarks/operations.py with a few runs: a list figure per backend, a command figure for
+    the two with services, everything it stored removed."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "adapters")]))
+    lines = run_script("operations.py", ["--runs", "30", "--repeat", "2"], env, tmp_path)
+    assert [line["kind"] for line in lines][0] == "start" and lines[-1]["kind"] == "end"
+    listed = {line["backend"]: line for line in lines if line["kind"] == "list"}
+    assert set(listed) == {"memory", "redis", "postgres"}
+    for line in listed.values():
+        assert line["all"]["listed"] == 30 and line["failed"]["listed"] == 3, line
+        assert positive_rate(line["all"]["median_ms"]) and positive_rate(line["failed"]["median_ms"]), line
+    commands = {line["backend"]: line for line in lines if line["kind"] == "command"}
+    assert set(commands) == {"redis", "rabbitmq"} and all(positive_rate(c["seconds"]) for c in commands.values())

@@ -295,6 +295,8 @@ def test_ensure_schema_creates_exactly_the_seed_tables_idempotently(pg_conn: Any
         (ctx, "run_id", "text", "NO"), (ctx, "context_data", "jsonb", "NO"),
         (st, "run_id", "text", "NO"), (st, "status", "text", "NO"),
         (st, "updated_at", "timestamp with time zone", "YES"), (st, "result", "jsonb", "YES"),
+        # run lists (SPEC 11): a column of ours after the seed's, which keep their definitions
+        (st, "created_at", "timestamp with time zone", "YES"),
     ]
     assert columns[4][4].lower() == "now()"
 

@@ -132,6 +132,16 @@ local function apply(expected)
       for i = 1, 5 do redis.call('EXPIRE', KEYS[kb + i], ttl) end
       redis.call('EXPIRE', KEYS[kb + 8], ttl)
     end
+    -- the run list index (create.lua): out of `active`, into its final status's set, scored by updated_at
+    local ix = redis.call('HMGET', KEYS[kb + 1], 'ix', 'run_id', 'status', 'updated_at')
+    if ix[1] and ix[2] and ix[3] and ix[4] then
+      redis.call('ZREM', ix[1] .. 'active', ix[2])
+      redis.call('ZADD', ix[1] .. ix[3], ix[4], ix[2])
+      redis.call('ZADD', ix[1] .. 'all', ix[4], ix[2])
+      if ttl > 0 then  -- entries of runs whose keys expired by now (a status set holds ended runs only)
+        redis.call('ZREMRANGEBYSCORE', ix[1] .. ix[3], '-inf', '(' .. (tonumber(ix[4]) - ttl))
+      end
+    end
   end
   return {1, outstanding, awaiting, reached, acked}
 end

@@ -2,7 +2,10 @@
 --
 -- KEYS: 1 record hash, 2 context hash, 3 node states hash, 4 ready list, 5 history list
 -- ARGV: counted groups ("n" then entries): record field/value pairs, context field/value pairs,
---       node state id/JSON pairs, job bodies, history entries (JSON arrays of events)
+--       node state id/JSON pairs, job bodies, history entries (JSON arrays of events); then,
+--       optionally, the run list index: its key
+--       prefix, the run id and the creation time (the run enters `<ix>all` and `<ix>active`,
+--       scored by that time; the record keeps `ix`, `run_id` and `created_at` for commit.lua)
 -- Returns 1 when created, 0 when a record or a context of that run already exists.
 if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 local CHUNK = 500
@@ -25,4 +28,10 @@ chunked('HSET', KEYS[2], take_count(), 2)
 chunked('HSET', KEYS[3], take_count(), 2)
 chunked('LPUSH', KEYS[4], take_count(), 1)
 chunked('RPUSH', KEYS[5], take_count(), 1)
+if ARGV[pos] then
+  local ix, run_id, at = ARGV[pos], ARGV[pos + 1], ARGV[pos + 2]
+  redis.call('HSET', KEYS[1], 'ix', ix, 'run_id', run_id, 'created_at', at)
+  redis.call('ZADD', ix .. 'all', at, run_id)
+  redis.call('ZADD', ix .. 'active', at, run_id)
+end
 return 1
