@@ -62,8 +62,8 @@ def cmd_runs(args: Any) -> int:
 
 
 def inspect_run(adapter: Any, run_id: str) -> Dict[str, Any]:
-    """What the run's record and node states hold (the node timeline needs the durable history,
-    which this version does not keep: `history` says so)."""
+    """What the run's record and node states hold, and its node timeline from its durable history
+    (`get_history`): each node execution with its time, duration, attempt and worker."""
     record = adapter.store.get_record(run_id)
     if record is None:
         raise CliError(f"unknown run {run_id!r}")
@@ -75,8 +75,20 @@ def inspect_run(adapter: Any, run_id: str) -> Dict[str, Any]:
         "status": record.status, "version": record.version, "updated_at": record.updated_at,
         "outstanding": record.outstanding, "nodes": nodes, "errors": list(record.errors),
         "awaiting": record.awaiting,
-        "history": "not recorded: a node timeline (durations, attempts, workers) needs the durable run history",
+        "timeline": _timeline(adapter.get_history(run_id)),
     }
+
+
+_TIMELINE = ("workflow:start", "node:finish", "node:error", "node:skipped", "node:skip", "workflow:pause",
+             "workflow:resume", "run:retry", "run:restart", "run:cancel", "context:patch", "workflow:finish")
+
+
+def _timeline(history: Any) -> List[Dict[str, Any]]:
+    """The events of a run's history an operator reads (not the context changes), compact."""
+    keep = ("node_id", "iteration", "attempt", "worker", "timestamp", "duration_ms", "index", "parent", "status",
+            "message", "type", "node_ids")
+    return [{"event": e.type, **{k: e.payload[k] for k in keep if e.payload.get(k) is not None}}
+            for e in history if e.type in _TIMELINE]
 
 
 def cmd_inspect(args: Any) -> int:
@@ -103,7 +115,15 @@ def cmd_inspect(args: Any) -> int:
             print(f"  node {_clean(error.get('node_id'))}: {_clean(error.get('type'))}: {_clean(error.get('message'))}")
             for line in str(error.get("traceback") or "").rstrip("\n").splitlines():
                 print("    " + "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in line))
-    print(f"timeline   {info['history']}")
+    print("timeline:")
+    for entry in info["timeline"]:
+        when = _when(entry["timestamp"]) if "timestamp" in entry else " " * 19
+        what = _clean(entry.get("node_id") or entry.get("status") or ",".join(entry.get("node_ids") or []))
+        details = [f"{entry['duration_ms']:.1f} ms" if "duration_ms" in entry else "",
+                 f"attempt {entry['attempt']}" if entry.get("attempt", 1) != 1 else "",
+                 f"item {entry['index']}" if "index" in entry else "",
+                 _clean(entry.get("worker") or ""), _clean(entry.get("message") or "")[:120]]
+        print(f"  {when}  {entry['event']:<16} {what:<30} {'  '.join(x for x in details if x)}")
     return EXIT_OK
 
 

@@ -78,8 +78,13 @@ def test_find_inspect_fix_retry(cli: Cli) -> None:
     code, out, err = cli("inspect", run_id)
     assert code == EXIT_OK, err
     assert "Traceback (most recent call last)" in out and "in charge" in out and "ConnectionError" in out
+    assert "timeline:" in out and "node:finish" in out and "node:error" in out
     info = cli.json("inspect", run_id, "--json")
     assert info["status"] == "failed" and info["nodes"]["load"]["status"] == "done"
+    events = [e["event"] for e in info["timeline"]]
+    assert events[0] == "workflow:start" and events[-1] == "workflow:finish" and "node:error" in events
+    finished = [e for e in info["timeline"] if e["event"] == "node:finish"]
+    assert finished and all("duration_ms" in e and "worker" in e and "timestamp" in e for e in finished)
     cli.flag.unlink()  # type: ignore[attr-defined]  # the operator fixes the cause
     assert cli.json("retry", run_id, app=True)["enqueued"] == ["charge"]
     cli.burst()
