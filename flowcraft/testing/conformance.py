@@ -784,6 +784,7 @@ class ConformanceSuite:
             for worker in pool.values():
                 worker.kill()  # no worker runs node code while the ledger is read
             counts = ledger.counts()
+            history = client.get_history(run_id) if hasattr(client, "get_history") else None
         finally:
             for worker in pool.values():
                 worker.close()
@@ -796,3 +797,9 @@ class ConformanceSuite:
         extra = sum(got.values()) - sum(effects.values())
         assert extra <= factory.kills * max(1, int(getattr(client, "fetch_batch", 1))), (extra, got)
         assert factory.dead_letters(client) == []
+        if history is not None:  # the run's history: exactly one completion per node execution, killed or not
+            finished = Counter((e.payload.get("node_id"), e.payload.get("iteration", 0), e.payload.get("index"))
+                               for e in history if e.type == "node:finish")
+            assert set(finished.values()) == {1}, [k for k, n in finished.items() if n != 1]
+            assert {node for node, _, index in finished if index is None} == set(expected.context) & {
+                n.id for n in conformance_runtime().blueprints[scenario.blueprint_id].nodes}
