@@ -27,3 +27,15 @@ def ship(ctx):
 checkout = (create_flow("checkout").node("load", load_order).node("charge", charge).node("ship", ship)
             .edge("load", "charge").edge("charge", "ship"))
 runtime = FlowRuntime(blueprints=[checkout])
+
+
+def main() -> None:
+    """Run the checkout once in memory: it fails while `payment-down` exists here, else completes."""
+    result = runtime.run("checkout", {"orderId": "A-1"})
+    print(f"checkout A-1: {result.status}")
+    for error in result.errors:
+        print(f"  node {error.node_id}: {error.type}: {error.message}")
+
+
+if __name__ == "__main__":
+    main()

@@ -263,7 +263,9 @@ def test_node_error_event():
     assert errors[0]["type"] == "RuntimeError"
     finish = log.of_type("workflow:finish")[0].payload
     assert finish["status"] == "failed"
-    assert finish["errors"] == [{"node_id": "x", "message": "bad thing", "type": "RuntimeError"}]
+    assert [{k: v for k, v in e.items() if k != "traceback"} for e in finish["errors"]] == [
+        {"node_id": "x", "message": "bad thing", "type": "RuntimeError"}]
+    assert "raise RuntimeError" in finish["errors"][0]["traceback"]
 
 
 def test_context_change_event_on_set_and_delete():
