@@ -196,7 +196,8 @@ def test_scale_benchmark_prints_a_cost_and_a_ratio_per_backend_and_shape(service
     assert set(ratios) == {(b, s) for b in backends for s in shapes}
     for (backend, shape), line in ratios.items():
         small, large = scale[(backend, shape, line["small"])], scale[(backend, shape, line["large"])]
-        assert line["ratio"] == round(large["us_per_node"] / small["us_per_node"], 2), (line, small, large)
+        # the script divides unrounded costs; the lines print them rounded to 0.01 us
+        assert abs(line["ratio"] - large["us_per_node"] / small["us_per_node"]) <= 0.011, (line, small, large)
         assert line["met"] == (line["ratio"] <= 1.3)
     (summary,) = [line for line in lines if line["kind"] == "summary"]
     assert summary["ok"] is True and len(summary["ratios"]) == len(ratios)
