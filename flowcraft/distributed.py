@@ -1522,15 +1522,20 @@ class Reconciler:
 
     def run(self) -> ReconcileStats:
         scanned, idle = self.adapter.store.idle_runs(self.stalled_threshold_seconds, self.limit)
+        reconciled, failed = self.reconcile_each(idle)
+        return ReconcileStats(scanned=scanned, stalled=len(idle), reconciled=reconciled, failed=failed)
+
+    def reconcile_each(self, run_ids: Iterable[str]) -> Tuple[int, int]:
+        """`adapter.reconcile` each run: (how many had work re-enqueued, how many failed to)."""
         reconciled = failed = 0
-        for run_id in idle:
+        for run_id in run_ids:
             try:
                 if self.adapter.reconcile(run_id):
                     reconciled += 1
             except Exception:
                 logger.exception("reconciling run %s failed", run_id)
                 failed += 1
-        return ReconcileStats(scanned=scanned, stalled=len(idle), reconciled=reconciled, failed=failed)
+        return reconciled, failed
 
 
 __all__ = ["DistributedAdapter", "ReconcileStats", "Reconciler", "StoreContext", "WorkerCrash"]

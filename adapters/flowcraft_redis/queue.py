@@ -332,8 +332,8 @@ class RedisQueue:
         if holder is not None:
             try:
                 holder.close()
-            except Exception:
-                pass
+            except Exception:  # closing a connection that is gone already: nothing is held any more
+                logger.debug("closing the worker's own Redis connection failed", exc_info=True)
 
     # --- inspection ------------------------------------------------------------------------
 

@@ -137,15 +137,8 @@ class RqReconciler(Reconciler):
         """First the runs whose RQ job was held by an RQ worker that is gone (`RqQueue.take_abandoned`),
         idle or not; then the runs idle past the threshold."""
         with self.adapter.queue.reconcile_pass():
-            reconciled = failed = 0
             abandoned = self.adapter.queue.take_abandoned()
-            for run_id in abandoned:
-                try:
-                    if self.adapter.reconcile(run_id):
-                        reconciled += 1
-                except Exception:
-                    logger.exception("reconciling run %s failed", run_id)
-                    failed += 1
+            reconciled, failed = self.reconcile_each(abandoned)
             stats = super().run()
         if not abandoned:
             return stats

@@ -85,32 +85,28 @@ def serve(adapter: Any, burst: bool = False, label: str = "") -> int:
 # --- several processes ------------------------------------------------------------------------
 
 
-def child_argv(argv: Sequence[str]) -> List[str]:
-    """The command line of one child worker: this one without `--concurrency`."""
+def _without(argv: Sequence[str], option: str) -> List[str]:
+    """`argv` without `option` and its value (`--option value` or `--option=value`)."""
     out: List[str] = []
     skip = False
     for arg in argv:
         if skip:
             skip = False
-        elif arg == "--concurrency":
+        elif arg == option:
             skip = True
-        elif not arg.startswith("--concurrency="):
+        elif not arg.startswith(option + "="):
             out.append(arg)
     return out
 
 
+def child_argv(argv: Sequence[str]) -> List[str]:
+    """The command line of one child worker: this one without `--concurrency`."""
+    return _without(argv, "--concurrency")
+
+
 def with_port(argv: Sequence[str], port: int) -> List[str]:
     """`argv` with `--metrics-port port` instead of its own."""
-    out: List[str] = []
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--metrics-port":
-            skip = True
-        elif not arg.startswith("--metrics-port="):
-            out.append(arg)
-    return [*out, "--metrics-port", str(port)]
+    return [*_without(argv, "--metrics-port"), "--metrics-port", str(port)]
 
 
 def supervise(count: int, argv: Sequence[str], metrics_port: Optional[int] = None) -> int:
