@@ -8,6 +8,8 @@ read), then publishes the run's outbox. A lost version race reads again and deci
 """
 from __future__ import annotations
 
+import heapq
+
 import base64
 import json
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
@@ -134,18 +136,18 @@ def page_of(rows: Iterable[Tuple[float, str, RunSummary]], limit: int) -> RunPag
     return RunPage(runs, encode_cursor(last.updated_at, last.run_id) if last is not None else None)
 
 
-def list_in_memory(summaries: Iterable[RunSummary], status: Optional[str], blueprint_id: Optional[str],
+def list_in_memory(runs: Iterable[Tuple[RunRecord, float]], status: Optional[str], blueprint_id: Optional[str],
                    since: Optional[float], until: Optional[float], limit: int, cursor: Optional[str]) -> RunPage:
-    """`list_runs` over summaries in memory (the fakes): a sort, O(n log n)."""
+    """`list_runs` over (record, created_at) pairs in memory (the fakes): one pass, O(n log limit)."""
     check_list_args(status, limit)
     after = _float_position(decode_cursor(cursor), cursor)
-    chosen = [s for s in summaries
-              if (status is None or s.status == status) and (blueprint_id is None or s.blueprint_id == blueprint_id)
-              and (since is None or s.updated_at >= since) and (until is None or s.updated_at <= until)]
-    chosen.sort(key=lambda s: (s.updated_at, s.run_id), reverse=True)
-    if after is not None:
-        chosen = [s for s in chosen if (s.updated_at, s.run_id) < after]
-    return page_of(((s.updated_at, s.run_id, s) for s in chosen), limit)
+    chosen = ((record.updated_at, record.run_id, record, created_at) for record, created_at in runs
+              if (status is None or record.status == status)
+              and (blueprint_id is None or record.blueprint_id == blueprint_id)
+              and (since is None or record.updated_at >= since) and (until is None or record.updated_at <= until)
+              and (after is None or (record.updated_at, record.run_id) < after))
+    newest = heapq.nlargest(limit + 1, chosen, key=lambda row: (row[0], row[1]))
+    return page_of(((at, run_id, RunSummary.of(record, created)) for at, run_id, record, created in newest), limit)
 
 
 # --- operator actions on a distributed run ----------------------------------------------------

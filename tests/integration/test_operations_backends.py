@@ -192,3 +192,14 @@ def test_postgres_list_runs_uses_the_status_index(rabbit_make: Any, pg_conn: Any
         cur.execute(sql.SQL("SELECT column_name FROM information_schema.columns WHERE table_name = %s"),
                     (f"{pg_table_prefix}statuses",))
         assert {r[0] for r in cur.fetchall()} == {"run_id", "status", "updated_at", "result", "created_at"}
+
+
+def test_rq_requeued_dead_letter_retries_its_run(rq_make: Any) -> None:
+    from flowcraft_redis.rq_queue import RUN_NODE
+
+    def push_first(adapter: Any, body: bytes) -> None:
+        # Before the run's own jobs, as the list queue does, and with the adapter's settings (its
+        # prefix), as any Flowcraft enqueuer sets them: without them the job is for another store.
+        adapter.queue.rq.enqueue(RUN_NODE, body.decode(), at_front=True, meta=adapter.queue._meta)
+
+    requeued_dead_letter_retries_the_run_it_failed(rq_make, _drain, push_first)
