@@ -69,6 +69,19 @@ class DictContext:
         self._sizes[key] = size
         self._total = total
 
+    def charge_output(self, outputs_key: str, node_id: str, size: int) -> None:
+        """`charge` a node's output, stored under both its keys (one call: every node's path)."""
+        bound = self.max_context_bytes
+        if bound is None:
+            return
+        sizes = self._sizes
+        total = self._total - sizes.get(outputs_key, 0) - sizes.get(node_id, 0) + 2 * size
+        if total > bound:  # say which key passed it, as `charge` does
+            self.charge(outputs_key, size)
+            self.charge(node_id, size)
+        sizes[outputs_key] = sizes[node_id] = size
+        self._total = total
+
     def delete(self, key: str) -> bool:
         """Remove `key`; whether it existed (as TS's `delete`)."""
         existed = self.has(key)

@@ -47,7 +47,8 @@ from .graph import (PENDING, READY, SKIPPED, CompiledGraph, GraphNode, NodeState
                     counted_joins, input_keys, input_value)
 from .middleware import hooks, start_traceparent
 from .node import NodeContext, NodeResult
-from .plan import (GATHER, CommitPlan, batch_item, batch_size, count_field, done_field, drop_unstarted_inputs,
+from .outcome import drop_unstarted_inputs
+from .plan import (GATHER, CommitPlan, batch_item, batch_size, count_field, done_field,
                    due_to_settle, input_field, item_definition, item_job, job_event, spec_field)
 from .ports import (Commit, CoordinationStore, Delivery, Job, JobQueue, RunRecord, RunSnapshot, RunStatus, RunStore,
                     identity_problem, item_field, job_node_id)
@@ -1197,7 +1198,7 @@ class DistributedAdapter(_Operations):
         if record.status == FAILED or record.status == CANCELLED:
             if states is None:
                 states = {k: NodeState.from_dict(v) for k, v in self.store.read_all_states(run_id).items()}
-            drop_unstarted_inputs(context, record, states)
+            drop_unstarted_inputs(context, states, record.awaiting)
         skipped: List[str] = []
         stalled: List[str] = []
         if states is not None and graph is not None:

@@ -1,7 +1,7 @@
 """What node code sees and returns: `NodeContext`, `NodeResult`, `BaseNode`, and the `Registry`."""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterator, List, Mapping, MutableMapping, Optional, Union
+from typing import Any, Callable, Dict, Iterator, KeysView, List, Mapping, MutableMapping, Optional, Union
 
 import attrs
 
@@ -156,6 +156,9 @@ class Registry(MutableMapping[str, NodeImplementation]):
 
     def __len__(self) -> int:
         return len(self._nodes)
+
+    def keys(self) -> KeysView[str]:  # a dict's view: set comparisons run in C (`check_registry`, per run)
+        return self._nodes.keys()
 
     def __repr__(self) -> str:
         return f"Registry({sorted(self._nodes)!r})"

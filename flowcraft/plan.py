@@ -12,10 +12,11 @@ from .builtins import Await
 from .errors import LoopLimitError, SerializationError
 from .events import Event
 from .execution import FallbackResult, NodeFailure, item_failure
-from .graph import PENDING, READY, Activation, CompiledGraph, GraphNode, NodeState, RoutingError, Traversal, counted_joins
+from .graph import PENDING, Activation, CompiledGraph, GraphNode, NodeState, RoutingError, Traversal, counted_joins
+from . import outcome as outcome_of
 from .node import NodeResult
 from .ports import Commit, Counter, Job, RunRecord, RunSnapshot, RunStore, copy_record, item_field, job_node_id
-from .result import AWAITING, COMPLETED, FAILED, FINAL_STATUSES, RUNNING, STALLED, WorkflowError, WorkflowResult
+from .result import AWAITING, COMPLETED, FAILED, FINAL_STATUSES, RUNNING, STALLED, WorkflowResult
 from .runtime import FlowRuntime
 from .serializer import DEFAULT_MAX_VALUE_BYTES, check_json
 from .worker_context import WithDelta
@@ -106,30 +107,19 @@ class CommitPlan:
     # --- transitions ---------------------------------------------------------------------------
 
     def _complete(self, node: GraphNode, iteration: int, outcome: Any) -> None:
-        fallback = None
-        if type(outcome) is FallbackResult:
-            fallback, outcome = outcome.node, outcome.result
-        self._record_output(node, outcome)
-        decisions = self.graph.route(node.id, outcome, self.context)
-        ready, skipped = self.traversal.complete(node.id, iteration, decisions)
+        fallback = outcome.node if type(outcome) is FallbackResult else None
+        done = outcome_of.complete(self.graph, self.traversal, self.context, node, iteration, outcome,
+                                   self.adapter.runtime.max_value_bytes)
+        result, _, ready, skipped = done
         if fallback is not None:
-            self._record_output(fallback, outcome)
-            self._record("node:finish", fallback.id, output=outcome.output, action=outcome.action, fallback_for=node.id)
-            fallback_decisions = self.graph.route(fallback.id, outcome, self.context)
-            more, more_skipped = self.traversal.complete(fallback.id, self.traversal.state(fallback.id).iteration,
-                                                         fallback_decisions, counted=False)
-            ready += more
-            skipped += more_skipped
-        self._record("node:finish", node.id, output=outcome.output, action=outcome.action)
+            self._record("node:finish", fallback.id, output=result.output, action=result.action, fallback_for=node.id)
+        self._record("node:finish", node.id, output=result.output, action=result.action)
         for skipped_id in skipped:
             self.history.append({"type": "node:skipped", "payload": {"node_id": skipped_id}})
         if self.events is not None:
-            self._event("node:finish", node_id=node.id, output=outcome.output, action=outcome.action)
-            for edge, taken, _ in decisions:
-                self._event("edge:evaluate", source=edge.source, target=edge.target, taken=taken)
-            for skipped_id in skipped:
-                self._event("node:skipped", node_id=skipped_id)
-        self._schedule(ready)
+            for kind, payload in outcome_of.completion_events(node, done):
+                self._event(kind, **payload)
+        self._schedule(ready, stored=True)
 
     def _skipped(self, ready: List[Activation], skipped: List[str]) -> None:
         for skipped_id in skipped:
@@ -139,18 +129,12 @@ class CommitPlan:
                 self._event("node:skipped", node_id=skipped_id)
         self._schedule(ready)
 
-    def _record_output(self, node: GraphNode, result: NodeResult) -> None:
-        check_json(result.output, node.outputs_key, self.adapter.runtime.max_value_bytes)
-        self.context.set(node.outputs_key, result.output)
-        self.context.set(node.id, result.output)
-
-    def _schedule(self, ready: List[Activation]) -> None:
+    def _schedule(self, ready: List[Activation], stored: bool = False) -> None:
+        """Jobs for the activations made ready (their inputs stored unless `stored` already)."""
+        if not stored:
+            outcome_of.store_inputs(self.graph, ready, self.context)
         blueprint_id = self.graph.blueprint.id
-        for activation in ready:
-            target = self.graph.nodes[activation.node_id]
-            if activation.has_input and target.inputs is None:
-                self.context.set(target.inputs_key, activation.input)
-            self.jobs.append(Job(self.job.run_id, blueprint_id, activation.node_id, activation.iteration))
+        self.jobs.extend(Job(self.job.run_id, blueprint_id, a.node_id, a.iteration) for a in ready)
 
     def _record(self, kind: str, node_id: str, **payload: Any) -> None:
         """A history event of this commit's node execution (`Commit.history`)."""
@@ -165,14 +149,13 @@ class CommitPlan:
         self.events.append(Event(kind, {"run_id": self.job.run_id, "blueprint_id": self.graph.blueprint.id, **payload}))
 
     def _failed(self, node: GraphNode, error: BaseException) -> None:
-        self.traversal.fail(node.id)
+        failure, event = outcome_of.fail(self.traversal, node, error)
         self.record.status = FAILED
-        failure = WorkflowError.from_exception(node.id, error)
         self.record.errors.append(failure.to_dict())
         self._record("node:error", node.id, message=failure.message, error=failure.message, type=failure.type,
                      traceback=getattr(failure, "traceback", None))
         if self.events is not None:
-            self._event("node:error", node_id=node.id, error=str(error), type=type(error).__name__)
+            self._event("node:error", **event)
 
     def _park(self, node: GraphNode, details: Dict[str, Any]) -> None:
         kind = details.get("type")
@@ -460,7 +443,7 @@ class LazyStates(MutableMapping):
         return {k: v for k, v in self._states.items() if v is not None}
 
 
-class LazyContext(Mapping):
+class LazyContext(MutableMapping):
     """The run's context as conditions see it: loaded keys, this commit's changes, then the store."""
 
     def __init__(self, store: RunStore, run_id: str, loaded: Mapping[str, Any], absent: Iterable[str] = (),
@@ -486,6 +469,11 @@ class LazyContext(Mapping):
     def delete(self, key: str) -> None:
         self.delta.pop(key, None)
         self.deleted.add(key)
+
+    __setitem__ = set
+
+    def __delitem__(self, key: str) -> None:
+        self.delete(key)
 
     def __getitem__(self, key: str) -> Any:
         if key in self.delta:
@@ -620,13 +608,3 @@ def job_event(kind: str, job: Job, **extra: Any) -> Event:
         payload["index"] = job.index
     payload.update(extra)
     return Event(kind, payload)
-
-
-def drop_unstarted_inputs(context: Dict[str, Any], record: RunRecord, states: Mapping[str, NodeState]) -> None:
-    """A worker stores a node's input when it schedules the node, the in-memory runtime when the node
-    starts: a failed or cancelled run drops the inputs of the nodes it never started, so its final
-    context is the in-memory one. Parked nodes (wait, sleep, subflow) and expanded ones (a batch
-    with items out) did start."""
-    for node_id, state in states.items():
-        if state.status == READY and not state.pending and node_id not in record.awaiting:
-            context.pop("_inputs." + node_id, None)

@@ -7,7 +7,7 @@ import logging
 import os
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Deque, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .blueprint import NodeDefinition, WorkflowBlueprint
 from .builtins import (BATCH_SCATTER, BUILTINS, LOOP_CONTROLLER, SUBFLOW, Await, SubflowError, child_run_id,
@@ -20,6 +20,7 @@ from .execution import FallbackResult, NodeFailure, NodeRunner, item_failure, re
 from .graph import (MAX_CYCLE_ITERATIONS, Activation, CompiledGraph, GraphNode, RoutingError, Traversal,
                     check_resume_action, input_value)
 from .middleware import call_hooks, start_traceparent
+from . import outcome as outcome_of
 from .node import NodeContext, NodeResult, to_result
 from .result import AWAITING, CANCELLED, COMPLETED, FAILED, STALLED, WorkflowError, WorkflowResult
 from .serializer import DEFAULT_MAX_CONTEXT_BYTES, DEFAULT_MAX_VALUE_BYTES, JsonSerializer, check_json, check_values
@@ -133,7 +134,7 @@ class FlowRuntime:
             self.add_blueprint(item)
         self._graphs: Dict[Tuple[int, bool], Tuple[WorkflowBlueprint, CompiledGraph]] = {}
         # blueprint id() -> (blueprint, the registry it was checked against, the registry keys it needs)
-        self._registry_checked: Dict[int, Tuple[WorkflowBlueprint, Mapping[str, Any], Tuple[str, ...]]] = {}
+        self._registry_checked: Dict[int, Tuple[WorkflowBlueprint, Mapping[str, Any], FrozenSet[str]]] = {}
         self._runner = NodeRunner(self.middleware, None)
         self.scheduler: Any = None  # a `timers.TimerScheduler` once `start_scheduler` made one
         self.pause_requests: set = set()  # ids of runs `request_pause` asked to pause (timetravel)
@@ -213,20 +214,22 @@ class FlowRuntime:
             found.append(f"subflow blueprints the runtime does not know: {', '.join(unknown_blueprints)}")
         return found
 
-    def check_registry(self, blueprint: WorkflowBlueprint, registry: Optional[Mapping[str, Any]] = None) -> None:
+    def check_registry(self, blueprint: WorkflowBlueprint, registry: Optional[Mapping[str, Any]] = None,
+                       known: Optional[Mapping[str, Any]] = None) -> None:
         """Raise `UnknownNodeError` (one line naming them all) if `blueprint` uses what this runtime
         lacks (`registry_problems`): checked before a run starts, so that no node runs (and no side
         effect happens) in a run that would fail on the first node nobody can run."""
-        known = self._registry_for(registry)
+        if known is None:
+            known = self._registry_for(registry)
         checked = self._registry_checked.get(id(blueprint))
-        if checked is not None and checked[0] is blueprint and checked[1] is known and all(k in known for k in checked[2]):
+        if checked is not None and checked[0] is blueprint and checked[1] is known and checked[2] <= known.keys():
             return  # checked against this registry before, and the keys it needed are all still there
         found = self.registry_problems(blueprint, registry)
         if found:
             raise UnknownNodeError(f"blueprint {blueprint.id!r} cannot run, nothing was started: {'; '.join(found)}")
         if all(node.uses != SUBFLOW for node in blueprint.nodes):  # a subflow's check depends on other blueprints
-            needed = tuple({k for n in blueprint.nodes for k in (n.uses, (n.params or {}).get("workerUsesKey"))
-                            if isinstance(k, str) and k in known})
+            needed = frozenset(k for n in blueprint.nodes for k in (n.uses, (n.params or {}).get("workerUsesKey"))
+                               if isinstance(k, str) and k in known)
             if len(self._registry_checked) >= _GRAPH_CACHE_SIZE:
                 self._registry_checked.pop(next(iter(self._registry_checked)))
             self._registry_checked[id(blueprint)] = (blueprint, known, needed)
@@ -287,11 +290,12 @@ class FlowRuntime:
         graph = cached[1] if cached is not None and cached[0] is blueprint else self.graph(blueprint, strict=strict)
         if initial_context is not None and type(initial_context) is not dict and not isinstance(initial_context, Mapping):
             raise TypeError(f"initial_context must be a mapping, not {type(initial_context).__name__}")
+        known = self._registry_for(registry)
         if not _subflow_depth:  # a subflow's child was checked with its parent
-            self.check_registry(graph.blueprint, registry)
+            self.check_registry(graph.blueprint, registry, known)
         data = dict(initial_context) if initial_context else {}
         check_values(data, "initial context", self.max_value_bytes)  # refused before anything runs, as by start_workflow
-        run = _Run(self, graph, data, self._registry_for(registry), run_id or new_run_id(), cancel, concurrency, wait_timers)
+        run = _Run(self, graph, data, known, run_id or new_run_id(), cancel, concurrency, wait_timers)
         run.depth = _subflow_depth
         if run.emit is not None:
             run.emit("workflow:start", {"initial_context": dict(data)})
@@ -564,6 +568,7 @@ class _Run:
         if ready or self._stopping() or self.traversal.outstanding != len(self.awaiting) or not self.graph.fallback_only_ids:
             return False
         newly_ready, skipped = self.traversal.settle()
+        outcome_of.store_inputs(self.graph, newly_ready, self.data)
         self.skipped.extend(skipped)
         ready.extend(newly_ready)
         return bool(newly_ready)
@@ -633,8 +638,7 @@ class _Run:
         if inputs is None:
             if activation.parent is not None:
                 return activation.input
-            if activation.has_input:
-                self.data[node.inputs_key] = activation.input
+            if activation.has_input:  # stored when it was scheduled (`outcome.store_inputs`)
                 return activation.input
             return self.data.get(node.inputs_key)  # a subflow child's start node: its parent's input
         data = self.data
@@ -659,38 +663,19 @@ class _Run:
         self._complete(node, activation, outcome, ready)
 
     def _complete(self, node: GraphNode, activation: Activation, outcome: Any, ready: Deque[Activation]) -> None:
-        fallback = None
-        if type(outcome) is FallbackResult:
-            fallback, outcome = outcome.node, outcome.result
         try:
-            output = outcome.output
-            size = check_json(output, node.outputs_key, self.runtime.max_value_bytes)
-            self.context.charge(node.outputs_key, size)
-            self.context.charge(node.id, size)
-            data = self.data
-            data[node.outputs_key] = output
-            data[node.id] = output
-            decisions = self.graph.route(node.id, outcome, data)
-            newly_ready, skipped = self.traversal.complete(node.id, activation.iteration, decisions)
-            if fallback is not None:
-                self._record(fallback, outcome)
-                more_ready, more_skipped = self.traversal.complete(
-                    fallback.id, self.traversal.state(fallback.id).iteration,
-                    self.graph.route(fallback.id, outcome, self.data), counted=False,
-                )
-                newly_ready += more_ready
-                skipped += more_skipped
+            done = outcome_of.complete(self.graph, self.traversal, self.data, node, activation.iteration, outcome,
+                                       self.runtime.max_value_bytes, self.context.charge_output)
         except (SerializationError, RoutingError, LoopLimitError) as error:
             return self._fail(node, error)
-        if self.emit is not None:
-            self.emit("node:finish", {"node_id": node.id, "output": outcome.output, "action": outcome.action})
-            for edge, taken, _ in decisions:
-                self.emit("edge:evaluate", {"source": edge.source, "target": edge.target, "taken": taken})
-            for skipped_id in skipped:
-                self.emit("node:skipped", {"node_id": skipped_id})
+        _, _, newly_ready, skipped = done
+        if newly_ready:
+            ready.extend(newly_ready)
         if skipped:
             self.skipped.extend(skipped)
-        ready.extend(newly_ready)
+        if self.emit is not None:
+            for kind, payload in outcome_of.completion_events(node, done):
+                self.emit(kind, payload)
 
     def _pause(self, node: GraphNode, activation: Activation, pause: Await) -> None:
         self.awaiting[node.id] = dict(pause.details, iteration=activation.iteration)
@@ -786,18 +771,10 @@ class _Run:
                                 run_id=child_run_id(self.run_id, parent_node_id, iteration),
                                 wait_timers=self.wait_timers, _subflow_depth=self.depth + 1)
 
-    def _record(self, node: GraphNode, result: NodeResult) -> None:
-        output = result.output
-        size = check_json(output, node.outputs_key, self.runtime.max_value_bytes)
-        self.context.charge(node.outputs_key, size)
-        self.context.charge(node.id, size)
-        self.data[node.outputs_key] = output
-        self.data[node.id] = output
-
     def _fail(self, node: GraphNode, error: BaseException) -> None:
-        self.traversal.fail(node.id)
-        self.errors.append(WorkflowError.from_exception(node.id, error))
-        self.emit_event("node:error", {"node_id": node.id, "error": str(error), "type": type(error).__name__})
+        failure, event = outcome_of.fail(self.traversal, node, error)
+        self.errors.append(failure)
+        self.emit_event("node:error", event)
         logger.debug("run %s: node %s failed: %s", self.run_id, node.id, error)
 
     # --- the outcome ---------------------------------------------------------------------------
@@ -815,6 +792,8 @@ class _Run:
             status = STALLED if stalled else COMPLETED
         if status == STALLED:
             self.emit_event("workflow:stall", {"stalled": stalled})
+        elif status in (FAILED, CANCELLED):
+            outcome_of.drop_unstarted_inputs(self.data, self.traversal.states, self.awaiting)
         if status == AWAITING:
             self.data[AWAITING_IDS_KEY] = list(self.awaiting)
             self.data[AWAITING_DETAILS_KEY] = self.awaiting
