@@ -60,10 +60,6 @@ class NodeFailure(Exception):
         self.node_id = node_id
         self.cause = cause
 
-    @property
-    def type_name(self) -> str:
-        return type(self.cause).__name__
-
 
 def resolve_impl(registry: Mapping[str, Any], node: GraphNode, engine: Any) -> Any:
     """The node's implementation: the registry's, else the built-in bound to `engine`; None if neither."""

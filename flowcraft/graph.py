@@ -754,17 +754,6 @@ class Traversal:
         self.outstanding += len(ready)
         return ready
 
-    def activate(self, node_id: str, input: Any = None, has_input: bool = False) -> Activation:
-        """Make a node ready outside the normal flow (a fallback node, a resumed node)."""
-        st = self.state(node_id)
-        st.status = READY
-        self.outstanding += 1
-        return Activation(node_id, st.iteration, input, has_input)
-
-    def is_current(self, node_id: str, iteration: int) -> bool:
-        st = self.states.get(node_id)
-        return (st.iteration if st is not None else 0) == iteration
-
     def complete(
         self, node_id: str, iteration: int, decisions: List[Decision], *, counted: bool = True
     ) -> Tuple[List[Activation], List[str]]:
