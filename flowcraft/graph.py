@@ -760,7 +760,9 @@ class Traversal:
         """Record that `node_id` finished with these routing decisions; return (newly ready, newly skipped)."""
         if counted:
             self.outstanding -= 1
-        st = self.state(node_id)
+        st = self.states.get(node_id)
+        if st is None:
+            st = self.states[node_id] = NodeState()
         ready: List[Activation] = []
         skipped: List[str] = []
         if st.iteration != iteration or st.status == DONE:

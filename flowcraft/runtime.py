@@ -21,7 +21,7 @@ from .graph import (MAX_CYCLE_ITERATIONS, Activation, CompiledGraph, GraphNode, 
                     check_resume_action, input_value)
 from .middleware import call_hooks, start_traceparent
 from . import outcome as outcome_of
-from .node import NodeContext, NodeResult, to_result
+from .node import NodeContext, NodeResult, Registry, to_result
 from .result import AWAITING, CANCELLED, COMPLETED, FAILED, STALLED, WorkflowError, WorkflowResult
 from .serializer import DEFAULT_MAX_CONTEXT_BYTES, DEFAULT_MAX_VALUE_BYTES, JsonSerializer, check_json, check_values
 
@@ -484,7 +484,7 @@ class _Run:
 
     __slots__ = (
         "runtime", "evaluator", "wait_timers", "awaiting", "batches", "graph", "data", "context", "registry",
-        "run_id", "blueprint_id", "cancel", "concurrency", "traversal", "errors", "skipped", "emit", "runner",
+        "run_id", "blueprint_id", "cancel", "concurrency", "traversal", "errors", "skipped", "emit", "runner", "impls",
         "dependencies", "child_contexts", "depth", "recorded", "traceparent",
     )
 
@@ -510,6 +510,8 @@ class _Run:
         self.data = data
         self.context = DictContext(data, max_value_bytes=runtime.max_value_bytes, max_context_bytes=runtime.max_context_bytes)
         self.registry = registry
+        # a `Registry`'s own dict (live: what is registered later is seen), read per node without a Python call
+        self.impls: Mapping[str, Any] = registry._nodes if type(registry) is Registry else registry
         self.run_id = run_id
         self.depth = 0  # how many subflows deep this run is (0: not a subflow's child)
         self.recorded: Optional[Dict[str, NodeResult]] = None  # node id -> the result it gives without running (timetravel)
@@ -596,10 +598,13 @@ class _Run:
         if recorded is not None and activation.parent is None and activation.node_id in recorded:
             return recorded[activation.node_id]  # time travel: a node whose result is taken from a record
         node = self.graph.nodes[activation.node_id] if activation.parent is None else self._dynamic_node(activation)
-        impl = self._impl(node)
+        impl = self.impls.get(node.uses)
         if impl is None:
-            return NodeFailure(node.id, UnknownNodeError(f"node {node.id!r} uses {node.uses!r}, which is not in the registry"))
-        node_input = self._input(node, activation)
+            impl = self._impl(node)  # a built-in
+            if impl is None:
+                return NodeFailure(node.id, UnknownNodeError(f"node {node.id!r} uses {node.uses!r}, which is not in the registry"))
+        # the common input inline: a value handed on by the predecessor (see `_input`)
+        node_input = activation.input if activation.has_input and node.inputs is None else self._input(node, activation)
         ctx = NodeContext(
             self.context, node_input, node.params, self.dependencies, node.id, self.run_id, 1,
             "", self.cancel, self.blueprint_id, activation.iteration, self.traceparent,
@@ -614,7 +619,9 @@ class _Run:
                     value = impl(ctx)
                 except Exception as error:
                     raise NodeFailure(node.id, error) from error
-                return value if type(value) is NodeResult else to_result(value)
+                if type(value) is NodeResult:
+                    return value
+                return NodeResult(output=value) if value is not None and not isinstance(value, NodeResult) else to_result(value)
             return self.runner.run(node, impl, ctx)
         except NodeFailure as failure:
             if not node.config.fallback:
