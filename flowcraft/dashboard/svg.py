@@ -60,7 +60,8 @@ def _edge_label(action: Optional[str], condition: Optional[str]) -> str:
 
 def render_graph(graph: CompiledGraph, states: Optional[Mapping[str, str]] = None,
                  taken: Optional[Set[Tuple[str, str]]] = None) -> str:
-    """The `<svg>` of `graph`; `states` maps node ids to one of `STATES` (default: none drawn),
+    """The `<svg>` of `graph`; `states` maps node ids to one of `STATES` (missing: pending; None:
+    a blueprint, no run drawn),
     `taken` names the edges (source, target) the run took."""
     node_ids = list(graph.nodes)
     links: List[Tuple[str, str, str, str]] = []  # source, target, label, kind (edge/back/fallback)
@@ -101,15 +102,14 @@ def render_graph(graph: CompiledGraph, states: Optional[Mapping[str, str]] = Non
         if label:
             out.append(f'<text class="elabel" x="{lx}" y="{ly}">{escape(_short(label, 28))}</text>')
         out.append("</g>")
-    states = states or {}
     for node in graph.nodes.values():
         kind = kind_of(node.uses)
-        state = states.get(node.id, "pending" if states else "none")
+        state = "none" if states is None else states.get(node.id, "pending")
         uses = node.uses if isinstance(node.uses, str) else ""
         out.append(
             f'<g class="node kind-{kind} st-{state}" data-node="{escape(node.id)}" '
             f'transform="translate({layout.x[node.id]},{layout.y[node.id]})">'
-            f'<title>{escape(node.id)} ({escape(uses or "function")}){": " + state if states else ""}</title>'
+            f'<title>{escape(node.id)} ({escape(uses or "function")}){"" if states is None else ": " + state}</title>'
             f'{_shape(kind, node.uses)}'
             f'<text class="nid" y="{-3 if uses else 5}">{escape(_short(node.id))}</text>'
             + (f'<text class="nuses" y="13">{escape(_short(uses, 26))}</text>' if uses else "")
