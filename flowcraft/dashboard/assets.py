@@ -40,7 +40,12 @@ input, select, textarea { padding:5px 8px; border:1px solid #bcccdc; border-radi
 button { padding:6px 14px; border-radius:5px; border:1px solid var(--accent); background:var(--accent); color:#fff; cursor:pointer; }
 button.secondary { background:#fff; color:var(--accent); }
 button.danger { background:#fff; color:#c62828; border-color:#c62828; }
-.actions form { display:inline-flex; gap:6px; align-items:center; margin:0 14px 8px 0; flex-wrap:wrap; }
+.actions form { display:flex; gap:6px; align-items:center; margin:0 0 10px; flex-wrap:wrap; }
+.actions form input:not([type=hidden]), .actions form select { flex:1 1 120px; min-width:0; }
+.runcols { display:grid; grid-template-columns:minmax(0,1fr) 400px; gap:16px; align-items:start; }
+@media (max-width: 1000px) { .runcols { grid-template-columns:1fr; } }
+table.kv th { width:110px; } table.kv td, table.kv th { padding:5px 6px; }
+.graphbox svg.graph { display:block; margin:0 auto; }
 .pager { margin-top:12px; display:flex; gap:16px; }
 .flash { padding:10px 14px; border-radius:6px; margin-bottom:14px; border:1px solid; }
 .flash.ok { background:#e8f5e9; border-color:#81c784; } .flash.err { background:#ffebee; border-color:#e57373; }

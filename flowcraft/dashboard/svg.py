@@ -34,6 +34,14 @@ def _short(text: str, size: int = _MAX_LABEL) -> str:
     return text if len(text) <= size else text[: size - 1] + "\u2026"
 
 
+def _subtitle(blueprint_id: str, node_id: str, uses: Any) -> str:
+    """The second line of a node: its built-in (`wait`, `loop-controller`...) or its function's
+    name; nothing for the builder's own key of a lambda (`<blueprint>.<node>`)."""
+    if not isinstance(uses, str) or uses == f"{blueprint_id}.{node_id}":
+        return ""
+    return uses if kind_of(uses) != "task" else uses.rsplit(".", 1)[-1]
+
+
 def _shape(kind: str, uses: Any) -> str:
     hw, hh = W / 2, H / 2
     if kind == "loop":
@@ -105,7 +113,7 @@ def render_graph(graph: CompiledGraph, states: Optional[Mapping[str, str]] = Non
     for node in graph.nodes.values():
         kind = kind_of(node.uses)
         state = "none" if states is None else states.get(node.id, "pending")
-        uses = node.uses if isinstance(node.uses, str) else ""
+        uses = _subtitle(graph.blueprint.id, node.id, node.uses)
         out.append(
             f'<g class="node kind-{kind} st-{state}" data-node="{escape(node.id)}" '
             f'transform="translate({layout.x[node.id]},{layout.y[node.id]})">'
@@ -116,8 +124,8 @@ def render_graph(graph: CompiledGraph, states: Optional[Mapping[str, str]] = Non
             + "</g>")
     width, height = right, layout.height
     defs = "".join(
-        f'<marker id="arrow-{m}" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" '
-        f'orient="auto-start-reverse"><path class="arrow-{m}" d="M0,0 L10,5 L0,10 z"/></marker>'
+        f'<marker id="arrow-{m}" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="9" markerHeight="9" '
+        f'markerUnits="userSpaceOnUse" orient="auto-start-reverse"><path class="arrow-{m}" d="M0,0 L10,5 L0,10 z"/></marker>'
         for m in ("edge", "back", "fallback", "taken"))
     return (f'<svg class="graph" xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
             f'viewBox="0 0 {width:.0f} {height:.0f}" role="img" aria-label="blueprint {escape(graph.blueprint.id)}">'

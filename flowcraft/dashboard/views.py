@@ -111,13 +111,20 @@ def run_view(adapter: Any, run_id: str, *, with_svg: bool = True) -> Dict[str, A
     taken: Set[Tuple[str, str]] = set()
     if graph is not None:
         states = run_states(history, list(graph.nodes))
-        taken = {(e.source, e.target) for e in graph.edges if link_taken(states, e.source, e.target)}
+        taken = {(e.source, e.target) for e in graph.edges
+                 if link_taken(states, e.source, e.target) or _reached(drawn, e.source, e.target)}
         info["node_ids"] = list(graph.nodes)
     info["taken_edges"] = sorted([list(e) for e in taken])
     if with_svg:
         info["svg"] = render_graph(graph, drawn, taken) if graph is not None else None
         info["shown_context"] = [(k, _shown(v)) for k, v in sorted(info["context"].items())]
     return info
+
+
+def _reached(drawn: Dict[str, str], source: str, target: str) -> bool:
+    """An edge from a completed node to one that is waiting, failed or running now was taken
+    (`link_taken` counts only nodes that completed)."""
+    return drawn.get(source) == "completed" and drawn.get(target) in ("awaiting", "failed", "running")
 
 
 def blueprint_list(adapter: Any) -> List[Dict[str, Any]]:
