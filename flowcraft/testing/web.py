@@ -1,7 +1,7 @@
 """Serving a WSGI app (the dashboard) in a thread, and a headless Chromium for browser tests.
 
-`serving(app)` serves on an ephemeral port of 127.0.0.1 with the standard library's wsgiref and
-yields the base URL. `headless_chromium()` starts Selenium's Chrome driver on the system's
+`serving(app)` serves on an ephemeral port of 127.0.0.1 with the standard library's wsgiref (one
+request at a time, as `flowcraft dashboard` does) and yields the base URL. `headless_chromium()` starts Selenium's Chrome driver on the system's
 Chromium (`/usr/bin/chromium`, `/usr/bin/chromedriver`, or $CHROMIUM / $CHROMEDRIVER) with a fresh
 profile and no network of its own; Selenium Manager is never asked to download anything.
 """
@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import threading
 from typing import Any, Iterator, Optional
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 __all__ = ["CHROMEDRIVER", "CHROMIUM", "browser_available", "headless_chromium", "serving"]
 
@@ -28,28 +28,10 @@ class _QuietHandler(WSGIRequestHandler):
         logger.debug("%s " + format, self.address_string(), *args)
 
 
-class _ThreadingServer(WSGIServer):
-    """One thread per request, so that a slow request never holds the browser's next one."""
-
-    daemon_threads = True
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        thread = threading.Thread(target=self._handle, args=(request, client_address), daemon=True)
-        thread.start()
-
-    def _handle(self, request: Any, client_address: Any) -> None:
-        try:
-            self.finish_request(request, client_address)
-        except Exception:
-            self.handle_error(request, client_address)
-        finally:
-            self.shutdown_request(request)
-
-
 @contextlib.contextmanager
 def serving(app: Any, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
     """Serve `app` in a background thread for the block; yields its base URL (`http://host:port`)."""
-    server = make_server(host, port, app, server_class=_ThreadingServer, handler_class=_QuietHandler)
+    server = make_server(host, port, app, handler_class=_QuietHandler)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
