@@ -1,24 +1,17 @@
-"""`flowcraft dashboard`: serve the dashboard (`flowcraft.dashboard.create_app`) with wsgiref."""
+"""`flowcraft dashboard`: serve the dashboard (`flowcraft.dashboard.create_app`) with wsgiref
+(`flowcraft.dashboard.server`); -v logs every request."""
 from __future__ import annotations
 
 import logging
 import sys
 import threading
 from typing import Any, Optional, Tuple
-from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from .commands import connected
 from .errors import EXIT_OK, CliError
 from .signals import StopSignals
 
 logger = logging.getLogger("flowcraft.cli")
-
-
-class _Handler(WSGIRequestHandler):
-    """Requests logged through logging (at INFO: -v shows them), not printed on stderr."""
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
-        logger.info("dashboard: %s " + format, self.address_string(), *args)
 
 
 def parse_auth(text: Optional[str]) -> Optional[Tuple[str, str]]:
@@ -33,12 +26,13 @@ def parse_auth(text: Optional[str]) -> Optional[Tuple[str, str]]:
 def cmd_dashboard(args: Any) -> int:
     """Serve the dashboard until SIGTERM/SIGINT."""
     from ..dashboard import create_app
+    from ..dashboard.server import make_server
 
     auth = parse_auth(args.auth)
     with connected(args) as adapter:
         app = create_app(adapter, read_only=args.read_only, auth=auth, metrics=_metrics(adapter))
         try:
-            server = make_server(args.host, args.port, app, handler_class=_Handler)
+            server = make_server(app, args.host, args.port)
         except OSError as error:
             raise CliError(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from None
         mode = " (read-only)" if args.read_only else ""

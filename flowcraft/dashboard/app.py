@@ -13,6 +13,7 @@ import hmac
 import json
 import logging
 import secrets
+import threading
 import traceback
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 from urllib.parse import parse_qs, urlsplit
@@ -120,6 +121,9 @@ class DashboardApp:
         self._credentials = _parse_auth(auth)
         self.metrics = metrics
         self.csrf_token = csrf_token or secrets.token_urlsafe(32)
+        # one request at a time reaches the adapter: not every adapter's client is thread-safe,
+        # and a server may call the app from several threads
+        self._adapter_lock = threading.Lock()
 
     # --- WSGI -----------------------------------------------------------------------------------
 
@@ -193,7 +197,8 @@ class DashboardApp:
     def _route(self, request: Request) -> Tuple[int, Headers, bytes]:
         path, method = request.path, request.method
         if method == "POST":
-            return self._post(request)
+            with self._adapter_lock:
+                return self._post(request)
         if method not in ("GET", "HEAD"):
             raise HttpError(405, f"method {method} not allowed")
         if path == "/static/app.css":
@@ -202,9 +207,10 @@ class DashboardApp:
             return 200, [("Content-Type", "text/javascript; charset=utf-8")], JS.encode()
         if path == "/metrics":
             return self._metrics()
-        if path.startswith("/api/"):
-            return self._api_get(request, path[len("/api"):])
-        return self._page(request, path)
+        with self._adapter_lock:
+            if path.startswith("/api/"):
+                return self._api_get(request, path[len("/api"):])
+            return self._page(request, path)
 
     def _page(self, request: Request, path: str) -> Tuple[int, Headers, bytes]:
         flash = pages.flash_of(request.query)

@@ -1,37 +1,31 @@
 """Serving a WSGI app (the dashboard) in a thread, and a headless Chromium for browser tests.
 
-`serving(app)` serves on an ephemeral port of 127.0.0.1 with the standard library's wsgiref (one
-request at a time, as `flowcraft dashboard` does) and yields the base URL. `headless_chromium()` starts Selenium's Chrome driver on the system's
+`serving(app)` serves on an ephemeral port of 127.0.0.1 as `flowcraft dashboard` does (wsgiref,
+`flowcraft.dashboard.server`) and yields the base URL. `headless_chromium()` starts Selenium's Chrome driver on the system's
 Chromium (`/usr/bin/chromium`, `/usr/bin/chromedriver`, or $CHROMIUM / $CHROMEDRIVER) with a fresh
 profile and no network of its own; Selenium Manager is never asked to download anything.
 """
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import shutil
 import tempfile
 import threading
 from typing import Any, Iterator, Optional
-from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 __all__ = ["CHROMEDRIVER", "CHROMIUM", "browser_available", "headless_chromium", "serving"]
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")
-logger = logging.getLogger("flowcraft.testing.web")
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
-        logger.debug("%s " + format, self.address_string(), *args)
 
 
 @contextlib.contextmanager
 def serving(app: Any, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
     """Serve `app` in a background thread for the block; yields its base URL (`http://host:port`)."""
-    server = make_server(host, port, app, handler_class=_QuietHandler)
+    from ..dashboard.server import make_server
+
+    server = make_server(app, host, port)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
