@@ -358,7 +358,8 @@ class DashboardApp:
             return None if not values else values[0] if isinstance(values[0], str) else json.dumps(values[0])
 
         def output() -> Any:
-            raw = (fields.get("output") or [None])[0]
+            given: List[Any] = list(fields.get("output") or ())
+            raw = given[0] if given else None
             if raw is None or raw == "":
                 return None
             if not isinstance(raw, str):

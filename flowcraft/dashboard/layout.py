@@ -8,13 +8,13 @@ can be to the mean x of its predecessors, keeping a minimum gap between neighbou
 from __future__ import annotations
 
 from collections import deque
-from typing import Dict, Hashable, List, Sequence, Set, Tuple
+from typing import AbstractSet, Any, Dict, List, Sequence, Set, Tuple
 
 import attrs
 
 __all__ = ["Layout", "layered_layout"]
 
-Node = Hashable
+Node = Any  # any hashable node id
 
 
 @attrs.frozen
@@ -94,7 +94,7 @@ def _place(row: List[Node], desired: List[float], gap: float) -> List[float]:
     return [(a + b) / 2 for a, b in zip(left, right)]
 
 
-def layered_layout(nodes: Sequence[Node], edges: Sequence[Tuple[Node, Node]], back: Set[Tuple[Node, Node]] = frozenset(),  # type: ignore[assignment]
+def layered_layout(nodes: Sequence[Node], edges: Sequence[Tuple[Node, Node]], back: AbstractSet[Tuple[Node, Node]] = frozenset(),
                    *, node_width: float = 170.0, node_height: float = 46.0, gap_x: float = 36.0,
                    gap_y: float = 64.0, margin: float = 24.0, sweeps: int = 4) -> Layout:
     """Lay out `nodes` top to bottom; `back` names the edges (source, target) known to close a cycle."""
