@@ -214,8 +214,11 @@ def run_page(info: Mapping[str, Any], csrf: str, read_only: bool, api: str) -> s
                      + "</div>" for x in info["errors"])
     errors_part = f'<div class="card"><h2>Errors</h2>{errors}</div>' if errors else ""
     context = "".join(f'<tr><td class="mono">{e(k)}</td><td><pre>{e(v)}</pre></td></tr>' for k, v in info["shown_context"])
-    context_part = (f'<div class="card"><h2>Context</h2><table class="context"><tbody>{context or "<tr><td>empty</td></tr>"}'
-                    f'</tbody></table></div>')
+    more = len(info["context"]) - len(info["shown_context"])
+    note = (f'<p class="muted">{len(info["shown_context"])} of {len(info["context"])} keys shown; all of them: '
+            f'<a href="{e(api)}">{e(api)}</a></p>') if more > 0 else ""
+    context_part = (f'<div class="card"><h2>Context</h2>{note}<table class="context"><tbody>'
+                    f'{context or "<tr><td>empty</td></tr>"}</tbody></table></div>')
     config = (f'<script type="application/json" id="run-config">'
               f'{script_json({"api": api, "status": info["status"], "version": info["version"]})}</script>')
     actions = "" if read_only else _actions(info, csrf)

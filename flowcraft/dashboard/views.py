@@ -16,6 +16,7 @@ logger = logging.getLogger("flowcraft.dashboard")
 RUN_STATUSES = (RUNNING, AWAITING, COMPLETED, FAILED, CANCELLED, STALLED)
 COUNT_CAP = 1000  # runs counted per status on the overview (the run list has no count): "1000+"
 MAX_VALUE_CHARS = 4000  # a context value shown longer than this is cut (the API has it whole)
+MAX_CONTEXT_ROWS = 1000  # context keys shown on a run's page (the API has them all)
 
 
 class BadRequest(ValueError):
@@ -85,7 +86,10 @@ def resume_choices(graph: Any, node_id: str) -> List[str]:
 
 
 def _shown(value: Any) -> str:
-    text = json.dumps(value, indent=2, sort_keys=True, default=repr, ensure_ascii=False)
+    try:  # a scalar takes the C encoder's fast path; a list or an object is indented
+        text = json.dumps(value, ensure_ascii=False, indent=2 if isinstance(value, (dict, list)) else None)
+    except (TypeError, ValueError):
+        text = repr(value)
     return text if len(text) <= MAX_VALUE_CHARS else text[:MAX_VALUE_CHARS] + "\n\u2026 (cut; the API has it whole)"
 
 
@@ -117,8 +121,15 @@ def run_view(adapter: Any, run_id: str, *, with_svg: bool = True) -> Dict[str, A
     info["taken_edges"] = sorted([list(e) for e in taken])
     if with_svg:
         info["svg"] = render_graph(graph, drawn, taken) if graph is not None else None
-        info["shown_context"] = [(k, _shown(v)) for k, v in sorted(info["context"].items())]
+        info["shown_context"] = [(k, _shown(info["context"][k])) for k in _shown_keys(info["context"])]
     return info
+
+
+def _shown_keys(context: Dict[str, Any]) -> List[str]:
+    """The context keys a run's page shows: the run's own keys first, then the engine's
+    (`_outputs.*`, `_inputs.*`), at most `MAX_CONTEXT_ROWS`."""
+    keys = sorted(context, key=lambda k: (k.startswith("_"), k))
+    return keys[:MAX_CONTEXT_ROWS]
 
 
 def _reached(drawn: Dict[str, str], source: str, target: str) -> bool:
