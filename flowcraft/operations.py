@@ -9,6 +9,7 @@ read), then publishes the run's outbox. A lost version race reads again and deci
 from __future__ import annotations
 
 import base64
+import heapq
 import json
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
@@ -134,18 +135,18 @@ def page_of(rows: Iterable[Tuple[float, str, RunSummary]], limit: int) -> RunPag
     return RunPage(runs, encode_cursor(last.updated_at, last.run_id) if last is not None else None)
 
 
-def list_in_memory(summaries: Iterable[RunSummary], status: Optional[str], blueprint_id: Optional[str],
+def list_in_memory(runs: Iterable[Tuple[RunRecord, float]], status: Optional[str], blueprint_id: Optional[str],
                    since: Optional[float], until: Optional[float], limit: int, cursor: Optional[str]) -> RunPage:
-    """`list_runs` over summaries in memory (the fakes): a sort, O(n log n)."""
+    """`list_runs` over (record, created_at) pairs in memory (the fakes): one pass keeping the newest
+    `limit + 1` (a heap, O(n log limit)); summaries are made for those only."""
     check_list_args(status, limit)
     after = _float_position(decode_cursor(cursor), cursor)
-    chosen = [s for s in summaries
-              if (status is None or s.status == status) and (blueprint_id is None or s.blueprint_id == blueprint_id)
-              and (since is None or s.updated_at >= since) and (until is None or s.updated_at <= until)]
-    chosen.sort(key=lambda s: (s.updated_at, s.run_id), reverse=True)
-    if after is not None:
-        chosen = [s for s in chosen if (s.updated_at, s.run_id) < after]
-    return page_of(((s.updated_at, s.run_id, s) for s in chosen), limit)
+    chosen = heapq.nlargest(limit + 1, (
+        (r.updated_at, r.run_id, r, created) for r, created in runs
+        if (status is None or r.status == status) and (blueprint_id is None or r.blueprint_id == blueprint_id)
+        and (since is None or r.updated_at >= since) and (until is None or r.updated_at <= until)
+        and (after is None or (r.updated_at, r.run_id) < after)))  # run ids are unique: no tie reaches r
+    return page_of(((u, i, RunSummary.of(r, c)) for u, i, r, c in chosen), limit)
 
 
 # --- operator actions on a distributed run ----------------------------------------------------

@@ -20,7 +20,7 @@ import attrs
 
 from ..distributed import DistributedAdapter, WorkerCrash
 from ..errors import StoreRejected
-from ..operations import DeadLetter, RunPage, RunSummary, list_in_memory
+from ..operations import DeadLetter, RunPage, list_in_memory
 from ..ports import HISTORY_CAP, Commit, Delivery, Job, RunRecord, RunSnapshot, WorkerInfo, counter_reached
 
 CRASH_POINTS = ("before_execute", "after_execute", "after_commit", "after_publish", "before_ack")
@@ -390,8 +390,8 @@ class InMemoryRunStore:
     def list_runs(self, status: Optional[str] = None, blueprint_id: Optional[str] = None, since: Optional[float] = None,
                   until: Optional[float] = None, limit: int = 50, cursor: Optional[str] = None) -> RunPage:
         with self._lock:
-            summaries = [RunSummary.of(r.record, r.created_at) for r in self._runs.values()]
-        return list_in_memory(summaries, status, blueprint_id, since, until, limit, cursor)
+            return list_in_memory(((r.record, r.created_at) for r in self._runs.values()), status, blueprint_id,
+                                  since, until, limit, cursor)
 
     def prune(self, updated_before: float, statuses: Sequence[str]) -> int:
         """Delete the runs in `statuses` last updated before `updated_before`; return how many."""
