@@ -140,7 +140,8 @@ def main(argv: Any = None) -> int:
     p.add_argument("--backends", default="memory,redis", help="comma-separated: memory, redis")
     args = p.parse_args(argv)
     tag = uuid.uuid4().hex[:8]
-    emit(kind="start", runs=args.runs, backends=args.backends, load=os.getloadavg()[0])
+    emit(kind="start", runs=args.runs, backends=args.backends, redis_prefix=f"fcbench:dash{tag}:",
+         load=os.getloadavg()[0])
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
         if backend == "memory":
             bench_memory(args.runs, args.repeat)

@@ -67,6 +67,10 @@ def test_run_detail_states_history_and_resume_choices(adapter: InMemoryAdapter) 
     assert info["resume_choices"] == {"review": ["approve", "reject"]}
     assert ["prepare", "review"] in info["taken_edges"]
     assert "svg" not in info  # the page draws it; the API serves the data
+    live = get_json(app, f"/api/runs/{run_id}", query={"view": "live"})  # what the page polls
+    assert live == {"run_id": run_id, "status": "awaiting", "version": info["version"],
+                    "drawn_states": info["drawn_states"]}
+    assert call(app, "GET", "/api/runs/nope", query={"view": "live"})[0] == 404
     history = get_json(app, f"/api/runs/{run_id}/history")
     assert [e["type"] for e in history][:2] == ["workflow:start", "node:finish"]
     assert call(app, "GET", "/api/runs/nope")[0] == 404

@@ -223,7 +223,7 @@ class DashboardApp:
         if path.startswith("/runs/"):
             run_id = path[len("/runs/"):]
             info = self._run(run_id)
-            api = f"/api/runs/{pages.path_part(run_id)}"
+            api = f"/api/runs/{pages.path_part(run_id)}"  # the page polls `?view=live` of it
             return self._html(pages.run_page(info, self.csrf_token, self.read_only, api), here="/runs", flash=flash,
                               title=f"Run {run_id}")
         if path == "/blueprints":
@@ -251,8 +251,13 @@ class DashboardApp:
             self._run_exists(run_id)
             return self._json([{"type": ev.type, "payload": ev.payload} for ev in self.adapter.get_history(run_id)])
         if path.startswith("/runs/"):
-            info = self._run(path[len("/runs/"):], with_svg=False)
-            return self._json(info)
+            run_id = path[len("/runs/"):]
+            if request.arg("view") == "live":
+                try:
+                    return self._json(views.live_view(self.adapter, run_id))
+                except KeyError:
+                    raise HttpError(404, f"unknown run {run_id!r}") from None
+            return self._json(self._run(run_id, with_svg=False))
         if path == "/blueprints":
             return self._json(views.blueprint_list(self.adapter))
         if path.startswith("/blueprints/"):

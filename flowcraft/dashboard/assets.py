@@ -110,7 +110,7 @@ JS = """
   }
   function poll() {
     var request = new XMLHttpRequest();
-    request.open("GET", run.api);
+    request.open("GET", run.api + "?view=live");
     request.setRequestHeader("Accept", "application/json");
     request.onload = function () {
       if (request.status !== 200) { setTimeout(poll, delay * 2); return; }

@@ -6,6 +6,7 @@ import json
 import logging
 from typing import Any, Dict, List, Optional, Set, Tuple
 
+from ..graph import NodeState
 from ..inspection import describe_run
 from ..mermaid import link_taken, run_states
 from ..result import AWAITING, CANCELLED, COMPLETED, FAILED, RUNNING, STALLED
@@ -136,6 +137,18 @@ def _reached(drawn: Dict[str, str], source: str, target: str) -> bool:
     """An edge from a completed node to one that is waiting, failed or running now was taken
     (`link_taken` counts only nodes that completed)."""
     return drawn.get(source) == "completed" and drawn.get(target) in ("awaiting", "failed", "running")
+
+
+def live_view(adapter: Any, run_id: str) -> Dict[str, Any]:
+    """What a run's page polls while the run is live: its status, version and drawn node states
+    (the record and the node states only, not the history or the context); KeyError if unknown."""
+    record = adapter.store.get_record(run_id)
+    if record is None:
+        raise KeyError(run_id)
+    states = adapter.store.read_all_states(run_id) if record.version else {}
+    nodes = {n: {"status": NodeState.from_dict(raw).status} for n, raw in states.items()}
+    return {"run_id": run_id, "status": record.status, "version": record.version,
+            "drawn_states": states_of(nodes, record.errors, record.awaiting, record.status)}
 
 
 def blueprint_list(adapter: Any) -> List[Dict[str, Any]]:
