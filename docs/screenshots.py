@@ -66,7 +66,7 @@ def demo() -> Tuple[InMemoryAdapter, str]:
               .edge("ship", "notify_scatter").edge("notify_gather", "archive"))
     ingest = (create_flow("nightly-ingest")
               .node("fetch_page", lambda ctx: ctx.context.set("page", (ctx.context.get("page") or 0) + 1) or "page")
-              .node("parse", lambda ctx: {"rows": 100})
+              .node("parse", lambda ctx: {"rows": 100}).edge("fetch_page", "parse")
               .loop("pages", start_node_id="fetch_page", end_node_id="parse", condition="page < 3")
               .node("publish", lambda ctx: "published")
               .edge("pages", "publish", action="break"))

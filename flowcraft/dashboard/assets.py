@@ -81,6 +81,7 @@ svg.graph .edge.back path { stroke:#7b1fa2; stroke-dasharray:6 4; }
 svg.graph .edge.fallback path { stroke:#ef6c00; stroke-dasharray:2 3; }
 svg.graph .edge.taken path { stroke:#2e7d32; stroke-width:3; }
 svg.graph .edge.back.taken path { stroke:#2e7d32; }
+svg.graph text.elabel.side { text-anchor:start; }
 svg.graph text.elabel { font-size:11px; fill:#334e68; paint-order:stroke; stroke:#fbfcfe; stroke-width:4px; }
 svg.graph .arrow-edge { fill:#9aa5b1; } svg.graph .arrow-back { fill:#7b1fa2; }
 svg.graph .arrow-fallback { fill:#ef6c00; } svg.graph .arrow-taken { fill:#2e7d32; }

@@ -153,7 +153,7 @@ def _actions(info: Mapping[str, Any], csrf: str) -> str:
         if (info["awaiting"].get(node_id) or {}).get("type") not in ("wait", "webhook", None):
             continue
         node = f'<input type="hidden" name="node" value="{e(node_id)}">'
-        output = '<input name="output" placeholder="output JSON (optional)" size="18">'
+        output = '<input name="output" placeholder="output JSON" size="14">'
         if choices:
             for choice in choices:
                 out.append(_action_form(run_id, "resume", csrf, node + output
@@ -171,7 +171,7 @@ def _actions(info: Mapping[str, Any], csrf: str) -> str:
     skippable = [n for n in node_ids if n in info["awaiting"] or any(x.get("node_id") == n for x in info["errors"])]
     if skippable:
         out.append(_action_form(run_id, "skip", csrf, _node_select("node", skippable)
-                                + '<input name="output" placeholder="output JSON (optional)" size="18">', "Skip node",
+                                + '<input name="output" placeholder="output JSON" size="14">', "Skip node",
                                 "secondary"))
     return f'<div class="card actions"><h2>Actions</h2>{"".join(out) or "<p class=muted>None apply.</p>"}</div>'
 

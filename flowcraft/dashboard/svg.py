@@ -98,7 +98,8 @@ def render_graph(graph: CompiledGraph, states: Optional[Mapping[str, str]] = Non
             lane = max(xs, xt) + W / 2 + 18 + 14 * lanes
             right = max(right, lane + 24)
             path = f"M{xs + W / 2},{ys} C{lane},{ys} {lane},{yt} {xt + W / 2 + 6},{yt}"
-            lx, ly = lane - 4, (ys + yt) / 2
+            lx, ly = lane + 4, (ys + yt) / 2
+            right = max(right, lane + 12 + 6.5 * len(label[:28]))
         else:
             y0, y1 = ys + H / 2, yt - H / 2 - 6
             bend = max(24.0, (y1 - y0) / 2)
@@ -108,7 +109,8 @@ def render_graph(graph: CompiledGraph, states: Optional[Mapping[str, str]] = Non
         out.append(f'<g class="{cls}" data-source="{escape(s)}" data-target="{escape(t)}">'
                    f'<path d="{path}" marker-end="url(#arrow-{marker})"/>')
         if label:
-            out.append(f'<text class="elabel" x="{lx}" y="{ly}">{escape(_short(label, 28))}</text>')
+            side = " side" if kind == "back" else ""
+            out.append(f'<text class="elabel{side}" x="{lx}" y="{ly}">{escape(_short(label, 28))}</text>')
         out.append("</g>")
     for node in graph.nodes.values():
         kind = kind_of(node.uses)

@@ -13,7 +13,11 @@ from flowcraft.dashboard import create_app
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from tests.dashboard_scenarios import Payments, call, get_json, post_api, runtime  # noqa: E402
-from tests.integration.test_operations_backends import _drain, rabbit_make, redis_make, rq_make  # noqa: E402,F401
+from tests.integration import test_operations_backends as backends  # noqa: E402
+
+# the backends' adapter fixtures, shared with the operations tests
+_drain = backends._drain
+redis_make, rq_make, rabbit_make = backends.redis_make, backends.rq_make, backends.rabbit_make
 
 pytestmark = pytest.mark.integration
 
