@@ -81,17 +81,51 @@ def command_seconds(flags: List[str]) -> float:
     return best
 
 
-def bench_memory(n: int, repeat: int) -> None:
+def store_memory_runs(store: Any, n: int) -> None:
+    """`n` ended runs of blueprint "checkout" in a fake run store, one a second up to now."""
     from flowcraft.ports import RunRecord
-    from flowcraft.testing.fakes import InMemoryRunStore, _StoredRun
+    from flowcraft.testing.fakes import _StoredRun
 
-    store = InMemoryRunStore()
     now = time.time()
     for i in range(n):
         at = now - n + i
         record = RunRecord(f"run-{i:07d}", "checkout", "1", status_of(i), 3, 0,
                            errors=ERROR if status_of(i) == "failed" else [], updated_at=at)
         store._runs[record.run_id] = _StoredRun(record, created_at=at - 1)
+
+
+def store_redis_runs(client: Any, store: Any, n: int) -> None:
+    """`n` ended runs of blueprint "checkout" in a `RedisRunStore`, as it keeps them (record hash,
+    run list index entries), in pipelines of 5,000."""
+    from flowcraft_redis.store import record_fields
+    from flowcraft.ports import RunRecord
+
+    now = time.time()
+    for start in range(0, n, 5000):
+        pipe = client.pipeline(transaction=False)
+        for i in range(start, min(n, start + 5000)):
+            run_id, at, status = f"run-{i:07d}", now - n + i, status_of(i)
+            record = RunRecord(run_id, "checkout", "1", status, 3, 0,
+                               errors=ERROR if status == "failed" else [], updated_at=at)
+            fields = dict(record_fields(record), version="3", ix=store.keys.index, run_id=run_id,
+                          created_at=repr(at - 1))
+            pipe.hset(store.keys.record(run_id), mapping=fields)
+            pipe.zadd(store.keys.index + "all", {run_id: at})
+            pipe.zadd(store.keys.index + status, {run_id: at})
+        pipe.execute()
+
+
+def delete_redis_prefix(client: Any, prefix: str) -> None:
+    keys = list(client.scan_iter(match=prefix.replace("*", "\\*") + "*", count=5000))
+    for start in range(0, len(keys), 5000):
+        client.delete(*keys[start:start + 5000])
+
+
+def bench_memory(n: int, repeat: int) -> None:
+    from flowcraft.testing.fakes import InMemoryRunStore
+
+    store = InMemoryRunStore()
+    store_memory_runs(store, n)
     emit(kind="list", backend="memory", runs=n, all=median_ms(lambda: store.list_runs(limit=50), repeat),
          failed=median_ms(lambda: store.list_runs(status="failed", limit=50), repeat))
 
@@ -99,26 +133,13 @@ def bench_memory(n: int, repeat: int) -> None:
 def bench_redis(n: int, repeat: int, tag: str, command: bool) -> None:
     import redis
 
-    from flowcraft_redis.store import RedisRunStore, record_fields
-    from flowcraft.ports import RunRecord
+    from flowcraft_redis.store import RedisRunStore
 
     prefix = f"fcbench:ops{tag}:"
     client = redis.Redis.from_url(REDIS_URL)
     store = RedisRunStore(client, prefix=prefix)
-    now = time.time()
     try:
-        for start in range(0, n, 5000):
-            pipe = client.pipeline(transaction=False)
-            for i in range(start, min(n, start + 5000)):
-                run_id, at, status = f"run-{i:07d}", now - n + i, status_of(i)
-                record = RunRecord(run_id, "checkout", "1", status, 3, 0,
-                                   errors=ERROR if status == "failed" else [], updated_at=at)
-                fields = dict(record_fields(record), version="3", ix=store.keys.index, run_id=run_id,
-                              created_at=repr(at - 1))
-                pipe.hset(store.keys.record(run_id), mapping=fields)
-                pipe.zadd(store.keys.index + "all", {run_id: at})
-                pipe.zadd(store.keys.index + status, {run_id: at})
-            pipe.execute()
+        store_redis_runs(client, store, n)
         emit(kind="list", backend="redis", runs=n, all=median_ms(lambda: store.list_runs(limit=50), repeat),
              failed=median_ms(lambda: store.list_runs(status="failed", limit=50), repeat))
         if command:
@@ -126,9 +147,7 @@ def bench_redis(n: int, repeat: int, tag: str, command: bool) -> None:
             emit(kind="command", backend="redis", runs=n, seconds=round(seconds, 3), target_s=TARGET_COMMAND_S,
                  ok=seconds < TARGET_COMMAND_S)
     finally:
-        keys = list(client.scan_iter(match=prefix.replace("*", "\\*") + "*", count=5000))
-        for start in range(0, len(keys), 5000):
-            client.delete(*keys[start:start + 5000])
+        delete_redis_prefix(client, prefix)
         client.close()
 
 

@@ -51,7 +51,7 @@ from .outcome import drop_unstarted_inputs
 from .plan import (GATHER, CommitPlan, batch_item, batch_size, count_field, done_field,
                    due_to_settle, input_field, item_definition, item_job, job_event, spec_field)
 from .ports import (Commit, CoordinationStore, Delivery, Job, JobQueue, RunRecord, RunSnapshot, RunStatus, RunStore,
-                    identity_problem, item_field, job_node_id)
+                    WorkerInfo, identity_problem, item_field, job_node_id)
 from .result import AWAITING, CANCELLED, COMPLETED, FAILED, FINAL_STATUSES, RUNNING, STALLED, WorkflowError, WorkflowResult
 from .runtime import (AWAITING_DETAILS_KEY, AWAITING_IDS_KEY, FlowRuntime, awaiting_node, new_run_id,
                       subflow_depth_error)
@@ -239,6 +239,11 @@ class _Operations:
 
     def purge_dead_letters(self) -> int:
         return int(self.queue.purge_dead_letters())  # type: ignore[attr-defined]
+
+    def live_workers(self) -> Optional[List[WorkerInfo]]:
+        """The workers the queue serves now, as far as its backend can tell; None if it cannot."""
+        read = getattr(self.queue, "live_workers", None)
+        return None if read is None else list(read())
 
     def prune(self, older_than_seconds: float, statuses: Sequence[str] = operations.PRUNABLE) -> int:
         """Delete the runs in `statuses` last updated more than `older_than_seconds` ago (context,

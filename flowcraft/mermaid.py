@@ -24,7 +24,8 @@ from .events import Event
 from .graph import LOOP_CONTROLLER
 from .result import WorkflowResult
 
-__all__ = ["CLASS_DEFS", "generate_mermaid", "generate_mermaid_for_run", "mermaid_ids"]
+__all__ = ["CLASS_DEFS", "generate_mermaid", "generate_mermaid_for_run", "link_taken", "mermaid_ids", "node_classes",
+           "run_states"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_]")
 _SAFE = re.compile(r"^[A-Za-z0-9_]+$")
@@ -143,7 +144,10 @@ def generate_mermaid(bp: Any) -> str:
     return "\n".join(lines)
 
 
-def _run_states(result_or_events: Any, node_ids: Sequence[Any]) -> Dict[str, Set[Any]]:
+def run_states(result_or_events: Any, node_ids: Sequence[Any]) -> Dict[str, Set[Any]]:
+    """The node ids of a run by class (`executed`, `skipped`, `failed`, `awaiting`; plus the
+    `evaluated` and `taken` (source, target) pairs of `edge:evaluate` events), from a result or
+    events as `generate_mermaid_for_run` takes them."""
     states: Dict[str, Set[Any]] = {"executed": set(), "skipped": set(), "failed": set(), "awaiting": set()}
     if isinstance(result_or_events, Mapping) and "status" in result_or_events:
         result_or_events = WorkflowResult.from_dict(dict(result_or_events))  # a result's JSON form
@@ -180,6 +184,25 @@ def _run_states(result_or_events: Any, node_ids: Sequence[Any]) -> Dict[str, Set
     return states
 
 
+def node_classes(node_ids: Sequence[Any], states: Mapping[str, Set[Any]]) -> Dict[Any, str]:
+    """One class per node of `run_states`: failed over awaiting over executed over skipped (a
+    node can run and be skipped in different loop iterations); nodes in none are left out."""
+    assigned: Dict[Any, str] = {}
+    for cls in ("failed", "awaiting", "executed", "skipped"):
+        for node_id in node_ids:
+            if node_id in states[cls] and node_id not in assigned:
+                assigned[node_id] = cls
+    return assigned
+
+
+def link_taken(states: Mapping[str, Set[Any]], source: Any, target: Any) -> bool:
+    """Whether the link source -> target was taken in the run of `run_states`."""
+    if (source, target) in states.get("evaluated", ()):  # as TS: an edge:evaluate event says so
+        return (source, target) in states.get("taken", ())
+    executed = states["executed"]  # a fallback link, or no edge events (a result): both ends ran
+    return source in executed and target in executed
+
+
 def generate_mermaid_for_run(bp: Any, result_or_events: Any) -> str:
     """The diagram of `bp` with one run drawn on it.
 
@@ -194,13 +217,8 @@ def generate_mermaid_for_run(bp: Any, result_or_events: Any) -> str:
     blueprint = _as_blueprint(bp)
     lines, links, ids = _render(blueprint)
     node_ids = list(dict.fromkeys(n.id for n in blueprint.nodes))
-    states = _run_states(result_or_events, node_ids)
-
-    assigned: Dict[Any, str] = {}
-    for cls in ("failed", "awaiting", "executed", "skipped"):
-        for node_id in node_ids:
-            if node_id in states[cls] and node_id not in assigned:
-                assigned[node_id] = cls
+    states = run_states(result_or_events, node_ids)
+    assigned = node_classes(node_ids, states)
     used = {cls for cls in assigned.values()}
     for cls in ("executed", "skipped", "failed", "awaiting"):
         if cls != "awaiting" or "awaiting" in used:
@@ -210,13 +228,7 @@ def generate_mermaid_for_run(bp: Any, result_or_events: Any) -> str:
         if members:
             lines.append(f"    class {','.join(members)} {cls}")
 
-    ran = set(states["executed"])
-    evaluated, taken = states.get("evaluated", set()), states.get("taken", set())
     for index, (source, target) in enumerate(links):
-        if (source, target) in evaluated:  # as TS: an edge:evaluate event says whether it was taken
-            drawn = (source, target) in taken
-        else:  # a fallback link, or no edge events (a result): both ends ran
-            drawn = source in ran and target in ran
-        if drawn:
+        if link_taken(states, source, target):
             lines.append(f"    linkStyle {index} {_EXECUTED_LINK}")
     return "\n".join(lines)

@@ -8,9 +8,8 @@ read), then publishes the run's outbox. A lost version race reads again and deci
 """
 from __future__ import annotations
 
-import heapq
-
 import base64
+import heapq
 import json
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
@@ -138,16 +137,16 @@ def page_of(rows: Iterable[Tuple[float, str, RunSummary]], limit: int) -> RunPag
 
 def list_in_memory(runs: Iterable[Tuple[RunRecord, float]], status: Optional[str], blueprint_id: Optional[str],
                    since: Optional[float], until: Optional[float], limit: int, cursor: Optional[str]) -> RunPage:
-    """`list_runs` over (record, created_at) pairs in memory (the fakes): one pass, O(n log limit)."""
+    """`list_runs` over (record, created_at) pairs in memory (the fakes): one pass keeping the newest
+    `limit + 1` (a heap, O(n log limit)); summaries are made for those only."""
     check_list_args(status, limit)
     after = _float_position(decode_cursor(cursor), cursor)
-    chosen = ((record.updated_at, record.run_id, record, created_at) for record, created_at in runs
-              if (status is None or record.status == status)
-              and (blueprint_id is None or record.blueprint_id == blueprint_id)
-              and (since is None or record.updated_at >= since) and (until is None or record.updated_at <= until)
-              and (after is None or (record.updated_at, record.run_id) < after))
-    newest = heapq.nlargest(limit + 1, chosen, key=lambda row: (row[0], row[1]))
-    return page_of(((at, run_id, RunSummary.of(record, created)) for at, run_id, record, created in newest), limit)
+    chosen = heapq.nlargest(limit + 1, (
+        (r.updated_at, r.run_id, r, created) for r, created in runs
+        if (status is None or r.status == status) and (blueprint_id is None or r.blueprint_id == blueprint_id)
+        and (since is None or r.updated_at >= since) and (until is None or r.updated_at <= until)
+        and (after is None or (r.updated_at, r.run_id) < after)))  # run ids are unique: no tie reaches r
+    return page_of(((u, i, RunSummary.of(r, c)) for u, i, r, c in chosen), limit)
 
 
 # --- operator actions on a distributed run ----------------------------------------------------

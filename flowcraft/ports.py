@@ -281,9 +281,25 @@ class Delivery:
         return run_id if identity_problem(run_id) is None else None
 
 
+@attrs.frozen
+class WorkerInfo:
+    """A live worker as its queue can tell it: an id (a broker that names none numbers its
+    consumers), the queue, when it was last seen (epoch seconds, None: unknown) and a detail."""
+
+    id: str
+    queue: str
+    last_seen: Optional[float] = None
+    detail: str = ""
+
+    def to_dict(self) -> Dict[str, Any]:
+        return attrs.asdict(self)
+
+
 class JobQueue(Protocol):
     """A queue may also offer ``requeue(jobs, delay=0.0)``: `enqueue` for the reconciler, which
-    must not trust a belief that a job already waits without checking it (default: `enqueue`)."""
+    must not trust a belief that a job already waits without checking it (default: `enqueue`),
+    ``depth()`` (jobs ready) and ``live_workers() -> list of WorkerInfo`` (the workers it serves
+    now, as far as it can tell)."""
 
     def enqueue(self, jobs: Sequence[Job], delay: float = 0.0) -> None:
         """Make jobs deliverable now, or after `delay` seconds. Durable once it returns."""

@@ -48,7 +48,7 @@ import pika
 import pika.exceptions
 
 from flowcraft.operations import DeadLetter
-from flowcraft.ports import Delivery, Job
+from flowcraft.ports import Delivery, Job, WorkerInfo
 
 logger = logging.getLogger("flowcraft.rabbitmq.queue")
 
@@ -559,6 +559,13 @@ class RabbitMqQueue:
         """Messages ready in the main queue (not delayed, not unacknowledged): the queue's depth."""
         with self._publisher.lock:
             return int(self._pending_in_broker(self._publisher.ensure()))
+
+    def live_workers(self) -> List[WorkerInfo]:
+        """One entry per consumer of the main queue: the broker counts them but names none."""
+        with self._publisher.lock:
+            count = int(self._publisher.ensure().queue_declare(self.queue_name, passive=True).method.consumer_count)
+        return [WorkerInfo(f"consumer {i}", self.queue_name, None, "AMQP consumer (the broker names no worker)")
+                for i in range(1, count + 1)]
 
     def message_counts(self) -> Tuple[int, int, int]:
         """(ready in the main queue, in the delay queue, in the dead-letter queue)."""

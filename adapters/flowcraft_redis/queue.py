@@ -31,7 +31,7 @@ from typing import Any, Callable, List, Optional, Sequence, Set, Tuple
 import redis
 
 from flowcraft.operations import DeadLetter
-from flowcraft.ports import Delivery, Job
+from flowcraft.ports import Delivery, Job, WorkerInfo
 
 from ._util import delayed_member, load_script, to_text, translate_errors
 from .keys import QueueKeys, validate_simple
@@ -56,6 +56,14 @@ def _own_connection(client: Any) -> Any:
 def default_worker_id() -> str:
     host = "".join(ch if ch.isalnum() or ch in "_.-" else "-" for ch in socket.gethostname())[:40] or "host"
     return f"{host}-{os.getpid()}-{os.urandom(4).hex()}"
+
+
+def _simple(worker_id: str) -> bool:
+    try:
+        validate_simple("worker id", worker_id)
+    except ValueError:
+        return False
+    return True
 
 
 class RedisQueue:
@@ -381,6 +389,21 @@ class RedisQueue:
         pipe.llen(self.keys.dead)
         pipe.delete(self.keys.dead)
         return int(pipe.execute()[0])
+
+    @translate_errors
+    def live_workers(self) -> List[WorkerInfo]:
+        """The registered workers whose heartbeat has not expired."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.smembers(self.keys.workers)
+        pipe.hkeys(self.keys.clients)
+        members, registered = pipe.execute()
+        ids = sorted({to_text(m) for m in members} | {to_text(k) for k in registered})
+        ids = [w for w in ids if _simple(w)]
+        pipe = self.client.pipeline(transaction=False)
+        for worker_id in ids:
+            pipe.pttl(self.keys.heartbeat(worker_id))
+        return [WorkerInfo(w, self.queue_name, None, f"heartbeat expires in {ttl / 1000:.0f}s")
+                for w, ttl in zip(ids, pipe.execute() if ids else []) if int(ttl) > 0]
 
     @translate_errors
     def depth(self) -> int:

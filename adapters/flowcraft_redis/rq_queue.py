@@ -30,7 +30,7 @@ from rq.serializers import JSONSerializer
 from rq.utils import now as rq_now
 
 from flowcraft.operations import DeadLetter
-from flowcraft.ports import Delivery, Job
+from flowcraft.ports import Delivery, Job, WorkerInfo
 
 from . import rq_jobs
 from ._util import load_script, to_text, translate_errors
@@ -379,6 +379,18 @@ class RqQueue:
     def depth(self) -> int:
         """RQ jobs queued, ready to be taken (not scheduled, not running): the queue's depth."""
         return int(self.rq.count)
+
+    @translate_errors
+    def live_workers(self) -> List[WorkerInfo]:
+        """The RQ workers listening on this queue (RQ's worker registry, with their heartbeats)."""
+        from rq.worker import Worker
+
+        out = []
+        for worker in Worker.all(queue=self.rq):
+            beat = worker.last_heartbeat
+            out.append(WorkerInfo(str(worker.name), self.queue_name, beat.timestamp() if beat else None,
+                                  f"rq worker, {worker.get_state()}"))
+        return sorted(out, key=lambda w: w.id)
 
     @translate_errors
     def pending(self) -> int:

@@ -19,7 +19,7 @@ from .signals import ForcedStop
 
 __all__ = ["main", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_TIMEOUT"]
 
-_LONG_RUNNING = ("worker", "reconcile")
+_LONG_RUNNING = ("worker", "reconcile", "dashboard")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -97,9 +97,11 @@ def _dispatch(args: Any, argv: List[str]) -> int:
         "wait": commands.cmd_wait, "resume": commands.cmd_resume, "cancel": commands.cmd_cancel,
         "reconcile": commands.cmd_reconcile, "graph": commands.cmd_graph, "lint": commands.cmd_lint,
     }
+    from .dashboard import cmd_dashboard
     from .operations import HANDLERS
 
     handlers.update(HANDLERS)
+    handlers["dashboard"] = cmd_dashboard
     return handlers[args.command](args)
 
 

@@ -5,22 +5,18 @@ an action that does not apply is one line on stderr with exit 2 (a `CliError`), 
 """
 from __future__ import annotations
 
-import datetime as _dt
 import sys
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List
 
 from ..builtins import parse_duration
-from ..graph import NodeState
+from ..inspection import describe_run, format_time
 from ..result import FINAL_STATUSES
 from .commands import connected, print_json
 from .errors import EXIT_OK, CliError, one_line
 from .inputs import parse_json_arg
 
 
-def _when(epoch: Optional[float]) -> str:
-    if not epoch:
-        return "-"
-    return _dt.datetime.fromtimestamp(epoch, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+_when = format_time
 
 
 def _clean(text: Any) -> str:
@@ -62,33 +58,11 @@ def cmd_runs(args: Any) -> int:
 
 
 def inspect_run(adapter: Any, run_id: str) -> Dict[str, Any]:
-    """What the run's record and node states hold, and its node timeline from its durable history
-    (`get_history`): each node execution with its time, duration, attempt and worker."""
-    record = adapter.store.get_record(run_id)
-    if record is None:
-        raise CliError(f"unknown run {run_id!r}")
-    states = adapter.store.read_all_states(run_id) if record.version else {}
-    nodes = {n: {"status": st.status, "iteration": st.iteration, **({"pending_items": st.pending} if st.pending else {})}
-             for n, raw in sorted(states.items()) for st in [NodeState.from_dict(raw)]}
-    return {
-        "run_id": run_id, "blueprint_id": record.blueprint_id, "blueprint_version": record.blueprint_version,
-        "status": record.status, "version": record.version, "updated_at": record.updated_at,
-        "outstanding": record.outstanding, "nodes": nodes, "errors": list(record.errors),
-        "awaiting": record.awaiting,
-        "timeline": _timeline(adapter.get_history(run_id)),
-    }
-
-
-_TIMELINE = ("workflow:start", "node:finish", "node:error", "node:skipped", "node:skip", "workflow:pause",
-             "workflow:resume", "run:retry", "run:restart", "run:cancel", "context:patch", "workflow:finish")
-
-
-def _timeline(history: Any) -> List[Dict[str, Any]]:
-    """The events of a run's history an operator reads (not the context changes), compact."""
-    keep = ("node_id", "iteration", "attempt", "worker", "timestamp", "duration_ms", "index", "parent", "status",
-            "message", "type", "node_ids")
-    return [{"event": e.type, **{k: e.payload[k] for k in keep if e.payload.get(k) is not None}}
-            for e in history if e.type in _TIMELINE]
+    """`describe_run`, an unknown run being a one-line error."""
+    try:
+        return describe_run(adapter, run_id)
+    except KeyError:
+        raise CliError(f"unknown run {run_id!r}") from None
 
 
 def cmd_inspect(args: Any) -> int:

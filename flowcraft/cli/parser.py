@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .operations import add_parsers
 
     add_parsers(add, _app, conn)
+    from .dashboard import add_parser as add_dashboard
+
+    add_dashboard(add, _app, conn)
 
     db = add("db", "database administration (rabbitmq backend)")
     db_commands = db.add_subparsers(dest="db_command", metavar="COMMAND", required=True)

@@ -21,7 +21,7 @@ import attrs
 from ..distributed import DistributedAdapter, WorkerCrash
 from ..errors import StoreRejected
 from ..operations import DeadLetter, RunPage, list_in_memory
-from ..ports import HISTORY_CAP, Commit, Delivery, Job, RunRecord, RunSnapshot, counter_reached
+from ..ports import HISTORY_CAP, Commit, Delivery, Job, RunRecord, RunSnapshot, WorkerInfo, counter_reached
 
 CRASH_POINTS = ("before_execute", "after_execute", "after_commit", "after_publish", "before_ack")
 
@@ -49,6 +49,9 @@ class InMemoryQueue:
         self._dead_meta: List[Tuple[str, float]] = []  # (id, dead_at) of each entry of `dead`, aligned
         self._dead_ids = itertools.count(1)
         self.delivered = 0
+        self.queue_name = "in-memory"
+        self.live_window = 10.0  # a thread that fetched this recently counts as a live worker
+        self._fetchers: Dict[str, float] = {}  # thread name -> when it last fetched
 
     def enqueue(self, jobs: Sequence[Job], delay: float = 0.0) -> None:
         with self._cond:
@@ -76,6 +79,7 @@ class InMemoryQueue:
     def fetch(self, max_jobs: int = 1, timeout: float = 1.0) -> List[Delivery]:
         deadline = time.monotonic() + timeout
         with self._cond:
+            self._fetchers[threading.current_thread().name] = self.clock()
             while True:
                 self._promote_due()
                 if self._ready:
@@ -145,6 +149,13 @@ class InMemoryQueue:
             self.dead.clear()
             self._dead_meta.clear()
             return count
+
+    def live_workers(self) -> List[WorkerInfo]:
+        """The threads that fetched within `live_window` seconds (the fakes' workers are threads)."""
+        now = self.clock()
+        with self._cond:
+            return [WorkerInfo(name, self.queue_name, seen, "fetched recently")
+                    for name, seen in sorted(self._fetchers.items()) if now - seen <= self.live_window]
 
     def requeue_unacked(self) -> int:
         """What a broker does when a worker dies: its unacknowledged deliveries come back first."""
@@ -379,8 +390,8 @@ class InMemoryRunStore:
     def list_runs(self, status: Optional[str] = None, blueprint_id: Optional[str] = None, since: Optional[float] = None,
                   until: Optional[float] = None, limit: int = 50, cursor: Optional[str] = None) -> RunPage:
         with self._lock:
-            runs = [(r.record, r.created_at) for r in self._runs.values()]
-        return list_in_memory(runs, status, blueprint_id, since, until, limit, cursor)
+            return list_in_memory(((r.record, r.created_at) for r in self._runs.values()), status, blueprint_id,
+                                  since, until, limit, cursor)
 
     def prune(self, updated_before: float, statuses: Sequence[str]) -> int:
         """Delete the runs in `statuses` last updated before `updated_before`; return how many."""

@@ -275,3 +275,24 @@ def test_operations_benchmark_tiny(tmp_path: Any) -> None:
         assert positive_rate(line["all"]["median_ms"]) and positive_rate(line["failed"]["median_ms"]), line
     commands = {line["backend"]: line for line in lines if line["kind"] == "command"}
     assert set(commands) == {"redis", "rabbitmq"} and all(positive_rate(c["seconds"]) for c in commands.values())
+
+
+def test_dashboard_benchmark_tiny(redis_url: str, tmp_path: Any) -> None:
+    """benchmarks/dashboard.py with a few runs: every page figure of both backends, everything it
+    stored in Redis removed."""
+    import redis
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "adapters")]), REDIS_URL=redis_url)
+    lines = run_script("dashboard.py", ["--runs", "30", "--repeat", "2"], env, tmp_path)
+    assert lines[0]["kind"] == "start" and lines[-1]["kind"] == "end"
+    pages = [line for line in lines if line["kind"] == "page"]
+    assert {(p["backend"], p["page"]) for p in pages} == {
+        (b, p) for b in ("memory", "redis") for p in ("run list", "run list, failed", "api run list", "overview",
+                                                      "run page, chain1000", "api run, chain1000",
+                                                      "run page, fan1000", "api run, fan1000")}
+    assert all(positive_rate(p["median_ms"]) and p["bytes"] > 0 for p in pages)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert list(client.scan_iter(match=lines[0]["redis_prefix"] + "*")) == []
+    finally:
+        client.close()
