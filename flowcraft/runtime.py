@@ -138,6 +138,7 @@ class FlowRuntime:
         self._runner = NodeRunner(self.middleware, None)
         self.scheduler: Any = None  # a `timers.TimerScheduler` once `start_scheduler` made one
         self.pause_requests: set = set()  # ids of runs `request_pause` asked to pause (timetravel)
+        self.schedules: Dict[str, Any] = {}  # name -> `schedules.Schedule` (`schedule`)
 
     # --- blueprints ----------------------------------------------------------------------------
 
@@ -363,6 +364,16 @@ class FlowRuntime:
         return result
 
     # --- timers (flowcraft.timers) -------------------------------------------------------------
+
+    def schedule(self, blueprint_id: BlueprintRef, cron: str, initial_context: Optional[Mapping[str, Any]] = None,
+                 name: Optional[str] = None, timezone: str = "UTC") -> Any:
+        """Start a run of `blueprint_id` on every tick of `cron` (needs the `cron` extra), once a
+        `flowcraft.schedules.Scheduler` (`flowcraft scheduler`) runs; returns the `Schedule`."""
+        from .schedules import make_schedule
+
+        made = make_schedule(self, blueprint_id, cron, initial_context, name, timezone)
+        self.schedules[made.name] = made
+        return made
 
     def start_scheduler(self, interval: Optional[float] = None, on_result: Any = None) -> Any:
         """Start the in-memory timer scheduler (TS `startScheduler`): from now on a run that awaits
