@@ -19,7 +19,7 @@ from .signals import ForcedStop
 
 __all__ = ["main", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_TIMEOUT"]
 
-_LONG_RUNNING = ("worker", "reconcile")
+_LONG_RUNNING = ("worker", "reconcile", "scheduler")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -98,8 +98,10 @@ def _dispatch(args: Any, argv: List[str]) -> int:
         "reconcile": commands.cmd_reconcile, "graph": commands.cmd_graph, "lint": commands.cmd_lint,
     }
     from .operations import HANDLERS
+    from .scheduler import HANDLERS as SCHEDULER_HANDLERS
 
     handlers.update(HANDLERS)
+    handlers.update(SCHEDULER_HANDLERS)
     return handlers[args.command](args)
 
 
