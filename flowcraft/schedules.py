@@ -148,7 +148,7 @@ class Scheduler:
             coordination = InMemoryCoordinationStore(clock)
         self.coordination = coordination
         self.lease_ttl = float(lease_ttl)
-        self.poll = float(poll) if poll is not None else min(self.lease_ttl / 5, 0.5)
+        self.poll = float(poll) if poll is not None else min(self.lease_ttl / 10, 0.5)
         self.prefix = prefix
         self.clock = clock
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
