@@ -126,7 +126,8 @@ class Scheduler:
     `coordination` (see the module doc).
 
     `client` starts the runs: a distributed adapter (`start_workflow(blueprint, context,
-    run_id=...)`), or None to run them in memory with `runtime.run` (in the scheduler's thread).
+    run_id=...)`), or None to run them in memory with `runtime.run` (in the scheduler's thread;
+    `results` keeps each schedule's latest result).
     `coordination` defaults to the client's, else (in memory) an `InMemoryCoordinationStore`.
     `clock` (epoch seconds) and `check(now)` let a test drive it without waiting."""
 
@@ -155,6 +156,7 @@ class Scheduler:
         self.on_start = on_start
         self.leader = False
         self._renewed_at = float("-inf")
+        self.results: Dict[str, Any] = {}  # in memory: schedule name -> the `WorkflowResult` of its latest run
 
     # --- the lease ---------------------------------------------------------------------------
 
@@ -251,7 +253,7 @@ class Scheduler:
             return None  # another scheduler is starting it
         context = dict(schedule.initial_context or {})
         if self.client is None:
-            self.runtime.run(schedule.blueprint_id, context, run_id=run_id)
+            self.results[schedule.name] = self.runtime.run(schedule.blueprint_id, context, run_id=run_id)
         else:
             try:
                 self.client.start_workflow(schedule.blueprint_id, context, run_id=run_id)

@@ -192,3 +192,11 @@ def test_a_client_without_coordination_store_is_refused() -> None:
     adapter.coordination = None
     with pytest.raises(ValueError, match="coordination store"):
         Scheduler(runtime, adapter)
+
+
+def test_the_example_misses_a_deadline_and_starts_a_missed_night_once() -> None:
+    from examples import scheduled
+
+    on_time, late, *nights = scheduled.main()
+    assert on_time.status == "completed" and late.errors[0].type == "DeadlineExceeded"
+    assert [r.status for r in nights] == ["completed", "completed"]  # two runs for three nights: one was missed

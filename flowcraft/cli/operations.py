@@ -80,7 +80,8 @@ def inspect_run(adapter: Any, run_id: str) -> Dict[str, Any]:
 
 
 _TIMELINE = ("workflow:start", "node:finish", "node:error", "node:skipped", "node:skip", "workflow:pause",
-             "workflow:resume", "run:retry", "run:restart", "run:cancel", "context:patch", "workflow:finish")
+             "workflow:resume", "run:retry", "run:restart", "run:cancel", "run:deadline", "context:patch",
+             "workflow:finish")
 
 
 def _timeline(history: Any) -> List[Dict[str, Any]]:
