@@ -112,6 +112,8 @@ def make_schedule(runtime: Any, blueprint_id: Any, cron: Any, initial_context: O
     context = dict(initial_context) if initial_context is not None else None
     if context is not None:
         check_values(context, f"schedule {name!r} initial context", runtime.max_value_bytes)
+    if not isinstance(blueprint_id, str) and runtime.blueprints.get(blueprint.id) is not blueprint:
+        runtime.add_blueprint(blueprint_id)  # a blueprint or Flow given: its runs need it known
     return Schedule(name, blueprint.id, cron, context, timezone)
 
 
@@ -248,8 +250,9 @@ class Scheduler:
 
     def _start(self, schedule: Schedule, tick: float) -> Optional[str]:
         run_id = schedule.run_id(tick)
-        if not self.coordination.set_if_not_exist(f"{self.prefix}tick:{schedule.name}:{int(tick)}", self.name,
-                                                  max(self.lease_ttl, 60.0)):
+        claim = f"{self.prefix}tick:{schedule.name}:{int(tick)}"
+        if not self.coordination.set_if_not_exist(claim, self.name, max(self.lease_ttl, 60.0)) \
+                and self.coordination.get(claim) != self.name:  # ours: an earlier try failed (an outage)
             return None  # another scheduler is starting it
         context = dict(schedule.initial_context or {})
         if self.client is None:

@@ -200,3 +200,51 @@ def test_the_example_misses_a_deadline_and_starts_a_missed_night_once() -> None:
     on_time, late, *nights = scheduled.main()
     assert on_time.status == "completed" and late.errors[0].type == "DeadlineExceeded"
     assert [r.status for r in nights] == ["completed", "completed"]  # two runs for three nights: one was missed
+
+
+def test_run_loops_until_stopped_and_gives_the_lease_up() -> None:
+    import threading
+
+    runtime = _runtime()
+    runtime.schedule("job", "* * * * * *")
+    adapter = InMemoryAdapter(runtime)
+    scheduler = Scheduler(runtime, adapter, lease_ttl=3.0)
+    stop = threading.Event()
+    thread = threading.Thread(target=scheduler.run, args=(stop,))
+    thread.start()
+    try:
+        deadline = dt.datetime.now().timestamp() + 10
+        while not adapter.list_runs().runs and dt.datetime.now().timestamp() < deadline:
+            stop.wait(0.05)
+    finally:
+        stop.set()
+        thread.join(10)
+    assert not thread.is_alive()
+    assert [r.run_id.split(":")[:2] for r in adapter.list_runs().runs][:1] == [["schedule", "job"]]
+    assert adapter.coordination.get(scheduler.lease_key) is None  # released: another takes over at once
+
+
+def test_a_flow_given_to_schedule_is_registered() -> None:
+    runtime = FlowRuntime()
+    flow = create_flow("given").node("a", lambda ctx: 1)
+    schedule = runtime.schedule(flow, "* * * * *")
+    assert schedule.blueprint_id == "given" and "given" in runtime.blueprints and "given" in runtime.schedules
+
+
+def test_a_start_that_failed_on_an_outage_is_tried_again_on_the_next_pass() -> None:
+    clock, adapter, (scheduler,) = _setup()
+    scheduler.check()
+    clock.now = T0 + 30.1
+    real = adapter.start_workflow
+    calls: List[int] = []
+
+    def down_once(*args: Any, **kwargs: Any) -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionError("the store is down")
+        return real(*args, **kwargs)
+
+    adapter.start_workflow = down_once  # type: ignore[method-assign]
+    with pytest.raises(ConnectionError):
+        scheduler.check()
+    assert scheduler.check() == [f"schedule:every:{int(T0 + 30)}"]  # its own claim does not stop it
