@@ -2,9 +2,9 @@
 `DeadlineExceeded` error naming the nodes still running or waiting, and no new node of it starts.
 
 - In memory (`FlowRuntime.run(..., deadline=)`), `RunDeadline` is checked between nodes and
-  bounds every wait for a running node; at the deadline the run's cancel token (`DeadlineToken`,
-  the `ctx.cancel` node code sees) is set: a node running in a thread cannot be killed, node code
-  that checks `ctx.cancel` ends early, and whatever it returns is discarded.
+  bounds every wait for a running node; at the deadline the run's cancel token (a `ChildToken` of
+  the caller's, the `ctx.cancel` node code sees) is set: a node running in a thread cannot be
+  killed, node code that checks `ctx.cancel` ends early, and whatever it returns is discarded.
 - Distributed (`start_workflow(..., deadline=)`), the run's record holds `deadline_at` and a delayed
   job of kind "deadline" (`deadline_job`) fails the run on time (`expire_run`) with a
   version-checked run commit whose history holds a `run:deadline` event and `workflow:finish`.
@@ -17,12 +17,12 @@
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import math
-import threading
 import time
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional
 
-from .cancel import CancelToken
+from .cancel import CancelToken, ChildToken
 from .errors import BlueprintError, DeadlineExceeded
 from .graph import READY, NodeState
 from .ports import Job, RunRecord
@@ -30,6 +30,8 @@ from .result import FINAL_STATUSES, WorkflowError
 
 if TYPE_CHECKING:
     from .distributed import DistributedAdapter
+
+logger = logging.getLogger("flowcraft.deadlines")
 
 DEADLINE_KIND = "deadline"  # the kind of the delayed job that fails a run at its deadline
 DEADLINE_NODE = "_deadline"  # that job's nodeId: it names no node (its kind says what it is)
@@ -75,7 +77,8 @@ def run_deadline(blueprint: Any, deadline: Any) -> Optional[float]:
 def message(seconds: Optional[float], running: Iterable[str], waiting: Iterable[str], at: Optional[float] = None) -> str:
     """The text of a `DeadlineExceeded` error: the deadline (`seconds` after the start, or the time
     `at`) and the nodes left."""
-    running, waiting = sorted(set(running)), sorted(set(waiting))
+    running = sorted(set(running))
+    waiting = sorted(set(waiting) - set(running))
     within = f" of {seconds:g}s" if seconds is not None else ""
     if at is not None and seconds is None:
         within = " (" + _dt.datetime.fromtimestamp(at, _dt.timezone.utc).isoformat(timespec="milliseconds") + ")"
@@ -92,48 +95,18 @@ def deadline_error(seconds: Optional[float], running: Iterable[str], waiting: It
 # --- in memory --------------------------------------------------------------------------------
 
 
-class DeadlineToken(CancelToken):
-    """A run's cancel token under a deadline: set by the deadline (`expire`) or by the caller's own
-    token (`parent`); setting it never sets the caller's."""
-
-    __slots__ = ("parent",)
-
-    def __init__(self, parent: Optional[CancelToken]) -> None:
-        super().__init__()
-        self.parent = parent
-
-    @property
-    def cancelled(self) -> bool:
-        return self._flag or (self.parent is not None and self.parent.cancelled)
-
-    def raise_if_cancelled(self) -> None:
-        if self.parent is not None:
-            self.parent.raise_if_cancelled()
-        super().raise_if_cancelled()
-
-    def wait(self, timeout: float) -> bool:
-        end = time.monotonic() + timeout
-        while not self.cancelled:
-            left = end - time.monotonic()
-            if left <= 0:
-                return False
-            super().wait(min(left, 0.05))  # wakes at once on our own cancel, within 50 ms on the parent's
-        return True
-
-
 class RunDeadline:
     """The deadline of one in-memory run: `at` (epoch seconds) and the run's token it cancels."""
 
-    def __init__(self, at: float, seconds: Optional[float], token: DeadlineToken) -> None:
+    def __init__(self, at: float, seconds: Optional[float], token: ChildToken) -> None:
         self.at = at
         self.seconds = seconds
         self.token = token
         self.expired = False
-        self._lock = threading.Lock()
 
     @classmethod
     def start(cls, seconds: float, cancel: Optional[CancelToken]) -> "RunDeadline":
-        return cls(time.time() + seconds, seconds, DeadlineToken(cancel))
+        return cls(time.time() + seconds, seconds, ChildToken(cancel))
 
     @classmethod
     def restore(cls, snapshot: Mapping[str, Any], cancel: Optional[CancelToken]) -> Optional["RunDeadline"]:
@@ -141,7 +114,8 @@ class RunDeadline:
         at = snapshot.get(DEADLINE_KEY)
         if not isinstance(at, dict) or type(at.get("at")) not in (int, float):
             return None
-        return cls(float(at["at"]), at.get("seconds"), DeadlineToken(cancel))
+        seconds = at.get("seconds")
+        return cls(float(at["at"]), float(seconds) if type(seconds) in (int, float) else None, ChildToken(cancel))
 
     def snapshot_fields(self) -> Dict[str, Any]:
         return {DEADLINE_KEY: {"at": self.at, "seconds": self.seconds}}
@@ -154,10 +128,9 @@ class RunDeadline:
 
     def expire(self, running: Iterable[str], waiting: Iterable[str]) -> Optional[WorkflowError]:
         """The run's `DeadlineExceeded` error, once (None after the first call); sets the token."""
-        with self._lock:
-            if self.expired:
-                return None
-            self.expired = True
+        if self.expired:
+            return None
+        self.expired = True
         self.token.cancel(message(self.seconds, running, waiting))
         return deadline_error(self.seconds, running, waiting)
 
@@ -197,4 +170,7 @@ def fail_overdue(adapter: "DistributedAdapter", record: RunRecord) -> bool:
     event = {"type": DEADLINE_EVENT, "payload": {"timestamp": adapter.clock(), "deadline_at": record.deadline_at,
                                                  "running": sorted(running), "waiting": waiting,
                                                  "message": error.message}}
-    return adapter._fail_run(record.run_id, error, event)
+    failed = adapter._fail_run(record.run_id, error, event)
+    if failed:
+        logger.error("run %s (%s) failed: %s", record.run_id, record.blueprint_id, error.message)
+    return failed

@@ -1187,8 +1187,6 @@ class DistributedAdapter(_Operations):
             if applied:
                 self.store.publish_outbox(run_id, self.queue)
                 self._emit_ended(new, jobs)
-                if error.type == deadlines.DeadlineExceeded.__name__:
-                    logger.error("run %s (%s) failed: %s", run_id, new.blueprint_id, error.message)
                 return True
         return False
 

@@ -297,11 +297,11 @@ class FlowRuntime:
         data = dict(initial_context) if initial_context else {}
         check_values(data, "initial context", self.max_value_bytes)  # refused before anything runs, as by start_workflow
         seconds = deadlines.run_deadline(graph.blueprint, deadline)
-        if seconds is not None:
-            run_deadline = deadlines.RunDeadline.start(seconds, cancel)
+        run_deadline = deadlines.RunDeadline.start(seconds, cancel) if seconds is not None else None
+        if run_deadline is not None:
             cancel = run_deadline.token
         run = _Run(self, graph, data, self._registry_for(registry), run_id or new_run_id(), cancel, concurrency, wait_timers)
-        run.deadline = run_deadline if seconds is not None else None
+        run.deadline = run_deadline
         run.depth = _subflow_depth
         if run.emit is not None:
             run.emit("workflow:start", {"initial_context": dict(data)})
@@ -621,7 +621,7 @@ class _Run:
         """The run's deadline passed: it fails with `DeadlineExceeded` naming what was left."""
         assert self.deadline is not None
         error = self.deadline.expire([a.node_id if a.parent is None else a.parent for a in running],
-                                     [a.node_id for a in ready] + list(self.awaiting))
+                                     [a.node_id if a.parent is None else a.parent for a in ready] + list(self.awaiting))
         if error is None:
             return
         self.data = dict(self.data)  # the result's context: what late node code writes is not in it

@@ -188,3 +188,40 @@ def test_a_retried_run_is_not_held_to_its_old_deadline() -> None:
         adapter.stop(timeout=5)
     assert result.status == "completed", result.errors
     assert result.context["after"] == "ran"
+
+
+def test_a_node_with_its_own_timeout_sees_the_deadline_on_its_cancel_token() -> None:
+    seen: List[bool] = []
+
+    def slow(ctx: Any) -> str:
+        seen.append(ctx.cancel.wait(5))  # True: woken by the run's deadline, not by its own 10 s timeout
+        return "late"
+
+    flow = create_flow("dl-timeout").node("slow", slow, timeout=10_000, max_retries=3)
+    runtime = FlowRuntime()
+    runtime.add_blueprint(flow)
+    result = runtime.run("dl-timeout", deadline=0.2)
+    assert result.status == "failed" and result.errors[0].type == "DeadlineExceeded"
+    for _ in range(100):
+        if seen:
+            break
+        time.sleep(0.02)
+    assert seen == [True]  # and it was not retried
+
+
+def test_batch_items_running_at_the_deadline_are_named_by_their_batch() -> None:
+    release = threading.Event()
+
+    def item(ctx: Any) -> Any:
+        release.wait(0.05)
+        while not ctx.cancel.cancelled:
+            time.sleep(0.01)
+        return ctx.input
+
+    flow = create_flow("dl-batch").node("make", lambda ctx: list(range(6))).batch(
+        "each", item, input_key="make", output_key="out").edge("make", "each")
+    runtime = FlowRuntime()
+    runtime.add_blueprint(flow)
+    result = runtime.run("dl-batch", deadline=0.2, concurrency=2)
+    assert result.status == "failed" and "out" not in result.context
+    assert result.errors[0].message.endswith("still running: ['each_scatter']")  # its items are not named one by one
