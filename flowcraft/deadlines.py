@@ -115,7 +115,8 @@ class RunDeadline:
         if not isinstance(at, dict) or type(at.get("at")) not in (int, float):
             return None
         seconds = at.get("seconds")
-        return cls(float(at["at"]), float(seconds) if type(seconds) in (int, float) else None, ChildToken(cancel))
+        given = float(seconds) if isinstance(seconds, (int, float)) and type(seconds) is not bool else None
+        return cls(float(at["at"]), given, ChildToken(cancel))
 
     def snapshot_fields(self) -> Dict[str, Any]:
         return {DEADLINE_KEY: {"at": self.at, "seconds": self.seconds}}
