@@ -5,6 +5,7 @@ from .context import Context, DictContext
 from .errors import (
     BlueprintError,
     CancelledError,
+    DeadlineExceeded,
     ExpressionError,
     FlowcraftError,
     LoopLimitError,
@@ -25,7 +26,7 @@ from .runtime import FlowRuntime
 __version__ = "0.1.0"
 
 __all__ = [
-    "BaseNode", "BlueprintError", "CallbackEventBus", "CancelToken", "CancelledError", "Context",
+    "BaseNode", "BlueprintError", "CallbackEventBus", "CancelToken", "CancelledError", "Context", "DeadlineExceeded",
     "DictContext", "EdgeDefinition", "Event", "EventBus", "ExpressionError", "Flow", "FlowRuntime",
     "FlowcraftError", "LoopLimitError", "NodeConfig", "NodeContext", "NodeDefinition",
     "NodeResult",

@@ -38,7 +38,7 @@ from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Map
 
 import attrs
 
-from . import batching, operations
+from . import batching, deadlines, operations
 from .cancel import CancelToken
 from .errors import FlowcraftError, StoreRejected
 from .events import Event
@@ -778,6 +778,9 @@ class DistributedAdapter(_Operations):
         job = delivery.job
         if job is None:
             return self._reject(delivery, f"malformed job: {delivery.error}", delivery.identity_hint())
+        if job.kind == deadlines.DEADLINE_KIND:  # no node runs: the run fails if its record says it is due
+            deadlines.expire_run(self, job)
+            return self.queue.ack([delivery])
         blueprint = self.runtime.blueprints.get(job.blueprint_id)
         if blueprint is None:  # not a job of any run this worker can serve: someone else's run is not failed
             return self._reject(delivery, f"unknown blueprint {job.blueprint_id!r}", None)
@@ -1159,11 +1162,13 @@ class DistributedAdapter(_Operations):
             return node.id in snap.record.awaiting
         return self._executable(job, graph, node, snap)
 
-    def _fail_run(self, run_id: str, error: WorkflowError) -> None:
+    def _fail_run(self, run_id: str, error: WorkflowError, event: Optional[Dict[str, Any]] = None) -> bool:
+        """Fail a run with `error` in one version-checked run commit; its history gets `event`
+        (default: a `node:error` of `error`) and `workflow:finish`. True if this call failed it."""
         for _ in range(_MAX_CONFLICTS):
             record = self.store.get_record(run_id)
             if record is None or record.status in FINAL_STATUSES:
-                return
+                return False
             new = attrs.evolve(record, status=FAILED, errors=record.errors + [error.to_dict()], updated_at=self.clock())
             try:
                 new.result = self._final_result(run_id, new, {}, ()).to_dict()
@@ -1175,8 +1180,8 @@ class DistributedAdapter(_Operations):
             if new.result is None:
                 new.result = WorkflowResult(FAILED, {}, [WorkflowError.from_dict(e) for e in new.errors], run_id).to_dict()
             jobs = self._parent_jobs(new)
-            history = [{"type": "node:error", "payload": dict(error.to_dict(), node_id=error.node_id, worker=self.worker_name,
-                                                             timestamp=new.updated_at)},
+            history = [event or {"type": "node:error", "payload": dict(error.to_dict(), node_id=error.node_id,
+                                                                       worker=self.worker_name, timestamp=new.updated_at)},
                        _finish_event(new)]
             try:
                 applied = self.store.commit(Commit(run_id, record.version, new, jobs=jobs, history=history))
@@ -1188,7 +1193,8 @@ class DistributedAdapter(_Operations):
             if applied:
                 self.store.publish_outbox(run_id, self.queue)
                 self._emit_ended(new, jobs)
-                return
+                return True
+        return False
 
     def _final_result(self, run_id: str, record: RunRecord, delta: Mapping[str, Any], deleted: Iterable[str],
                       states: Optional[Mapping[str, NodeState]] = None, graph: Optional[CompiledGraph] = None,
@@ -1256,7 +1262,7 @@ class DistributedAdapter(_Operations):
 
     def start_workflow(self, blueprint_or_id: Any, initial_context: Optional[Mapping[str, Any]] = None,
                        run_id: Optional[str] = None, *, parent: Optional[Dict[str, Any]] = None,
-                       traceparent: Optional[str] = None) -> str:
+                       traceparent: Optional[str] = None, deadline: Optional[float] = None) -> str:
         """Create a run and enqueue its start nodes; return its id.
 
         `traceparent` (a W3C trace context, opaque here) defaults to the one a telemetry middleware
@@ -1265,8 +1271,12 @@ class DistributedAdapter(_Operations):
 
         `run_id` must be a valid identity (`ports.identity_problem`) of no existing run: naming an
         existing one raises `ValueError` (it is never handed back, nor its context). `parent` is
-        for a subflow's child (started twice by a redelivered parent job, it is the same run)."""
+        for a subflow's child (started twice by a redelivered parent job, it is the same run).
+
+        `deadline` (seconds; default the blueprint's `metadata.deadline`): the run fails with
+        `DeadlineExceeded` if it has not ended by then (see `flowcraft.deadlines`)."""
         blueprint = self.runtime.blueprint(blueprint_or_id)
+        seconds = deadlines.run_deadline(blueprint, deadline)
         graph = self.runtime.graph(blueprint)
         if self.runtime.registry:  # a pure client (blueprints, no node code) cannot check: its workers will
             self.runtime.check_registry(blueprint)  # before anything is stored: a run no worker can finish never starts
@@ -1290,6 +1300,8 @@ class DistributedAdapter(_Operations):
         if not jobs:
             record.status = COMPLETED
             record.outstanding = 0
+        elif seconds is not None:
+            record.deadline_at = record.updated_at + seconds
         history = [{"type": "workflow:start", "payload": {"initial_context": context, "blueprint_id": blueprint.id,
                                                           "timestamp": record.updated_at}}]
         if not self.store.create_run(record, context, states, jobs, history):
@@ -1302,6 +1314,8 @@ class DistributedAdapter(_Operations):
             record.result = WorkflowResult(COMPLETED, context, run_id=run_id).to_dict()
             self.store.commit(Commit(run_id, 1, attrs.evolve(record), jobs=self._parent_jobs(record),
                                      history=[_finish_event(record)]))
+        if record.deadline_at is not None:  # lost if this process dies right now: the reconciler fails it when overdue
+            self.queue.enqueue([deadlines.deadline_job(run_id, blueprint.id)], seconds or 0.0)
         self.store.publish_outbox(run_id, self.queue)
         if self.runtime.event_bus is not None:
             self._emit_all([Event("workflow:start", {"run_id": run_id, "blueprint_id": blueprint.id,
@@ -1407,6 +1421,9 @@ class DistributedAdapter(_Operations):
         record = self.store.get_record(run_id)
         if record is None or record.status != RUNNING or record.version == 0:
             return set()  # unknown, finished, or started by a seed client and not yet adopted by a worker
+        if record.deadline_at is not None and record.deadline_at <= self.clock():  # its deadline job was lost
+            deadlines.fail_overdue(self, record)
+            return set()
         self.store.publish_outbox(run_id, self.queue)
         graph = self.runtime.graph(self.runtime.blueprint(record.blueprint_id))  # type: ignore[arg-type]  # a stored run's record names its blueprint
         if due_to_settle(record.status, record.awaiting, record.outstanding):  # its settling was lost in a crash

@@ -59,6 +59,10 @@ class CancelledError(FlowcraftError):
     """The run was cancelled; raised by `CancelToken.raise_if_cancelled()`."""
 
 
+class DeadlineExceeded(FlowcraftError, TimeoutError):
+    """A run was not finished by its deadline (`deadline=` seconds, or `metadata.deadline`)."""
+
+
 class LoopLimitError(FlowcraftError):
     """A loop ran more than its `maxIterations`, or a cycle without a loop controller more than the
     runtime's `max_cycle_iterations`."""

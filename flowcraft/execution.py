@@ -12,7 +12,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
-from .cancel import CancelToken
+from .cancel import CancelToken, ChildToken
 from .errors import CancelledError, NodeTimeoutError, ServiceUnavailable, UnknownNodeError
 from .builtins import BUILTINS
 from .graph import GraphNode
@@ -330,23 +330,8 @@ def _bind_middleware(mw: Any, call_next: Callable[[NodeContext], Any]) -> Callab
     return call
 
 
-class _ChildToken(CancelToken):
-    """Cancelled when its parent is, or on its own (a timed-out attempt)."""
-
-    __slots__ = ("parent",)
-
-    def __init__(self, parent: Optional[CancelToken]) -> None:
-        super().__init__()
-        self.parent = parent
-
-    @property
-    def cancelled(self) -> bool:
-        return self._flag or (self.parent is not None and self.parent.cancelled)
-
-    def raise_if_cancelled(self) -> None:
-        if self.parent is not None:
-            self.parent.raise_if_cancelled()
-        super().raise_if_cancelled()
+class _ChildToken(ChildToken):
+    """A timed-out-able attempt's token: cancelled when the node's is, or on its own."""
 
 
 __all__ = ["NodeRunner", "NodeFailure", "RetryLater", "FallbackResult", "item_failure", "resolve_impl"]

@@ -16,7 +16,8 @@ __all__ = ["TIMELINE_EVENTS", "describe_run", "format_time", "timeline"]
 
 #: The history events an operator reads (not the context changes).
 TIMELINE_EVENTS = ("workflow:start", "node:finish", "node:error", "node:skipped", "node:skip", "workflow:pause",
-                   "workflow:resume", "run:retry", "run:restart", "run:cancel", "context:patch", "workflow:finish")
+                   "workflow:resume", "run:retry", "run:restart", "run:cancel", "run:deadline", "context:patch",
+                   "workflow:finish")
 _KEEP = ("node_id", "iteration", "attempt", "worker", "timestamp", "duration_ms", "index", "parent", "status",
          "message", "type", "node_ids")
 

@@ -236,6 +236,7 @@ def _rerun(adapter: "DistributedAdapter", run_id: str, choose: Any, forget_outpu
         new.status = RUNNING
         new.errors = []
         new.result = None
+        new.deadline_at = None  # a run an operator runs again is not held to the deadline it had
         for node_id in reset:
             new.awaiting.pop(node_id, None)
         new.outstanding = _outstanding(states)

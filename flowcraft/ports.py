@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Protocol, Seque
 import attrs
 
 # What a job on the wire may be (see `Job`); "resume" jobs never travel, a client makes them in process.
-JOB_KINDS = ("node", "timer", "child", "item")
+JOB_KINDS = ("node", "timer", "child", "item", "deadline")
 _JOB_FIELDS = {"runId", "blueprintId", "nodeId", "iteration", "attempt", "input", "parent", "index", "kind", "firstSeen"}
 
 # Bounds on what a queue message may be (anyone who can write to the queue can write anything):
@@ -340,6 +340,8 @@ class RunRecord:
     # the W3C trace context current when the run started (SPEC 13), opaque to the core; jobs carry
     # it as `traceparent`, and jobs made from the record alone (reconcile, resume) take it from here
     traceparent: Optional[str] = None
+    # when (epoch seconds) the run fails with `DeadlineExceeded` unless it ended (SPEC 14; `deadlines`)
+    deadline_at: Optional[float] = None
 
 
 def copy_record(record: RunRecord) -> RunRecord:
@@ -347,7 +349,7 @@ def copy_record(record: RunRecord) -> RunRecord:
     the loaded record once per node execution; this is cheaper than `attrs.evolve`)."""
     return RunRecord(record.run_id, record.blueprint_id, record.blueprint_version, record.status, record.version,
                      record.outstanding, dict(record.awaiting), list(record.errors), record.parent, record.updated_at,
-                     record.result, record.blueprint_digest, record.traceparent)
+                     record.result, record.blueprint_digest, record.traceparent, record.deadline_at)
 
 
 @attrs.define

@@ -7,8 +7,9 @@ import logging
 import os
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Any, Callable, Deque, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Deque, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
+from . import deadlines
 from .blueprint import NodeDefinition, WorkflowBlueprint
 from .builtins import (BATCH_SCATTER, BUILTINS, LOOP_CONTROLLER, SUBFLOW, Await, SubflowError, child_run_id,
                        finish_subflow, utc_now)
@@ -138,6 +139,7 @@ class FlowRuntime:
         self._runner = NodeRunner(self.middleware, None)
         self.scheduler: Any = None  # a `timers.TimerScheduler` once `start_scheduler` made one
         self.pause_requests: set = set()  # ids of runs `request_pause` asked to pause (timetravel)
+        self.schedules: Dict[str, Any] = {}  # name -> `schedules.Schedule` (`schedule`)
 
     # --- blueprints ----------------------------------------------------------------------------
 
@@ -153,7 +155,7 @@ class FlowRuntime:
 
     def limit_problems(self, blueprint: WorkflowBlueprint) -> List[str]:
         """What in `blueprint` exceeds this runtime's bounds (see the class doc), as sentences."""
-        found: List[str] = []
+        found: List[str] = deadlines.metadata_problems(blueprint)
         caps = (("maxRetries", "max_retries", self.max_node_attempts, "max_node_attempts", 1),
                 ("retryDelay", "retry_delay", self.max_retry_delay, "max_retry_delay", 1000),
                 ("timeout", "timeout", self.max_node_timeout, "max_node_timeout", 1000))
@@ -279,11 +281,14 @@ class FlowRuntime:
         strict: bool = False,
         run_id: Optional[str] = None,
         wait_timers: bool = False,
+        deadline: Optional[float] = None,
         _subflow_depth: int = 0,
     ) -> WorkflowResult:
         """Run a blueprint to its end (or until it awaits) and return the `WorkflowResult`.
 
-        `initial_context` may be a serialized context (a JSON string), as TS's `run`."""
+        `initial_context` may be a serialized context (a JSON string), as TS's `run`. `deadline`
+        (seconds; default the blueprint's `metadata.deadline`): past it the run fails with
+        `DeadlineExceeded` (see `flowcraft.deadlines`)."""
         if isinstance(initial_context, str):
             initial_context = self.serializer.loads(initial_context)
         cached = self._graphs.get((id(blueprint), strict))
@@ -295,7 +300,12 @@ class FlowRuntime:
             self.check_registry(graph.blueprint, registry, known)
         data = dict(initial_context) if initial_context else {}
         check_values(data, "initial context", self.max_value_bytes)  # refused before anything runs, as by start_workflow
+        seconds = deadlines.run_deadline(graph.blueprint, deadline)
+        run_deadline = deadlines.RunDeadline.start(seconds, cancel) if seconds is not None else None
+        if run_deadline is not None:
+            cancel = run_deadline.token
         run = _Run(self, graph, data, known, run_id or new_run_id(), cancel, concurrency, wait_timers)
+        run.deadline = run_deadline
         run.depth = _subflow_depth
         if run.emit is not None:
             run.emit("workflow:start", {"initial_context": dict(data)})
@@ -330,8 +340,12 @@ class FlowRuntime:
         if not paused:
             resumed = awaiting_node(awaiting, node_id)
             self._check_resume(graph, resumed, awaiting[resumed], snapshot, action)
+        run_deadline = deadlines.RunDeadline.restore(snapshot, cancel)
+        if run_deadline is not None:
+            cancel = run_deadline.token
         run = _Run(self, graph, data, self._registry_for(registry), run_id or snapshot.get("runId") or new_run_id(),
                    cancel, concurrency, wait_timers)
+        run.deadline = run_deadline
         run.depth = _subflow_depth
         run.traversal = Traversal.restore(graph, snapshot)
         run.awaiting = awaiting
@@ -354,6 +368,16 @@ class FlowRuntime:
         return result
 
     # --- timers (flowcraft.timers) -------------------------------------------------------------
+
+    def schedule(self, blueprint_id: BlueprintRef, cron: str, initial_context: Optional[Mapping[str, Any]] = None,
+                 name: Optional[str] = None, timezone: str = "UTC") -> Any:
+        """Start a run of `blueprint_id` on every tick of `cron` (needs the `cron` extra), once a
+        `flowcraft.schedules.Scheduler` (`flowcraft scheduler`) runs; returns the `Schedule`."""
+        from .schedules import make_schedule
+
+        made = make_schedule(self, blueprint_id, cron, initial_context, name, timezone)
+        self.schedules[made.name] = made
+        return made
 
     def start_scheduler(self, interval: Optional[float] = None, on_result: Any = None) -> Any:
         """Start the in-memory timer scheduler (TS `startScheduler`): from now on a run that awaits
@@ -485,7 +509,7 @@ class _Run:
     __slots__ = (
         "runtime", "evaluator", "wait_timers", "awaiting", "batches", "graph", "data", "context", "registry",
         "run_id", "blueprint_id", "cancel", "concurrency", "traversal", "errors", "skipped", "emit", "runner", "impls",
-        "dependencies", "child_contexts", "depth", "recorded", "traceparent",
+        "dependencies", "child_contexts", "depth", "recorded", "traceparent", "deadline",
     )
 
     def __init__(
@@ -519,6 +543,7 @@ class _Run:
         self.cancel = cancel if cancel is not None else CancelToken()
         self.concurrency = max(1, int(concurrency))
         self.traversal = Traversal(graph)
+        self.deadline: Optional[deadlines.RunDeadline] = None  # set by `run`/`resume` (its token is `cancel`)
         self.errors: List[WorkflowError] = []
         self.skipped: List[str] = []
         self.emit = runtime._emitter(run_id, self.blueprint_id)
@@ -539,7 +564,7 @@ class _Run:
 
     def execute(self, activations: List[Activation]) -> WorkflowResult:
         ready: Deque[Activation] = deque(activations)
-        if self.concurrency == 1:
+        if self.concurrency == 1 and self.deadline is None:  # under a deadline nodes run in threads: waits are bounded
             self._run_serial(ready)
         else:
             self._run_pool(ready)
@@ -577,8 +602,12 @@ class _Run:
 
     def _run_pool(self, ready: Deque[Activation]) -> None:
         running: Dict[Future, Activation] = {}
-        with ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"flowcraft-{self.run_id[:8]}") as pool:
+        deadline = self.deadline
+        pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"flowcraft-{self.run_id[:8]}")
+        try:
             while ready or running:
+                if deadline is not None and deadline.due():
+                    return self._expire(running.values(), ready)
                 while ready and len(running) < self.concurrency and not self._stopping() and not self._pausing():
                     activation = ready.popleft()
                     running[pool.submit(self._execute, activation)] = activation
@@ -586,9 +615,25 @@ class _Run:
                     if self._settle(ready):
                         continue
                     break
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                timeout = None if deadline is None else max(0.0, deadline.remaining())
+                done, _ = wait(running, timeout=timeout, return_when=FIRST_COMPLETED)
                 for future in done:
                     self._finish(running.pop(future), future.result(), ready)
+        finally:
+            # past a deadline the nodes still running are left to finish on their own (a thread
+            # cannot be killed; their token is set and their results are discarded)
+            pool.shutdown(wait=deadline is None or not deadline.expired, cancel_futures=True)
+
+    def _expire(self, running: Iterable[Activation], ready: Iterable[Activation]) -> None:
+        """The run's deadline passed: it fails with `DeadlineExceeded` naming what was left."""
+        assert self.deadline is not None
+        error = self.deadline.expire([a.node_id if a.parent is None else a.parent for a in running],
+                                     [a.node_id if a.parent is None else a.parent for a in ready] + list(self.awaiting))
+        if error is None:
+            return
+        self.data = dict(self.data)  # the result's context: what late node code writes is not in it
+        self.errors.append(error)
+        self.emit_event(deadlines.DEADLINE_EVENT, {"message": error.message, "deadline_at": self.deadline.at})
 
     # --- one node ------------------------------------------------------------------------------
 
@@ -813,6 +858,8 @@ class _Run:
         )
         if status == AWAITING:
             snapshot = dict(self.traversal.snapshot(), runId=self.run_id)
+            if self.deadline is not None:  # a resume past it fails the run
+                snapshot.update(self.deadline.snapshot_fields())
             children = {n: c for n, c in self.child_contexts.items() if n in self.awaiting}
             if children:
                 snapshot[CHILD_CONTEXTS_KEY] = children

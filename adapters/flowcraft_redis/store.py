@@ -20,7 +20,7 @@ from .context import decode, decode_hash, encode
 from .keys import QueueKeys, RunKeys
 
 _JSON_FIELDS = ("blueprint_id", "blueprint_version", "awaiting", "errors", "parent", "result", "blueprint_digest",
-                "traceparent")
+                "traceparent", "deadline_at")
 
 
 _EMPTY: Dict[str, Any] = {"null": None, "{}": {}, "[]": []}  # the usual record values, parsed without the JSON decoder
@@ -72,7 +72,7 @@ def record_from_texts(run_id: str, data: Mapping[str, str]) -> RunRecord:
         blueprint_id=values.get("blueprint_id"), blueprint_version=values.get("blueprint_version"),
         awaiting=values.get("awaiting") or {}, errors=values.get("errors") or [], parent=values.get("parent"),
         result=values.get("result"), blueprint_digest=values.get("blueprint_digest"),
-        traceparent=values.get("traceparent"),
+        traceparent=values.get("traceparent"), deadline_at=values.get("deadline_at"),
     )
 
 

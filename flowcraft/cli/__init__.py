@@ -19,7 +19,7 @@ from .signals import ForcedStop
 
 __all__ = ["main", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_TIMEOUT"]
 
-_LONG_RUNNING = ("worker", "reconcile", "dashboard")
+_LONG_RUNNING = ("worker", "reconcile", "dashboard", "scheduler")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -99,9 +99,11 @@ def _dispatch(args: Any, argv: List[str]) -> int:
     }
     from .dashboard import cmd_dashboard
     from .operations import HANDLERS
+    from .scheduler import HANDLERS as SCHEDULER_HANDLERS
 
     handlers.update(HANDLERS)
     handlers["dashboard"] = cmd_dashboard
+    handlers.update(SCHEDULER_HANDLERS)
     return handlers[args.command](args)
 
 

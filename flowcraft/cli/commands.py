@@ -57,7 +57,7 @@ def cmd_run(args: Any) -> int:
     # Ctrl-C / SIGTERM: no new node starts, the run ends `cancelled` and its result is still printed.
     with watching(runtime, progress), StopSignals(lambda: token.cancel("interrupted")):
         result = runtime.run(blueprint, context, concurrency=args.concurrency, cancel=token,
-                             wait_timers=args.wait_timers)
+                             wait_timers=args.wait_timers, deadline=args.deadline)
     if progress is not None:
         progress.finish(result.status)
     print_json(result.to_dict())
@@ -127,7 +127,7 @@ def cmd_start(args: Any) -> int:
         print(f"flowcraft: warning: blueprint {blueprint.id!r} differs from the app's or is not in it: "
               f"workers need it too (flowcraft worker --blueprint {args.blueprint})", file=sys.stderr)
     with connected(args, runtime) as adapter:
-        run_id = adapter.start_workflow(blueprint, context, run_id=args.run_id)
+        run_id = adapter.start_workflow(blueprint, context, run_id=args.run_id, deadline=args.deadline)
     print(run_id)
     return EXIT_OK
 

@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     _context(run)
     run.add_argument("--concurrency", type=positive_int, default=1, metavar="N", help="threads for independent nodes")
     run.add_argument("--wait-timers", action="store_true", help="sleep nodes sleep inline instead of pausing the run")
+    _deadline(run)
 
     worker = add("worker", "process jobs from the backend's queue", _app(True), conn)
     worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
@@ -113,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("blueprint", metavar="BLUEPRINT", help="a blueprint id of the app, or a blueprint JSON file")
     _context(start)
     start.add_argument("--run-id", help="use this run id (starting it twice is harmless)")
+    _deadline(start)
 
     for name, help_text in (("status", "print a run's status JSON"), ("cancel", "cancel a run")):
         add(name, help_text, _app(False), conn).add_argument("run_id", metavar="RUN_ID")
@@ -146,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_dashboard(add, _app, conn)
 
+    from .scheduler import add_parsers as add_scheduler_parsers
+
+    add_scheduler_parsers(add, _app, conn)
+
     db = add("db", "database administration (rabbitmq backend)")
     db_commands = db.add_subparsers(dest="db_command", metavar="COMMAND", required=True)
     db_init = db_commands.add_parser("init", help="create the PostgreSQL tables if missing", parents=[common],
@@ -157,3 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _context(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", metavar="JSON|@FILE", help="the initial context, a JSON object")
+
+
+def _deadline(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--deadline", type=positive_float, metavar="SECONDS",
+                        help="fail the run with DeadlineExceeded if it has not ended this long after it started "
+                             "(default: the blueprint's metadata.deadline)")

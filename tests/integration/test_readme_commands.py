@@ -206,6 +206,10 @@ def test_readme_bash_blocks_run_as_written(shell: Shell) -> None:
             assert "payment service unavailable" in out and "Traceback (most recent call last)" in out, out
             assert _json_lines(out)[-1]["status"] == "completed", out
             continue
+        if "examples/scheduled.py" in block:  # Production controls: a deadline missed, a run on time, a schedule
+            assert "late: failed: DeadlineExceeded" in out and '"status": "completed"' in out, out
+            assert re.search(r"^nightly +nightly-report +0 3 \* \* \* +Europe/Paris", out, re.MULTILINE), out
+            continue
         results = _json_lines(out)  # each client prints its WorkflowResult
         assert len(results) == block.count("_client.py"), (block, out)
         for result in results:
