@@ -178,6 +178,12 @@ class _Pool:
             with self.lock:
                 self.active -= 1
 
+    def handing(self, delta: int) -> None:
+        """A wave handed to the committer (+1) or settled (-1): its commit may enqueue more jobs,
+        so its thread counts as active until then."""
+        with self.lock:
+            self.active += delta
+
     def idle_done(self) -> bool:
         """A burst lane found the queue empty: done once no other lane is handling jobs (their
         commits may enqueue more); else it waits a moment and looks again."""
@@ -342,9 +348,11 @@ class DistributedAdapter(_Operations):
     def work(self, burst: bool = False, max_jobs: Optional[int] = None) -> int:
         """Process jobs until stopped (or, with `burst`, until the queue is empty); return how many.
 
-        With `threads` > 1, that many threads each fetch and handle jobs (each with its own queue
-        and store connections where the adapter's are not thread-safe: `_lane`). A `stop()` that
-        comes before `work()` starts is not lost: `work()` then returns at once."""
+        `threads` threads each fetch and handle jobs (each with its own queue and store connections
+        where the adapter's are not thread-safe: `_lane`), and hand the commit rounds of the jobs
+        they ran to committer threads (`worker_pool.Committer`) while they run their next ones;
+        with one thread and `burst`, this thread does it all. A `stop()` that comes before
+        `work()` starts is not lost: `work()` then returns at once."""
         try:
             return self._work(burst, max_jobs)
         finally:
@@ -352,7 +360,7 @@ class DistributedAdapter(_Operations):
 
     def _work(self, burst: bool, max_jobs: Optional[int]) -> int:
         pool = _Pool(JobBudget(max_jobs), self.threads)
-        if self.threads == 1:
+        if self.threads == 1 and burst:  # (a drain, a test: no committer thread to set up and tear down)
             self._pool = pool
             try:
                 self._serve(burst)
@@ -533,6 +541,9 @@ class DistributedAdapter(_Operations):
             self._batch_deadline = None
         self._settle_handoff()
         if wave.prepared:
+            pool = self._pool
+            assert pool is not None
+            pool.handing(+1)
             self._handoff = (committer.submit(wave), [p.delivery for p in wave.prepared])  # type: ignore[misc]  # a wave's jobs come with their deliveries
         if deferred:  # a segment cut short: its rest waits for this wave's commits
             self._settle_handoff()
@@ -548,7 +559,11 @@ class DistributedAdapter(_Operations):
         done, deliveries = handoff
         try:
             try:
-                done.wait()
+                try:
+                    done.wait()
+                finally:
+                    if self._pool is not None:
+                        self._pool.handing(-1)
             except _OUTAGES:
                 raise
             except Exception:
