@@ -56,7 +56,8 @@ from .runtime import (AWAITING_DETAILS_KEY, AWAITING_IDS_KEY, FlowRuntime, await
                       subflow_depth_error)
 from .serializer import check_json, check_values
 from .worker_context import StoreContext, WithDelta, WorkerEngine
-from .worker_pool import DEFAULT_FETCH_BUDGET, Committer, FetchPace, Handoff, JobBudget, committer_threads, outage_delays
+from .worker_pool import (DEFAULT_FETCH_BUDGET, HANDOFF_AFTER, Committer, FetchPace, Handoff, JobBudget, committer_threads,
+                          outage_delays)
 
 logger = logging.getLogger("flowcraft.distributed")
 
@@ -321,6 +322,7 @@ class DistributedAdapter(_Operations):
         self._committer: Optional[Committer] = None  # set on the lane that is the pool's committer
         # a worker thread's wave handed to the committer, with its deliveries, to acknowledge once done
         self._handoff: Optional[Tuple[Handoff, List[Delivery]]] = None
+        self._handing = False  # this worker thread hands its commit rounds to the committer now
         # while a fetched batch runs: past this (monotonic) time its jobs not started are given
         # back to the queue (`_prepare`), so that a batch that turned out slow goes to idle workers
         self._batch_deadline: Optional[float] = None
@@ -419,6 +421,7 @@ class DistributedAdapter(_Operations):
         lane._given_back = 0
         lane._committer = None
         lane._handoff = None
+        lane._handing = False
         lane.queue, lane.store = self._lane_ports(index)
         return lane
 
@@ -460,6 +463,7 @@ class DistributedAdapter(_Operations):
         delays: Optional[Iterator[float]] = None
         while not self._stop.is_set():
             size = self.pace.size()
+            self._handing = pool.committer is not None and self._slow_jobs()
             handed = self._handoff is not None
             self._hold(size + handed)  # the wave handed to the committer is not acknowledged yet
             want = budget.reserve(size)
@@ -480,12 +484,14 @@ class DistributedAdapter(_Operations):
                 with pool.working(), self._busy:
                     began = time.monotonic()
                     self._given_back = 0
-                    if pool.committer is not None:
-                        self._handle_handing_off(pool.committer, deliveries)
-                    elif len(deliveries) == 1:
-                        self.handle(deliveries[0])
+                    if self._handing:
+                        self._handle_handing_off(pool.committer, deliveries)  # type: ignore[arg-type]  # `_handing` says there is one
                     else:
-                        self._handle_fetched(deliveries)
+                        self._settle_handoff()  # (the jobs turned fast: this thread commits again)
+                        if len(deliveries) == 1:
+                            self.handle(deliveries[0])
+                        else:
+                            self._handle_fetched(deliveries)
                     self.pace.record(len(deliveries) - self._given_back, time.monotonic() - began)
                 delays = None
             except (ConnectionError, OSError) as error:
@@ -506,6 +512,13 @@ class DistributedAdapter(_Operations):
                 budget.settle(want, taken)
             if budget.spent:
                 break
+
+    def _slow_jobs(self) -> bool:
+        """Whether jobs take long enough (`HANDOFF_AFTER`, mean) to hand their commit rounds to the
+        committer: while they are fast, the thread commits itself (a commit may take its next
+        jobs in the same round trip), as a hand-off would only add the wake-ups of two threads."""
+        mean = self.pace.mean
+        return mean is not None and mean >= HANDOFF_AFTER
 
     def _handle_fetched(self, deliveries: Sequence[Delivery]) -> None:
         if not self.pace.fixed and hasattr(self.queue, "give_back"):

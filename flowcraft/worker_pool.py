@@ -16,6 +16,10 @@ import threading
 from typing import Any, Callable, Iterator, List, Optional, Sequence
 
 DEFAULT_FETCH_BUDGET = 0.02  # seconds of jobs one fetch may hold when they run one after the other
+# mean seconds a job takes from which its thread hands the commit round to a committer thread
+# (`Committer`) and runs its next job meanwhile: a commit round is a few round trips, about a
+# millisecond each here
+HANDOFF_AFTER = 0.005
 OUTAGE_DELAY_MIN = 0.05
 OUTAGE_DELAY_MAX = 1.0  # so a worker resumes within about a second of a service coming back
 
@@ -173,4 +177,4 @@ class Committer:
             self._cond.notify_all()
 
 
-__all__ = ["Committer", "committer_threads", "DEFAULT_FETCH_BUDGET", "FetchPace", "Handoff", "JobBudget", "OUTAGE_DELAY_MAX", "outage_delays"]
+__all__ = ["Committer", "committer_threads", "DEFAULT_FETCH_BUDGET", "HANDOFF_AFTER", "FetchPace", "Handoff", "JobBudget", "OUTAGE_DELAY_MAX", "outage_delays"]
