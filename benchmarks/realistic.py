@@ -5,9 +5,11 @@ Shapes (sizes from the command line; the defaults are the issue's):
 
 * ``fan_threads``: a 1 -> FAN -> 1 fan of nodes sleeping ``--fan-ms`` (50), one worker process with
   ``--threads`` (16) threads; wall time of one run (median of ``--repeat``), target <= 0.45 s
-  (ideal: 3 x 50 ms + 100 / 16 rounds of 50 ms = 0.31 s);
+  (at best: the start node, ceil(100 / 16) = 7 rounds of 50 ms, the join = 0.45 s: the target
+  leaves nothing for fetching and committing);
 * ``fan_procs``: the same fan on ``--procs`` (4) worker processes of 1 thread: wall time (target
-  <= 1.6 s, ideal 1.25 s) and each worker's share of the node executions (target 15-35 %);
+  <= 1.6 s, at best 50 ms + 25 rounds + 50 ms = 1.35 s) and each worker's share of the node
+  executions (target 15-35 %);
 * ``chains``: ``--runs`` (20) concurrent runs of a ``--chain`` (10)-node chain of nodes sleeping
   ``--chain-ms`` (20), one worker with ``--chain-threads`` (8) threads: node executions per second
   (target >= 0.8 x 8 x 1000 / 20 = 320).

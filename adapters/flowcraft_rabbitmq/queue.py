@@ -25,7 +25,8 @@ Messages are persistent (``delivery_mode=2``) and published with publisher confi
 transaction (`tx.commit-ok` comes once RabbitMQ has them all), their frames written in one `send`.
 Deliveries are acknowledged manually, after the commit (the core calls `ack`): the oldest ones
 acknowledged together as one `multiple` ack. A consumer holds up to `prefetch` deliveries
-(`DEFAULT_PREFETCH`); `fetch` returns what has arrived, without waiting for more once it has one.
+(`DEFAULT_PREFETCH`; the window is the channel's, a global `basic.qos`, so that `set_prefetch`
+changes it at once); `fetch` returns what has arrived, without waiting for more once it has one.
 Publishing and consuming use two connections
 (a `BlockingConnection` is not thread-safe, and a client thread may publish while the worker thread
 consumes), each behind its own lock. A dropped connection is re-opened with capped exponential
