@@ -14,7 +14,8 @@
   each measured batch.
 * CPU accounting per measurement (the machine is a shared 2-core VM): host busy cores from
   /proc/stat, this process, the worker processes, the services (by process name) and the rest.
-* The peers, copied to benchmarks/.peers/ (git-ignored) and installed there on first use.
+* The peers, copied from ../shared/peers (or ``BENCH_PEERS_DIR``) to benchmarks/.peers/ (git-ignored)
+  and installed there on first use (a venv from the Python peer's requirements.txt; ``npm install``).
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PEERS = os.path.join(HERE, ".peers")
-SHARED_PEERS = os.path.join(ROOT, "..", "shared", "peers")
+# The peers' sources: ../shared/peers beside the checkout, or BENCH_PEERS_DIR (a worktree elsewhere)
+SHARED_PEERS = os.environ.get("BENCH_PEERS_DIR") or os.path.join(ROOT, "..", "shared", "peers")
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"

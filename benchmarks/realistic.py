@@ -5,9 +5,11 @@ Shapes (sizes from the command line; the defaults are the issue's):
 
 * ``fan_threads``: a 1 -> FAN -> 1 fan of nodes sleeping ``--fan-ms`` (50), one worker process with
   ``--threads`` (16) threads; wall time of one run (median of ``--repeat``), target <= 0.45 s
-  (ideal: 3 x 50 ms + 100 / 16 rounds of 50 ms = 0.31 s);
+  (at best: the start node, ceil(100 / 16) = 7 rounds of 50 ms, the join = 0.45 s: the target
+  leaves nothing for fetching and committing);
 * ``fan_procs``: the same fan on ``--procs`` (4) worker processes of 1 thread: wall time (target
-  <= 1.6 s, ideal 1.25 s) and each worker's share of the node executions (target 15-35 %);
+  <= 1.6 s, at best 50 ms + 25 rounds + 50 ms = 1.35 s) and each worker's share of the node
+  executions (target 15-35 %);
 * ``chains``: ``--runs`` (20) concurrent runs of a ``--chain`` (10)-node chain of nodes sleeping
   ``--chain-ms`` (20), one worker with ``--chain-threads`` (8) threads: node executions per second
   (target >= 0.8 x 8 x 1000 / 20 = 320).
@@ -21,6 +23,15 @@ Peers, each measured in the same invocation on the same shapes: Celery 5.7 on Re
 `realistic_celery.py`, run with the Python peer's venv) and Flowcraft TS on BullMQ with its worker
 concurrency raised through BullMQ's ``Worker.concurrency`` setter (`realistic_bullmq.mjs`, run in
 the TS peer's directory). ``--no-peer`` skips them. Prints JSON lines on stdout, a table on stderr.
+
+Peer setup (automatic, on first use): the peers' sources are copied from ``../shared/peers`` beside
+the checkout (a git worktree elsewhere: set ``BENCH_PEERS_DIR=/path/to/shared/peers``) into
+benchmarks/.peers/ (git-ignored); the Python peer gets ``benchmarks/.peers/py/.venv`` (``python -m
+venv`` + ``pip install -r requirements.txt``: Celery 5.7.0, RQ, redis, pika, psycopg2), the TS peer
+``npm install`` (Node 20; flowcraft 2.10.1, @flowcraft/bullmq-adapter 1.7.1, bullmq). Either may be
+given ready-made instead: ``--py-peer-python /path/to/venv/bin/python`` (a python with celery 5.7),
+``--ts-peer-dir DIR`` (a copy of the TS peer with its node_modules). ``--shapes`` measures some
+shapes only (of ours; the peers measure all).
 """
 from __future__ import annotations
 
@@ -106,6 +117,7 @@ def measure_ours(backend: str, args: argparse.Namespace, tag: str, out: C.Output
     runtime = S.make_runtime(flows)
     lines = []
     plans = [("fan_threads", 1, args.threads), ("fan_procs", args.procs, 1), ("chains", 1, args.chain_threads)]
+    plans = [plan for plan in plans if plan[0] in args.shape_list]
     for shape, procs, threads in plans:
         conf = S.backend_conf(backend, f"{tag}{shape[:2]}", flows, {"threads": threads} if threads > 1 else {})
         S.prepare(conf)
@@ -231,6 +243,7 @@ def run_bullmq(args: argparse.Namespace) -> Dict[str, Any]:
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backends", default="redis,rabbitmq", help="comma-separated: redis, rabbitmq")
+    p.add_argument("--shapes", default=",".join(TARGETS), help="comma-separated: " + ", ".join(TARGETS))
     p.add_argument("--fan", type=int, default=100)
     p.add_argument("--fan-ms", type=float, default=50.0)
     p.add_argument("--threads", type=int, default=16, help="threads of the one worker on the fan")
@@ -250,6 +263,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args.backend_list = [b for b in args.backends.split(",") if b]
     if not set(args.backend_list) <= {"redis", "rabbitmq"}:
         p.error(f"unknown backends in {args.backends!r}")
+    args.shape_list = [s for s in args.shapes.split(",") if s]
+    if not set(args.shape_list) <= set(TARGETS):
+        p.error(f"unknown shapes in {args.shapes!r}")
     return args
 
 

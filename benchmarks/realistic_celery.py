@@ -106,10 +106,14 @@ def measure(args: argparse.Namespace) -> dict:
             for _ in range(2 * count):  # every worker up
                 nap.delay(0, 0).get(timeout=120)
             if shape == "chains":
-                flow = chain(nap_add.s(0, args.chain_ms), *[nap_add.s(args.chain_ms) for _ in range(args.chain - 1)])
-                flow.apply_async().get(timeout=args.timeout)  # warm-up
+                # a new chain per run: applying one chain object again reuses its frozen task ids,
+                # whose results the backend already holds
+                def flow() -> chain:
+                    return chain(nap_add.s(0, args.chain_ms), *[nap_add.s(args.chain_ms) for _ in range(args.chain - 1)])
+
+                flow().apply_async().get(timeout=args.timeout)  # warm-up
                 started = time.perf_counter()
-                pending = [flow.apply_async() for _ in range(args.runs)]
+                pending = [flow().apply_async() for _ in range(args.runs)]
                 values = [p.get(timeout=args.timeout) for p in pending]
                 wall = time.perf_counter() - started
                 if values != [args.chain] * args.runs:

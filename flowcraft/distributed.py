@@ -57,11 +57,13 @@ from .runtime import (AWAITING_DETAILS_KEY, AWAITING_IDS_KEY, FlowRuntime, await
                       subflow_depth_error)
 from .serializer import check_json, check_values
 from .worker_context import StoreContext, WithDelta, WorkerEngine
-from .worker_pool import DEFAULT_FETCH_BUDGET, FetchPace, JobBudget, outage_delays
+from .worker_pool import (DEFAULT_FETCH_BUDGET, HANDOFF_AFTER, Committer, FetchPace, Handoff, JobBudget, committer_threads,
+                          outage_delays)
 
 logger = logging.getLogger("flowcraft.distributed")
 
 _MAX_CONFLICTS = 1000
+_HANDOFF_IDLE = 0.02  # seconds a thread waits for jobs before acknowledging its committed wave
 GIVE_BACK_AFTER = 4  # fetch budgets: a batch still running its jobs after that gives the rest back
 CLOCK_SKEW = 300.0  # seconds: a job's `firstSeen` further in the future than this is taken as now
 _MAX_REASON = 2000  # characters of a failure reason kept in a dead letter or a run's errors
@@ -147,6 +149,15 @@ def _traced(jobs: List[Job], traceparent: Optional[str]) -> List[Job]:
     return [j.with_(extra={**j.extra, TRACEPARENT: traceparent}) for j in jobs]
 
 
+@attrs.define
+class _Wave:
+    """A wave's node executions, executed: what its commit round (`_finish_wave`) has to do."""
+
+    prepared: List[_Prepared]
+    chains: List[List[Tuple[_Prepared, Commit]]]
+    late: List[_Prepared]  # executed; each commit is derived again once its segment's is in
+
+
 class _Pool:
     """What the threads (lanes) of one `work()` share."""
 
@@ -157,6 +168,7 @@ class _Pool:
         self.active = 0  # lanes handling jobs right now
         self.error: Optional[BaseException] = None
         self.recovered_at = float("-inf")  # when a lane last ran `after_outage`
+        self.committer: Optional[Committer] = None  # threads > 1: the commit rounds of their waves
 
     @contextlib.contextmanager
     def working(self) -> Iterator[None]:
@@ -167,6 +179,12 @@ class _Pool:
         finally:
             with self.lock:
                 self.active -= 1
+
+    def handing(self, delta: int) -> None:
+        """A wave handed to the committer (+1) or settled (-1): its commit may enqueue more jobs,
+        so its thread counts as active until then."""
+        with self.lock:
+            self.active += delta
 
     def idle_done(self) -> bool:
         """A burst lane found the queue empty: done once no other lane is handling jobs (their
@@ -307,6 +325,10 @@ class DistributedAdapter(_Operations):
         self._lanes: List[DistributedAdapter] = []  # the threads of a running `work(threads > 1)`
         self._conflicts = 0
         self._pool: Optional[_Pool] = None  # what the lanes of a running `work()` share
+        self._committer: Optional[Committer] = None  # set on the lane that is the pool's committer
+        # a worker thread's wave handed to the committer, with its deliveries, to acknowledge once done
+        self._handoff: Optional[Tuple[Handoff, List[Delivery]]] = None
+        self._handing = False  # this worker thread hands its commit rounds to the committer now
         # while a fetched batch runs: past this (monotonic) time its jobs not started are given
         # back to the queue (`_prepare`), so that a batch that turned out slow goes to idle workers
         self._batch_deadline: Optional[float] = None
@@ -334,9 +356,11 @@ class DistributedAdapter(_Operations):
     def work(self, burst: bool = False, max_jobs: Optional[int] = None) -> int:
         """Process jobs until stopped (or, with `burst`, until the queue is empty); return how many.
 
-        With `threads` > 1, that many threads each fetch and handle jobs (each with its own queue
-        and store connections where the adapter's are not thread-safe: `_lane`). A `stop()` that
-        comes before `work()` starts is not lost: `work()` then returns at once."""
+        `threads` threads each fetch and handle jobs (each with its own queue and store connections
+        where the adapter's are not thread-safe: `_lane`), and hand the commit rounds of the jobs
+        they ran to committer threads (`worker_pool.Committer`) while they run their next ones;
+        with one thread and `burst`, this thread does it all. A `stop()` that comes before
+        `work()` starts is not lost: `work()` then returns at once."""
         try:
             return self._work(burst, max_jobs)
         finally:
@@ -344,7 +368,7 @@ class DistributedAdapter(_Operations):
 
     def _work(self, burst: bool, max_jobs: Optional[int]) -> int:
         pool = _Pool(JobBudget(max_jobs), self.threads)
-        if self.threads == 1:
+        if self.threads == 1 and burst:  # (a drain, a test: no committer thread to set up and tear down)
             self._pool = pool
             try:
                 self._serve(burst)
@@ -352,15 +376,26 @@ class DistributedAdapter(_Operations):
                 self._pool = None
             return pool.budget.processed
         lanes = [self._lane(i) for i in range(self.threads)]
+        # the commit rounds of the threads' waves, in threads (with connections) of their own
+        pool.committer = Committer()
+        committers = [self._lane(self.threads + i) for i in range(committer_threads(self.threads))]
+        for committer in committers:
+            committer._committer = pool.committer
+        lanes += committers
         for lane in lanes:
             lane._pool = pool
         self._lanes = lanes
         threads = [threading.Thread(target=lane._lane_main, args=(burst,), name=f"flowcraft-worker-{i}", daemon=True)
-                   for i, lane in enumerate(lanes)]
+                   for i, lane in enumerate(lanes[:self.threads])]
+        committing = [threading.Thread(target=lane._lane_main, args=(burst,), name=f"flowcraft-committer-{i}", daemon=True)
+                      for i, lane in enumerate(committers)]
         try:
-            for thread in threads:
+            for thread in committing + threads:
                 thread.start()
             for thread in threads:
+                thread.join()
+            pool.committer.close()
+            for thread in committing:
                 thread.join()
         except BaseException:
             # this thread was interrupted (a forced stop): leave at once; the lanes are daemon
@@ -390,6 +425,9 @@ class DistributedAdapter(_Operations):
         lane._busy = threading.Lock()
         lane._batch_deadline = None
         lane._given_back = 0
+        lane._committer = None
+        lane._handoff = None
+        lane._handing = False
         lane.queue, lane.store = self._lane_ports(index)
         return lane
 
@@ -418,38 +456,52 @@ class DistributedAdapter(_Operations):
     def _loop(self, burst: bool) -> None:
         pool = self._pool
         assert pool is not None
+        if self._committer is not None:
+            self._committer.serve(self._finish_waves)
+            return
+        try:
+            self._fetch_loop(pool, burst)
+        finally:
+            self._settle_handoff(quiet=True)
+
+    def _fetch_loop(self, pool: "_Pool", burst: bool) -> None:
         budget = pool.budget
         delays: Optional[Iterator[float]] = None
         while not self._stop.is_set():
             size = self.pace.size()
-            self._hold(size)
+            self._handing = pool.committer is not None and self._slow_jobs()
+            handed = self._handoff is not None
+            self._hold(size + handed)  # the wave handed to the committer is not acknowledged yet
             want = budget.reserve(size)
             if want <= 0:
                 break
             taken = 0
             try:
-                deliveries = self.queue.fetch(want, timeout=0.0 if burst else self.poll_timeout)
+                wait = 0.0 if burst else min(self.poll_timeout, _HANDOFF_IDLE) if handed else self.poll_timeout
+                deliveries = self.queue.fetch(want, timeout=wait)
                 taken = len(deliveries)
                 if not deliveries:
-                    if burst and pool.idle_done():
+                    if handed:
+                        self._settle_handoff()
+                    elif burst and pool.idle_done():
                         break
                     delays = None
                     continue
                 with pool.working(), self._busy:
                     began = time.monotonic()
                     self._given_back = 0
-                    if len(deliveries) == 1:
-                        self.handle(deliveries[0])
+                    if self._handing:
+                        self._handle_handing_off(pool.committer, deliveries)  # type: ignore[arg-type]  # `_handing` says there is one
                     else:
-                        if not self.pace.fixed and hasattr(self.queue, "give_back"):
-                            self._batch_deadline = began + max(GIVE_BACK_AFTER * self.pace.budget, 0.05)
-                        try:
-                            self._handle_batch_guarded(deliveries)
-                        finally:
-                            self._batch_deadline = None
+                        self._settle_handoff()  # (the jobs turned fast: this thread commits again)
+                        if len(deliveries) == 1:
+                            self.handle(deliveries[0])
+                        else:
+                            self._handle_fetched(deliveries)
                     self.pace.record(len(deliveries) - self._given_back, time.monotonic() - began)
                 delays = None
             except (ConnectionError, OSError) as error:
+                self._settle_handoff(quiet=True)
                 # a service is down: the unacknowledged jobs come back; wait (at most about a
                 # second, jittered, however long the outage) and go on
                 failed_at = time.monotonic()
@@ -466,6 +518,84 @@ class DistributedAdapter(_Operations):
                 budget.settle(want, taken)
             if budget.spent:
                 break
+
+    def _slow_jobs(self) -> bool:
+        """Whether jobs take long enough (`HANDOFF_AFTER`, mean) to hand their commit rounds to the
+        committer: while they are fast, the thread commits itself (a commit may take its next
+        jobs in the same round trip), as a hand-off would only add the wake-ups of two threads."""
+        mean = self.pace.mean
+        return mean is not None and mean >= HANDOFF_AFTER
+
+    def _handle_fetched(self, deliveries: Sequence[Delivery]) -> None:
+        if not self.pace.fixed and hasattr(self.queue, "give_back"):
+            self._batch_deadline = time.monotonic() + max(GIVE_BACK_AFTER * self.pace.budget, 0.05)
+        try:
+            self._handle_batch_guarded(deliveries)
+        finally:
+            self._batch_deadline = None
+
+    def _handle_handing_off(self, committer: Committer, deliveries: Sequence[Delivery]) -> None:
+        """Run the node code of a batch of one wave, then hand its commit round to the committer
+        (once the one handed in before is done and acknowledged) and return: the thread fetches
+        its next jobs while the committer commits. A batch of several waves is handled here, each
+        wave seeing the commits of those before."""
+        segments, later = batching.first_wave(deliveries)
+        if later:
+            self._settle_handoff()
+            self._handle_fetched(deliveries)
+            return
+        if len(deliveries) > 1 and not self.pace.fixed and hasattr(self.queue, "give_back"):
+            self._batch_deadline = time.monotonic() + max(GIVE_BACK_AFTER * self.pace.budget, 0.05)
+        try:
+            wave, deferred = self._run_wave(segments)
+        except _OUTAGES:
+            raise
+        except Exception:
+            logger.exception("worker: a batch of %d deliveries failed; handling them one by one", len(deliveries))
+            self._settle_handoff()
+            for delivery in deliveries:
+                self.handle(delivery)
+            return
+        finally:
+            self._batch_deadline = None
+        self._settle_handoff()
+        if wave.prepared:
+            pool = self._pool
+            assert pool is not None
+            pool.handing(+1)
+            self._handoff = (committer.submit(wave), [p.delivery for p in wave.prepared])  # type: ignore[misc]  # a wave's jobs come with their deliveries
+        if deferred:  # a segment cut short: its rest waits for this wave's commits
+            self._settle_handoff()
+            self._handle_fetched(deferred)
+
+    def _settle_handoff(self, quiet: bool = False) -> None:
+        """Wait for the wave handed to the committer and acknowledge its deliveries; a bug in its
+        commit round: handle them again one by one (those done are found done). `quiet` (the loop
+        ends, or an outage): an outage is logged, the deliveries come back unacknowledged."""
+        handoff, self._handoff = self._handoff, None
+        if handoff is None:
+            return
+        done, deliveries = handoff
+        try:
+            try:
+                try:
+                    done.wait()
+                finally:
+                    if self._pool is not None:
+                        self._pool.handing(-1)
+            except _OUTAGES:
+                raise
+            except Exception:
+                logger.exception("worker: committing a wave of %d deliveries failed; handling them one by one",
+                                 len(deliveries))
+                for delivery in deliveries:
+                    self.handle(delivery)
+                return
+            self._ack_quietly(deliveries)
+        except (ConnectionError, OSError) as error:
+            if not quiet:
+                raise
+            logger.warning("worker: %s; %d deliveries come back unacknowledged", error, len(deliveries))
 
     def _give_back(self, delivery: Delivery) -> None:
         """Hand a fetched delivery back to the queue unstarted (`JobQueue.give_back`, optional)."""
@@ -525,6 +655,14 @@ class DistributedAdapter(_Operations):
 
     def _handle_wave(self, segments: List[List[Delivery]]) -> List[Delivery]:
         """One load, node code, one commit round, acks; returns the deliveries left for the next wave."""
+        wave, deferred = self._run_wave(segments)
+        self._finish_wave(wave)
+        self._ack_quietly([p.delivery for p in wave.prepared])  # type: ignore[misc]  # a wave's jobs come with their deliveries
+        return deferred
+
+    def _run_wave(self, segments: List[List[Delivery]]) -> Tuple["_Wave", List[Delivery]]:
+        """One load and the node code of a wave: what is left to commit, and the deliveries left
+        for the next wave."""
         resolved = [items for segment in segments
                     for items in [[(d, r) for d in segment for r in [self._guarded(d, self._resolve, d)] if r is not None]]
                     if items]
@@ -558,6 +696,16 @@ class DistributedAdapter(_Operations):
             if chain:
                 chains.append(chain)
         self._local.wave_items = {}  # read before these commits: a commit derived again reads the store
+        return _Wave(prepared, chains, late), deferred
+
+    def _finish_waves(self, waves: Sequence["_Wave"]) -> None:
+        """The commit rounds of waves of several worker threads as one (the `Committer`'s)."""
+        self._finish_wave(_Wave([p for w in waves for p in w.prepared], [c for w in waves for c in w.chains],
+                                [p for w in waves for p in w.late]))
+
+    def _finish_wave(self, wave: "_Wave") -> None:
+        """A wave's commit round: commit, events, publish; the caller acknowledges its deliveries."""
+        prepared, chains, late = wave.prepared, wave.chains, wave.late
         applied = self._commit_wave(chains)
         for chain, (ok, merged) in zip(chains, applied):
             for p, c in chain:
@@ -584,11 +732,9 @@ class DistributedAdapter(_Operations):
         for _ in prepared:
             self._fault("after_publish")
             self._fault("before_ack")
-        self._ack_quietly([p.delivery for p in prepared])  # type: ignore[misc]  # a wave's jobs come with their deliveries
         self._report_failed_runs(prepared)
         if self.runtime.event_bus is not None:
             self._emit_all([job_event("job:processed", p.job) for p in prepared])
-        return deferred
 
     # Each step of a wave that touches the store for several runs at once falls back, when it
     # fails other than by an outage, to one run at a time: the run at fault fails (or its

@@ -1,6 +1,6 @@
 """What the threads of one worker share: how many jobs to take per fetch (`FetchPace`), how many
-jobs the worker may still take (`JobBudget`), and the delays between retries after an outage
-(`outage_delays`).
+jobs the worker may still take (`JobBudget`), the delays between retries after an outage
+(`outage_delays`), and the thread that commits for them all (`Committer`).
 
 A worker holds only what it can start soon (SPEC section 10). `FetchPace` sizes each fetch from
 the recent mean time a job took in this worker: while jobs are fast (a no-op node costs well under
@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import random
 import threading
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, List, Optional, Sequence
 
 DEFAULT_FETCH_BUDGET = 0.02  # seconds of jobs one fetch may hold when they run one after the other
+# mean seconds a job takes from which its thread hands the commit round to a committer thread
+# (`Committer`) and runs its next job meanwhile: a commit round is a few round trips, about a
+# millisecond each here
+HANDOFF_AFTER = 0.005
 OUTAGE_DELAY_MIN = 0.05
 OUTAGE_DELAY_MAX = 1.0  # so a worker resumes within about a second of a service coming back
 
@@ -103,4 +107,74 @@ def outage_delays(rng: Optional[random.Random] = None) -> Iterator[float]:
         delay = min(delay * 2, OUTAGE_DELAY_MAX)
 
 
-__all__ = ["DEFAULT_FETCH_BUDGET", "FetchPace", "JobBudget", "OUTAGE_DELAY_MAX", "outage_delays"]
+class Handoff:
+    """One worker thread's executed wave, handed to the `Committer`."""
+
+    __slots__ = ("work", "done", "error")
+
+    def __init__(self, work: Any) -> None:
+        self.work = work
+        self.done = threading.Event()
+        self.error: Optional[BaseException] = None
+
+    def wait(self) -> None:
+        """Until the committer finished it; re-raises what finishing it raised."""
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+
+
+def committer_threads(threads: int) -> int:
+    """Committer threads for `threads` worker threads: one per four (each commit round is a few
+    round trips; rounds of different committers run at once, on connections of their own)."""
+    return max(1, (threads + 3) // 4)
+
+
+class Committer:
+    """The commit rounds of the worker threads' executed waves, in threads of their own (`serve`):
+    each round takes every wave handed in meanwhile and finishes them together (one store commit,
+    one publish for the node executions of several threads), while those threads already run
+    their next jobs. A thread hands in one wave at a time and waits for it (`Handoff.wait`)
+    before it hands in the next, so the round trips of a commit overlap a node's execution
+    instead of adding to it."""
+
+    def __init__(self) -> None:
+        self._pending: List[Handoff] = []
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def submit(self, work: Any) -> Handoff:
+        handoff = Handoff(work)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the committer is closed")
+            self._pending.append(handoff)
+            self._cond.notify()
+        return handoff
+
+    def serve(self, finish: Callable[[Sequence[Any]], None]) -> None:
+        """Finish what is handed in with `finish` (the waves pending, at once), until `close()`
+        (then what is still pending, and return). Several threads may serve at once."""
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                batch, self._pending = self._pending, []
+                if not batch:
+                    return
+            error: Optional[BaseException] = None
+            try:
+                finish([h.work for h in batch])
+            except BaseException as raised:  # each thread that handed one in deals with it
+                error = raised
+            for handoff in batch:
+                handoff.error = error
+                handoff.done.set()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+__all__ = ["Committer", "committer_threads", "DEFAULT_FETCH_BUDGET", "HANDOFF_AFTER", "FetchPace", "Handoff", "JobBudget", "OUTAGE_DELAY_MAX", "outage_delays"]

@@ -9,7 +9,7 @@ import pytest
 
 from flowcraft import FlowRuntime, create_flow
 from flowcraft.testing import InMemoryAdapter
-from flowcraft.worker_pool import OUTAGE_DELAY_MAX, FetchPace, JobBudget, outage_delays
+from flowcraft.worker_pool import HANDOFF_AFTER, OUTAGE_DELAY_MAX, Committer, FetchPace, JobBudget, outage_delays
 
 
 def fan_flow(name: str, width: int, body: Any) -> Any:
@@ -290,3 +290,87 @@ def test_a_batch_that_turns_out_slow_gives_its_unstarted_jobs_back() -> None:
     assert result.context == slow.run(runtime_of(fan_flow("slowbatch", 8, lambda ctx: 1))).context
     assert given, "the slow batch kept all its jobs"
     assert adapter.pace.size() == 1
+
+
+# --- commit rounds handed to the committer ----------------------------------------------------------
+
+
+def _committing_threads(adapter: InMemoryAdapter) -> List[str]:
+    """Record the name of the thread of every commit round of `adapter`'s store."""
+    names: List[str] = []
+    commit, commit_many = adapter.store.commit, adapter.store.commit_many
+
+    def recorded(method: Any) -> Any:
+        def call(commits: Any) -> Any:
+            names.append(threading.current_thread().name)
+            return method(commits)
+        return call
+
+    adapter.store.commit = recorded(commit)  # type: ignore[method-assign]
+    adapter.store.commit_many = recorded(commit_many)  # type: ignore[method-assign]
+    return names
+
+
+def test_slow_jobs_have_their_commits_made_by_the_committer_and_end_as_in_memory() -> None:
+    import time as _time
+
+    nap = HANDOFF_AFTER * 2
+    fan = fan_flow("handfan", 12, lambda ctx: _time.sleep(nap) or (ctx.input or 0) + 1)
+    chain = create_flow("handchain")
+    for i in range(5):
+        chain.node(f"n{i}", lambda ctx: _time.sleep(nap) or (ctx.input or 0) + 1)
+        if i:
+            chain.edge(f"n{i - 1}", f"n{i}")
+    runtime = runtime_of(fan, chain)
+    adapter = InMemoryAdapter(runtime, threads=4, duplicate_rate=0.2, seed=7)
+    names = _committing_threads(adapter)
+    runs = [adapter.start_workflow("handfan") for _ in range(2)] + [adapter.start_workflow("handchain") for _ in range(4)]
+    adapter.work(burst=True)
+    expected = {"handfan": fan.run(runtime_of(fan)).context, "handchain": chain.run(runtime_of(chain)).context}
+    for run_id in runs:
+        result = adapter.wait_for_result(run_id, timeout=5)
+        assert result.status == "completed", result.errors
+        assert result.context == expected[adapter.store.get_record(run_id).blueprint_id]
+        assert all(s["st"] == "done" for s in adapter.store.read_all_states(run_id).values())
+    assert any(n.startswith("flowcraft-committer-") for n in names), names
+    assert_effectively_once_per_node(adapter)
+
+
+def assert_effectively_once_per_node(adapter: InMemoryAdapter) -> None:
+    counts = adapter.store.completions
+    assert counts and all(n == 1 for n in counts.values()), {k: n for k, n in counts.items() if n != 1}
+
+
+def test_threads_hand_off_their_commits_only_once_jobs_are_slow() -> None:
+    adapter = InMemoryAdapter(runtime_of(fan_flow("pace", 1, lambda ctx: 1)), threads=2)
+    assert not adapter._slow_jobs()  # nothing measured yet: the thread commits itself
+    adapter.pace.record(20, 20 * HANDOFF_AFTER / 10)  # no-op jobs: a hand-off would only add wake-ups
+    assert not adapter._slow_jobs()
+    adapter.pace.record(1, HANDOFF_AFTER * 4)
+    adapter.pace.record(1, HANDOFF_AFTER * 4)
+    assert adapter._slow_jobs()
+
+
+def test_a_committer_finishes_every_wave_handed_in_and_reports_errors_to_each() -> None:
+    committer = Committer()
+    rounds: List[List[Any]] = []
+
+    def finish(waves: Any) -> None:
+        rounds.append(list(waves))
+        if "bad" in waves:
+            raise ValueError("bad wave")
+
+    first, second = committer.submit("a"), committer.submit("b")  # pending together: one round
+    server = threading.Thread(target=committer.serve, args=(finish,))
+    server.start()
+    first.wait()
+    second.wait()
+    assert rounds == [["a", "b"]]
+    bad = committer.submit("bad")
+    with pytest.raises(ValueError, match="bad wave"):
+        bad.wait()
+    committer.close()
+    server.join(5)
+    assert not server.is_alive()
+    with pytest.raises(RuntimeError, match="closed"):
+        committer.submit("late")

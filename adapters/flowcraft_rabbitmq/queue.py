@@ -25,7 +25,8 @@ Messages are persistent (``delivery_mode=2``) and published with publisher confi
 transaction (`tx.commit-ok` comes once RabbitMQ has them all), their frames written in one `send`.
 Deliveries are acknowledged manually, after the commit (the core calls `ack`): the oldest ones
 acknowledged together as one `multiple` ack. A consumer holds up to `prefetch` deliveries
-(`DEFAULT_PREFETCH`); `fetch` returns what has arrived, without waiting for more once it has one.
+(`DEFAULT_PREFETCH`; the window is the channel's, a global `basic.qos`, so that `set_prefetch`
+changes it at once); `fetch` returns what has arrived, without waiting for more once it has one.
 Publishing and consuming use two connections
 (a `BlockingConnection` is not thread-safe, and a client thread may publish while the worker thread
 consumes), each behind its own lock. A dropped connection is re-opened with capped exponential
@@ -205,7 +206,9 @@ class RabbitMqQueue:
 
     def set_prefetch(self, count: int) -> None:
         """Hold at most `count` unacknowledged deliveries from now on (`basic.qos` on the consumer
-        channel when it changes; deliveries already held stay held until acknowledged)."""
+        channel when it changes; deliveries already held stay held until acknowledged). The limit
+        is the channel's (``global``: its one consumer's): RabbitMQ applies a per-consumer
+        ``basic.qos`` to consumers started after it only, so the window would stay as it was."""
         count = max(1, int(count))
         if count == self.prefetch:
             return
@@ -216,7 +219,7 @@ class RabbitMqQueue:
             if channel is None or not channel.is_open:
                 return  # the next channel is set up with it
             try:
-                channel.basic_qos(prefetch_count=count)
+                channel.basic_qos(prefetch_count=count, global_qos=True)
             except _AMQP_ERRORS as error:
                 logger.warning("basic.qos failed (%r): reconnecting", error)
                 link.drop()
@@ -240,7 +243,7 @@ class RabbitMqQueue:
 
     def _setup_consumer(self, channel: Any) -> None:
         self._declare(channel)
-        channel.basic_qos(prefetch_count=self.prefetch)
+        channel.basic_qos(prefetch_count=self.prefetch, global_qos=True)
         generation = self._consumer.generation
         self._buffer.clear()  # deliveries of a closed channel come back by themselves
         self._unacked.clear()

@@ -56,6 +56,11 @@ class RedisAdapter(DistributedAdapter):
 
     def _hold(self, size: int) -> None:
         pool = self._pool
+        if self._handing:
+            # the commits are a committer thread's: jobs they took would wait in the stash while
+            # the worker threads block on the ready list, which a commit's push wakes at once
+            self.queue.prefetch = 0
+            return
         left = pool.budget.left if pool is not None else None
         self.queue.prefetch = size if left is None else max(0, min(size, left))
 

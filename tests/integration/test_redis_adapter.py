@@ -625,17 +625,27 @@ def worker_main(redis_url: str, prefix: str, queue_name: str) -> None:
     runtime.add_blueprint(flow)
     adapter = RedisAdapter(runtime, client, queue_name=queue_name, prefix=prefix, heartbeat_ttl=1.0,
                            recover_interval=0.3, poll_timeout=0.2)
-    store, commit = adapter.store, adapter.store.commit
+    store, commit, commit_many = adapter.store, adapter.store.commit, adapter.store.commit_many
 
-    def counted(c: Any) -> bool:  # count committed completions (a kill right after may lose a count, never add one)
+    def note(c: Any) -> None:  # count committed completions (a kill right after may lose a count, never add one)
+        for node_id, state in c.states.items():
+            if state.get("st") == "done":
+                client.incr(f"{prefix}commits:{c.run_id}:{node_id}:{state.get('it', 0)}")
+
+    def counted(c: Any) -> bool:
         applied = commit(c)
         if applied:
-            for node_id, state in c.states.items():
-                if state.get("st") == "done":
-                    client.incr(f"{prefix}commits:{c.run_id}:{node_id}:{state.get('it', 0)}")
+            note(c)
         return applied
 
-    store.commit = counted
+    def counted_many(commits: Any) -> List[bool]:  # a wave's, or a committer thread's round
+        applied = commit_many(commits)
+        for c, ok in zip(commits, applied):
+            if ok:
+                note(c)
+        return applied
+
+    store.commit, store.commit_many = counted, counted_many
     adapter.work()
 
 
