@@ -169,6 +169,9 @@ class _Pool:
         self.error: Optional[BaseException] = None
         self.recovered_at = float("-inf")  # when a lane last ran `after_outage`
         self.committer: Optional[Committer] = None  # threads > 1: the commit rounds of their waves
+        # the lanes' stop request: never cleared, so lanes left behind by a forced stop (an
+        # exception in the calling thread) still stop once their jobs in hand are done
+        self.stop = threading.Event()
 
     @contextlib.contextmanager
     def working(self) -> Iterator[None]:
@@ -179,6 +182,13 @@ class _Pool:
         finally:
             with self.lock:
                 self.active -= 1
+
+    def fail(self, error: BaseException) -> None:
+        """A lane died of `error`: every lane stops, and `work()` raises the first such error."""
+        with self.lock:
+            if self.error is None:
+                self.error = error
+        self.stop.set()
 
     def handing(self, delta: int) -> None:
         """A wave handed to the committer (+1) or settled (-1): its commit may enqueue more jobs,
@@ -325,6 +335,7 @@ class DistributedAdapter(_Operations):
         self._lanes: List[DistributedAdapter] = []  # the threads of a running `work(threads > 1)`
         self._conflicts = 0
         self._pool: Optional[_Pool] = None  # what the lanes of a running `work()` share
+        self._running: Optional[_Pool] = None  # on the adapter whose `work()` runs lanes: their pool
         self._committer: Optional[Committer] = None  # set on the lane that is the pool's committer
         # a worker thread's wave handed to the committer, with its deliveries, to acknowledge once done
         self._handoff: Optional[Tuple[Handoff, List[Delivery]]] = None
@@ -359,7 +370,7 @@ class DistributedAdapter(_Operations):
         `threads` threads each fetch and handle jobs (each with its own queue and store connections
         where the adapter's are not thread-safe: `_lane`), and hand the commit rounds of the jobs
         they ran to committer threads (`worker_pool.Committer`) while they run their next ones;
-        with one thread and `burst`, this thread does it all. A `stop()` that comes before
+        the first of them is this thread (with one thread and `burst`, it does it all). A `stop()` that comes before
         `work()` starts is not lost: `work()` then returns at once."""
         try:
             return self._work(burst, max_jobs)
@@ -384,14 +395,24 @@ class DistributedAdapter(_Operations):
         lanes += committers
         for lane in lanes:
             lane._pool = pool
+            lane._stop = pool.stop
         self._lanes = lanes
+        self._running = pool
+        if self._stop.is_set():  # (`stop()` sets both once `_running` is set: neither order loses it)
+            pool.stop.set()
+        # the first lane runs in this thread: node code that signals this process (or is
+        # interrupted by a signal) runs where the signal's handler does, as with one thread
         threads = [threading.Thread(target=lane._lane_main, args=(burst,), name=f"flowcraft-worker-{i}", daemon=True)
-                   for i, lane in enumerate(lanes[:self.threads])]
+                   for i, lane in enumerate(lanes[1:self.threads], start=1)]
         committing = [threading.Thread(target=lane._lane_main, args=(burst,), name=f"flowcraft-committer-{i}", daemon=True)
                       for i, lane in enumerate(committers)]
         try:
             for thread in committing + threads:
                 thread.start()
+            try:
+                lanes[0]._serve(burst)
+            except Exception as error:  # a bug: the other lanes stop too (and `work` raises it)
+                pool.fail(error)
             for thread in threads:
                 thread.join()
             pool.committer.close()
@@ -400,8 +421,10 @@ class DistributedAdapter(_Operations):
         except BaseException:
             # this thread was interrupted (a forced stop): leave at once; the lanes are daemon
             # threads, and the jobs in their hands are delivered again
-            self._stop.set()
+            pool.stop.set()
             raise
+        finally:
+            self._running = None
         self._conflicts += sum(lane._conflicts for lane in lanes)
         self._lanes = []
         for lane in lanes:
@@ -420,6 +443,7 @@ class DistributedAdapter(_Operations):
         not thread-safe give it connections of its own (see `_lane_ports`)."""
         lane = copy.copy(self)
         lane._lanes = []
+        lane._running = None
         lane._conflicts = 0
         lane._thread = None
         lane._busy = threading.Lock()
@@ -444,10 +468,7 @@ class DistributedAdapter(_Operations):
         try:
             self._serve(burst)
         except BaseException as error:  # a bug or a simulated crash: the worker stops (and `work` raises it)
-            with pool.lock:
-                if pool.error is None:
-                    pool.error = error
-            self._stop.set()
+            pool.fail(error)
 
     def _serve(self, burst: bool) -> None:
         """One worker thread's loop (`_loop`); adapters wrap it with what each thread sets up."""
@@ -618,6 +639,9 @@ class DistributedAdapter(_Operations):
     def stop(self, timeout: Optional[float] = None) -> None:
         """Finish (and acknowledge) the jobs in hand (of every thread), then stop the worker."""
         self._stop.set()
+        running = self._running
+        if running is not None:
+            running.stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
