@@ -77,6 +77,20 @@ def test_run_detail_states_history_and_resume_choices(adapter: InMemoryAdapter) 
     assert call(app, "GET", "/api/runs/nope/history")[0] == 404
 
 
+def test_a_run_id_ending_in_history_is_that_run_not_another_runs_history(adapter: InMemoryAdapter) -> None:
+    app = create_app(adapter)
+    short = _started(adapter, "approval", run_id="batch")
+    long = _started(adapter, "loop", run_id="batch/history")  # its URL: /api/runs/batch%2Fhistory, decoded
+
+    def node_ids(history: Any) -> set:
+        return {e["payload"].get("node_id") for e in history} - {None}
+
+    assert get_json(app, "/api/runs/batch/history")["run_id"] == long
+    assert node_ids(get_json(app, "/api/runs/batch/history", query={"view": "history"})) == {"tick", "check", "again", "done"}
+    assert node_ids(get_json(app, f"/api/runs/{short}", query={"view": "history"})) == {"prepare", "review"}
+    assert call(app, "GET", "/api/runs/nope", query={"view": "history"})[0] == 404
+
+
 def test_resume_from_the_api_and_a_refused_action(adapter: InMemoryAdapter) -> None:
     app = create_app(adapter)
     run_id = _started(adapter, "approval")

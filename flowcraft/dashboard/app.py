@@ -246,12 +246,11 @@ class DashboardApp:
             return self._json(views.overview(self.adapter))
         if path == "/runs":
             return self._json(self._run_list(request)[1])
-        if path.startswith("/runs/") and path.endswith("/history"):
-            run_id = path[len("/runs/"):-len("/history")]
-            self._run_exists(run_id)
-            return self._json([{"type": ev.type, "payload": ev.payload} for ev in self.adapter.get_history(run_id)])
         if path.startswith("/runs/"):
             run_id = path[len("/runs/"):]
+            history_of = self._history_of(run_id, request)
+            if history_of is not None:
+                return self._json([{"type": ev.type, "payload": ev.payload} for ev in self.adapter.get_history(history_of)])
             if request.arg("view") == "live":
                 try:
                     return self._json(views.live_view(self.adapter, run_id))
@@ -291,6 +290,19 @@ class DashboardApp:
         except ValueError as error:
             raise HttpError(400, str(error)) from None
         return filters, data
+
+    def _history_of(self, path_id: str, request: Request) -> Optional[str]:
+        """The run whose history `/api/runs/<path_id>` asks for, or None (the run itself is asked
+        for): `?view=history`, or a path ending in `/history` unless a run has that whole id (the
+        server hands the path over decoded, so an id with `%2F` in its URL reads as `/`)."""
+        if request.arg("view") == "history":
+            self._run_exists(path_id)
+            return path_id
+        if not path_id.endswith("/history") or self.adapter.store.get_record(path_id) is not None:
+            return None
+        run_id = path_id[:-len("/history")]
+        self._run_exists(run_id)
+        return run_id
 
     def _run_exists(self, run_id: str) -> None:
         if self.adapter.store.get_record(run_id) is None:
