@@ -4,7 +4,7 @@
 // with BullMQ's own `Worker.concurrency` setter on `adapter.worker` (the adapter hard-codes 5), as
 // that peer's README documents. realistic.py copies this file beside the peer's node_modules.
 //
-//   fan_threads  start -> FAN nodes sleeping FAN_MS -> join, one worker at concurrency THREADS
+//   fan_threads  start -> FAN nodes sleeping FAN_MS -> join (start and join sleep ENDS_MS), one worker at concurrency THREADS
 //   fan_procs    the same on PROCS worker processes at concurrency 1 (each one's share of the nodes)
 //   chains       RUNS concurrent runs of a CHAIN-node chain sleeping CHAIN_MS, concurrency CHAIN_THREADS
 //
@@ -15,7 +15,7 @@ import { Queue } from 'bullmq'
 import { analyzeBlueprint, createFlow, FlowRuntime, NullLogger } from 'flowcraft'
 import Redis from 'ioredis'
 
-const opts = { fan: 100, 'fan-ms': 50, threads: 16, procs: 4, runs: 20, chain: 10, 'chain-ms': 20, 'chain-threads': 8,
+const opts = { fan: 100, 'fan-ms': 50, 'ends-ms': 0, threads: 16, procs: 4, runs: 20, chain: 10, 'chain-ms': 20, 'chain-threads': 8,
 	repeat: 3, timeout: 120, worker: 0, concurrency: 1, queue: '' }
 const argv = process.argv.slice(2)
 for (let i = 0; i < argv.length; i += 2) opts[argv[i].replace(/^--/, '')] = argv[i + 1]
@@ -32,7 +32,7 @@ function flows(counter) {
 	}
 	const fan = createFlow(`real-fan-${opts.fan}`)
 	fan.node('start', async () => {
-		await nap(opts['fan-ms'])
+		await nap(opts['ends-ms'])
 		return { output: 0 }
 	})
 	for (let i = 0; i < opts.fan; i++) {
@@ -44,7 +44,7 @@ function flows(counter) {
 		fan.edge(`p${i}`, 'join')
 	}
 	fan.node('join', async ({ context }) => {
-		await nap(opts['fan-ms'])
+		await nap(opts['ends-ms'])
 		const ctx = await context.toJSON()
 		let count = 0
 		let sum = 0

@@ -55,7 +55,8 @@ def nap_add(self, value, ms):
 
 
 @app.task
-def tsum(values):
+def tsum(values, ms=0.0):
+    time.sleep(ms / 1000.0)
     return {"count": len(values), "sum": sum(values)}
 
 
@@ -85,7 +86,7 @@ def stop_workers(procs: list) -> None:
 
 def fan_once(args: argparse.Namespace, timeout: float) -> float:
     started = time.perf_counter()
-    flow = chain(nap.si(0, args.fan_ms), chord([nap.si(i, args.fan_ms) for i in range(args.fan)], tsum.s()))
+    flow = chain(nap.si(0, args.ends_ms), chord([nap.si(i, args.fan_ms) for i in range(args.fan)], tsum.s(args.ends_ms)))
     result = flow.apply_async().get(timeout=timeout)
     wall = time.perf_counter() - started
     want = {"count": args.fan, "sum": args.fan * (args.fan - 1) // 2}
@@ -139,7 +140,7 @@ def measure(args: argparse.Namespace) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    for name, kind, default in (("fan", int, 100), ("fan-ms", float, 50.0), ("threads", int, 16), ("procs", int, 4),
+    for name, kind, default in (("fan", int, 100), ("fan-ms", float, 50.0), ("ends-ms", float, 0.0), ("threads", int, 16), ("procs", int, 4),
                                 ("runs", int, 20), ("chain", int, 10), ("chain-ms", float, 20.0),
                                 ("chain-threads", int, 8), ("repeat", int, 3), ("timeout", float, 120.0)):
         p.add_argument(f"--{name}", type=kind, default=default)

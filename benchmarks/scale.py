@@ -92,11 +92,12 @@ def build_flow(shape: str, n: int, sleep_ms: float = 0.0) -> Any:
         flow.node("n0", s(lambda ctx: ctx.context.get("value") + 1))
         for i in range(1, n):
             flow.node(f"n{i}", s(_add(1))).edge(f"n{i - 1}", f"n{i}")
-    elif shape == "fan":
-        flow.node("start", s(lambda ctx: 0))
+    elif shape in ("fan", "fan_mid"):  # fan_mid: only the FAN middle nodes sleep, not the start and the join
+        ends = s if shape == "fan" else (lambda fn: fn)
+        flow.node("start", ends(lambda ctx: 0))
         for i in range(n):
             flow.node(f"p{i}", s(_add(i))).edge("start", f"p{i}").edge(f"p{i}", "join")
-        flow.node("join", s(_join))
+        flow.node("join", ends(_join))
     elif shape == "batch_start":
         flow.batch("each", s(lambda ctx: ctx.input * 2), input_key="items", output_key="out")
     elif shape == "batch_after":
