@@ -700,6 +700,15 @@ class DistributedAdapter(_Operations):
                     if items]
         snaps = self._load_wave(resolved)
         self._read_wave_items(resolved)
+        self._take_wave_slots(resolved, snaps)
+        try:
+            return self._run_loaded_wave(resolved, snaps)
+        finally:
+            left, self._local.wave_slots = getattr(self._local, "wave_slots", {}), {}
+            self._release([slot for _, slot in left.values()])  # taken for jobs that did not run
+
+    def _run_loaded_wave(self, resolved: List[List[Tuple[Delivery, Tuple[CompiledGraph, GraphNode]]]],
+                         snaps: List[Any]) -> Tuple["_Wave", List[Delivery]]:
         prepared: List[_Prepared] = []
         chains: List[List[Tuple[_Prepared, Commit]]] = []
         late: List[_Prepared] = []  # executed; its commit is derived again once its segment's is in
@@ -729,6 +738,31 @@ class DistributedAdapter(_Operations):
                 chains.append(chain)
         self._local.wave_items = {}  # read before these commits: a commit derived again reads the store
         return _Wave(prepared, chains, late), deferred
+
+    def _take_wave_slots(self, resolved: List[List[Tuple[Delivery, Tuple[CompiledGraph, GraphNode]]]],
+                         snaps: List[Any]) -> None:
+        """Take the concurrency slots of a wave's limited jobs in one call (`_take_slot` uses them
+        when the key it evaluates is the same; a key that cannot be had is left to it)."""
+        self._local.wave_slots = {}
+        if self.slots is None:
+            return
+        wanted: List[Tuple[Delivery, str, int]] = []
+        for items, snap in zip(resolved, snaps):
+            if snap is _UNLOADED or snap is None:
+                continue
+            for delivery, (graph, node) in items:
+                limit = limits.node_limit(graph, node.id) if delivery.job.kind == "node" else None  # type: ignore[union-attr]  # resolved deliveries have jobs
+                if limit is None:
+                    continue
+                try:
+                    wanted.append((delivery, limit.key(self._key_lookup(delivery.job, snap), self._input(node, snap.context)),  # type: ignore[arg-type]
+                                   limit.max))
+                except limits.ConcurrencyKeyError:
+                    continue
+        if len(wanted) < 2:
+            return  # one job: `_take_slot` takes its slot, in as many calls
+        taken = self.slots.acquire_many([(key, limit) for _, key, limit in wanted])
+        self._local.wave_slots = {id(d): (key, slot) for (d, key, _), slot in zip(wanted, taken)}
 
     def _finish_waves(self, waves: Sequence["_Wave"]) -> None:
         """The commit rounds of waves of several worker threads as one (the `Committer`'s)."""
@@ -1046,6 +1080,17 @@ class DistributedAdapter(_Operations):
             return self.queue.ack([delivery])
         return _Prepared(delivery, job, graph, node, snap, outcome, duration_ms=duration_ms, slot=slot)
 
+    def _key_lookup(self, job: Job, snap: RunSnapshot) -> Callable[[str], Any]:
+        """How a concurrency key reads the context: the loaded keys, else the store."""
+        context = snap.context
+
+        def lookup(name: str) -> Any:
+            if name in context or snap.whole:
+                return context.get(name)
+            return self.store.read_context(job.run_id, [name]).get(name)  # a key the load did not read
+
+        return lookup
+
     def _take_slot(self, delivery: Delivery, job: Job, node: GraphNode, snap: RunSnapshot,
                    limit: limits.Limit) -> Optional[limits.Slot]:
         """A slot of the node's concurrency key, or None once the job is put back (every slot is
@@ -1054,15 +1099,13 @@ class DistributedAdapter(_Operations):
         if self.slots is None:
             raise limits.ConcurrencyKeyError(f"node {node.id!r} has a concurrencyKey, and this worker has no "
                                              f"coordination store to hold its slots", node_id=node.id)
-        context = snap.context
-
-        def lookup(name: str) -> Any:
-            if name in context or snap.whole:
-                return context.get(name)
-            return self.store.read_context(job.run_id, [name]).get(name)  # a key the load did not read
-
-        key = limit.key(lookup, self._input(node, context))
-        slot = self.slots.acquire(key, limit.max)
+        key = limit.key(self._key_lookup(job, snap), self._input(node, snap.context))
+        wave = getattr(self._local, "wave_slots", None)
+        taken = wave.pop(id(delivery), None) if wave else None
+        if taken is not None and taken[0] != key:  # the wave's earlier commits changed the key
+            self._release([taken[1]])
+            taken = None
+        slot = taken[1] if taken is not None else self.slots.acquire(key, limit.max)
         if slot is not None:
             return slot
         delay = limits.retry_delay(self.concurrency_retry_delay)

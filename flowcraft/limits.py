@@ -193,6 +193,9 @@ class PortableSlots:
     def __init__(self, store: Any) -> None:
         self.store = store
 
+    def acquire_slots(self, requests: Sequence[Tuple[str, str, int]], ttl: float) -> List[Optional[int]]:
+        return [self.acquire_slot(name, holder, limit, ttl) for name, holder, limit in requests]
+
     def acquire_slot(self, name: str, holder: str, limit: int, ttl: float) -> Optional[int]:
         first = random.randrange(limit)
         for offset in range(limit):
@@ -214,14 +217,15 @@ class PortableSlots:
 
 class _AtomicSlots:
     """A store with the slot methods of its own (one round trip each, e.g. Redis scripts):
-    ``acquire_slot(name, holder, limit, ttl) -> bool``, ``renew_slots(slots, ttl)`` and
-    ``release_slots(slots)`` (`Slot`s: their `name` and `holder`)."""
+    ``acquire_slots([(name, holder, limit), ...], ttl) -> [bool, ...]`` (in order, as if one by
+    one), ``renew_slots(slots, ttl)`` and ``release_slots(slots)`` (`Slot`s: their `name` and
+    `holder`)."""
 
     def __init__(self, store: Any) -> None:
         self.store = store
 
-    def acquire_slot(self, name: str, holder: str, limit: int, ttl: float) -> Optional[int]:
-        return 0 if self.store.acquire_slot(name, holder, limit, ttl) else None
+    def acquire_slots(self, requests: Sequence[Tuple[str, str, int]], ttl: float) -> List[Optional[int]]:
+        return [0 if ok else None for ok in self.store.acquire_slots(requests, ttl)]
 
     def renew_slots(self, slots: Sequence[Slot], ttl: float) -> None:
         self.store.renew_slots(slots, ttl)
@@ -241,7 +245,7 @@ class ConcurrencySlots:
         if not ttl > 0:
             raise ValueError(f"a concurrency slot's TTL must be > 0 seconds, not {ttl!r}")
         self.ttl = float(ttl)
-        atomic = all(callable(getattr(store, m, None)) for m in ("acquire_slot", "renew_slots", "release_slots"))
+        atomic = all(callable(getattr(store, m, None)) for m in ("acquire_slots", "renew_slots", "release_slots"))
         self.backend: Any = _AtomicSlots(store) if atomic else PortableSlots(store)
         self._held: Dict[Tuple[str, str], Slot] = {}
         self._lock = threading.Lock()
@@ -251,20 +255,25 @@ class ConcurrencySlots:
         self._count = 0
 
     def acquire(self, key: str, limit: int) -> Optional[Slot]:
+        return self.acquire_many([(key, limit)])[0]
+
+    def acquire_many(self, requests: Sequence[Tuple[str, int]]) -> List[Optional[Slot]]:
+        """A slot of each `(key, limit)` (None: every slot of it is taken), in one call where the
+        store can; in order, as if one by one."""
         with self._lock:
-            self._count += 1
-            holder = f"{self._prefix}{self._count}"
-        name = SLOT_PREFIX + key
-        index = self.backend.acquire_slot(name, holder, limit, self.ttl)
-        if index is None:
-            return None
-        slot = Slot(name, holder, index)
+            first = self._count + 1
+            self._count += len(requests)
+        asked = [(SLOT_PREFIX + key, f"{self._prefix}{first + i}", limit) for i, (key, limit) in enumerate(requests)]
+        indexes = self.backend.acquire_slots(asked, self.ttl)
+        slots = [None if index is None else Slot(name, holder, index) for (name, holder, _), index in zip(asked, indexes)]
         with self._lock:
-            self._held[(slot.name, slot.holder)] = slot
-            if self._renewer is None or not self._renewer.is_alive():
+            for slot in slots:
+                if slot is not None:
+                    self._held[(slot.name, slot.holder)] = slot
+            if self._held and (self._renewer is None or not self._renewer.is_alive()):
                 self._renewer = threading.Thread(target=self._renew_loop, name="flowcraft-slots", daemon=True)
                 self._renewer.start()
-        return slot
+        return slots
 
     def release(self, slots: Sequence[Optional[Slot]]) -> None:
         """Give slots back (None entries are ignored); a failure is logged: the slot then expires."""

@@ -46,11 +46,12 @@ def run_on(adapters: List[DistributedAdapter], blueprint_id: str, context: Any =
 # --- distributed, on the fakes ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("limit", [1, 2])
-def test_never_more_than_the_limit_run_at_once_across_workers(limit: int) -> None:
+@pytest.mark.parametrize("limit, fetch_batch", [(1, None), (2, None), (2, 4)])
+def test_never_more_than_the_limit_run_at_once_across_workers(limit: int, fetch_batch: Any) -> None:
+    """`fetch_batch`: each fetch takes several jobs, whose slots are taken in one call per wave."""
     spans = Spans()
     flow = limited_fan(f"fan{limit}", 8, spans.body(0.03), limit=limit)
-    adapters = workers(runtime_of(flow), count=3, threads=3)
+    adapters = workers(runtime_of(flow), count=3, threads=3, fetch_batch=fetch_batch)
     result = run_on(adapters, flow.id)
     assert result.status == "completed", result.errors
     assert spans.peak() == limit  # the limit is reached (9 threads want 8 at once) and never passed

@@ -1,7 +1,7 @@
 """`RedisCoordinationStore`: the Flowcraft TS coordination methods on Redis strings with TTLs."""
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 from ._util import load_script, to_text, translate_errors
 from .keys import coordination_key, validate_prefix
@@ -26,7 +26,7 @@ class RedisCoordinationStore:
     GETs (text, or None).
 
     The slots of concurrency limits (`flowcraft.limits`) are one ZSET per key, holder -> expiry
-    (ms, the server's clock): `acquire_slot` and `renew_slots` are one script call each,
+    (ms, the server's clock): `acquire_slots` and `renew_slots` are one script call each (for any number of slots),
     `release_slots` one ZREM per slot in one pipeline."""
 
     def __init__(self, client: Any, prefix: str = "") -> None:
@@ -72,8 +72,12 @@ class RedisCoordinationStore:
         return None if value is None else to_text(value)
 
     @translate_errors
-    def acquire_slot(self, name: str, holder: str, limit: int, ttl: float) -> bool:
-        return bool(self._acquire(keys=[self.key(name)], args=[holder, int(limit), _ms(ttl)]))
+    def acquire_slots(self, requests: Sequence[Tuple[str, str, int]], ttl: float) -> List[bool]:
+        """Slots of several keys in one script call: per `(name, holder, limit)`, whether taken."""
+        args: List[Any] = [_ms(ttl)]
+        for _, holder, limit in requests:
+            args += [holder, int(limit)]
+        return [bool(x) for x in self._acquire(keys=[self.key(name) for name, _, _ in requests], args=args)]
 
     @translate_errors
     def renew_slots(self, slots: Sequence[Any], ttl: float) -> None:

@@ -93,7 +93,7 @@ def test_the_slot_of_a_holder_that_died_comes_back_after_its_ttl(backend: str, r
     runtime.add_blueprint(flow)
     adapter = make(runtime, threads=2)
     # a worker took the only slot, with a 1.5 s TTL, and died: it neither renews nor releases it
-    assert adapter.coordination.acquire_slot(SLOT_PREFIX + "payments", "dead-worker", 1, 1.5)
+    assert adapter.coordination.acquire_slots([(SLOT_PREFIX + "payments", "dead-worker", 1)], 1.5) == [True]
     try:
         adapter.start()
         began = time.monotonic()
