@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import attrs
 
 from .errors import BlueprintError, ExpressionError
+from .limits import CONCURRENCY_KEY, MAX_CONCURRENCY, config_problems
 from .ports import identity_problem
 
 MAX_BLUEPRINT_DEPTH = 64  # lists/objects nested deeper than this (the blueprint object is level 1) are refused
@@ -63,6 +64,15 @@ class NodeConfig:
     @property
     def join(self) -> str:
         return self.join_strategy or "all"
+
+    # the concurrency limit (SPEC 14, `flowcraft.limits`) stays in `extra`, in its wire form
+    @property
+    def concurrency_key(self) -> Optional[str]:
+        return self.extra.get(CONCURRENCY_KEY)
+
+    @property
+    def max_concurrency(self) -> Optional[int]:
+        return self.extra.get(MAX_CONCURRENCY)
 
     @classmethod
     def from_dict(cls, data: Optional[Mapping[str, Any]]) -> "NodeConfig":
@@ -289,6 +299,9 @@ class WorkflowBlueprint:
                 else:
                     found.append(f"{where}: config must be an object")
         evaluator = evaluator if evaluator is not None else _default_evaluator()
+        for node in self.nodes:
+            if isinstance(node.config, NodeConfig) and node.config.extra:
+                found.extend(config_problems(node.config, f"node {node.id!r}", evaluator))
         for index, edge in enumerate(self.edges):
             where = f"edge #{index} ({edge.source!r} -> {edge.target!r})"
             for end in ("source", "target"):

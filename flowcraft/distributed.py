@@ -38,7 +38,7 @@ from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Map
 
 import attrs
 
-from . import batching, deadlines, operations
+from . import batching, deadlines, limits, operations
 from .cancel import CancelToken
 from .errors import FlowcraftError, StoreRejected
 from .events import Event
@@ -124,6 +124,7 @@ class _Prepared:
     outcome: Any
     events: Optional[List[Event]] = None  # what its commit does, as events (only with an event bus)
     duration_ms: Optional[float] = None  # how long its node code ran
+    slot: Optional[limits.Slot] = None  # its concurrency slot, given back once its commit is in
 
 
 TRACEPARENT = "traceparent"  # the job field carrying a run's W3C trace context (SPEC 13)
@@ -285,8 +286,10 @@ class _Operations:
 
 
 class DistributedAdapter(_Operations):
-    """A worker and a client over a job queue and a run store. `coordination` is kept for the
-    node code and tools that use one (the core itself never calls it): None is fine."""
+    """A worker and a client over a job queue and a run store. `coordination` holds the slots of
+    concurrency limits (`flowcraft.limits`: a slot outlives a dead holder `concurrency_slot_ttl`
+    seconds; a job over its limit comes back after about `concurrency_retry_delay` seconds) and is
+    kept for node code and tools that use one; None is fine for blueprints without limits."""
 
     def __init__(
         self,
@@ -304,6 +307,8 @@ class DistributedAdapter(_Operations):
         threads: int = 1,
         poll_timeout: float = 1.0,
         clock: Callable[[], float] = time.time,
+        concurrency_slot_ttl: float = limits.DEFAULT_SLOT_TTL,
+        concurrency_retry_delay: float = limits.DEFAULT_RETRY_DELAY,
     ) -> None:
         if retry_mode not in ("in-process", "queue"):
             raise ValueError(f"retry_mode must be 'in-process' or 'queue', not {retry_mode!r}")
@@ -311,6 +316,9 @@ class DistributedAdapter(_Operations):
         self.queue = queue
         self.store = store
         self.coordination = coordination
+        # shared by the worker's threads (a lane is a shallow copy): one renewer per process
+        self.slots = None if coordination is None else limits.ConcurrencySlots(coordination, concurrency_slot_ttl)
+        self.concurrency_retry_delay = float(concurrency_retry_delay)
         self.retry_mode = retry_mode
         self.version_mismatch_ttl = version_mismatch_ttl
         self.version_mismatch_delay = version_mismatch_delay
@@ -692,6 +700,15 @@ class DistributedAdapter(_Operations):
                     if items]
         snaps = self._load_wave(resolved)
         self._read_wave_items(resolved)
+        self._take_wave_slots(resolved, snaps)
+        try:
+            return self._run_loaded_wave(resolved, snaps)
+        finally:
+            left, self._local.wave_slots = getattr(self._local, "wave_slots", {}), {}
+            self._release([slot for _, slot in left.values()])  # taken for jobs that did not run
+
+    def _run_loaded_wave(self, resolved: List[List[Tuple[Delivery, Tuple[CompiledGraph, GraphNode]]]],
+                         snaps: List[Any]) -> Tuple["_Wave", List[Delivery]]:
         prepared: List[_Prepared] = []
         chains: List[List[Tuple[_Prepared, Commit]]] = []
         late: List[_Prepared] = []  # executed; its commit is derived again once its segment's is in
@@ -722,13 +739,49 @@ class DistributedAdapter(_Operations):
         self._local.wave_items = {}  # read before these commits: a commit derived again reads the store
         return _Wave(prepared, chains, late), deferred
 
+    def _take_wave_slots(self, resolved: List[List[Tuple[Delivery, Tuple[CompiledGraph, GraphNode]]]],
+                         snaps: List[Any]) -> None:
+        """Take the concurrency slots of a wave's limited jobs in one call (`_take_slot` uses them
+        when the key it evaluates is the same; a key that cannot be had is left to it)."""
+        self._local.wave_slots = {}
+        if self.slots is None:
+            return
+        wanted: List[Tuple[Delivery, str, int]] = []
+        for items, snap in zip(resolved, snaps):
+            if snap is _UNLOADED or snap is None:
+                continue
+            for delivery, (graph, node) in items:
+                limit = limits.node_limit(graph, node.id) if delivery.job.kind == "node" else None  # type: ignore[union-attr]  # resolved deliveries have jobs
+                if limit is None:
+                    continue
+                try:
+                    wanted.append((delivery, limit.key(self._key_lookup(delivery.job, snap), self._input(node, snap.context)),  # type: ignore[arg-type]
+                                   limit.max))
+                except limits.ConcurrencyKeyError:
+                    continue
+        if len(wanted) < 2:
+            return  # one job: `_take_slot` takes its slot, in as many calls
+        taken = self.slots.acquire_many([(key, limit) for _, key, limit in wanted])
+        self._local.wave_slots = {id(d): (key, slot) for (d, key, _), slot in zip(wanted, taken)}
+
     def _finish_waves(self, waves: Sequence["_Wave"]) -> None:
         """The commit rounds of waves of several worker threads as one (the `Committer`'s)."""
         self._finish_wave(_Wave([p for w in waves for p in w.prepared], [c for w in waves for c in w.chains],
                                 [p for w in waves for p in w.late]))
 
     def _finish_wave(self, wave: "_Wave") -> None:
-        """A wave's commit round: commit, events, publish; the caller acknowledges its deliveries."""
+        """A wave's commit round: commit, events, publish; the caller acknowledges its deliveries.
+        The concurrency slots of its node executions are given back once their commits are in."""
+        try:
+            self._commit_round(wave)
+        finally:
+            self._release([p.slot for p in wave.prepared])
+
+    def _release(self, slots: Sequence[Optional[limits.Slot]]) -> None:
+        if self.slots is not None and any(slots):
+            self.slots.release(slots)
+
+    def _commit_round(self, wave: "_Wave") -> None:
         prepared, chains, late = wave.prepared, wave.chains, wave.late
         applied = self._commit_wave(chains)
         for chain, (ok, merged) in zip(chains, applied):
@@ -932,7 +985,10 @@ class DistributedAdapter(_Operations):
         prepared = self._prepare(delivery, graph, node, self._load(job, graph, node))
         if prepared is None:
             return
-        self._commit_outcome(prepared.job, graph, node, prepared.snap, prepared.outcome, delivery, prepared.duration_ms)
+        try:
+            self._commit_outcome(prepared.job, graph, node, prepared.snap, prepared.outcome, delivery, prepared.duration_ms)
+        finally:
+            self._release([prepared.slot])
         self._fault("after_commit")
         self.store.publish_outbox(prepared.job.run_id, self.queue)
         self._fault("after_publish")
@@ -994,25 +1050,77 @@ class DistributedAdapter(_Operations):
                 return _Prepared(delivery, job, graph, node, snap, None)  # skipped: its commit says so
             if node.inputs is None:
                 snap = attrs.evolve(snap, context=dict(snap.context, **{node.inputs_key: activation.input}))
-        self._fault("before_execute")
-        started = time.perf_counter()
-        outcome = self._execute(job, graph, node, snap)
-        duration_ms = round((time.perf_counter() - started) * 1000, 3)
-        self._fault("after_execute")
+        limit = limits.node_limit(graph, node.id) if job.kind == "node" else None
+        slot = None
+        if limit is not None:
+            try:
+                slot = self._take_slot(delivery, job, node, snap, limit)
+            except limits.ConcurrencyKeyError as error:
+                failure = NodeFailure(node.id, error)
+                self.node_failed(job, failure)
+                return _Prepared(delivery, job, graph, node, snap, failure)
+            if slot is None:
+                return None  # over its limit: put back
+        try:
+            self._fault("before_execute")
+            started = time.perf_counter()
+            outcome = self._execute(job, graph, node, snap)
+            duration_ms = round((time.perf_counter() - started) * 1000, 3)
+            self._fault("after_execute")
+        except BaseException:
+            self._release([slot])
+            raise
         if type(outcome) is NodeFailure:
             self.node_failed(job, outcome)
         if type(outcome) is RetryLater:
+            self._release([slot])
             retry = job.with_(attempt=job.attempt + 1)
             self.queue.enqueue([retry], outcome.delay)
             self._emit_jobs([retry], outcome.delay)
             return self.queue.ack([delivery])
-        return _Prepared(delivery, job, graph, node, snap, outcome, duration_ms=duration_ms)
+        return _Prepared(delivery, job, graph, node, snap, outcome, duration_ms=duration_ms, slot=slot)
+
+    def _key_lookup(self, job: Job, snap: RunSnapshot) -> Callable[[str], Any]:
+        """How a concurrency key reads the context: the loaded keys, else the store."""
+        context = snap.context
+
+        def lookup(name: str) -> Any:
+            if name in context or snap.whole:
+                return context.get(name)
+            return self.store.read_context(job.run_id, [name]).get(name)  # a key the load did not read
+
+        return lookup
+
+    def _take_slot(self, delivery: Delivery, job: Job, node: GraphNode, snap: RunSnapshot,
+                   limit: limits.Limit) -> Optional[limits.Slot]:
+        """A slot of the node's concurrency key, or None once the job is put back (every slot is
+        taken: it comes back after a jittered delay, the same attempt, neither failed nor
+        dead-lettered). Raises `ConcurrencyKeyError` when the key cannot be had."""
+        if self.slots is None:
+            raise limits.ConcurrencyKeyError(f"node {node.id!r} has a concurrencyKey, and this worker has no "
+                                             f"coordination store to hold its slots", node_id=node.id)
+        key = limit.key(self._key_lookup(job, snap), self._input(node, snap.context))
+        wave = getattr(self._local, "wave_slots", None)
+        taken = wave.pop(id(delivery), None) if wave else None
+        if taken is not None and taken[0] != key:  # the wave's earlier commits changed the key
+            self._release([taken[1]])
+            taken = None
+        slot = taken[1] if taken is not None else self.slots.acquire(key, limit.max)
+        if slot is not None:
+            return slot
+        delay = limits.retry_delay(self.concurrency_retry_delay)
+        logger.debug("job %s: concurrency key %r is at its limit of %d; put back for %.3fs", job.key, key, limit.max, delay)
+        self.queue.enqueue([job], delay)
+        self.queue.ack([delivery])
+        if self.runtime.event_bus is not None:
+            self._emit_jobs([job], delay)
+        return None
 
     @staticmethod
     def _wanted(node: GraphNode) -> Tuple[List[str], List[str]]:
         """The node states and context keys a job for `node` needs: read in one load."""
         node_ids = [node.id] + [e.target for e in node.outgoing]
-        keys = ["blueprintId", "blueprintVersion"]
+        keys = ["blueprintId", "blueprintVersion", *limits.key_names(node.config.concurrency_key)]
         if node.inputs is None:
             keys.append(node.inputs_key)
         elif isinstance(node.inputs, str):

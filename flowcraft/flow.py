@@ -7,9 +7,12 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 from .blueprint import EdgeDefinition, NodeConfig, NodeDefinition, WorkflowBlueprint
 from .builtins import BATCH_GATHER, BATCH_SCATTER, LOOP_CONTROLLER, SLEEP, SUBFLOW, WAIT, WEBHOOK, parse_duration
 from .errors import BlueprintError
+from .limits import CONCURRENCY_KEY, MAX_CONCURRENCY
 from .node import Registry
 
 _CONFIG_KWARGS = ("max_retries", "retry_delay", "timeout", "fallback", "join_strategy")
+# options kept in the config's `extra`, in their wire form (see `NodeConfig.concurrency_key`)
+_EXTRA_KWARGS = {"concurrency_key": CONCURRENCY_KEY, "max_concurrency": MAX_CONCURRENCY}
 
 
 def uses_key(flow_id: str, node_id: str, impl: Any) -> str:
@@ -27,15 +30,16 @@ def uses_key(flow_id: str, node_id: str, impl: Any) -> str:
 
 
 def _config(config: Union[NodeConfig, Mapping[str, Any], None], kwargs: Dict[str, Any]) -> Optional[NodeConfig]:
-    unknown = set(kwargs) - set(_CONFIG_KWARGS)
+    unknown = set(kwargs) - set(_CONFIG_KWARGS) - set(_EXTRA_KWARGS)
     if unknown:
-        raise TypeError(f"unknown node option(s) {sorted(unknown)}; expected some of {list(_CONFIG_KWARGS)}")
+        raise TypeError(f"unknown node option(s) {sorted(unknown)}; expected some of {list(_CONFIG_KWARGS) + list(_EXTRA_KWARGS)}")
     if isinstance(config, Mapping):
         config = NodeConfig.from_dict(config)  # the camelCase wire form, milliseconds
     if config is None and not kwargs:
         return None
     base = config or NodeConfig()
-    return NodeConfig(**{**{k: getattr(base, k) for k in _CONFIG_KWARGS}, **kwargs, "extra": dict(base.extra)})
+    extra = {**base.extra, **{_EXTRA_KWARGS[k]: kwargs.pop(k) for k in list(kwargs) if k in _EXTRA_KWARGS}}
+    return NodeConfig(**{**{k: getattr(base, k) for k in _CONFIG_KWARGS}, **kwargs, "extra": extra})
 
 
 class Flow:

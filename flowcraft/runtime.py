@@ -9,7 +9,7 @@ from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Callable, Deque, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-from . import deadlines
+from . import deadlines, limits
 from .blueprint import NodeDefinition, WorkflowBlueprint
 from .builtins import (BATCH_SCATTER, BUILTINS, LOOP_CONTROLLER, SUBFLOW, Await, SubflowError, child_run_id,
                        finish_subflow, utc_now)
@@ -583,9 +583,16 @@ class _Run:
 
     def _run_serial(self, ready: Deque[Activation]) -> None:
         execute, finish, pauses = self._execute, self._finish, self.runtime.pause_requests
+        limited = limits.graph_limits(self.graph)  # one node at a time: never over a limit, but a bad key fails
         while True:
             while ready and not self.errors and not self.cancel.cancelled and not (pauses and self._pausing()):
                 activation = ready.popleft()
+                if limited and activation.parent is None and activation.node_id in limited:
+                    try:
+                        self._key(activation, limited[activation.node_id])
+                    except limits.ConcurrencyKeyError as error:
+                        finish(activation, NodeFailure(activation.node_id, error), ready)
+                        continue
                 finish(activation, execute(activation), ready)
             if not self._settle(ready):
                 return
@@ -603,14 +610,27 @@ class _Run:
     def _run_pool(self, ready: Deque[Activation]) -> None:
         running: Dict[Future, Activation] = {}
         deadline = self.deadline
+        limited = limits.graph_limits(self.graph)
+        counts = limits.RunLimits()
+        keys: Dict[Future, str] = {}  # the concurrency key of each running limited node
         pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"flowcraft-{self.run_id[:8]}")
         try:
             while ready or running:
                 if deadline is not None and deadline.due():
                     return self._expire(running.values(), ready)
                 while ready and len(running) < self.concurrency and not self._stopping() and not self._pausing():
-                    activation = ready.popleft()
-                    running[pool.submit(self._execute, activation)] = activation
+                    if not limited:
+                        activation = ready.popleft()
+                        running[pool.submit(self._execute, activation)] = activation
+                        continue
+                    admitted = self._admit(ready, limited, counts)
+                    if admitted is None:
+                        break  # every ready node waits for its key
+                    activation, key = admitted
+                    future = pool.submit(self._execute, activation)
+                    running[future] = activation
+                    if key is not None:
+                        keys[future] = key
                 if not running:
                     if self._settle(ready):
                         continue
@@ -618,11 +638,39 @@ class _Run:
                 timeout = None if deadline is None else max(0.0, deadline.remaining())
                 done, _ = wait(running, timeout=timeout, return_when=FIRST_COMPLETED)
                 for future in done:
+                    if future in keys:
+                        counts.leave(keys.pop(future))
                     self._finish(running.pop(future), future.result(), ready)
         finally:
             # past a deadline the nodes still running are left to finish on their own (a thread
             # cannot be killed; their token is set and their results are discarded)
             pool.shutdown(wait=deadline is None or not deadline.expired, cancel_futures=True)
+
+    def _admit(self, ready: Deque[Activation], limited: Mapping[str, "limits.Limit"], counts: "limits.RunLimits"
+               ) -> Optional[Tuple[Activation, Optional[str]]]:
+        """The first ready activation whose concurrency key (if any) is under its limit, taken out
+        of `ready`, with its key; None when every one waits. A key that cannot be had fails its node."""
+        for index, activation in enumerate(ready):
+            limit = limited.get(activation.node_id) if activation.parent is None else None
+            if limit is None:
+                del ready[index]
+                return activation, None
+            try:
+                key = self._key(activation, limit)
+            except limits.ConcurrencyKeyError as error:
+                del ready[index]
+                self._finish(activation, NodeFailure(activation.node_id, error), ready)
+                return self._admit(ready, limited, counts) if not self._stopping() else None
+            if counts.admit(limit, key):
+                del ready[index]
+                return activation, key
+        return None
+
+    def _key(self, activation: Activation, limit: "limits.Limit") -> str:
+        """The concurrency key of a node's activation (raises `ConcurrencyKeyError`)."""
+        node = self.graph.nodes[activation.node_id]
+        node_input = activation.input if activation.has_input and node.inputs is None else self._input(node, activation)
+        return limit.key(self.data.get, node_input)
 
     def _expire(self, running: Iterable[Activation], ready: Iterable[Activation]) -> None:
         """The run's deadline passed: it fails with `DeadlineExceeded` naming what was left."""

@@ -204,3 +204,10 @@ def test_order_blueprint_falls_back_to_the_cache():
     assert result.status == "completed", result.errors
     assert result.context["fetch"]["stale"] is True
     assert result.context["notify"] == "order-shipped: tracking TRK-A-1002"
+
+
+def test_limited_charges_at_most_two_at_once(capsys):
+    example("limited").main()
+    out = capsys.readouterr().out
+    assert "in memory, 8 threads: completed, total 360, at most 2 charges at once" in out
+    assert "a worker of 4 threads: completed, total 360, at most 2 charges at once" in out

@@ -296,3 +296,17 @@ def test_dashboard_benchmark_tiny(redis_url: str, tmp_path: Any) -> None:
         assert list(client.scan_iter(match=lines[0]["redis_prefix"] + "*")) == []
     finally:
         client.close()
+
+
+def test_controls_benchmark_prints_the_cost_of_a_concurrency_key(redis_url: str, tmp_path: Any) -> None:
+    lines = run_script("controls.py", ["--rounds", "1", "--runs", "2", "--chain", "3"], dict(os.environ, REDIS_URL=redis_url),
+                       tmp_path)
+    measured = {line["mode"]: line for line in lines if line["kind"] == "controls"}
+    assert set(measured) == {"plain", "keyed"}
+    for line in measured.values():
+        assert line["node_executions"] == 6 and line["wrong"] == [], line
+        assert positive_rate(line["nodes_per_s"]) and positive_rate(line["round_trips_per_node"]), line
+    (summary,) = [line for line in lines if line["kind"] == "summary"]
+    assert summary["ok"] is True and isinstance(summary["extra_round_trips_per_node"], float), summary
+    tag = next(line for line in lines if line["kind"] == "setup")["tag"]
+    assert redis_keys(redis_url, f"fcbench:{tag}:*") == []
