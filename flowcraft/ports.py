@@ -312,9 +312,9 @@ class WorkerInfo:
 class JobQueue(Protocol):
     """A queue may also offer ``requeue(jobs, delay=0.0)``: `enqueue` for the reconciler, which
     must not trust a belief that a job already waits without checking it (default: `enqueue`),
-    ``depth(queue=None)`` (jobs ready on a queue, default: the default one), ``live_workers() ->
-    list of WorkerInfo`` (every worker of the backend, whatever queues it serves, as far as it can
-    tell) and ``queue_name_problem(name) -> str or None`` (why the backend cannot use a queue name).
+    ``depth(queue=None)`` (jobs ready on a queue, default: the default one), ``live_workers(queues=())
+    -> list of WorkerInfo`` (every worker of the backend, whatever queues it serves, as far as it
+    can tell; `queues`: names to look at too, for a broker that only counts consumers per queue) and ``queue_name_problem(name) -> str or None`` (why the backend cannot use a queue name).
 
     Routing (SPEC 14): `enqueue` puts each job on the queue its `queue` names (None: the default
     queue, the attribute ``queue_name``); `fetch` takes from the queues the worker serves (the

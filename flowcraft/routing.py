@@ -108,8 +108,8 @@ def unserved(queue: Any, runtime: Any) -> Dict[str, int]:
     default = getattr(queue, "queue_name", None)
     if live is None or depth is None:
         return {}
-    workers: List[WorkerInfo] = list(live())
-    served = {name for w in workers for name in w.served}
     names = queue_names(runtime) | ({default} if default else set())
+    workers: List[WorkerInfo] = list(live(tuple(sorted(names))))  # (a broker may count consumers per queue only)
+    served = {name for w in workers for name in w.served}
     waiting = {name: int(depth(name)) for name in sorted(names - served)}
     return {name: n for name, n in waiting.items() if n > 0}

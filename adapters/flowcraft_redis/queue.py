@@ -495,8 +495,9 @@ class RedisQueue:
         return int(pipe.execute()[0])
 
     @translate_errors
-    def live_workers(self) -> List[WorkerInfo]:
-        """The registered workers whose heartbeat has not expired, with the queues they serve."""
+    def live_workers(self, queues: Sequence[str] = ()) -> List[WorkerInfo]:
+        """The registered workers whose heartbeat has not expired, with the queues they serve
+        (every worker registers under the default queue: `queues` adds none)."""
         pipe = self.client.pipeline(transaction=False)
         pipe.smembers(self.keys.workers)
         pipe.hkeys(self.keys.clients)

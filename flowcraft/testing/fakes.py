@@ -183,7 +183,7 @@ class InMemoryQueue:
             self._dead_meta.clear()
             return count
 
-    def live_workers(self) -> List[WorkerInfo]:
+    def live_workers(self, queues: Sequence[str] = ()) -> List[WorkerInfo]:
         """The threads that fetched within `live_window` seconds (the fakes' workers are threads)."""
         now = self.clock()
         with self._cond:
