@@ -266,3 +266,21 @@ def test_queues_must_be_names() -> None:
         InMemoryAdapter(FlowRuntime(), queues=[])
     with pytest.raises(ValueError, match="queues must be a non-empty list"):
         InMemoryAdapter(FlowRuntime(), queues="B")  # type: ignore[arg-type]
+
+
+def test_the_worker_command_serves_every_queue_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flowcraft.cli import backends
+    from flowcraft.cli.parser import build_parser
+
+    monkeypatch.delenv("FLOWCRAFT_QUEUE", raising=False)
+    runtime = _runtime(_chain(Seen()))  # routes node b to queue "B"
+
+    def parsed(*queues: str) -> Any:
+        return build_parser().parse_args(["worker", "--app", "m:a", *(x for q in queues for x in ("--queue", q))])
+
+    args = parsed("B", "jobs")  # the default queue: the first no node is routed to
+    assert (backends.queue_name(args, runtime), backends.served_queues(args, runtime)) == ("jobs", ["B", "jobs"])
+    args = parsed("B")  # only the routed queue: unrouted jobs still go to the backend's default queue
+    assert (backends.queue_name(args, runtime), backends.served_queues(args, runtime)) == ("flowcraft-queue", ["B"])
+    args = parsed("jobs")  # one queue, as before routing: it is the default queue
+    assert (backends.queue_name(args, runtime), backends.served_queues(args, runtime)) == ("jobs", None)
