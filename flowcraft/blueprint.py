@@ -106,6 +106,10 @@ class NodeConfig:
                 found.append(f"{where}: {name} must be a non-negative number of milliseconds, not {value!r}")
         if self.fallback is not None and not isinstance(self.fallback, str):
             found.append(f"{where}: fallback must be a node id, not {self.fallback!r}")
+        if "queue" in self.extra:  # routing (SPEC 14): kept in `extra`, as the wire has it
+            problem = identity_problem(self.extra["queue"])
+            if problem is not None:
+                found.append(f"{where}: queue must be a queue name: {self.extra['queue']!r} {problem}")
         return found
 
 

@@ -38,7 +38,7 @@ from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Map
 
 import attrs
 
-from . import batching, deadlines, limits, operations
+from . import batching, deadlines, limits, operations, routing
 from .cancel import CancelToken
 from .errors import FlowcraftError, StoreRejected
 from .events import Event
@@ -111,6 +111,7 @@ class ReconcileStats:
     stalled: int = 0
     reconciled: int = 0
     failed: int = 0
+    unserved: int = 0  # jobs waiting on a queue no live worker serves (SPEC 14)
 
 
 @attrs.define
@@ -228,6 +229,7 @@ class _Operations:
     `flowcraft.operations`; stores offer `list_runs` and `prune`, queues the dead letters."""
 
     runtime: FlowRuntime
+    router: routing.Router
     store: RunStore
     queue: JobQueue
     clock: Callable[[], float]
@@ -264,6 +266,9 @@ class _Operations:
         if failed is not None:
             self.retry(*failed)
             return bool(self.queue.remove_dead_letter(dead_letter_id, publish=False))  # type: ignore[attr-defined]
+        queue = self.router.queue_for(delivery.job) if delivery.job is not None else None
+        if queue is not None:  # its node is routed: to that queue (a malformed body goes to the default one)
+            return bool(self.queue.remove_dead_letter(dead_letter_id, publish=True, queue=queue))  # type: ignore[attr-defined]
         return bool(self.queue.remove_dead_letter(dead_letter_id, publish=True))  # type: ignore[attr-defined]
 
     def purge_dead_letters(self) -> int:
@@ -332,6 +337,8 @@ class DistributedAdapter(_Operations):
         self.poll_timeout = poll_timeout
         self.clock = clock
         self.runner = NodeRunner(runtime.middleware, None)
+        self.router = routing.Router(runtime)  # which queue each job goes to (SPEC 14)
+        self._routes_checked: Set[int] = set()  # ids of the graphs whose queue names the queue accepted
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._busy = threading.Lock()
@@ -1074,7 +1081,7 @@ class DistributedAdapter(_Operations):
             self.node_failed(job, outcome)
         if type(outcome) is RetryLater:
             self._release([slot])
-            retry = job.with_(attempt=job.attempt + 1)
+            retry = self.router.job(job.with_(attempt=job.attempt + 1))
             self.queue.enqueue([retry], outcome.delay)
             self._emit_jobs([retry], outcome.delay)
             return self.queue.ack([delivery])
@@ -1228,7 +1235,7 @@ class DistributedAdapter(_Operations):
             reason = f"version mismatch: run {job.run_id} needs {theirs}, no worker with it took the job in {self.version_mismatch_ttl:g}s"
             return self._reject(delivery, reason, _identity(job))  # the job is gone: the run cannot finish
         logger.warning("job %s needs blueprint %s, this worker has %s: put back", job.key, theirs, ours)
-        put_back = job.with_(first_seen=first_seen)
+        put_back = self.router.job(job.with_(first_seen=first_seen))
         self.queue.enqueue([put_back], self.version_mismatch_delay)
         self.queue.ack([delivery])
         if self.runtime.event_bus is not None:
@@ -1388,6 +1395,7 @@ class DistributedAdapter(_Operations):
             plan.settle()
             commit = plan.commit
             assert commit is not None  # `settle` always makes one
+            self.router.commit(commit)
             try:
                 applied = self.store.commit(commit)
             except StoreRejected as error:
@@ -1418,6 +1426,7 @@ class DistributedAdapter(_Operations):
             plan.commit.ack.append(prepared.delivery)
         if plan.commit is not None:
             _carry_traceparent(plan.commit, prepared.job.extra.get(TRACEPARENT) or snap.record.traceparent)
+            self.router.commit(plan.commit)
         return plan.commit
 
     def _reload(self, prepared: "_Prepared") -> Optional[RunSnapshot]:
@@ -1457,7 +1466,7 @@ class DistributedAdapter(_Operations):
                 new.result = None
             if new.result is None:
                 new.result = WorkflowResult(FAILED, {}, [WorkflowError.from_dict(e) for e in new.errors], run_id).to_dict()
-            jobs = self._parent_jobs(new)
+            jobs = self.router.jobs(self._parent_jobs(new))
             history = [event or {"type": "node:error", "payload": dict(error.to_dict(), node_id=error.node_id,
                                                                        worker=self.worker_name, timestamp=new.updated_at)},
                        _finish_event(new)]
@@ -1571,7 +1580,9 @@ class DistributedAdapter(_Operations):
         traversal = Traversal(graph, {})
         if traceparent is None and self.runtime.middleware:
             traceparent = start_traceparent(self.runtime.middleware)
-        jobs = _traced([Job(run_id, blueprint.id, a.node_id, a.iteration) for a in traversal.start()], traceparent)
+        self._check_routes(graph)
+        jobs = self.router.jobs(_traced([Job(run_id, blueprint.id, a.node_id, a.iteration) for a in traversal.start()],
+                                        traceparent))
         record = RunRecord(run_id, blueprint.id, blueprint.version, RUNNING, 1, traversal.outstanding,
                            parent=parent, updated_at=self.clock(), blueprint_digest=graph.digest, traceparent=traceparent)
         states = {k: v.to_dict() for k, v in traversal.states.items()}
@@ -1590,7 +1601,7 @@ class DistributedAdapter(_Operations):
             return run_id
         if record.status == COMPLETED:
             record.result = WorkflowResult(COMPLETED, context, run_id=run_id).to_dict()
-            self.store.commit(Commit(run_id, 1, attrs.evolve(record), jobs=self._parent_jobs(record),
+            self.store.commit(Commit(run_id, 1, attrs.evolve(record), jobs=self.router.jobs(self._parent_jobs(record)),
                                      history=[_finish_event(record)]))
         if record.deadline_at is not None:  # lost if this process dies right now: the reconciler fails it when overdue
             self.queue.enqueue([deadlines.deadline_job(run_id, blueprint.id)], seconds or 0.0)
@@ -1602,6 +1613,13 @@ class DistributedAdapter(_Operations):
             if record.status == COMPLETED:
                 self._emit_ended(record, self._parent_jobs(record))
         return run_id
+
+    def _check_routes(self, graph: CompiledGraph) -> None:
+        """A graph routing a node to a queue name the backend cannot use fails its first start,
+        naming the node (`routing.RoutingError`)."""
+        if id(graph) not in self._routes_checked:
+            routing.check_names(graph, getattr(self.queue, "queue_name_problem", None))
+            self._routes_checked.add(id(graph))
 
     def _child_parent(self, parent: Dict[str, Any]) -> Dict[str, Any]:
         """A subflow child's parent reference with the child's depth (its parent's + 1); raises
@@ -1684,7 +1702,7 @@ class DistributedAdapter(_Operations):
                 return
             new = attrs.evolve(record, status=CANCELLED, updated_at=self.clock())
             new.result = self._final_result(run_id, new, {}, ()).to_dict()
-            jobs = self._parent_jobs(new)
+            jobs = self.router.jobs(self._parent_jobs(new))
             history = [{"type": "run:cancel", "payload": {"timestamp": new.updated_at}}, _finish_event(new)]
             if self.store.commit(Commit(run_id, record.version, new, jobs=jobs, history=history)):
                 self.store.publish_outbox(run_id, self.queue)
@@ -1734,6 +1752,7 @@ class DistributedAdapter(_Operations):
         requeue = getattr(self.queue, "requeue", self.queue.enqueue)
         if record.traceparent:
             jobs = [(_traced([job], record.traceparent)[0], delay) for job, delay in jobs]
+        jobs = [(self.router.job(job), delay) for job, delay in jobs]
         for job, delay in jobs:
             requeue([job], delay)
             self._emit_jobs([job], delay)
@@ -1824,7 +1843,22 @@ class Reconciler:
     def run(self) -> ReconcileStats:
         scanned, idle = self.adapter.store.idle_runs(self.stalled_threshold_seconds, self.limit)
         reconciled, failed = self.reconcile_each(idle)
-        return ReconcileStats(scanned=scanned, stalled=len(idle), reconciled=reconciled, failed=failed)
+        return ReconcileStats(scanned=scanned, stalled=len(idle), reconciled=reconciled, failed=failed,
+                              unserved=self.unserved())
+
+    def unserved(self) -> int:
+        """How many jobs wait on a queue no live worker serves (a WARNING names the queues)."""
+        try:
+            waiting = routing.unserved(self.adapter.queue, self.adapter.runtime)
+        except _OUTAGES:
+            raise
+        except Exception:  # the count is a report: a queue that cannot tell must not stop reconciling
+            logger.exception("reconciler: counting the jobs on unserved queues failed")
+            return 0
+        if waiting:
+            logger.warning("reconciler: %d job(s) wait on queue(s) no live worker serves: %s", sum(waiting.values()),
+                           ", ".join(f"{name} ({n})" for name, n in waiting.items()))
+        return sum(waiting.values())
 
     def reconcile_each(self, run_ids: Iterable[str]) -> Tuple[int, int]:
         """`adapter.reconcile` each run: (how many had work re-enqueued, how many failed to)."""

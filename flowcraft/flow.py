@@ -11,8 +11,9 @@ from .limits import CONCURRENCY_KEY, MAX_CONCURRENCY
 from .node import Registry
 
 _CONFIG_KWARGS = ("max_retries", "retry_delay", "timeout", "fallback", "join_strategy")
-# options kept in the config's `extra`, in their wire form (see `NodeConfig.concurrency_key`)
-_EXTRA_KWARGS = {"concurrency_key": CONCURRENCY_KEY, "max_concurrency": MAX_CONCURRENCY}
+# keywords whose setting the wire keeps in the config's `extra` (keyword -> wire key; see
+# `NodeConfig.concurrency_key`)
+_EXTRA_KWARGS = {"concurrency_key": CONCURRENCY_KEY, "max_concurrency": MAX_CONCURRENCY, "queue": "queue"}
 
 
 def uses_key(flow_id: str, node_id: str, impl: Any) -> str:
@@ -32,7 +33,8 @@ def uses_key(flow_id: str, node_id: str, impl: Any) -> str:
 def _config(config: Union[NodeConfig, Mapping[str, Any], None], kwargs: Dict[str, Any]) -> Optional[NodeConfig]:
     unknown = set(kwargs) - set(_CONFIG_KWARGS) - set(_EXTRA_KWARGS)
     if unknown:
-        raise TypeError(f"unknown node option(s) {sorted(unknown)}; expected some of {list(_CONFIG_KWARGS) + list(_EXTRA_KWARGS)}")
+        raise TypeError(f"unknown node option(s) {sorted(unknown)}; expected some of "
+                        f"{list(_CONFIG_KWARGS) + list(_EXTRA_KWARGS)}")
     if isinstance(config, Mapping):
         config = NodeConfig.from_dict(config)  # the camelCase wire form, milliseconds
     if config is None and not kwargs:
@@ -125,9 +127,10 @@ class Flow:
 
     def batch(
         self, batch_id: str, worker: Any, *, input_key: str, output_key: Optional[str] = None,
-        params: Optional[Mapping[str, Any]] = None,
+        params: Optional[Mapping[str, Any]] = None, queue: Optional[str] = None,
     ) -> "Flow":
-        """Run `worker` once per item of the list at `input_key`; results, in item order, go to `output_key`."""
+        """Run `worker` once per item of the list at `input_key`; results, in item order, go to `output_key`.
+        `queue` routes the batch (its items and its gathering) to that queue (SPEC 14)."""
         if isinstance(worker, str):
             uses = worker
         else:
@@ -137,8 +140,10 @@ class Flow:
         scatter_params: Dict[str, Any] = {"inputKey": input_key, "workerUsesKey": uses, "gatherNodeId": gather}
         if params is not None:
             scatter_params["workerParams"] = dict(params)
-        self._add_node(NodeDefinition(id=scatter, uses=BATCH_SCATTER, params=scatter_params))
-        self._add_node(NodeDefinition(id=gather, uses=BATCH_GATHER, params={"outputKey": output_key or batch_id}))
+        routed = _config(None, {"queue": queue}) if queue is not None else None
+        self._add_node(NodeDefinition(id=scatter, uses=BATCH_SCATTER, params=scatter_params, config=routed))
+        self._add_node(NodeDefinition(id=gather, uses=BATCH_GATHER, params={"outputKey": output_key or batch_id},
+                                      config=routed))
         self._internal.add(len(self._edges))
         self._edges.append(EdgeDefinition(scatter, gather))
         self._batches[batch_id] = gather

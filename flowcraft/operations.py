@@ -245,7 +245,7 @@ def _rerun(adapter: "DistributedAdapter", run_id: str, choose: Any, forget_outpu
         if forget_outputs:
             context = adapter.store.read_all_context(run_id)
             delete = [k for n in reset for k in (n, "_outputs." + n) if k in context]
-        jobs = _frontier_jobs(adapter, run_id, graph, new, states)
+        jobs = adapter.router.jobs(_frontier_jobs(adapter, run_id, graph, new, states))
         if not jobs and not new.awaiting:
             raise ValueError(f"run {run_id}: no node would run again")
         commit = Commit(run_id, record.version, new, context_delete=delete,
@@ -338,6 +338,7 @@ def skip(adapter: "DistributedAdapter", run_id: str, node_id: str, output: Any =
         commit = plan.commit
         if commit is None:
             return set()
+        adapter.router.commit(commit)
         commit.history.insert(0, {"type": "node:skip", "payload": {"node_id": node_id, "output": output,
                                                                   "timestamp": ready.updated_at}})
         if adapter.store.commit(commit):

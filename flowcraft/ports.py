@@ -18,7 +18,8 @@ import attrs
 
 # What a job on the wire may be (see `Job`); "resume" jobs never travel, a client makes them in process.
 JOB_KINDS = ("node", "timer", "child", "item", "deadline")
-_JOB_FIELDS = {"runId", "blueprintId", "nodeId", "iteration", "attempt", "input", "parent", "index", "kind", "firstSeen"}
+_JOB_FIELDS = {"runId", "blueprintId", "nodeId", "iteration", "attempt", "input", "parent", "index", "kind", "firstSeen",
+               "queue"}
 
 # Bounds on what a queue message may be (anyone who can write to the queue can write anything):
 MAX_JOB_BYTES = 16 * 1024 * 1024  # a larger body is malformed (only a batch item's input rides in its job)
@@ -142,7 +143,10 @@ class Job:
     """One unit of work: execute (or finish) node `node_id` of run `run_id` at `iteration`.
 
     `kind` is "node" (execute), "timer" (a sleep's wake-up), "child" (a subflow's child finished)
-    or "item" (a batch item: `parent` and `index` name it, `input` carries the item).
+    or "item" (a batch item: `parent` and `index` name it, `input` carries the item). `queue` names
+    the queue it goes to when its node is routed (`flowcraft.routing`; None: the adapter's default
+    queue); it rides in the job (only when set) so that stores publishing later (an outbox) and
+    redeliveries keep it.
     """
 
     run_id: str
@@ -156,6 +160,7 @@ class Job:
     input: Any = None
     first_seen: Optional[float] = None  # when a worker first had to put it back (version mismatch)
     extra: Dict[str, Any] = attrs.field(factory=dict)
+    queue: Optional[str] = None
 
     @property
     def key(self) -> str:
@@ -177,6 +182,8 @@ class Job:
             out["input"] = self.input
         if self.first_seen is not None:
             out["firstSeen"] = self.first_seen
+        if self.queue is not None:
+            out["queue"] = self.queue
         out.update(self.extra)
         return out
 
@@ -199,7 +206,7 @@ class Job:
         missing = [k for k in ("runId", "blueprintId", "nodeId") if not isinstance(data.get(k), str) or not data.get(k)]
         if missing:
             raise MalformedJob(f"missing or empty field(s) {missing}")
-        for name in ("runId", "blueprintId", "nodeId", "parent"):
+        for name in ("runId", "blueprintId", "nodeId", "parent", "queue"):
             problem = identity_problem(data[name]) if data.get(name) is not None else None
             if problem is not None:
                 raise MalformedJob(f"field {name!r} {problem}")
@@ -220,6 +227,7 @@ class Job:
             run_id=data["runId"], blueprint_id=data["blueprintId"], node_id=data["nodeId"], iteration=iteration,
             attempt=max(1, attempt), kind=kind, parent=data.get("parent"), index=index, input=data.get("input"),
             first_seen=data.get("firstSeen"), extra={k: v for k, v in data.items() if k not in _JOB_FIELDS},
+            queue=data.get("queue"),
         )
 
     def with_(self, **changes: Any) -> "Job":
@@ -284,12 +292,18 @@ class Delivery:
 @attrs.frozen
 class WorkerInfo:
     """A live worker as its queue can tell it: an id (a broker that names none numbers its
-    consumers), the queue, when it was last seen (epoch seconds, None: unknown) and a detail."""
+    consumers), the queue (its first), when it was last seen (epoch seconds, None: unknown), a
+    detail, and every queue it serves in its priority order (empty: just `queue`)."""
 
     id: str
     queue: str
     last_seen: Optional[float] = None
     detail: str = ""
+    queues: Tuple[str, ...] = ()
+
+    @property
+    def served(self) -> Tuple[str, ...]:
+        return self.queues or (self.queue,)
 
     def to_dict(self) -> Dict[str, Any]:
         return attrs.asdict(self)
@@ -298,8 +312,13 @@ class WorkerInfo:
 class JobQueue(Protocol):
     """A queue may also offer ``requeue(jobs, delay=0.0)``: `enqueue` for the reconciler, which
     must not trust a belief that a job already waits without checking it (default: `enqueue`),
-    ``depth()`` (jobs ready) and ``live_workers() -> list of WorkerInfo`` (the workers it serves
-    now, as far as it can tell)."""
+    ``depth(queue=None)`` (jobs ready on a queue, default: the default one), ``live_workers(queues=())
+    -> list of WorkerInfo`` (every worker of the backend, whatever queues it serves, as far as it
+    can tell; `queues`: names to look at too, for a broker that only counts consumers per queue) and ``queue_name_problem(name) -> str or None`` (why the backend cannot use a queue name).
+
+    Routing (SPEC 14): `enqueue` puts each job on the queue its `queue` names (None: the default
+    queue, the attribute ``queue_name``); `fetch` takes from the queues the worker serves (the
+    attribute ``queues``, in priority order: a job of an earlier one first)."""
 
     def enqueue(self, jobs: Sequence[Job], delay: float = 0.0) -> None:
         """Make jobs deliverable now, or after `delay` seconds. Durable once it returns."""

@@ -1025,7 +1025,8 @@ def test_reconciler_leaves_a_healthy_run_alone() -> None:
     run_id = adapter.start_workflow("chain", {"start": 1})
     before = adapter.store.get_record(run_id)
     stats = Reconciler(adapter, stalled_threshold_seconds=3600).run()
-    assert stats == ReconcileStats(scanned=1, stalled=0, reconciled=0, failed=0)
+    # no worker ever fetched: the start job waits on a queue nobody serves, and the reconciler says so
+    assert stats == ReconcileStats(scanned=1, stalled=0, reconciled=0, failed=0, unserved=1)
     assert adapter.queue.pending == 1
     assert adapter.store.get_record(run_id).version == before.version
     adapter.drain()

@@ -5,7 +5,7 @@ wires the ports."""
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 from flowcraft.distributed import DistributedAdapter, ReconcileStats, Reconciler
 
@@ -46,6 +46,7 @@ class RabbitMqAdapter(DistributedAdapter):
         runs_table_name: Optional[str] = None,
         outbox_table_name: Optional[str] = None,
         reconnect_timeout: float = 60.0,
+        queues: Optional[Sequence[str]] = None,
         **options: Any,
     ) -> None:
         for name, what in ((context_table_name, "context table name"), (status_table_name, "status table name")):
@@ -53,7 +54,7 @@ class RabbitMqAdapter(DistributedAdapter):
         store = PostgresRunStore(postgres_dsn, context_table_name, status_table_name, runs_table_name, outbox_table_name,
                                  reconnect_timeout=reconnect_timeout)
         try:
-            queue = RabbitMqQueue(amqp_url, queue_name, prefetch, reconnect_timeout=reconnect_timeout)
+            queue = RabbitMqQueue(amqp_url, queue_name, prefetch, reconnect_timeout=reconnect_timeout, queues=queues)
         except BaseException:
             store.close()
             raise

@@ -20,6 +20,12 @@ Queues (all durable):
   acceptable for sleeps and retry backoff (durations in the same run are usually alike); use one
   delay queue per rounded delay if you need tighter timers.
 
+Routing (SPEC 14): a job whose `queue` names another queue N goes to the durable queue N (declared
+plainly, as the main one, with its own delay queue ``N.delay`` dead-lettering into it); dead
+letters of every queue go to ``<queue>.dead``. A worker serving several `queues` consumes from each
+on its one channel (one prefetch window), and `fetch` hands out what it holds in the order of
+`queues`.
+
 Messages are persistent (``delivery_mode=2``) and published with publisher confirms (and
 ``mandatory``), so `enqueue` returns only once RabbitMQ has them; several messages go as one AMQP
 transaction (`tx.commit-ok` comes once RabbitMQ has them all), their frames written in one `send`.
@@ -43,13 +49,13 @@ import random
 import threading
 import time
 import uuid
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import pika
 import pika.exceptions
 
 from flowcraft.operations import DeadLetter
-from flowcraft.ports import Delivery, Job, WorkerInfo
+from flowcraft.ports import Delivery, Job, MalformedJob, WorkerInfo
 
 logger = logging.getLogger("flowcraft.rabbitmq.queue")
 
@@ -162,14 +168,35 @@ class _Link:
             self.drop()
 
 
+def _queue_in(body: Any) -> Optional[str]:
+    """The `queue` a serialized job names (None: the default queue); only a body that holds the
+    field's name is parsed."""
+    if (b'"queue"' not in body) if isinstance(body, (bytes, bytearray)) else ('"queue"' not in body):
+        return None
+    try:
+        return Job.from_json(body).queue
+    except MalformedJob:
+        return None
+
+
 class RabbitMqQueue:
     """The job queue on RabbitMQ; see the module docstring."""
 
     def __init__(self, connection_or_url: Any, queue_name: str = "flowcraft-jobs", prefetch: int = DEFAULT_PREFETCH, *,
-                 reconnect_timeout: float = 60.0, max_backoff: float = 1.0) -> None:
-        if not isinstance(queue_name, str) or not queue_name or len(queue_name.encode()) > 240:
-            raise ValueError(f"invalid queue name {queue_name!r}")
+                 reconnect_timeout: float = 60.0, max_backoff: float = 1.0, queues: Optional[Sequence[str]] = None) -> None:
+        problem = self.queue_name_problem(queue_name)
+        if problem:
+            raise ValueError(f"invalid queue name {queue_name!r}: {problem}")
+        if queues is not None and (isinstance(queues, str) or not queues):
+            raise ValueError(f"queues must be a non-empty list of queue names, not {queues!r}")
+        for name in queues or ():
+            problem = self.queue_name_problem(name)
+            if problem:
+                raise ValueError(f"invalid queue name {name!r}: {problem}")
         self.queue_name = queue_name
+        self.queues: Tuple[str, ...] = tuple(dict.fromkeys(queues or (queue_name,)))
+        # the other queues this process published to (or serves): declared with every new channel
+        self._routed: Set[str] = {q for q in self.queues if q != queue_name}
         self.dead_queue = f"{queue_name}.dead"
         self.delay_queue = f"{queue_name}.delay"
         self.prefetch = max(1, int(prefetch))
@@ -177,7 +204,8 @@ class RabbitMqQueue:
         given = None if isinstance(connection_or_url, (str, pika.connection.Parameters)) else connection_or_url
         self._publisher = _Link(params, self._setup_publisher, "publisher", None, reconnect_timeout, max_backoff)
         self._consumer = _Link(params, self._setup_consumer, "consumer", given, reconnect_timeout, max_backoff)
-        self._buffer: Deque[Tuple[int, Any, Any]] = collections.deque()  # (generation, method, body)
+        # (generation, method, body, index in `queues` of the queue it came from)
+        self._buffer: Deque[Tuple[int, Any, Any, int]] = collections.deque()
         self._unacked: Deque[int] = collections.deque()  # delivery tags of the consumer channel not yet acked, in order
         self._consumer_tag: Optional[str] = None
         self._tx: Optional[Tuple[int, Any]] = None  # (publisher generation, transactional channel)
@@ -231,11 +259,42 @@ class RabbitMqQueue:
 
     # --- topology --------------------------------------------------------------------------------
 
+    @staticmethod
+    def queue_name_problem(name: Any) -> Optional[str]:
+        """Why RabbitMQ cannot take `name` as a queue of ours (None: it can)."""
+        if not isinstance(name, str) or not name:
+            return "a queue name is a non-empty string"
+        if len(name.encode()) > 240:
+            return "longer than 240 bytes (RabbitMQ takes 255, with room for '.delay')"
+        if name.startswith("amq."):
+            return "names starting with 'amq.' are RabbitMQ's own"
+        return None
+
     def _declare(self, channel: Any) -> None:
         channel.queue_declare(self.queue_name, durable=True)
         channel.queue_declare(self.dead_queue, durable=True)
         channel.queue_declare(self.delay_queue, durable=True, arguments={
             "x-dead-letter-exchange": "", "x-dead-letter-routing-key": self.queue_name})
+        for name in sorted(self._routed):
+            self._declare_routed(channel, name)
+
+    @staticmethod
+    def _declare_routed(channel: Any, name: str) -> None:
+        channel.queue_declare(name, durable=True)
+        channel.queue_declare(f"{name}.delay", durable=True, arguments={
+            "x-dead-letter-exchange": "", "x-dead-letter-routing-key": name})
+
+    def _known(self, names: Iterable[Optional[str]]) -> None:
+        """Declare the routed queues not declared yet (on the publisher channel: every channel
+        opened later declares them with the others)."""
+        new = {n for n in names if n is not None and n != self.queue_name and n not in self._routed}
+        if not new:
+            return
+        with self._publisher.lock:
+            channel = self._publisher.ensure()
+            for name in sorted(new):
+                self._declare_routed(channel, name)
+                self._routed.add(name)
 
     def _setup_publisher(self, channel: Any) -> None:
         self._declare(channel)
@@ -248,11 +307,14 @@ class RabbitMqQueue:
         self._buffer.clear()  # deliveries of a closed channel come back by themselves
         self._unacked.clear()
 
-        def on_message(ch: Any, method: Any, properties: Any, body: bytes) -> None:
-            self._buffer.append((generation, method, body))
-            self._unacked.append(method.delivery_tag)
+        def consume(index: int) -> Callable[..., None]:
+            def on_message(ch: Any, method: Any, properties: Any, body: bytes) -> None:
+                self._buffer.append((generation, method, body, index))
+                self._unacked.append(method.delivery_tag)
+            return on_message
 
-        self._consumer_tag = channel.basic_consume(self.queue_name, on_message, auto_ack=False)
+        for index, name in enumerate(self.queues):
+            self._consumer_tag = channel.basic_consume(name, consume(index), auto_ack=False)
 
     # --- publishing ------------------------------------------------------------------------------
 
@@ -325,32 +387,39 @@ class RabbitMqQueue:
         return tx[1]
 
     def enqueue(self, jobs: Sequence[Job], delay: float = 0.0) -> None:
-        self.enqueue_serialized([(job.to_json(), delay) for job in jobs])
+        self._send([(job.to_json(), delay, job.queue) for job in jobs])
 
     def enqueue_serialized(self, messages: Sequence[Tuple[Any, float]]) -> None:
         """Publish jobs already serialized (as `Job.to_json` writes them, str or bytes), each with its
-        delay in seconds, all in one batch (one AMQP transaction when there are several)."""
+        delay in seconds, all in one batch (one AMQP transaction when there are several); each goes
+        to the queue its `queue` field names (only a body holding that field is parsed)."""
+        self._send([(body, delay, _queue_in(body)) for body, delay in messages])
+
+    def _send(self, messages: Sequence[Tuple[Any, float, Optional[str]]]) -> None:
+        self._known(queue for _, _, queue in messages)
         out = []
-        for body, delay in messages:
+        for body, delay, queue in messages:
+            name = queue or self.queue_name
             if delay > 0:
                 props = pika.BasicProperties(delivery_mode=2, content_type="application/json",
                                              expiration=str(max(1, int(round(delay * 1000)))))
-                key = self.delay_queue
+                key = f"{name}.delay"
             else:
                 props = self._plain_props
-                key = self.queue_name
+                key = name
             out.append((key, body.encode() if isinstance(body, str) else body, props))
         if out:
             self._publish(out)
 
-    def publish_raw(self, body: bytes) -> None:
-        """Publish a raw message to the main queue, as a foreign (or broken) client would."""
-        self._publish([(self.queue_name, body, pika.BasicProperties(delivery_mode=2))])
+    def publish_raw(self, body: bytes, queue: Optional[str] = None) -> None:
+        """Publish a raw message to the main queue (or `queue`), as a foreign (or broken) client would."""
+        self._known([queue])
+        self._publish([(queue or self.queue_name, body, pika.BasicProperties(delivery_mode=2))])
 
     # --- consuming -------------------------------------------------------------------------------
 
     def _pending_in_broker(self, channel: Any) -> int:
-        return channel.queue_declare(self.queue_name, passive=True).method.message_count
+        return sum(channel.queue_declare(name, passive=True).method.message_count for name in self.queues)
 
     def fetch(self, max_jobs: int = 1, timeout: float = 1.0) -> List[Delivery]:
         link = self._consumer
@@ -381,16 +450,19 @@ class RabbitMqQueue:
                             if pending and not self._buffer:
                                 link.connection.process_data_events(time_limit=0.2)
                     if self._buffer:
-                        self._gather(link, max_jobs)
+                        # several queues: all that arrived, so that the first queue's go first
+                        self._gather(link, max_jobs if len(self.queues) == 1 else max(max_jobs, self.prefetch))
                     break
                 except _AMQP_ERRORS as error:
                     logger.warning("consuming from RabbitMQ failed (%r): reconnecting", error)
                     link.drop()
                     if time.monotonic() >= deadline:
                         return []
+            if len(self.queues) > 1 and len(self._buffer) > 1:  # the first queue's first (a stable sort)
+                self._buffer = collections.deque(sorted(self._buffer, key=lambda entry: entry[3]))
             out: List[Delivery] = []
             while self._buffer and len(out) < max_jobs:
-                generation, method, body = self._buffer.popleft()
+                generation, method, body, _ = self._buffer.popleft()
                 out.append(Delivery.parse(body, tag=(generation, method.delivery_tag), redelivered=method.redelivered))
             return out
 
@@ -514,17 +586,18 @@ class RabbitMqQueue:
         self._with_dead(visit)
         return out
 
-    def remove_dead_letter(self, dead_letter_id: str, publish: bool = True) -> bool:
+    def remove_dead_letter(self, dead_letter_id: str, publish: bool = True, queue: Optional[str] = None) -> bool:
         """Take the dead letter `dead_letter_id` out; with `publish`, its body goes to the main
-        queue first (confirmed), then the letter is acknowledged (a crash between: the job is there
-        twice, which workers tolerate). False if no dead letter has that id."""
+        queue (or `queue`) first (confirmed), then the letter is acknowledged (a crash between: the
+        job is there twice, which workers tolerate). False if no dead letter has that id."""
         found: List[bool] = []
+        self._known([queue])
 
         def visit(channel: Any, method: Any, properties: Any, body: bytes) -> bool:
             if self._letter(properties, body).id != dead_letter_id:
                 return True
             if publish:
-                self._publish([(self.queue_name, bytes(body), self._plain_props)])
+                self._publish([(queue or self.queue_name, bytes(body), self._plain_props)])
             channel.basic_ack(method.delivery_tag)
             found.append(True)
             return False
@@ -558,17 +631,25 @@ class RabbitMqQueue:
 
     # --- inspection (tests, tools) ---------------------------------------------------------------
 
-    def depth(self) -> int:
-        """Messages ready in the main queue (not delayed, not unacknowledged): the queue's depth."""
+    def depth(self, queue: Optional[str] = None) -> int:
+        """Messages ready in the main queue, or `queue` (not delayed, not unacknowledged): its depth."""
+        self._known([queue])
         with self._publisher.lock:
-            return int(self._pending_in_broker(self._publisher.ensure()))
+            channel = self._publisher.ensure()
+            return int(channel.queue_declare(queue or self.queue_name, passive=True).method.message_count)
 
-    def live_workers(self) -> List[WorkerInfo]:
-        """One entry per consumer of the main queue: the broker counts them but names none."""
+    def live_workers(self, queues: Sequence[str] = ()) -> List[WorkerInfo]:
+        """One entry per consumer of the main queue, of the queues this process knows and of
+        `queues`: the broker counts them but names none (a worker serving several queues is one
+        consumer of each)."""
+        self._known(queues)
+        names = [self.queue_name, *sorted(self._routed)]
         with self._publisher.lock:
-            count = int(self._publisher.ensure().queue_declare(self.queue_name, passive=True).method.consumer_count)
-        return [WorkerInfo(f"consumer {i}", self.queue_name, None, "AMQP consumer (the broker names no worker)")
-                for i in range(1, count + 1)]
+            channel = self._publisher.ensure()
+            counts = [(name, int(channel.queue_declare(name, passive=True).method.consumer_count)) for name in names]
+        return [WorkerInfo(f"consumer {i} of {name}" if name != self.queue_name else f"consumer {i}", name, None,
+                           "AMQP consumer (the broker names no worker)", (name,))
+                for name, count in counts for i in range(1, count + 1)]
 
     def message_counts(self) -> Tuple[int, int, int]:
         """(ready in the main queue, in the delay queue, in the dead-letter queue)."""

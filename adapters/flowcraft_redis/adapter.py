@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from flowcraft.distributed import DistributedAdapter, Reconciler
 
@@ -20,7 +20,8 @@ class RedisAdapter(DistributedAdapter):
     """A worker and client whose queue, run store and coordination store are one Redis.
 
     Options beyond the spec's: `prefix` (a key prefix, default ""), `worker_id`, `heartbeat_ttl`
-    and `recover_interval` (dead-worker detection, seconds: see `RedisQueue`); the rest go to
+    and `recover_interval` (dead-worker detection, seconds: see `RedisQueue`), `queues` (the
+    queues this worker serves, in priority order; default: `queue_name`); the rest go to
     `DistributedAdapter` (`threads`, `fetch_batch`, `max_fetch`, `poll_timeout`, ...).
     """
 
@@ -30,11 +31,11 @@ class RedisAdapter(DistributedAdapter):
     def __init__(self, runtime: Any, redis_url_or_client: Any, queue_name: str = "flowcraft-queue",
                  state_ttl_seconds: int = 86400, retry_mode: str = "in-process", *, prefix: str = "",
                  worker_id: Optional[str] = None, heartbeat_ttl: float = 30.0, recover_interval: float = 0.5,
-                 **options: Any) -> None:
+                 queues: Optional[Sequence[str]] = None, **options: Any) -> None:
         client = connect(redis_url_or_client)
         clock = options.get("clock", time.time)
         queue = RedisQueue(client, queue_name, worker_id, prefix, heartbeat_ttl=heartbeat_ttl,
-                           recover_interval=recover_interval, clock=clock)
+                           recover_interval=recover_interval, clock=clock, queues=queues)
         store = RedisRunStore(client, prefix, state_ttl_seconds, queue=queue, clock=clock)
         options.setdefault("max_fetch", 20)  # while jobs are fast: one fetch, load and commit round for up to 20
         super().__init__(runtime, queue, store, RedisCoordinationStore(client, prefix), retry_mode=retry_mode, **options)

@@ -24,6 +24,11 @@ key                                    type        holds
 ``<p><queue>:dead``                    list        dead letters, JSON ``{"body", "reason", "at"}``
 ``<p><queue>:workers``                 set         worker ids that own a processing list
 ``<p><queue>:worker:<workerId>``       string      a worker's heartbeat (expires when it dies)
+``<p><queue>:clients``                 hash        worker id -> CLIENT ID of its own connection
+``<p><queue>:queues``                  hash        worker id -> JSON list of the queues it serves,
+                                                   for workers serving more than this one
+                                                   (routing: every worker registers under the
+                                                   default queue's keys)
 ``<c><key>``                           string      coordination counters and markers: the key
                                                    as given, as Flowcraft TS's (``<c>``: the
                                                    coordination store's prefix, default none)
@@ -170,6 +175,7 @@ class QueueKeys:
         self.dead = base + ":dead"
         self.workers = base + ":workers"
         self.clients = base + ":clients"  # worker id -> the CLIENT ID of its registered connection
+        self.queues = base + ":queues"  # worker id -> JSON list of the queues it serves (absent: this one)
 
     def processing(self, worker_id: str) -> str:
         return f"{self.ready}:processing:{validate_simple('worker id', worker_id)}"

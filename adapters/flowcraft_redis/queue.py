@@ -16,6 +16,16 @@ Redis restart) registers its new id at its next tick; meanwhile its jobs may be 
 again elsewhere, which at-least-once delivery allows (no node is committed twice).
 Delayed jobs wait in the ``<queue>:delayed`` ZSET (score = due time) until `fetch` promotes them.
 Bytes in, bytes out: nothing is ever unpickled.
+
+Routing (SPEC 14): a job whose `queue` names another queue goes to that queue's lists (its own
+``<name>``, ``<name>:delayed``); a worker serving `queues` (default: its `queue_name`) takes from
+their ready lists in that order (one script call; then, when all are empty, it blocks on the first
+for at most `poll_interval` and looks again) into one processing list per queue,
+``<name>:processing:<worker id>``. Workers register (workers set, clients hash, heartbeat) under
+the default queue's keys, whatever they serve, with the queues they serve in
+``<queue>:queues`` (worker id -> JSON list; absent: the default queue only), so that any live
+worker gives a dead one's jobs back to the lists they came from, and `live_workers` knows them
+all. Dead letters of every queue go to the default queue's ``<queue>:dead``.
 """
 from __future__ import annotations
 
@@ -26,7 +36,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Callable, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import redis
 
@@ -66,17 +76,33 @@ def _simple(worker_id: str) -> bool:
     return True
 
 
+def served_queues(queues: Optional[Sequence[str]], default: str) -> Tuple[str, ...]:
+    """The queues a worker serves, checked (None: the default queue only)."""
+    if queues is None:
+        return (default,)
+    if isinstance(queues, str) or not queues:
+        raise ValueError(f"queues must be a non-empty list of queue names, not {queues!r}")
+    return tuple(dict.fromkeys(validate_simple("queue name", q) for q in queues))
+
+
 class RedisQueue:
     """A reliable job queue on Redis lists (see the module doc)."""
 
     def __init__(self, client: Any, queue_name: str = "flowcraft-queue", worker_id: Optional[str] = None,
                  prefix: str = "", *, heartbeat_ttl: float = 30.0, recover_interval: float = 0.5,
-                 promote_limit: int = 1000, clock: Callable[[], float] = time.time) -> None:
+                 promote_limit: int = 1000, clock: Callable[[], float] = time.time,
+                 queues: Optional[Sequence[str]] = None, poll_interval: float = 0.1) -> None:
         self.client = client
         self.keys = QueueKeys(queue_name, prefix)
         self.queue_name = queue_name
+        self.queues = served_queues(queues, queue_name)
+        self.poll_interval = float(poll_interval)
+        self._named: Dict[str, QueueKeys] = {queue_name: self.keys}
         self.worker_id = validate_simple("worker id", worker_id or default_worker_id())
-        self.processing_key = self.keys.processing(self.worker_id)
+        self.served_keys = [self.keys_of(q) for q in self.queues]
+        self.processing_key = self.served_keys[0].processing(self.worker_id)
+        # processing list -> the ready list its jobs go back to
+        self._ready_of = {k.processing(self.worker_id): k.ready for k in self.served_keys}
         self.heartbeat_key = self.keys.heartbeat(self.worker_id)
         if heartbeat_ttl <= 0:
             raise ValueError(f"heartbeat_ttl must be > 0, not {heartbeat_ttl!r}")
@@ -85,6 +111,7 @@ class RedisQueue:
         self.promote_limit = int(promote_limit)
         self.clock = clock
         self._promote = load_script(client, "take.lua", "promote.lua")
+        self._take_many = load_script(client, "take_many.lua")
         self._recover = load_script(client, "recover.lua")
         # Jobs a commit took for this worker (see `take_step`), served by the next `fetch`.
         self.prefetch = 0  # how many a commit may take: set while a worker loop runs
@@ -98,23 +125,46 @@ class RedisQueue:
         self._holder: Any = None  # this worker's own connection, whose CLIENT ID it registers
         self._client_id: Optional[str] = None  # the id registered
 
+    def keys_of(self, name: Optional[str]) -> QueueKeys:
+        """The keys of queue `name` (None: the default queue), under this queue's prefix."""
+        if name is None:
+            return self.keys
+        found = self._named.get(name)
+        if found is None:
+            found = self._named[name] = QueueKeys(name, self.keys.prefix)
+        return found
+
+    def queue_name_problem(self, name: str) -> Optional[str]:
+        try:
+            validate_simple("queue name", name)
+        except ValueError as error:
+            return str(error)
+        return None
+
     # --- producing -------------------------------------------------------------------------
 
     @translate_errors
     def enqueue(self, jobs: Sequence[Job], delay: float = 0.0) -> None:
         if not jobs:
             return
-        bodies = [j.to_json().encode() for j in jobs]
-        if delay and delay > 0:
-            due = self.clock() + float(delay)
-            self.client.zadd(self.keys.delayed, {delayed_member(b): due for b in bodies})
-        else:
-            self.client.lpush(self.keys.ready, *bodies)
+        groups: Dict[Optional[str], List[bytes]] = {}
+        for job in jobs:
+            groups.setdefault(job.queue, []).append(job.to_json().encode())
+        pipe = self.client.pipeline(transaction=False) if len(groups) > 1 else self.client
+        for name, bodies in groups.items():
+            keys = self.keys_of(name)
+            if delay and delay > 0:
+                due = self.clock() + float(delay)
+                pipe.zadd(keys.delayed, {delayed_member(b): due for b in bodies})
+            else:
+                pipe.lpush(keys.ready, *bodies)
+        if pipe is not self.client:
+            pipe.execute()
 
     @translate_errors
-    def push_raw(self, body: Any) -> None:
+    def push_raw(self, body: Any, queue: Optional[str] = None) -> None:
         """Publish a raw message, as a foreign (or broken) client would."""
-        self.client.lpush(self.keys.ready, body)
+        self.client.lpush(self.keys_of(queue).ready, body)
 
     # --- consuming -------------------------------------------------------------------------
 
@@ -129,6 +179,8 @@ class RedisQueue:
             bodies, self._stash = self._stash[:max_jobs], self._stash[max_jobs:]
         if bodies:
             return [Delivery.parse(b, (self.processing_key, b)) for b in bodies]
+        if len(self.queues) > 1:
+            return self._fetch_many(max_jobs, timeout)
         keys, args = self.take_step(max_jobs)
         reply = self._promote(keys=keys, args=args)
         next_due, bodies = reply[0], list(reply[1:])
@@ -143,18 +195,47 @@ class RedisQueue:
                     if max_jobs > 1:
                         pipe = self.client.pipeline(transaction=False)
                         for _ in range(max_jobs - 1):
-                            pipe.lmove(self.keys.ready, self.processing_key, "RIGHT", "LEFT")
+                            pipe.lmove(self.served_keys[0].ready, self.processing_key, "RIGHT", "LEFT")
                         bodies += [b for b in pipe.execute() if b is not None]
         return [Delivery.parse(b, (self.processing_key, b)) for b in bodies]
 
+    def _fetch_many(self, max_jobs: int, timeout: float) -> List[Delivery]:
+        """`fetch` over several queues: one take_many.lua step; when nothing is ready, a blocking
+        move from the first queue for at most `poll_interval`, then the step again, until `timeout`."""
+        deadline = time.monotonic() + max(0.0, float(timeout or 0.0))
+        keys = [self.heartbeat_key, self.keys.workers]
+        for k in self.served_keys:
+            keys += [k.delayed, k.ready, k.processing(self.worker_id)]
+        while True:
+            args = [repr(self.clock()), self.promote_limit, max_jobs, self.worker_id, int(self.heartbeat_ttl * 1000)]
+            reply = self._take_many(keys=keys, args=args)
+            taken = [(self.served_keys[int(reply[i]) - 1], reply[i + 1]) for i in range(1, len(reply), 2)]
+            if taken:
+                return [Delivery.parse(b, (k.processing(self.worker_id), b)) for k, b in taken]
+            wait = min(deadline - time.monotonic(), self.poll_interval)
+            if reply[0]:
+                wait = min(wait, max(0.0, float(to_text(reply[0])) - self.clock()))
+            if wait < 0.01:
+                if time.monotonic() >= deadline:
+                    return []
+                continue
+            body = self._blocking_move(wait)
+            if body is not None:
+                return [Delivery.parse(body, (self.processing_key, body))]
+
     def take_step(self, max_jobs: int) -> Tuple[List[str], List[Any]]:
-        """The KEYS and ARGV of one fetch step (take.lua): promote due delayed jobs, beat, take jobs."""
-        keys = [self.keys.delayed, self.keys.ready, self.processing_key, self.heartbeat_key, self.keys.workers]
+        """The KEYS and ARGV of one fetch step (take.lua) of a worker serving one queue: promote
+        due delayed jobs, beat, take jobs."""
+        served = self.served_keys[0]
+        keys = [served.delayed, served.ready, self.processing_key, self.heartbeat_key, self.keys.workers]
         args = [repr(self.clock()), self.promote_limit, max_jobs, self.worker_id, int(self.heartbeat_ttl * 1000)]
         return keys, args
 
     def wanted_with_commit(self) -> int:
-        """How many jobs a commit made now should take for this worker (0: none)."""
+        """How many jobs a commit made now should take for this worker (0: none; always none for a
+        worker serving several queues, whose fetch step is take_many.lua)."""
+        if len(self.queues) > 1:
+            return 0
         with self._lock:
             return max(0, self.prefetch - len(self._stash)) if self._started else 0
 
@@ -172,7 +253,7 @@ class RedisQueue:
             pipe = self.client.pipeline(transaction=True)
             for body in reversed(bodies):  # the next to be taken again: at the right end, in order
                 pipe.lrem(self.processing_key, 1, body)
-                pipe.rpush(self.keys.ready, body)
+                pipe.rpush(self.served_keys[0].ready, body)
             pipe.execute()
         return len(bodies)
 
@@ -185,7 +266,7 @@ class RedisQueue:
         pipe = self.client.pipeline(transaction=True)
         for d in reversed(deliveries):
             pipe.lrem(d.tag[0], 1, d.tag[1])
-            pipe.rpush(self.keys.ready, d.tag[1])
+            pipe.rpush(self._ready_of.get(d.tag[0], self.served_keys[0].ready), d.tag[1])
         pipe.execute()
 
     def _blocking_move(self, wait: float) -> Optional[bytes]:
@@ -193,7 +274,7 @@ class RedisQueue:
         if socket_timeout:
             wait = min(wait, max(0.01, socket_timeout - 0.5))
         try:
-            return self.client.blmove(self.keys.ready, self.processing_key, round(wait, 3), "RIGHT", "LEFT")
+            return self.client.blmove(self.served_keys[0].ready, self.processing_key, round(wait, 3), "RIGHT", "LEFT")
         except redis.TimeoutError:
             return None
 
@@ -229,8 +310,10 @@ class RedisQueue:
         pipe = self.client.pipeline(transaction=False)
         pipe.smembers(self.keys.workers)
         pipe.hgetall(self.keys.clients)
-        members, registered = pipe.execute()
+        pipe.hgetall(self.keys.queues)
+        members, registered, serving = pipe.execute()
         clients = {to_text(k): to_text(v) for k, v in registered.items()}
+        served = {to_text(k): v for k, v in serving.items()}
         others: List[str] = []
         for worker_id in {to_text(m) for m in members} | set(clients):
             if worker_id == self.worker_id:
@@ -240,6 +323,7 @@ class RedisQueue:
             except ValueError:
                 self.client.srem(self.keys.workers, worker_id)
                 self.client.hdel(self.keys.clients, worker_id)
+                self.client.hdel(self.keys.queues, worker_id)
                 continue
             others.append(worker_id)
         gone = self._gone_clients([clients[w] for w in others if w in clients])
@@ -247,7 +331,8 @@ class RedisQueue:
         for worker_id in others:
             client_id = clients.get(worker_id)
             mode = "2" if client_id is not None and client_id in gone else "0"
-            n = self._recover(keys=self._worker_keys(worker_id), args=[worker_id, mode, client_id or ""])
+            keys = self._worker_keys(worker_id, self._queues_of(served.get(worker_id)))
+            n = self._recover(keys=keys, args=[worker_id, mode, client_id or ""])
             moved += max(0, int(n))
         return moved
 
@@ -263,15 +348,30 @@ class RedisQueue:
             return set()
         return set(wanted) - live
 
-    def _worker_keys(self, worker_id: str) -> List[str]:
-        return [self.keys.processing(worker_id), self.keys.ready, self.keys.heartbeat(worker_id), self.keys.workers,
-                self.keys.clients]
+    def _queues_of(self, entry: Any) -> List[QueueKeys]:
+        """The keys of the queues a registered worker serves (its `<queue>:queues` entry; none: the
+        default queue; names that are not queue names are skipped)."""
+        if entry is None:
+            return [self.keys]
+        try:
+            names = json.loads(entry)
+        except ValueError:
+            names = None
+        if not isinstance(names, list):
+            return [self.keys]
+        return [self.keys_of(n) for n in names if isinstance(n, str) and _simple(n)] or [self.keys]
+
+    def _worker_keys(self, worker_id: str, queues: Sequence[QueueKeys]) -> List[str]:
+        keys = [self.keys.heartbeat(worker_id), self.keys.workers, self.keys.clients, self.keys.queues]
+        for k in queues:
+            keys += [k.processing(worker_id), k.ready]
+        return keys
 
     @translate_errors
     def requeue_own(self) -> int:
         """Give back every job this worker holds (after it lost track of them, e.g. a lost
         connection in the middle of a job, or a previous process with the same worker id)."""
-        n = self._recover(keys=self._worker_keys(self.worker_id), args=[self.worker_id, "1", ""])
+        n = self._recover(keys=self._worker_keys(self.worker_id, self.served_keys), args=[self.worker_id, "1", ""])
         with self._lock:
             self._stash.clear()
         return int(n)
@@ -299,6 +399,8 @@ class RedisQueue:
             pipe = holder.pipeline(transaction=False)
             pipe.hset(self.keys.clients, self.worker_id, client_id)
             pipe.sadd(self.keys.workers, self.worker_id)
+            if self.queues != (self.queue_name,):
+                pipe.hset(self.keys.queues, self.worker_id, json.dumps(list(self.queues)))
             pipe.execute()
             self._client_id = client_id
 
@@ -335,6 +437,7 @@ class RedisQueue:
             pipe.delete(self.heartbeat_key)
             pipe.srem(self.keys.workers, self.worker_id)
             pipe.hdel(self.keys.clients, self.worker_id)
+            pipe.hdel(self.keys.queues, self.worker_id)
             pipe.execute()
         holder, self._holder, self._client_id = self._holder, None, None
         if holder is not None:
@@ -367,19 +470,20 @@ class RedisQueue:
         return out
 
     @translate_errors
-    def remove_dead_letter(self, dead_letter_id: str, publish: bool = True) -> bool:
-        """Take a dead letter out (LREM) and, when `publish`, push its body to the ready list, in
-        one MULTI; False if no dead letter has that id."""
+    def remove_dead_letter(self, dead_letter_id: str, publish: bool = True, queue: Optional[str] = None) -> bool:
+        """Take a dead letter out (LREM) and, when `publish`, push its body to the ready list of
+        `queue` (None: the default one), in one MULTI; False if no dead letter has that id."""
+        ready = self.keys_of(queue).ready
         for entry in self.client.lrange(self.keys.dead, 0, -1):
             if hashlib.sha1(entry).hexdigest() != dead_letter_id:
                 continue
             pipe = self.client.pipeline(transaction=True)
             pipe.lrem(self.keys.dead, 1, entry)
             if publish:
-                pipe.lpush(self.keys.ready, json.loads(entry)["body"])
+                pipe.lpush(ready, json.loads(entry)["body"])
             removed = pipe.execute()[0]
             if not removed and publish:  # someone else took it meanwhile: undo our push
-                self.client.lrem(self.keys.ready, 1, json.loads(entry)["body"])
+                self.client.lrem(ready, 1, json.loads(entry)["body"])
             return bool(removed)
         return False
 
@@ -391,29 +495,39 @@ class RedisQueue:
         return int(pipe.execute()[0])
 
     @translate_errors
-    def live_workers(self) -> List[WorkerInfo]:
-        """The registered workers whose heartbeat has not expired."""
+    def live_workers(self, queues: Sequence[str] = ()) -> List[WorkerInfo]:
+        """The registered workers whose heartbeat has not expired, with the queues they serve
+        (every worker registers under the default queue: `queues` adds none)."""
         pipe = self.client.pipeline(transaction=False)
         pipe.smembers(self.keys.workers)
         pipe.hkeys(self.keys.clients)
-        members, registered = pipe.execute()
+        pipe.hgetall(self.keys.queues)
+        members, registered, serving = pipe.execute()
+        served = {to_text(k): v for k, v in serving.items()}
         ids = sorted({to_text(m) for m in members} | {to_text(k) for k in registered})
         ids = [w for w in ids if _simple(w)]
         pipe = self.client.pipeline(transaction=False)
         for worker_id in ids:
             pipe.pttl(self.keys.heartbeat(worker_id))
-        return [WorkerInfo(w, self.queue_name, None, f"heartbeat expires in {ttl / 1000:.0f}s")
-                for w, ttl in zip(ids, pipe.execute() if ids else []) if int(ttl) > 0]
+        out = []
+        for w, ttl in zip(ids, pipe.execute() if ids else []):
+            if int(ttl) > 0:
+                names = tuple(k.name for k in self._queues_of(served.get(w)))
+                out.append(WorkerInfo(w, names[0], None, f"heartbeat expires in {ttl / 1000:.0f}s", names))
+        return out
 
     @translate_errors
-    def depth(self) -> int:
-        """Jobs ready to be taken now (not delayed, not in a worker's hands): the queue's depth."""
-        return int(self.client.llen(self.keys.ready))
+    def depth(self, queue: Optional[str] = None) -> int:
+        """Jobs ready to be taken now on `queue` (None: the default queue; not delayed, not in a
+        worker's hands): the queue's depth."""
+        return int(self.client.llen(self.keys_of(queue).ready))
 
     @translate_errors
     def pending(self) -> int:
+        """Jobs of the served queues not done with: ready, delayed, or held by this worker."""
         pipe = self.client.pipeline(transaction=False)
-        pipe.llen(self.keys.ready)
-        pipe.zcard(self.keys.delayed)
-        pipe.llen(self.processing_key)
+        for k in self.served_keys:
+            pipe.llen(k.ready)
+            pipe.zcard(k.delayed)
+            pipe.llen(k.processing(self.worker_id))
         return sum(pipe.execute())

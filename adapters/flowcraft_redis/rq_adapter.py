@@ -108,6 +108,7 @@ import threading
 import time
 from typing import Any, Dict, Optional, Sequence, Tuple
 
+import attrs
 import redis
 from rq import Retry
 
@@ -142,8 +143,7 @@ class RqReconciler(Reconciler):
             stats = super().run()
         if not abandoned:
             return stats
-        return ReconcileStats(scanned=stats.scanned, stalled=stats.stalled, reconciled=stats.reconciled + reconciled,
-                              failed=stats.failed + failed)
+        return attrs.evolve(stats, reconciled=stats.reconciled + reconciled, failed=stats.failed + failed)
 
 
 class RqAdapter(DistributedAdapter):

@@ -376,12 +376,13 @@ class RqQueue:
         return len(letters)
 
     @translate_errors
-    def depth(self) -> int:
-        """RQ jobs queued, ready to be taken (not scheduled, not running): the queue's depth."""
-        return int(self.rq.count)
+    def depth(self, queue: Optional[str] = None) -> int:
+        """RQ jobs queued on this queue, ready to be taken (not scheduled, not running): its depth.
+        (Routing is not on RQ yet: every job is on this queue, and another holds none of ours.)"""
+        return int(self.rq.count) if queue in (None, self.queue_name) else 0
 
     @translate_errors
-    def live_workers(self) -> List[WorkerInfo]:
+    def live_workers(self, queues: Sequence[str] = ()) -> List[WorkerInfo]:
         """The RQ workers listening on this queue (RQ's worker registry, with their heartbeats)."""
         from rq.worker import Worker
 
@@ -389,7 +390,7 @@ class RqQueue:
         for worker in Worker.all(queue=self.rq):
             beat = worker.last_heartbeat
             out.append(WorkerInfo(str(worker.name), self.queue_name, beat.timestamp() if beat else None,
-                                  f"rq worker, {worker.get_state()}"))
+                                  f"rq worker, {worker.get_state()}", tuple(worker.queue_names())))
         return sorted(out, key=lambda w: w.id)
 
     @translate_errors

@@ -33,6 +33,7 @@ logger = logging.getLogger("flowcraft.redis.rq")
 
 
 class RqRunStore(RedisRunStore):
+    routes_jobs = False  # every job goes to the outbox; its publisher puts each on its RQ queue
     """Runs in Redis as `RedisRunStore` keeps them; committed jobs become RQ jobs of `rq_queue`."""
 
     def __init__(self, client: Any, rq_queue: RqQueue, state_ttl_seconds: int = 86400, *, clock: Any = time.time,

@@ -114,6 +114,7 @@ class RedisRunStore:
         self.keys = RunKeys(prefix)
         self.queue = queue
         self.queue_keys: QueueKeys = queue.keys if queue is not None else QueueKeys(queue_name, prefix)
+        self._named: Dict[str, QueueKeys] = {}  # the keys of the queues routed jobs go to (SPEC 14)
         self.state_ttl_seconds = int(state_ttl_seconds)
         self.clock = clock
         self.scan_count = scan_count
@@ -143,12 +144,45 @@ class RedisRunStore:
         args: List[Any] = [len(fields), *_flat(fields)]
         args += [len(context), *_encoded(context)]
         args += [len(states), *_encoded(states)]
-        args += [len(jobs), *(j.to_json() for j in jobs)]
+        plain, routed = self._split(jobs)
+        args += [len(plain), *(j.to_json() for j in plain)]
         args += [1, encode(list(history))] if history else [0]
-        args += [self.keys.index, run_id, repr(float(record.updated_at))]  # the run list index
         keys = [self.keys.record(run_id), self.keys.context(run_id), self.keys.states(run_id), self.queue_keys.ready,
                 self.keys.history(run_id)]
+        lists = self._route_keys(routed, len(keys))
+        keys += [k for k, _ in sorted(lists.items(), key=lambda kv: kv[1])]
+        args += [len(routed), *(x for j in routed for x in (lists[self._queue_keys(j.queue).ready], j.to_json()))]
+        args += [self.keys.index, run_id, repr(float(record.updated_at))]  # the run list index
         return bool(self._create(keys=keys, args=args))
+
+    # --- routing (SPEC 14): jobs whose `queue` names another queue go to its lists -------------
+
+    routes_jobs = True  # False: every job goes to `queue_keys` (RqRunStore: its outbox, whose publisher routes)
+
+    def _queue_keys(self, name: Optional[str]) -> QueueKeys:
+        if name is None:
+            return self.queue_keys
+        found = self._named.get(name)
+        if found is None:
+            found = self._named[name] = QueueKeys(name, self.queue_keys.prefix)
+        return found
+
+    def _split(self, jobs: Sequence[Job]) -> Tuple[Sequence[Job], List[Job]]:
+        """(the jobs for the default queue, the routed ones)."""
+        if not self.routes_jobs or all(j.queue is None for j in jobs):
+            return jobs, []
+        return [j for j in jobs if j.queue is None], [j for j in jobs if j.queue is not None]
+
+    def _route_keys(self, routed: Sequence[Job], first: int, delayed: bool = False) -> Dict[str, int]:
+        """Key -> its index in KEYS (from 1, after the `first - 1` keys before it) of the ready
+        lists (and, with `delayed`, delayed zsets) the routed jobs go to."""
+        out: Dict[str, int] = {}
+        for job in routed:
+            keys = self._queue_keys(job.queue)
+            for key in (keys.ready, keys.delayed) if delayed else (keys.ready,):
+                if key not in out:
+                    out[key] = first + 1 + len(out)
+        return out
 
     @translate_errors
     def commit(self, commit: Commit) -> bool:
@@ -236,19 +270,37 @@ class RedisRunStore:
         args += [len(commit.context_delete), *commit.context_delete]
         args += [len(commit.states), *_encoded(commit.states)]
         args += [len(commit.items), *_encoded(commit.items)]
-        args += [len(commit.jobs), *(j.to_json() for j in commit.jobs)]
-        now = self.clock()
-        args += [len(commit.delayed), *_flat((repr(now + max(0.0, float(d))), delayed_member(j.to_json().encode()))
-                                             for j, d in commit.delayed)]
-        args += [len(commit.counters), *(x for c in commit.counters for x in (
-            c.field, c.delta, c.threshold, c.reserve, c.job.to_json() if c.job is not None else ""))]
-        args.append(commit.outstanding_delta)
-        args += [encode(commit.history) if commit.history else "", HISTORY_CAP]
         acks = [d for d in commit.ack if isinstance(d.tag, tuple) and len(d.tag) == 2]
-        args += [len(acks), *(d.tag[1] for d in acks)]
         keys = [*self.keys.of(run_id), self.queue_keys.ready, self.queue_keys.delayed, self.keys.history(run_id),
                 *(d.tag[0] for d in acks)]
+        jobs, routed = self._split(commit.jobs)
+        delayed, routed_delayed = self._split_delayed(commit.delayed)
+        counted = [c.job for c in commit.counters if c.job is not None]
+        _, routed_counted = self._split(counted)
+        lists = self._route_keys([*routed, *(j for j, _ in routed_delayed), *routed_counted], len(keys), delayed=True)
+        if lists:
+            keys += sorted(lists, key=lists.__getitem__)
+        args += [len(jobs), *(j.to_json() for j in jobs)]
+        # routed jobs: (index of their ready list in this commit's KEYS, body) pairs
+        args += [len(routed), *(x for j in routed for x in (lists[self._queue_keys(j.queue).ready], j.to_json()))]
+        now = self.clock()
+        args += [len(delayed), *_flat((repr(now + max(0.0, float(d))), delayed_member(j.to_json().encode()))
+                                      for j, d in delayed)]
+        args += [len(routed_delayed), *(x for j, d in routed_delayed for x in (
+            lists[self._queue_keys(j.queue).delayed], repr(now + max(0.0, float(d))),
+            delayed_member(j.to_json().encode())))]
+        args += [len(commit.counters), *(x for c in commit.counters for x in (
+            c.field, c.delta, c.threshold, c.reserve, c.job.to_json() if c.job is not None else "",
+            lists[self._queue_keys(c.job.queue).ready] if lists and c.job is not None and c.job.queue is not None else 0))]
+        args.append(commit.outstanding_delta)
+        args += [encode(commit.history) if commit.history else "", HISTORY_CAP]
+        args += [len(acks), *(d.tag[1] for d in acks)]
         return keys, args, acks
+
+    def _split_delayed(self, delayed: Sequence[Tuple[Job, float]]) -> Tuple[Sequence[Tuple[Job, float]], List[Tuple[Job, float]]]:
+        if not self.routes_jobs or all(j.queue is None for j, _ in delayed):
+            return delayed, []
+        return [(j, d) for j, d in delayed if j.queue is None], [(j, d) for j, d in delayed if j.queue is not None]
 
     def publish_outbox(self, run_id: str, queue: Any) -> int:
         """Nothing to publish: commits push their jobs onto the queue atomically."""

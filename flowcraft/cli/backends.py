@@ -12,9 +12,10 @@ import logging
 import os
 import re
 import sys
-from typing import Any, Dict, Iterator, List, Tuple, Type
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Type
 from urllib.parse import urlsplit, urlunsplit
 
+from .. import routing
 from ..errors import ServiceUnavailable
 from ..runtime import FlowRuntime
 from .errors import CliError, one_line
@@ -168,6 +169,11 @@ def open_adapter(args: Any, runtime: FlowRuntime) -> Any:
         if args.backend == "rq":
             raise CliError(RQ_THREADS)
         options["threads"] = threads
+    queues = served_queues(args, runtime)
+    if queues is not None:
+        if args.backend == "rq":
+            raise CliError("--queue more than once (or a routed queue) is not for rq: routing is not on the rq backend yet")
+        options["queues"] = queues
     with _first_connection(args):
         if args.backend == "rabbitmq":
             return _rabbitmq_adapter(args, runtime, options)
@@ -189,9 +195,18 @@ def _first_connection(args: Any) -> Iterator[None]:
             each.setLevel(level)
 
 
-def queue_name(args: Any) -> str:
-    """`--queue`, else `$FLOWCRAFT_QUEUE`, else the backend's default queue."""
-    return args.queue or os.environ.get(QUEUE_ENV) or DEFAULT_QUEUES[args.backend]
+def queue_name(args: Any, runtime: Optional[FlowRuntime] = None) -> str:
+    """The default queue (where jobs of unrouted nodes go): the first `--queue` that no node of
+    `runtime` is routed to, else `$FLOWCRAFT_QUEUE`, else the backend's default queue."""
+    routed = routing.queue_names(runtime) if runtime is not None else set()
+    given = [name for name in args.queue or () if name not in routed]
+    return given[0] if given else os.environ.get(QUEUE_ENV) or DEFAULT_QUEUES[args.backend]
+
+
+def served_queues(args: Any, runtime: FlowRuntime) -> Optional[List[str]]:
+    """The queues a worker serves, in priority order: every `--queue` (None: the default queue only)."""
+    given = list(dict.fromkeys(args.queue or ()))
+    return None if not given or given == [queue_name(args, runtime)] else given
 
 
 def key_prefix(args: Any) -> str:
@@ -222,7 +237,7 @@ def _redis_adapter(args: Any, runtime: FlowRuntime, options: dict) -> Any:
     else:
         adapter_class = package.RedisAdapter
     client = _redis_client(args)
-    return adapter_class(runtime, client, queue_name(args), prefix=key_prefix(args), **options)
+    return adapter_class(runtime, client, queue_name(args, runtime), prefix=key_prefix(args), **options)
 
 
 def _rabbitmq_adapter(args: Any, runtime: FlowRuntime, options: dict) -> Any:
@@ -235,7 +250,7 @@ def _rabbitmq_adapter(args: Any, runtime: FlowRuntime, options: dict) -> Any:
 
     try:
         return package.RabbitMqAdapter(runtime, coordination, amqp, postgres, context_table, status_table,
-                                       queue_name(args), reconnect_timeout=args.connect_timeout, **options)
+                                       queue_name(args, runtime), reconnect_timeout=args.connect_timeout, **options)
     except psycopg2.Error as error:
         raise service_error("PostgreSQL", postgres, error) from None
     except _connection_errors() as error:

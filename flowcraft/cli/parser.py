@@ -63,8 +63,10 @@ def _connection() -> argparse.ArgumentParser:
         env, default = DEFAULT_URLS[service]
         group.add_argument(f"--{service}-url", metavar="URL", help=f"default: ${env}, else {default}".replace("%", "%%"))
     group.add_argument("--prefix", help=f"Redis key prefix (default: ${PREFIX_ENV}, else none)")
-    group.add_argument("--queue", metavar="NAME", help=f"queue name (default: ${QUEUE_ENV}, else "
-                                                      f"{DEFAULT_QUEUES['redis']}; rabbitmq: {DEFAULT_QUEUES['rabbitmq']})")
+    group.add_argument("--queue", metavar="NAME", action="append",
+                       help=f"queue name (default: ${QUEUE_ENV}, else {DEFAULT_QUEUES['redis']}; rabbitmq: "
+                            f"{DEFAULT_QUEUES['rabbitmq']}); a worker serves every --queue given, in that order "
+                            "of priority (repeatable), and its default queue is the first that no node is routed to")
     _tables(group)
     return parent
 

@@ -39,13 +39,15 @@ def cmd_worker(args: Any, argv: Sequence[str]) -> int:
     server = None
     try:
         if metrics is not None:
-            metrics.watch(adapter, backends.queue_name(args))
+            metrics.watch(adapter, backends.queue_name(args, runtime))
             try:
                 server = metrics.serve(port)
             except OSError as error:
                 raise CliError(f"cannot serve metrics on port {port}: {error}") from None
             logger.info("worker %d serves metrics on http://0.0.0.0:%d/metrics", os.getpid(), port)
-        return serve(adapter, burst=args.burst, label=f"{args.backend} queue {backends.queue_name(args)!r}")
+        served = backends.served_queues(args, runtime) or [backends.queue_name(args, runtime)]
+        label = f"{args.backend} queue{'s' if len(served) > 1 else ''} {', '.join(map(repr, served))}"
+        return serve(adapter, burst=args.burst, label=label)
     finally:
         if server is not None:
             server.shutdown()

@@ -7,6 +7,7 @@ prove the guarantees: how often each node execution was committed and each node 
 """
 from __future__ import annotations
 
+import copy
 import heapq
 import itertools
 import json
@@ -31,13 +32,18 @@ def _copy(value: Any) -> Any:
 
 
 class InMemoryQueue:
-    """A job queue with delays, unacknowledged deliveries and a dead-letter list."""
+    """A job queue with delays, unacknowledged deliveries and a dead-letter list.
+
+    It holds named queues (SPEC 14 routing): a job goes to the one its `queue` names (None: the
+    default, `queue_name`); `fetch` takes from `queues`, in that priority order. `serve(queues)`
+    is a view on the same queues for a worker serving others (the fakes' workers share one queue)."""
 
     def __init__(self, *, duplicate_rate: float = 0.0, reorder: bool = False, seed: int = 0,
-                 clock: Callable[[], float] = time.time) -> None:
-        self._ready: Deque[Tuple[bytes, bool]] = deque()
-        self._delayed: List[Tuple[float, int, bytes]] = []
-        self._unacked: Dict[int, bytes] = {}
+                 clock: Callable[[], float] = time.time, queues: Optional[Sequence[str]] = None) -> None:
+        self.queue_name = "in-memory"
+        self._ready: Dict[str, Deque[Tuple[bytes, bool]]] = {}
+        self._delayed: List[Tuple[float, int, bytes, str]] = []
+        self._unacked: Dict[int, Tuple[bytes, str]] = {}
         self._tags = itertools.count(1)
         self._seq = itertools.count()
         self._cond = threading.Condition()
@@ -49,40 +55,60 @@ class InMemoryQueue:
         self._dead_meta: List[Tuple[str, float]] = []  # (id, dead_at) of each entry of `dead`, aligned
         self._dead_ids = itertools.count(1)
         self.delivered = 0
-        self.queue_name = "in-memory"
         self.live_window = 10.0  # a thread that fetched this recently counts as a live worker
-        self._fetchers: Dict[str, float] = {}  # thread name -> when it last fetched
+        # (thread name, queues served) -> when it last fetched: one thread may play workers of several queues
+        self._fetchers: Dict[Tuple[str, Tuple[str, ...]], float] = {}
+        self.queues: Tuple[str, ...] = _served(queues, self.queue_name)
+
+    def serve(self, queues: Sequence[str]) -> "InMemoryQueue":
+        """A view of this queue (the same jobs, deliveries and dead letters) that fetches from `queues`."""
+        view = copy.copy(self)
+        view.queues = _served(queues, self.queue_name)
+        return view
+
+    def _list(self, name: Optional[str]) -> Deque[Tuple[bytes, bool]]:
+        return self._ready.setdefault(name or self.queue_name, deque())
 
     def enqueue(self, jobs: Sequence[Job], delay: float = 0.0) -> None:
         with self._cond:
             for job in jobs:
-                self._put(job.to_json().encode(), delay)
+                self._put(job.to_json().encode(), delay, job.queue)
             self._cond.notify_all()
 
-    def push_raw(self, body: bytes) -> None:
+    def push_raw(self, body: bytes, queue: Optional[str] = None) -> None:
         """Publish a raw message, as a foreign client (or a broken one) would."""
         with self._cond:
-            self._put(body, 0.0)
+            self._put(body, 0.0, queue)
             self._cond.notify_all()
 
-    def _put(self, body: bytes, delay: float) -> None:
+    def _put(self, body: bytes, delay: float, queue: Optional[str]) -> None:
+        name = queue or self.queue_name
         if delay > 0:
-            heapq.heappush(self._delayed, (self.clock() + delay, next(self._seq), body))
+            heapq.heappush(self._delayed, (self.clock() + delay, next(self._seq), body, name))
         else:
-            self._ready.append((body, False))
+            self._list(name).append((body, False))
 
     def _promote_due(self) -> None:
         now = self.clock()
         while self._delayed and self._delayed[0][0] <= now:
-            self._ready.append((heapq.heappop(self._delayed)[2], False))
+            _, _, body, name = heapq.heappop(self._delayed)
+            self._list(name).append((body, False))
+
+    def _first_ready(self) -> Optional[Tuple[str, Deque[Tuple[bytes, bool]]]]:
+        for name in self.queues:
+            ready = self._ready.get(name)
+            if ready:
+                return name, ready
+        return None
 
     def fetch(self, max_jobs: int = 1, timeout: float = 1.0) -> List[Delivery]:
         deadline = time.monotonic() + timeout
         with self._cond:
-            self._fetchers[threading.current_thread().name] = self.clock()
+            self._fetchers[(threading.current_thread().name, self.queues)] = self.clock()
             while True:
                 self._promote_due()
-                if self._ready:
+                found = self._first_ready()
+                if found is not None:
                     break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -90,18 +116,22 @@ class InMemoryQueue:
                 if self._delayed:
                     remaining = min(remaining, max(0.001, self._delayed[0][0] - self.clock()))
                 self._cond.wait(remaining)
-            if self.reorder and len(self._ready) > 1:
-                items = list(self._ready)
+            name, ready = found
+            if self.reorder and len(ready) > 1:
+                items = list(ready)
                 self._rng.shuffle(items)
-                self._ready = deque(items)
+                ready.clear()
+                ready.extend(items)
             out: List[Delivery] = []
-            while self._ready and len(out) < max_jobs:
-                body, redelivered = self._ready.popleft()
+            while len(out) < max_jobs and found is not None:
+                name, ready = found
+                body, redelivered = ready.popleft()
                 tag = next(self._tags)
-                self._unacked[tag] = body
+                self._unacked[tag] = (body, name)
                 out.append(Delivery.parse(body, tag, redelivered))
                 if self.duplicate_rate and self._rng.random() < self.duplicate_rate:
-                    self._ready.append((body, True))  # the broker delivers this message once more
+                    ready.append((body, True))  # the broker delivers this message once more
+                found = self._first_ready()
             self.delivered += len(out)
             return out
 
@@ -116,12 +146,15 @@ class InMemoryQueue:
             self._dead_meta.append((str(next(self._dead_ids)), self.clock()))
             self._unacked.pop(delivery.tag, None)
 
+    def _put_back(self, entries: List[Tuple[bytes, str]]) -> None:
+        for body, name in reversed(entries):
+            self._list(name).appendleft((body, True))
+        self._cond.notify_all()
+
     def give_back(self, deliveries: Sequence[Delivery]) -> None:
-        """Unacknowledged deliveries the worker will not start: back at the head of the queue."""
+        """Unacknowledged deliveries the worker will not start: back at the head of their queue."""
         with self._cond:
-            bodies = [self._unacked.pop(d.tag) for d in deliveries if d.tag in self._unacked]
-            self._ready.extendleft((b, True) for b in reversed(bodies))
-            self._cond.notify_all()
+            self._put_back([self._unacked.pop(d.tag) for d in deliveries if d.tag in self._unacked])
 
     def list_dead_letters(self, limit: Optional[int] = 100) -> List[DeadLetter]:
         """The dead letters, oldest first (at most `limit`; None: all)."""
@@ -130,15 +163,15 @@ class InMemoryQueue:
         return [DeadLetter(i, body, reason, Delivery.parse(body, None).run_id_hint(), at)
                 for (body, reason), (i, at) in entries]
 
-    def remove_dead_letter(self, dead_letter_id: str, publish: bool = True) -> bool:
-        """Take a dead letter out (and publish its body again when `publish`); False if unknown."""
+    def remove_dead_letter(self, dead_letter_id: str, publish: bool = True, queue: Optional[str] = None) -> bool:
+        """Take a dead letter out (and publish its body again, on `queue`, when `publish`); False if unknown."""
         with self._cond:
             for n, (i, _) in enumerate(self._dead_meta):
                 if i == dead_letter_id:
                     body, _ = self.dead.pop(n)
                     del self._dead_meta[n]
                     if publish:
-                        self._put(body, 0.0)
+                        self._put(body, 0.0, queue)
                         self._cond.notify_all()
                     return True
             return False
@@ -150,39 +183,57 @@ class InMemoryQueue:
             self._dead_meta.clear()
             return count
 
-    def live_workers(self) -> List[WorkerInfo]:
+    def live_workers(self, queues: Sequence[str] = ()) -> List[WorkerInfo]:
         """The threads that fetched within `live_window` seconds (the fakes' workers are threads)."""
         now = self.clock()
         with self._cond:
-            return [WorkerInfo(name, self.queue_name, seen, "fetched recently")
-                    for name, seen in sorted(self._fetchers.items()) if now - seen <= self.live_window]
+            return [WorkerInfo(name, queues[0], seen, "fetched recently", queues)
+                    for (name, queues), seen in sorted(self._fetchers.items()) if now - seen <= self.live_window]
+
+    def forget_workers(self) -> None:
+        """No thread fetched yet (as when the workers that did are gone)."""
+        with self._cond:
+            self._fetchers.clear()
 
     def requeue_unacked(self) -> int:
         """What a broker does when a worker dies: its unacknowledged deliveries come back first."""
         with self._cond:
-            bodies = list(self._unacked.values())
+            entries = list(self._unacked.values())
             self._unacked.clear()
-            self._ready.extendleft((b, True) for b in reversed(bodies))
-            self._cond.notify_all()
-            return len(bodies)
+            self._put_back(entries)
+            return len(entries)
 
     def close(self) -> None:
         return None
 
     @property
     def pending(self) -> int:
+        """Jobs not done with: ready on any queue, delayed, or unacknowledged."""
         with self._cond:
-            return len(self._ready) + len(self._delayed) + len(self._unacked)
+            return sum(len(r) for r in self._ready.values()) + len(self._delayed) + len(self._unacked)
 
-    def depth(self) -> int:
-        """Jobs ready to be taken now (not delayed, not in a worker's hands): the queue's depth."""
+    def depth(self, queue: Optional[str] = None) -> int:
+        """Jobs ready to be taken now on `queue` (default: the default queue; not delayed, not in a
+        worker's hands): the queue's depth."""
         with self._cond:
-            return len(self._ready)
+            return len(self._ready.get(queue or self.queue_name, ()))
+
+    def queue_name_problem(self, name: str) -> Optional[str]:
+        return None  # any name is a queue here
 
     @property
     def next_due_in(self) -> Optional[float]:
         with self._cond:
             return max(0.0, self._delayed[0][0] - self.clock()) if self._delayed else None
+
+
+def _served(queues: Optional[Sequence[str]], default: str) -> Tuple[str, ...]:
+    """The queues a worker serves, checked: a non-empty list of names (None: the default queue)."""
+    if queues is None:
+        return (default,)
+    if isinstance(queues, str) or not queues or not all(isinstance(q, str) and q for q in queues):
+        raise ValueError(f"queues must be a non-empty list of queue names, not {queues!r}")
+    return tuple(dict.fromkeys(queues))
 
 
 @attrs.define
@@ -474,12 +525,13 @@ class InMemoryAdapter(DistributedAdapter):
 
     def __init__(
         self, runtime: Any, *, crash_at: Iterable[str] = (), crash_rate: float = 1.0, max_crashes: Optional[int] = None,
-        duplicate_rate: float = 0.0, reorder: bool = False, seed: int = 0, **options: Any,
+        duplicate_rate: float = 0.0, reorder: bool = False, seed: int = 0, queues: Optional[Sequence[str]] = None,
+        **options: Any,
     ) -> None:
         unknown = set(crash_at) - set(CRASH_POINTS)
         if unknown:
             raise ValueError(f"unknown crash point(s) {sorted(unknown)}; known: {CRASH_POINTS}")
-        queue = InMemoryQueue(duplicate_rate=duplicate_rate, reorder=reorder, seed=seed)
+        queue = InMemoryQueue(duplicate_rate=duplicate_rate, reorder=reorder, seed=seed, queues=queues)
         super().__init__(runtime, queue, InMemoryRunStore(), InMemoryCoordinationStore(), **options)
         self.crash_at: Set[str] = set(crash_at)
         self.crash_rate = crash_rate

@@ -333,7 +333,7 @@ def test_reconcile_once_and_every_until_sigterm(cli):
     proc = cli.spawn("reconcile", "--every", "0.1", "--stalled-after", "0.01")
     first = json.loads(proc.stdout.readline())
     second = json.loads(proc.stdout.readline())
-    assert set(first) == set(second) == {"scanned", "stalled", "reconciled", "failed"}
+    assert set(first) == set(second) == {"scanned", "stalled", "reconciled", "failed", "unserved"}
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=30)
     assert proc.returncode == EXIT_OK

@@ -4,13 +4,16 @@
 -- ARGV[1]: the number of commits; then, per commit, a header "number of keys", "number of args"
 -- followed by that commit's args; the keys of all commits follow each other in KEYS.
 -- A commit's KEYS: 1 record hash, 2 context hash, 3 node states hash, 4 items hash, 5 status string,
---       6 ready list, 7 delayed zset, 8 history list, 9.. the processing list of each acknowledged delivery
+--       6 ready list, 7 delayed zset, 8 history list, 9.. the processing list of each acknowledged delivery,
+--       then the ready lists and delayed zsets of the other queues its routed jobs go to
 -- A commit's args: the expected version ("" = a node commit); counted groups, each "n" followed
 --       by its entries: guards (node id / state JSON pairs, "" = not stored), unset item fields;
 --       the TTL seconds for a final run (0 = keep), the status JSON ("" = not final); then counted
 --       groups again: record field/value pairs, context field/value pairs, context fields to delete, node state id/JSON
---       pairs, item field/JSON pairs, job bodies, delayed score/member pairs, counters (field,
---       delta, threshold, reserve, job body or "": 5 args each); then the outstanding delta; the
+--       pairs, item field/JSON pairs, job bodies, routed jobs (index of their list in the commit's
+--       KEYS, body), delayed score/member pairs, routed delayed jobs (index of their zset, score,
+--       member), counters (field, delta, threshold, reserve, job body or "", index of the job's
+--       list or 0 for the ready list: 6 args each); then the outstanding delta; the
 --       history entry (a JSON array of events, "" = none) and the most entries the history keeps;
 --       then the acknowledged delivery bodies (one per key 9.., in order).
 -- (RUNNING and AWAITING: the core's statuses, defined before this script by `load_script`.)
@@ -95,15 +98,25 @@ local function apply(expected)
   chunked('HSET', KEYS[kb + 3], tonumber(take()), 2)
   chunked('HSET', KEYS[kb + 4], tonumber(take()), 2)
   chunked('LPUSH', KEYS[kb + 6], tonumber(take()), 1)
+  for _ = 1, tonumber(take()) do
+    local list = tonumber(take())
+    redis.call('LPUSH', KEYS[kb + list], take())
+  end
   chunked('ZADD', KEYS[kb + 7], tonumber(take()), 2)
+  for _ = 1, tonumber(take()) do
+    local zset, score = tonumber(take()), take()
+    redis.call('ZADD', KEYS[kb + zset], score, take())
+  end
   local reached = {}
   for i = 1, tonumber(take()) do
     local field, delta, threshold, reserve, job = take(), tonumber(take()), tonumber(take()), tonumber(take()), take()
+    local list = tonumber(take())
+    if list == 0 then list = 6 end
     local after = redis.call('HINCRBY', KEYS[kb + 4], field, delta)
     if after - delta < threshold and threshold <= after then
       reached[#reached + 1] = i
       if reserve ~= 0 then redis.call('HINCRBY', KEYS[kb + 1], 'outstanding', reserve) end
-      if job ~= '' then redis.call('LPUSH', KEYS[kb + 6], job) end
+      if job ~= '' then redis.call('LPUSH', KEYS[kb + list], job) end
     end
   end
   local delta = tonumber(take())

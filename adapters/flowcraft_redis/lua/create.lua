@@ -1,8 +1,10 @@
 -- Create a run with its first jobs (RedisRunStore.create_run); nothing is written if it exists.
 --
--- KEYS: 1 record hash, 2 context hash, 3 node states hash, 4 ready list, 5 history list
+-- KEYS: 1 record hash, 2 context hash, 3 node states hash, 4 ready list, 5 history list, then the
+--       ready lists of the other queues its routed jobs go to
 -- ARGV: counted groups ("n" then entries): record field/value pairs, context field/value pairs,
---       node state id/JSON pairs, job bodies, history entries (JSON arrays of events); then,
+--       node state id/JSON pairs, job bodies, history entries (JSON arrays of events), routed jobs
+--       (index of their list in KEYS, body); then,
 --       optionally, the run list index: its key
 --       prefix, the run id and the creation time (the run enters `<ix>all` and `<ix>active`,
 --       scored by that time; the record keeps `ix`, `run_id` and `created_at` for commit.lua)
@@ -28,6 +30,10 @@ chunked('HSET', KEYS[2], take_count(), 2)
 chunked('HSET', KEYS[3], take_count(), 2)
 chunked('LPUSH', KEYS[4], take_count(), 1)
 chunked('RPUSH', KEYS[5], take_count(), 1)
+for _ = 1, take_count() do
+  local list = tonumber(ARGV[pos]); pos = pos + 1
+  redis.call('LPUSH', KEYS[list], ARGV[pos]); pos = pos + 1
+end
 if ARGV[pos] then
   local ix, run_id, at = ARGV[pos], ARGV[pos + 1], ARGV[pos + 2]
   redis.call('HSET', KEYS[1], 'ix', ix, 'run_id', run_id, 'created_at', at)
