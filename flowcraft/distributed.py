@@ -351,6 +351,7 @@ class DistributedAdapter(_Operations):
         self._conflicts = 0
         self._pool: Optional[_Pool] = None  # what the lanes of a running `work()` share
         self._running: Optional[_Pool] = None  # on the adapter whose `work()` runs lanes: their pool
+        self._own_ports: List[Any] = []  # on a lane: the queue and store it was given of its own
         self._committer: Optional[Committer] = None  # set on the lane that is the pool's committer
         # a worker thread's wave handed to the committer, with its deliveries, to acknowledge once done
         self._handoff: Optional[Tuple[Handoff, List[Delivery]]] = None
@@ -397,7 +398,8 @@ class DistributedAdapter(_Operations):
         if self.threads == 1 and burst:  # (a drain, a test: no committer thread to set up and tear down)
             self._pool = pool
             try:
-                self._serve(burst)
+                with self._worker_session():
+                    self._serve(burst)
             finally:
                 self._pool = None
             return pool.budget.processed
@@ -422,17 +424,18 @@ class DistributedAdapter(_Operations):
         committing = [threading.Thread(target=lane._lane_main, args=(burst,), name=f"flowcraft-committer-{i}", daemon=True)
                       for i, lane in enumerate(committers)]
         try:
-            for thread in committing + threads:
-                thread.start()
-            try:
-                lanes[0]._serve(burst)
-            except Exception as error:  # a bug: the other lanes stop too (and `work` raises it)
-                pool.fail(error)
-            for thread in threads:
-                thread.join()
-            pool.committer.close()
-            for thread in committing:
-                thread.join()
+            with self._worker_session():  # the ports the lanes share (lanes with their own: `_lane_main`)
+                for thread in committing + threads:
+                    thread.start()
+                try:
+                    lanes[0]._serve(burst)
+                except Exception as error:  # a bug: the other lanes stop too (and `work` raises it)
+                    pool.fail(error)
+                for thread in threads:
+                    thread.join()
+                pool.committer.close()
+                for thread in committing:
+                    thread.join()
         except BaseException:
             # this thread was interrupted (a forced stop): leave at once; the lanes are daemon
             # threads, and the jobs in their hands are delivered again
@@ -454,8 +457,8 @@ class DistributedAdapter(_Operations):
 
     def _lane(self, index: int) -> "DistributedAdapter":
         """A copy of this adapter that one worker thread runs (`index` > 0: another thread), with
-        the same runtime, stop request and fetch pace; adapters whose queue or store clients are
-        not thread-safe give it connections of its own (see `_lane_ports`)."""
+        the same runtime, stop request and fetch pace; a queue or store whose client is not
+        thread-safe gives the other threads ports of their own (its optional ``lane()``)."""
         lane = copy.copy(self)
         lane._lanes = []
         lane._running = None
@@ -467,21 +470,45 @@ class DistributedAdapter(_Operations):
         lane._committer = None
         lane._handoff = None
         lane._handing = False
-        lane.queue, lane.store = self._lane_ports(index)
+        lane._own_ports = []
+        if index > 0:
+            queue_lane, store_lane = getattr(self.queue, "lane", None), getattr(self.store, "lane", None)
+            if queue_lane is not None:
+                lane.queue = queue_lane()
+                lane._own_ports.append(lane.queue)
+            if store_lane is not None:
+                lane.store = store_lane()
+                lane._own_ports.append(lane.store)
         return lane
 
-    def _lane_ports(self, index: int) -> Tuple[JobQueue, RunStore]:
-        """The queue and store one worker thread uses: these, shared (they must be thread-safe)."""
-        return self.queue, self.store
-
     def _close_lane(self) -> None:
-        """Close what `_lane_ports` opened for this lane (nothing here)."""
+        """Close the ports this lane was given of its own (see `_lane`)."""
+        for port in self._own_ports:
+            port.close()
+
+    @contextlib.contextmanager
+    def _worker_session(self) -> Iterator[None]:
+        """While a worker loop runs on these ports: the store's optional ``worker_session(queue)``
+        (what it does only while a worker runs); at the end, the queue's optional ``release()``
+        gives back what it took ahead of fetches and did not hand out."""
+        session = getattr(self.store, "worker_session", None)
+        with session(self.queue) if session is not None else contextlib.nullcontext():
+            try:
+                yield
+            finally:
+                release = getattr(self.queue, "release", None)
+                if release is not None:
+                    try:
+                        release()
+                    except (ConnectionError, OSError) as error:  # they come back with the broker's own recovery
+                        logger.warning("worker: could not give back the jobs held ahead: %s", error)
 
     def _lane_main(self, burst: bool) -> None:
         pool = self._pool
         assert pool is not None
         try:
-            self._serve(burst)
+            with self._worker_session() if self._own_ports else contextlib.nullcontext():
+                self._serve(burst)
         except BaseException as error:  # a bug or a simulated crash: the worker stops (and `work` raises it)
             pool.fail(error)
 
@@ -640,8 +667,26 @@ class DistributedAdapter(_Operations):
         logger.debug("worker: gave job %s back (its batch is slow)", delivery.job.key if delivery.job else "?")
 
     def _hold(self, size: int) -> None:
-        """The next fetch asks for `size` jobs: adapters that take jobs ahead of a fetch (a
-        broker's prefetch window, jobs taken with a commit) hold no more than that."""
+        """The next fetch asks for `size` jobs (with those held unacknowledged): a queue that
+        takes jobs ahead of a fetch (its optional ``hold(count, commits_take)``: a broker's
+        prefetch window, jobs taken with a commit) holds no more than that, nor more than the
+        job budget leaves; `commits_take` is False while a committer thread commits this
+        thread's jobs (jobs its commits took would wait while this thread waits on the queue)."""
+        hold = getattr(self.queue, "hold", None)
+        if hold is None:
+            return
+        left = self._pool.budget.left if self._pool is not None else None
+        hold(size if left is None else max(0, min(size, left)), commits_take=not self._handing)
+
+    def close(self) -> None:
+        """Stop the worker if one runs (`stop()`), then close the queue and the store (if it has
+        `close()`)."""
+        if self._thread is not None or self._running is not None or self._pool is not None:
+            self.stop()
+        self.queue.close()
+        close_store = getattr(self.store, "close", None)
+        if close_store is not None:
+            close_store()
 
     def start(self) -> None:
         """Run `work()` in a background thread."""
@@ -974,8 +1019,11 @@ class DistributedAdapter(_Operations):
                 log_run_failure(record)
 
     def after_outage(self) -> None:
-        """Called once a worker loop retries after a connection error (adapters give back the jobs
-        they held, for instance); may raise `ConnectionError` again."""
+        """Called once a worker loop retries after a connection error: the queue's optional
+        ``recover()`` gives back the jobs this worker held; may raise `ConnectionError` again."""
+        recover = getattr(self.queue, "recover", None)
+        if recover is not None:
+            recover()
 
     def _fault(self, point: str) -> None:
         """A hook for fault injection; does nothing here."""
@@ -1832,8 +1880,12 @@ def _same_parent(stored: Optional[Mapping[str, Any]], parent: Mapping[str, Any])
 class Reconciler:
     """Finds runs idle past a threshold and re-enqueues their frontier (`DistributedAdapter.reconcile`).
 
-    Adapters build one with their store's notion of idleness (`RunStore.idle_runs`, based on the
-    `updated_at` every commit refreshes)."""
+    Idleness is the store's (`RunStore.idle_runs`, based on the `updated_at` every commit
+    refreshes). A pass also uses what the ports offer beyond that: the store's optional
+    ``sweep_outbox(threshold, queue, limit)`` first publishes the outbox rows a killed worker left
+    behind; the queue's optional ``take_abandoned()`` names the runs whose jobs a worker that is
+    gone held, reconciled at once, idle or not, inside its optional ``reconcile_pass()`` (what
+    the queue checks once per pass instead of once per run)."""
 
     def __init__(self, adapter: DistributedAdapter, stalled_threshold_seconds: float = 300.0, limit: int = 1000) -> None:
         self.adapter = adapter
@@ -1841,10 +1893,21 @@ class Reconciler:
         self.limit = limit
 
     def run(self) -> ReconcileStats:
-        scanned, idle = self.adapter.store.idle_runs(self.stalled_threshold_seconds, self.limit)
-        reconciled, failed = self.reconcile_each(idle)
-        return ReconcileStats(scanned=scanned, stalled=len(idle), reconciled=reconciled, failed=failed,
-                              unserved=self.unserved())
+        queue, store = self.adapter.queue, self.adapter.store
+        sweep = getattr(store, "sweep_outbox", None)
+        if sweep is not None:
+            swept = sweep(self.stalled_threshold_seconds, queue, self.limit)
+            if swept:
+                logger.info("reconciler: published %d outbox row(s) left behind again", swept)
+        reconcile_pass = getattr(queue, "reconcile_pass", None)
+        with reconcile_pass() if reconcile_pass is not None else contextlib.nullcontext():
+            take_abandoned = getattr(queue, "take_abandoned", None)
+            abandoned = take_abandoned() if take_abandoned is not None else []
+            reconciled, failed = self.reconcile_each(abandoned)
+            scanned, idle = store.idle_runs(self.stalled_threshold_seconds, self.limit)
+            idle_reconciled, idle_failed = self.reconcile_each(idle)
+        return ReconcileStats(scanned=scanned, stalled=len(idle), reconciled=reconciled + idle_reconciled,
+                              failed=failed + idle_failed, unserved=self.unserved())
 
     def unserved(self) -> int:
         """How many jobs wait on a queue no live worker serves (a WARNING names the queues)."""

@@ -314,11 +314,21 @@ class JobQueue(Protocol):
     must not trust a belief that a job already waits without checking it (default: `enqueue`),
     ``depth(queue=None)`` (jobs ready on a queue, default: the default one), ``live_workers(queues=())
     -> list of WorkerInfo`` (every worker of the backend, whatever queues it serves, as far as it
-    can tell; `queues`: names to look at too, for a broker that only counts consumers per queue) and ``queue_name_problem(name) -> str or None`` (why the backend cannot use a queue name).
+    can tell; `queues`: names to look at too, for a broker that only counts consumers per queue)
+    and ``queue_name_problem(name) -> str or None`` (why the backend cannot use a queue name).
 
     Routing (SPEC 14): `enqueue` puts each job on the queue its `queue` names (None: the default
     queue, the attribute ``queue_name``); `fetch` takes from the queues the worker serves (the
-    attribute ``queues``, in priority order: a job of an earlier one first)."""
+    attribute ``queues``, in priority order: a job of an earlier one first).
+
+    What a worker uses when the queue offers it (the core's `DistributedAdapter` asks for each;
+    an adapter wires its ports and subclasses nothing): ``give_back(deliveries)`` (unstarted
+    deliveries back to the front), ``hold(count, commits_take)`` (the next fetch asks for
+    `count`: take no more ahead of it, in a prefetch window or with commits), ``release()`` (the
+    worker loop ends: give back what was taken ahead and not handed out), ``recover()`` (the
+    service answers again after an outage: give back what this worker held), ``lane()`` (the
+    same queue for another worker thread, when its client is not thread-safe; closed with
+    `close()`), ``take_abandoned()`` and ``reconcile_pass()`` (see `distributed.Reconciler`)."""
 
     def enqueue(self, jobs: Sequence[Job], delay: float = 0.0) -> None:
         """Make jobs deliverable now, or after `delay` seconds. Durable once it returns."""
@@ -459,7 +469,11 @@ HISTORY_CAP = 10_000
 class RunStore(Protocol):
     """A store whose attribute `acks_in_commit` is true removes the deliveries in a commit's `ack`
     from the queue inside the commit, when it can, and then sets their `acked` (the driver does not
-    acknowledge them again); other stores get no deliveries in `ack`."""
+    acknowledge them again); other stores get no deliveries in `ack`.
+
+    Optional, as for `JobQueue`: ``lane()`` (the same store for another worker thread),
+    ``worker_session(queue)`` (a context manager around a worker loop on `queue`),
+    ``sweep_outbox(threshold, queue, limit)`` (see `distributed.Reconciler`) and ``close()``."""
 
     def create_run(self, record: RunRecord, context: Mapping[str, Any], states: Mapping[str, Dict[str, Any]], jobs: Sequence[Job],
                    history: Sequence[Dict[str, Any]] = ()) -> bool:

@@ -5,9 +5,9 @@ wires the ports."""
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence
 
-from flowcraft.distributed import DistributedAdapter, ReconcileStats, Reconciler
+from flowcraft.distributed import DistributedAdapter, Reconciler
 
 from .queue import DEFAULT_PREFETCH, RabbitMqQueue
 from .schema import DEFAULT_CONTEXT_TABLE, DEFAULT_STATUS_TABLE, validate_identifier
@@ -61,55 +61,15 @@ class RabbitMqAdapter(DistributedAdapter):
         # while jobs are fast, the whole prefetch window is one batch; while they are slow, a
         # thread holds one (`_hold` sizes the window as the fetch)
         options.setdefault("max_fetch", queue.prefetch)
+        # A `BlockingConnection` is not thread-safe and a psycopg2 connection serialises its users:
+        # each worker thread but the first consumes on a connection of its own and commits on a
+        # PostgreSQL connection of its own (`queue.lane()`, `store.lane()`); publishing shares one
+        # connection, behind its lock.
         super().__init__(runtime, queue, store, coordination_store, **options)
-        self._own_ports = False  # a worker thread's lane with connections of its own (`_lane_ports`)
 
     def context(self, run_id: str) -> PostgresContext:
         """The run's context in PostgreSQL, read and patched key by key."""
         return PostgresContext(self.store, run_id)
-
-    def _lane_ports(self, index: int) -> Tuple[Any, Any]:
-        """A `BlockingConnection` is not thread-safe, and a psycopg2 connection serialises its
-        users (and holds one transaction): each worker thread but the first gets a consumer
-        channel on a connection of its own (its deliveries are acknowledged on it) and a
-        PostgreSQL connection of its own; publishing shares one connection, behind its lock."""
-        if index == 0:
-            return self.queue, self.store
-        return self.queue.lane(), self.store.lane()
-
-    def _lane(self, index: int) -> DistributedAdapter:
-        lane = super()._lane(index)
-        lane._own_ports = index > 0  # type: ignore[attr-defined]  # a RabbitMqAdapter's lane
-        return lane
-
-    def _close_lane(self) -> None:
-        if self._own_ports:
-            self.queue.close_consumer()
-            self.store.close()
-
-    def _hold(self, size: int) -> None:
-        self.queue.set_prefetch(size)
-
-    def _serve(self, burst: bool) -> None:
-        # While the loop runs, published outbox rows are deleted by the next commit, or once the
-        # worker is idle (`queue.on_idle`), instead of by a transaction of their own per batch.
-        self.store.defer_deletes = True
-        self.queue.on_idle = self.store.flush_published
-        try:
-            super()._serve(burst)
-        finally:
-            self.store.defer_deletes = False
-            self.queue.on_idle = None
-            self.queue.release()  # prefetched, unprocessed deliveries go back to the queue
-            try:
-                self.store.flush_published()
-            except Exception as error:  # PostgreSQL is down: the rows are deleted by the next flush
-                logger.warning("could not delete published outbox rows: %s", error)
-
-    def close(self) -> None:
-        self.stop()
-        self.queue.close()
-        self.store.close()
 
 
 def create_rabbitmq_reconciler(adapter: RabbitMqAdapter, status_table_name: Optional[str] = None,
@@ -122,14 +82,4 @@ def create_rabbitmq_reconciler(adapter: RabbitMqAdapter, status_table_name: Opti
         if status_table_name != adapter.store.status_table:
             raise ValueError(f"status_table_name {status_table_name!r} is not the adapter's status table "
                              f"{adapter.store.status_table!r}")
-    return _OutboxSweepingReconciler(adapter, stalled_threshold_seconds=stalled_threshold_seconds, limit=limit)
-
-
-class _OutboxSweepingReconciler(Reconciler):
-    adapter: RabbitMqAdapter
-
-    def run(self) -> ReconcileStats:
-        swept = self.adapter.store.sweep_outbox(self.stalled_threshold_seconds, self.adapter.queue, self.limit)
-        if swept:
-            logger.info("reconciler: published %d outbox row(s) left behind again", swept)
-        return super().run()
+    return Reconciler(adapter, stalled_threshold_seconds=stalled_threshold_seconds, limit=limit)  # it sweeps the store's outbox

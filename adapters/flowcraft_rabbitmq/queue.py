@@ -213,6 +213,7 @@ class RabbitMqQueue:
         self._plain_props = pika.BasicProperties(delivery_mode=2, content_type="application/json")
         # Called (in `fetch`, by the consuming thread) once no delivery came for a moment.
         self.on_idle: Optional[Callable[[], None]] = None
+        self._is_lane = False  # made by `lane()`: `close()` closes its consumer only
         with self._publisher.lock:
             self._publisher.ensure(first=True)  # declares the queues; fails fast on a bad URL or login
 
@@ -230,7 +231,13 @@ class RabbitMqQueue:
         other._tx = None
         other._returned = []
         other.on_idle = None
+        other._is_lane = True
         return other
+
+    def hold(self, count: int, commits_take: bool = True) -> None:
+        """The worker's next fetch asks for `count` jobs (with those it holds unacknowledged):
+        the prefetch window (`set_prefetch`). Commits take no jobs here (`commits_take` is moot)."""
+        self.set_prefetch(count)
 
     def set_prefetch(self, count: int) -> None:
         """Hold at most `count` unacknowledged deliveries from now on (`basic.qos` on the consumer
@@ -625,6 +632,10 @@ class RabbitMqQueue:
                 pass
 
     def close(self) -> None:
+        """Close the connections; a worker thread's queue (`lane()`) closes its consumer only (the
+        publisher is shared)."""
+        if self._is_lane:
+            return self.close_consumer()
         self._consumer.close()
         self._publisher.close()
         self._buffer.clear()

@@ -41,14 +41,15 @@
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import logging
-import copy
 import math
 import random
 import threading
 import time
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import attrs
 import psycopg2
@@ -344,6 +345,23 @@ class PostgresRunStore(PostgresOperations):
                     cur.execute("ROLLBACK")
         except _CONNECTION_ERRORS:
             pass
+
+    @contextlib.contextmanager
+    def worker_session(self, queue: Any) -> Iterator[None]:
+        """While a worker loop runs on `queue`: published outbox rows are deleted by the next
+        commit, or once the queue is idle (`queue.on_idle`), instead of by a transaction of their
+        own per batch; what is left is deleted when the loop ends."""
+        self.defer_deletes = True
+        queue.on_idle = self.flush_published
+        try:
+            yield
+        finally:
+            self.defer_deletes = False
+            queue.on_idle = None
+            try:
+                self.flush_published()
+            except Exception as error:  # PostgreSQL is down: the rows are deleted by the next flush
+                logger.warning("could not delete published outbox rows: %s", error)
 
     def lane(self) -> "PostgresRunStore":
         """The same store on a connection of its own, for another worker thread (a psycopg2

@@ -2,7 +2,6 @@
 `RedisCoordinationStore`, and `create_redis_reconciler`."""
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any, Optional, Sequence
 
@@ -12,8 +11,6 @@ from ._util import connect
 from .coordination import RedisCoordinationStore
 from .queue import RedisQueue
 from .store import RedisRunStore
-
-logger = logging.getLogger("flowcraft.redis")
 
 
 class RedisAdapter(DistributedAdapter):
@@ -38,40 +35,10 @@ class RedisAdapter(DistributedAdapter):
                            recover_interval=recover_interval, clock=clock, queues=queues)
         store = RedisRunStore(client, prefix, state_ttl_seconds, queue=queue, clock=clock)
         options.setdefault("max_fetch", 20)  # while jobs are fast: one fetch, load and commit round for up to 20
+        # meanwhile each commit also takes this worker's next jobs (one round trip instead of two:
+        # `RedisQueue.hold`); its threads share this client, queue and store (redis-py is thread-safe)
         super().__init__(runtime, queue, store, RedisCoordinationStore(client, prefix), retry_mode=retry_mode, **options)
         self.redis = client
-
-    def work(self, burst: bool = False, max_jobs: Optional[int] = None) -> int:
-        """The core's worker loop (its threads share this Redis client, queue and store: redis-py
-        is thread-safe); meanwhile each commit also takes this worker's next jobs (one round trip
-        instead of two, as many as the next fetch asks: `_hold`), and those not fetched are given
-        back when it returns."""
-        try:
-            return super().work(burst, max_jobs)
-        finally:
-            self.queue.prefetch = 0
-            try:
-                self.queue.release_stash()
-            except ConnectionError as error:  # they come back to the ready list with the heartbeat's expiry
-                logger.warning("could not give back prefetched jobs: %s", error)
-
-    def _hold(self, size: int) -> None:
-        pool = self._pool
-        if self._handing:
-            # the commits are a committer thread's: jobs they took would wait in the stash while
-            # the worker threads block on the ready list, which a commit's push wakes at once
-            self.queue.prefetch = 0
-            return
-        left = pool.budget.left if pool is not None else None
-        self.queue.prefetch = size if left is None else max(0, min(size, left))
-
-    def after_outage(self) -> None:
-        """Redis answers again: give back the jobs this worker held (neither surely committed nor acked)."""
-        self.queue.requeue_own()
-
-    def close(self) -> None:
-        self.stop()
-        self.queue.close()
 
 
 def create_redis_reconciler(adapter: RedisAdapter, redis: Any = None, stalled_threshold_seconds: float = 300.0,
@@ -86,4 +53,4 @@ def create_redis_reconciler(adapter: RedisAdapter, redis: Any = None, stalled_th
     if int(scan_count) <= 0:
         raise ValueError(f"scan_count must be > 0, not {scan_count!r}")
     adapter.store.scan_count = int(scan_count)
-    return getattr(adapter, "reconciler_class", Reconciler)(adapter, stalled_threshold_seconds)
+    return Reconciler(adapter, stalled_threshold_seconds)

@@ -239,6 +239,22 @@ class RedisQueue:
         with self._lock:
             return max(0, self.prefetch - len(self._stash)) if self._started else 0
 
+    def hold(self, count: int, commits_take: bool = True) -> None:
+        """The worker's next fetch asks for `count` jobs: its commits take up to that many with
+        them (none when `commits_take` is False: a committer thread's commits would take jobs
+        that wait in the stash while the worker's threads block on the ready list)."""
+        self.prefetch = count if commits_take else 0
+
+    def release(self) -> int:
+        """The worker loop ends: give back the jobs its commits took and it did not fetch."""
+        self.prefetch = 0
+        return self.release_stash()
+
+    def recover(self) -> None:
+        """Redis answers again after an outage: give back the jobs this worker held (neither
+        surely committed nor acknowledged)."""
+        self.requeue_own()
+
     def stash(self, reply: Sequence[Any]) -> None:
         """Keep the jobs a commit's fetch step took (its reply: next due time, bodies) for `fetch`."""
         with self._lock:

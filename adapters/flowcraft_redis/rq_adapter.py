@@ -108,11 +108,10 @@ import threading
 import time
 from typing import Any, Dict, Optional, Sequence, Tuple
 
-import attrs
 import redis
 from rq import Retry
 
-from flowcraft.distributed import DistributedAdapter, ReconcileStats, Reconciler
+from flowcraft.distributed import DistributedAdapter
 from flowcraft.execution import NodeFailure
 from flowcraft.ports import Delivery, Job
 from flowcraft.result import format_traceback
@@ -126,24 +125,6 @@ from .rq_store import RqRunStore
 from .rq_worker import InProcessWorker
 
 logger = logging.getLogger("flowcraft.redis.rq")
-
-
-class RqReconciler(Reconciler):
-    """The core's `Reconciler`, its pass wrapped in `RqQueue.reconcile_pass()`: the check that a
-    queued-looking RQ job is really in RQ's queue is one scan of the queue per pass, not per run."""
-
-    adapter: RqAdapter
-
-    def run(self) -> ReconcileStats:
-        """First the runs whose RQ job was held by an RQ worker that is gone (`RqQueue.take_abandoned`),
-        idle or not; then the runs idle past the threshold."""
-        with self.adapter.queue.reconcile_pass():
-            abandoned = self.adapter.queue.take_abandoned()
-            reconciled, failed = self.reconcile_each(abandoned)
-            stats = super().run()
-        if not abandoned:
-            return stats
-        return attrs.evolve(stats, reconciled=stats.reconciled + reconciled, failed=stats.failed + failed)
 
 
 class RqAdapter(DistributedAdapter):
@@ -160,7 +141,6 @@ class RqAdapter(DistributedAdapter):
 
     queue: RqQueue
     store: RqRunStore
-    reconciler_class = RqReconciler  # what `create_redis_reconciler` builds for this adapter
 
     def __init__(self, runtime: Any, redis_url_or_client: Any, queue_name: str = "flowcraft-queue",
                  state_ttl_seconds: int = 86400, retry_mode: str = "in-process", *, prefix: str = "",
@@ -279,9 +259,5 @@ class RqAdapter(DistributedAdapter):
         """Has `stop()` (or the ``flowcraft worker`` command's stop signal) been asked for?"""
         return self._stop.is_set()
 
-    def close(self) -> None:
-        self.stop()
-        self.queue.close()
 
-
-__all__ = ["DEFAULT_RETRY_INTERVALS", "DeadLettered", "RqAdapter", "RqReconciler", "RqQueue", "RqRunStore", "RqSettings", "RUN_NODE"]
+__all__ = ["DEFAULT_RETRY_INTERVALS", "DeadLettered", "RqAdapter", "RqQueue", "RqRunStore", "RqSettings", "RUN_NODE"]

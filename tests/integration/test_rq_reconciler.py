@@ -19,7 +19,6 @@ from test_rq_adapter import (  # noqa: F401  (fixtures)
 )
 from flowcraft.ports import Job
 from flowcraft_redis import RqAdapter, create_redis_reconciler
-from flowcraft_redis.rq_adapter import RqReconciler
 from flowcraft_redis.rq_queue import RqQueue
 from rq.job import Job as RqJob
 
@@ -41,7 +40,6 @@ def test_the_reconciler_recovers_a_job_lost_from_the_queue_list(make_adapter: Ca
     assert rq_queue_of(adapter).count == 0
     assert create_redis_reconciler(adapter, stalled_threshold_seconds=3600).run().stalled == 0  # not idle yet
     reconciler = create_redis_reconciler(adapter, stalled_threshold_seconds=0)
-    assert isinstance(reconciler, RqReconciler)
     stats = reconciler.run()
     assert (stats.stalled, stats.reconciled, stats.failed) == (1, 1, 0)
     assert rq_queue_of(adapter).get_job_ids() == [lost]  # enqueued again under its own id
