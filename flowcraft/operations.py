@@ -17,7 +17,6 @@ import attrs
 
 from .graph import DONE, PENDING, READY, SKIPPED, CompiledGraph, NodeState, counted_joins
 from .node import NodeResult
-from .plan import arrival_field, count_field
 from .ports import Commit, Delivery, Job, RunRecord, RunSnapshot, copy_record, job_node_id
 from .result import AWAITING, CANCELLED, COMPLETED, FAILED, RUNNING, STALLED
 from .timetravel import apply_patch, descendants
@@ -207,6 +206,8 @@ def _recount_joins(graph: CompiledGraph, states: Mapping[str, NodeState], reset:
     """The item fields that make the counted joins put back to pending count again (see
     `graph.counted_joins`): their counter holds the arrivals from the nodes that do not run again,
     and the arrivals of the edges from those that do are cleared (arriving again, they count)."""
+    from .distributed._plan import arrival_field, count_field  # (the distributed package imports this module)
+
     fields: Dict[str, Any] = {}
     counted = counted_joins(graph)
     for node_id, state in reset.items():
@@ -308,7 +309,7 @@ def restart_from(adapter: "DistributedAdapter", run_id: str, node_id: str) -> Se
 def skip(adapter: "DistributedAdapter", run_id: str, node_id: str, output: Any = None) -> Set[str]:
     """A failed or awaiting node counts as completed with `output`, and the run goes on (routed as
     a completion, in one commit)."""
-    from .plan import CommitPlan
+    from .distributed._plan import CommitPlan
 
     for _ in range(_MAX_CONFLICTS):
         # the record first: whatever commit lands after it makes this one's version check fail

@@ -26,7 +26,7 @@ if _missing is not None:
         raise RuntimeError(f"browser tests need a browser: {_missing}")
     pytest.skip(f"no headless browser: {_missing}", allow_module_level=True)
 
-from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException  # noqa: E402
+from selenium.common.exceptions import WebDriverException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
@@ -76,13 +76,15 @@ def _run(adapter: InMemoryAdapter, blueprint: str, **kwargs: Any) -> str:
 
 def _wait(browser: Any, check: Callable[[Any], Any], timeout: float = 15.0) -> Any:
     # the page is replaced while the check reads it (the action's redirect, the live refresh): an
-    # element found in the old page and read in the new one is stale; look again at the next poll
-    return WebDriverWait(browser, timeout, poll_frequency=0.1,
-                         ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)).until(check)
+    # element found in the old page and read in the new one is stale (chromedriver says so in
+    # several ways, all WebDriverExceptions); look again at the next poll
+    return WebDriverWait(browser, timeout, poll_frequency=0.1, ignored_exceptions=(WebDriverException,)).until(check)
 
 
 def _status_badge(browser: Any) -> str:
-    return str(browser.find_element(By.ID, "run-status").text)
+    # read in one script call, not found then read: the page may be replaced in between
+    return str(browser.execute_script(
+        "const badge = document.getElementById('run-status'); return badge ? badge.textContent.trim() : '';"))
 
 
 def _node_fills(browser: Any) -> Dict[str, Tuple[str, str]]:

@@ -9,7 +9,7 @@ import pytest
 
 from flowcraft import FlowRuntime, create_flow
 from flowcraft.testing import InMemoryAdapter
-from flowcraft.worker_pool import HANDOFF_AFTER, OUTAGE_DELAY_MAX, Committer, FetchPace, JobBudget, outage_delays
+from flowcraft.distributed._worker_pool import HANDOFF_AFTER, OUTAGE_DELAY_MAX, Committer, FetchPace, JobBudget, outage_delays
 
 
 def fan_flow(name: str, width: int, body: Any) -> Any:

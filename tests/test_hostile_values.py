@@ -12,7 +12,7 @@ from typing import Any, Dict
 from bounded import run_bounded
 
 from flowcraft import FlowRuntime, create_flow
-from flowcraft.plan import input_field, spec_field
+from flowcraft.distributed._plan import input_field, spec_field
 from flowcraft.ports import item_field
 from flowcraft.serializer import ValueTooLarge, check_json
 from flowcraft.testing import InMemoryAdapter

@@ -13,7 +13,7 @@ import pytest
 
 from flowcraft import FlowRuntime, NodeContext, create_flow
 from flowcraft.graph import DEAD, NodeState
-from flowcraft.plan import arrival_field, count_field
+from flowcraft.distributed._plan import arrival_field, count_field
 from flowcraft.ports import Commit
 from flowcraft.testing import InMemoryAdapter
 

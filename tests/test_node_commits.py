@@ -11,7 +11,7 @@ import pytest
 
 from flowcraft import FlowRuntime, create_flow
 from flowcraft.distributed import WorkerCrash
-from flowcraft.plan import count_field, done_field
+from flowcraft.distributed._plan import count_field, done_field
 from flowcraft.ports import Commit, Delivery
 from flowcraft.testing import InMemoryAdapter
 from flowcraft.testing.fakes import InMemoryQueue, InMemoryRunStore

@@ -1,8 +1,12 @@
 """The distributed driver: workers that execute one node per job, over the ports of `ports.py`.
 
-All orchestration lives here, with `plan` (step 5: one outcome into one `Commit`) and
-`worker_context` (the context and engine node code sees); adapters only implement the ports.
-One job is handled as:
+All orchestration lives here; adapters only implement the ports. The parts: `worker` (the loop of
+a worker process and its threads; `_worker_pool`: committer threads, fetch pace, job budget),
+`_jobs` (deliveries and waves into node executions and commits; `_batching` cuts a fetch into
+waves), `_plan` (step 5: one outcome into one `Commit`, through `flowcraft.outcome`),
+`_worker_context` (the context and engine node code sees), `client` (what a client calls, and the
+operations of SPEC 11), `reconciler`; `_base` holds the one constructor and the events, `_common`
+what the parts share. One job is handled as:
 
 1. parse it, within bounds (`ports.load_job_json`): a malformed job is dead-lettered, and its run
    failed only when the job carries that run's own identity (the run exists, is of the blueprint
@@ -26,7 +30,7 @@ of the same versioned state; a run completes when its outstanding count reaches 
 """
 from __future__ import annotations
 
-from ..worker_context import StoreContext
+from ._worker_context import StoreContext
 from ._common import WorkerCrash, safe_reason
 from .client import _ClientCalls
 from .reconciler import Reconciler, ReconcileStats

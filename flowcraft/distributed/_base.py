@@ -12,11 +12,11 @@ from .. import limits, routing
 from ..events import Event
 from ..execution import NodeRunner
 from ..middleware import hooks
-from ..plan import job_event
+from ._plan import job_event
 from ..ports import CoordinationStore, Delivery, Job, JobQueue, RunRecord, RunStore
 from ..result import FINAL_STATUSES
 from ..runtime import FlowRuntime
-from ..worker_pool import DEFAULT_FETCH_BUDGET, Committer, FetchPace, Handoff
+from ._worker_pool import DEFAULT_FETCH_BUDGET, Committer, FetchPace, Handoff
 from ._common import _OUTAGES
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ class _DriverBase:
             raise ValueError(f"threads must be >= 1, not {threads!r}")
         self.threads = int(threads)
         # `fetch_batch` given: every fetch asks for that many; else the size adapts to the pace of
-        # the jobs, from 1 up to `max_fetch` (see `worker_pool.FetchPace`)
+        # the jobs, from 1 up to `max_fetch` (see `_worker_pool.FetchPace`)
         self.fetch_batch = max(1, int(fetch_batch if fetch_batch is not None else max_fetch))
         self.pace = FetchPace(self.fetch_batch, fetch_budget, fixed=fetch_batch is not None)
         self.poll_timeout = poll_timeout

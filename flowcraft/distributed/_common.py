@@ -12,7 +12,7 @@ from .. import limits
 from ..events import Event
 from ..execution import NodeFailure
 from ..graph import CompiledGraph, GraphNode
-from ..plan import input_field, spec_field
+from ._plan import input_field, spec_field
 from ..ports import Commit, Delivery, Job, RunRecord, RunSnapshot, item_field
 
 logger = logging.getLogger("flowcraft.distributed")

@@ -8,7 +8,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import attrs
 
-from .. import batching, deadlines, limits
+from .. import deadlines, limits
+from . import _batching as batching
 from ..cancel import CancelToken
 from ..errors import FlowcraftError, StoreRejected
 from ..events import Event
@@ -27,12 +28,12 @@ from ..graph import (
 )
 from ..node import NodeContext, NodeResult
 from ..outcome import drop_unstarted_inputs
-from ..plan import GATHER, CommitPlan, batch_item, count_field, done_field, due_to_settle, item_definition, job_event
+from ._plan import GATHER, CommitPlan, batch_item, count_field, done_field, due_to_settle, item_definition, job_event
 from ..ports import Commit, Delivery, Job, RunRecord, RunSnapshot, job_node_id
 from ..result import AWAITING, CANCELLED, FAILED, FINAL_STATUSES, RUNNING, STALLED, WorkflowError, WorkflowResult
 from ..runtime import AWAITING_DETAILS_KEY, AWAITING_IDS_KEY
 from ..serializer import check_json
-from ..worker_context import StoreContext, WithDelta, WorkerEngine
+from ._worker_context import StoreContext, WithDelta, WorkerEngine
 from ._base import _DriverBase
 from ._common import (
     _MAX_CONFLICTS,
@@ -84,7 +85,7 @@ class _JobHandling(_DriverBase):
 
     def handle_batch(self, deliveries: Sequence[Delivery]) -> None:
         """Process several deliveries with one load and one commit round per wave (see
-        `flowcraft.batching`); the semantics are those of `handle` applied in order."""
+        `_batching`); the semantics are those of `handle` applied in order."""
         pending = list(deliveries)
         while pending:
             wave, later = batching.first_wave(pending)

@@ -13,7 +13,7 @@ from ..events import Event
 from ..graph import PENDING, READY, CompiledGraph, NodeState, Traversal, check_resume_action, counted_joins
 from ..middleware import start_traceparent
 from ..node import NodeResult
-from ..plan import batch_item, batch_size, count_field, due_to_settle, input_field, item_job, spec_field
+from ._plan import batch_item, batch_size, count_field, due_to_settle, input_field, item_job, spec_field
 from ..ports import (
     Commit,
     Delivery,

@@ -9,9 +9,9 @@ import threading
 import time
 from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
-from .. import batching
+from . import _batching as batching
 from ..ports import Delivery
-from ..worker_pool import HANDOFF_AFTER, Committer, JobBudget, committer_threads, outage_delays
+from ._worker_pool import HANDOFF_AFTER, Committer, JobBudget, committer_threads, outage_delays
 from ._common import _HANDOFF_IDLE, _OUTAGES, GIVE_BACK_AFTER
 from ._jobs import _JobHandling
 
@@ -88,7 +88,7 @@ class _WorkerLoop(_JobHandling):
 
         `threads` threads each fetch and handle jobs (each with its own queue and store connections
         where the adapter's are not thread-safe: `_lane`), and hand the commit rounds of the jobs
-        they ran to committer threads (`worker_pool.Committer`) while they run their next ones;
+        they ran to committer threads (`_worker_pool.Committer`) while they run their next ones;
         the first of them is this thread (with one thread and `burst`, it does it all). A `stop()` that comes before
         `work()` starts is not lost: `work()` then returns at once."""
         try:

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Protocol, Set
 
-from .builtins import child_run_id
-from .context import DictContext
-from .graph import CompiledGraph, NodeState
-from .ports import Job, RunSnapshot, RunStore
-from .result import AWAITING, FINAL_STATUSES, WorkflowResult
-from .runtime import FlowRuntime
+from ..builtins import child_run_id
+from ..context import DictContext
+from ..graph import CompiledGraph, NodeState
+from ..ports import Job, RunSnapshot, RunStore
+from ..result import AWAITING, FINAL_STATUSES, WorkflowResult
+from ..runtime import FlowRuntime
 
 
 class EngineAdapter(Protocol):

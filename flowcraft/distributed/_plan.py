@@ -8,18 +8,18 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, MutableMapping, Optional, Protocol, Sequence, Set, Tuple
 
-from .builtins import Await
-from .errors import LoopLimitError, SerializationError
-from .events import Event
-from .execution import FallbackResult, NodeFailure, item_failure
-from .graph import PENDING, Activation, CompiledGraph, GraphNode, NodeState, RoutingError, Traversal, counted_joins
-from . import outcome as outcome_of
-from .node import NodeResult
-from .ports import Commit, Counter, Job, RunRecord, RunSnapshot, RunStore, copy_record, item_field, job_node_id
-from .result import AWAITING, COMPLETED, FAILED, FINAL_STATUSES, RUNNING, STALLED, WorkflowResult
-from .runtime import FlowRuntime
-from .serializer import DEFAULT_MAX_VALUE_BYTES, check_json
-from .worker_context import WithDelta
+from ..builtins import Await
+from ..errors import LoopLimitError, SerializationError
+from ..events import Event
+from ..execution import FallbackResult, NodeFailure, item_failure
+from ..graph import PENDING, Activation, CompiledGraph, GraphNode, NodeState, RoutingError, Traversal, counted_joins
+from .. import outcome as outcome_of
+from ..node import NodeResult
+from ..ports import Commit, Counter, Job, RunRecord, RunSnapshot, RunStore, copy_record, item_field, job_node_id
+from ..result import AWAITING, COMPLETED, FAILED, FINAL_STATUSES, RUNNING, STALLED, WorkflowResult
+from ..runtime import FlowRuntime
+from ..serializer import DEFAULT_MAX_VALUE_BYTES, check_json
+from ._worker_context import WithDelta
 
 
 class PlanAdapter(Protocol):
@@ -589,7 +589,7 @@ def batch_item(parent: str, index: int, header: Any, own: Any) -> Optional[Dict[
 
 
 def item_definition(node_id: str, spec: Mapping[str, Any]) -> Any:
-    from .blueprint import NodeDefinition
+    from ..blueprint import NodeDefinition
 
     return NodeDefinition(id=node_id, uses=spec.get("uses") or "", params=spec.get("params"))
 

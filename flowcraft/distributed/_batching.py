@@ -15,7 +15,7 @@ from typing import Dict, Hashable, List, Optional, Sequence, Set, Tuple
 
 import attrs
 
-from .ports import Commit, Counter, Delivery, RunSnapshot
+from ..ports import Commit, Counter, Delivery, RunSnapshot
 
 Segment = List[Delivery]
 
