@@ -15,6 +15,7 @@ from .keys import validate_prefix
 
 META_KEY = "flowcraft"
 DEAD_LETTER_META_KEY = "flowcraft_dead_letter"
+QUEUE_META_KEY = "flowcraft_queue"  # on a routed job: the enqueuer's default queue (absent: the job's origin)
 DEFAULT_RETRY_INTERVALS = (1, 5, 30, 60, 300)
 DEFAULT_RESULT_TTL = 60
 RETRY_MODES = ("in-process", "queue")
@@ -131,5 +132,5 @@ class RqSettings:
                 "retry_intervals": self.retry_intervals}
 
 
-__all__ = ["DEFAULT_RESULT_TTL", "DEFAULT_RETRY_INTERVALS", "DEAD_LETTER_META_KEY", "DeadLettered", "META_KEY",
+__all__ = ["DEFAULT_RESULT_TTL", "DEFAULT_RETRY_INTERVALS", "DEAD_LETTER_META_KEY", "DeadLettered", "META_KEY", "QUEUE_META_KEY",
            "RETRY_MODES", "RqSettings", "dead_letter_rq_job", "due_second", "retry_interval"]

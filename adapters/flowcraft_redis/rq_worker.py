@@ -28,7 +28,7 @@ import os
 import re
 import socket
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import redis
 from rq import Queue
@@ -365,11 +365,10 @@ class InProcessWorker(FlowcraftWorker):
         self.error: Optional[BaseException] = None
         self._poll = max(0.05, float(adapter.poll_timeout))  # read by BaseWorker.__init__
         self._next_promote = 0.0
-        self._holds_lock = False
+        self._held: List[str] = []  # the queues whose scheduler lock this worker holds
         connection = _clone(adapter.redis)
-        super().__init__([adapter.queue_name], name=_worker_name(adapter.queue_name), connection=connection)
-        self._queue = self.queues[0]
-        self._lock_key = RQScheduler.get_locking_key(adapter.queue_name)
+        served = list(adapter.queue.queues)  # in priority order: RQ's dequeue takes from the first first
+        super().__init__(served, name=_worker_name(served[0]), connection=connection)
         self._acquire = connection.register_script(_ACQUIRE_LOCK_LUA)
         self._release = connection.register_script(_RELEASE_LOCK_LUA)
 
@@ -416,23 +415,29 @@ class InProcessWorker(FlowcraftWorker):
             rq_jobs.unbind(token)
 
     def _promote_due_jobs(self) -> None:
-        """Move due scheduled jobs to the queue, as RQ's scheduler does, if we hold its lock."""
+        """Move due scheduled jobs to their queues, as RQ's scheduler does, for each queue whose
+        scheduler lock we hold (one pipeline takes or refreshes the locks of all)."""
         now = time.monotonic()
         if now < self._next_promote:
             return
         self._next_promote = now + self.promote_interval
-        self._holds_lock = bool(self._acquire(keys=[self._lock_key], args=[self.name, self.lock_ttl]))
-        if not self._holds_lock:
-            return
-        promote_due_jobs(self._queue)
+        with self.connection.pipeline(transaction=False) as pipe:
+            for queue in self.queues:
+                self._acquire(keys=[RQScheduler.get_locking_key(queue.name)], args=[self.name, self.lock_ttl],
+                              client=pipe)
+            held = pipe.execute()
+        self._held = [queue.name for queue, ok in zip(self.queues, held) if ok]
+        for queue in self.queues:
+            if queue.name in self._held:
+                promote_due_jobs(queue)
 
     def close(self) -> None:
-        """Give back the scheduler lock and the connections."""
+        """Give back the scheduler locks and the connections."""
         try:
-            if self._holds_lock:
-                self._release(keys=[self._lock_key], args=[self.name])
+            for name in self._held:
+                self._release(keys=[RQScheduler.get_locking_key(name)], args=[self.name])
         except redis.RedisError:
-            pass  # it expires within lock_ttl
+            pass  # they expire within lock_ttl
         self.connection.connection_pool.disconnect()
 
 
