@@ -119,8 +119,8 @@ def rq_make(redis_client: Any, redis_prefix: str) -> Iterator[Callable[..., Any]
     def make(flows: Sequence[Flow], **options: Any) -> Any:
         options.setdefault("poll_timeout", 0.1)
         options.pop("fetch_batch", None)  # (an RQ worker takes one job at a time)
-        adapter = RqAdapter(runtime_of(flows), redis_client, queue_name=f"jobs-{tag}", prefix=redis_prefix,
-                            retry_intervals=(0, 0, 0), **options)
+        options.setdefault("queue_name", f"jobs-{tag}")
+        adapter = RqAdapter(runtime_of(flows), redis_client, prefix=redis_prefix, retry_intervals=(0, 0, 0), **options)
         made.append(adapter)
         return adapter
 
@@ -222,3 +222,28 @@ def test_a_worker_serving_two_queues_takes_the_first_ones_jobs_first(make: Calla
                 time.sleep(0.05)
         finally:
             serving.stop(timeout=10)
+
+
+def test_rq_a_routed_jobs_unrouted_successor_goes_to_its_enqueuers_default_queue(rq_make: Callable[..., Any]) -> None:
+    SEEN.calls.clear()
+    queue_b = rq_make.names("B")  # type: ignore[attr-defined]
+    flows = [chain(queue_b)]
+    default = rq_make(flows)
+    run_id = default.start_workflow("routed")
+    burst_until([default], lambda: SEEN.calls == ["a"])
+    # a worker whose own default queue is B: c still goes to the default queue of the run's client
+    b_only = rq_make(flows, queue_name=queue_b)
+    burst_until([b_only], lambda: "b" in SEEN.calls)
+    b_only.work(burst=True)
+    assert SEEN.calls == ["a", "b"]
+    assert default.queue.depth() == 1 and default.queue.depth(queue_b) == 0
+    burst_until([default], lambda: default.get_status(run_id).status != "running")
+    assert default.wait_for_result(run_id, timeout=10).context == runtime_of(flows).run("routed").context
+
+
+def test_rq_refuses_a_queue_name_rq_cannot_use(rq_make: Callable[..., Any]) -> None:
+    from flowcraft.routing import RoutingError
+
+    adapter = rq_make([chain("no,commas")])  # RQ keeps a worker's queues as one comma-separated field
+    with pytest.raises(RoutingError, match="node 'b'"):
+        adapter.start_workflow("routed")
