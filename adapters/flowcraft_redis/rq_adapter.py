@@ -53,11 +53,14 @@ Jobs of a commit (the outbox)
     in RQ 2.12 with a `SimpleWorker`; a raw RQ ``depends_on`` chain job takes about 24 in all).
 
 Delays
-    Timers (sleep nodes), version-mismatch put-backs and `reconcile`'s pending timers are RQ
-    scheduled jobs (as ``enqueue_at``), due at the delay rounded UP to the whole second (RQ's
-    scheduled registry has one-second resolution: a timer never fires early). They need an RQ
-    scheduler: ``rq worker --with-scheduler``, or `RqAdapter.work()`, which moves due jobs itself
-    while it holds RQ's per-queue scheduler lock (so one scheduler per queue does it).
+    Timers (sleep nodes), version-mismatch and concurrency-limit put-backs and `reconcile`'s
+    pending timers are RQ scheduled jobs (as ``enqueue_at``) of the job's queue, scored with their
+    due time rounded UP to the millisecond. They need an RQ scheduler: ``rq worker
+    --with-scheduler`` (RQ's compares scores with the whole second: a job moves up to a second
+    late, never early), or `RqAdapter.work()`, which moves due jobs itself while it holds RQ's
+    per-queue scheduler lock (one scheduler per queue does it): between jobs, when the next one is
+    due, and at least every 0.1 s (jobs other workers scheduled), so a 0.1 s concurrency put-back
+    comes back in about that time.
 
 Retries
     ``retry_mode="in-process"`` (default): all attempts of a node run inside one RQ job.

@@ -36,7 +36,7 @@ from . import rq_jobs
 from ._util import load_script, to_text, translate_errors
 from .keys import QueueKeys, queue_name_problem, validate_simple
 from .queue import served_queues
-from .rq_settings import DEAD_LETTER_META_KEY, META_KEY, QUEUE_META_KEY, RqSettings, due_second
+from .rq_settings import DEAD_LETTER_META_KEY, META_KEY, QUEUE_META_KEY, RqSettings, due_score
 
 logger = logging.getLogger("flowcraft.redis.rq")
 
@@ -282,7 +282,7 @@ class RqQueue:
             fields = self._hash_fields(entry, job_id, name)
             keys += (RqJob.key_for(job_id), RqJob.key_for(spare), ExecutionRegistry.key_template.format(job_id))
             args += (numbers[name], entry.source, entry.member, job_id, spare,
-                     "" if entry.due is None else due_second(entry.due), len(fields) // 2, *fields)
+                     "" if entry.due is None else due_score(entry.due), len(fields) // 2, *fields)
         return keys, args
 
     def _queue_of(self, entry: Entry) -> str:

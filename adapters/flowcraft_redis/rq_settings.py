@@ -45,10 +45,11 @@ def dead_letter_rq_job(rq_job: Any, reason: str) -> NoReturn:
     raise DeadLettered(reason)
 
 
-def due_second(timestamp: float) -> int:
-    """`timestamp` rounded up to the second: RQ's scheduled registry has one-second resolution,
-    so a job scheduled there never runs early."""
-    return int(math.ceil(timestamp))
+def due_score(timestamp: float) -> str:
+    """The scheduled registry score of a job due at `timestamp`: rounded UP to the millisecond.
+    RQ's own scheduler compares scores with the whole second (``int(now)``), so it never moves a job
+    early (at most a second late); `rq_worker.promote_due_jobs` compares them with the time itself."""
+    return f"{math.ceil(timestamp * 1000) / 1000:.3f}"
 
 
 def retry_interval(delay: float) -> int:
@@ -133,4 +134,4 @@ class RqSettings:
 
 
 __all__ = ["DEFAULT_RESULT_TTL", "DEFAULT_RETRY_INTERVALS", "DEAD_LETTER_META_KEY", "DeadLettered", "META_KEY", "QUEUE_META_KEY",
-           "RETRY_MODES", "RqSettings", "dead_letter_rq_job", "due_second", "retry_interval"]
+           "RETRY_MODES", "RqSettings", "dead_letter_rq_job", "due_score", "retry_interval"]
