@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from typing import Any, Dict, NamedTuple
+from typing import Any, Dict, NamedTuple, Optional
 
 MAX_NAME_LENGTH = 512
 _SIMPLE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]*$")
@@ -81,6 +81,16 @@ def validate_simple(kind: str, name: Any) -> str:
     if not _SIMPLE.match(name):
         raise ValueError(f"{kind} {name!r} must match {_SIMPLE.pattern} (letters, digits, '_', '.', '@', '-')")
     return name
+
+
+def queue_name_problem(name: Any) -> Optional[str]:
+    """Why `name` cannot name a queue of the Redis backends (None: it can). The same names serve
+    RQ: a queue name is in its keys, in its workers' comma-separated queue lists and in job ids."""
+    try:
+        validate_simple("queue name", name)
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 def glob_escape(text: str) -> str:

@@ -44,7 +44,7 @@ from flowcraft.operations import DeadLetter
 from flowcraft.ports import Delivery, Job, WorkerInfo
 
 from ._util import delayed_member, load_script, to_text, translate_errors
-from .keys import QueueKeys, validate_simple
+from .keys import QueueKeys, queue_name_problem, validate_simple
 
 logger = logging.getLogger("flowcraft.redis.queue")
 
@@ -135,11 +135,7 @@ class RedisQueue:
         return found
 
     def queue_name_problem(self, name: str) -> Optional[str]:
-        try:
-            validate_simple("queue name", name)
-        except ValueError as error:
-            return str(error)
-        return None
+        return queue_name_problem(name)
 
     # --- producing -------------------------------------------------------------------------
 

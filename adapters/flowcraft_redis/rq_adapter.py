@@ -18,7 +18,9 @@ jobs), `rq_store` (`RqRunStore`, commits with their publication), `rq_worker` (`
 which refuses foreign jobs, and the RQ worker of `work()`), `rq_jobs` (the job function).
 
 RQ jobs
-    ``flowcraft_redis.rq_jobs.run_node("<job JSON>")`` on the RQ queue `queue_name`, serialized
+    ``flowcraft_redis.rq_jobs.run_node("<job JSON>")`` on the RQ queue `queue_name` (a job of a
+    routed node: on the RQ queue its `Job.queue` names, with ``meta["flowcraft_queue"]`` =
+    `queue_name`, where its unrouted successors go), serialized
     with ``rq.serializers.JSONSerializer`` (never pickle): the one argument is the Flowcraft wire
     payload ``{"runId", "blueprintId", "nodeId", ...}``. Options: ``result_ttl`` (60 s: RQ expires
     finished jobs; 0 would delete each at once, which costs RQ about nine more round trips a job),
@@ -27,7 +29,7 @@ RQ jobs
     below) and ``meta={"flowcraft": {...}}``: the settings of the adapter that enqueued the job (key
     prefix, state TTL, retry mode, these job options), which any worker follows (a job without
     them, from a foreign client, gets the defaults: prefix "", ...).
-    The RQ job id is deterministic, ``fc-<queue>-<hash of prefix, kind, run, node, iteration,
+    The RQ job id is deterministic, ``fc-<its queue>-<hash of prefix, kind, run, node, iteration,
     item, attempt>``: enqueueing a job whose RQ job is still waiting (queued, scheduled or
     deferred) does nothing, since that job reads the run's state after the enqueuer's commit
     anyway; when the id belongs to a job that is running or over, a suffixed id is used. The
@@ -51,11 +53,14 @@ Jobs of a commit (the outbox)
     in RQ 2.12 with a `SimpleWorker`; a raw RQ ``depends_on`` chain job takes about 24 in all).
 
 Delays
-    Timers (sleep nodes), version-mismatch put-backs and `reconcile`'s pending timers are RQ
-    scheduled jobs (as ``enqueue_at``), due at the delay rounded UP to the whole second (RQ's
-    scheduled registry has one-second resolution: a timer never fires early). They need an RQ
-    scheduler: ``rq worker --with-scheduler``, or `RqAdapter.work()`, which moves due jobs itself
-    while it holds RQ's per-queue scheduler lock (so one scheduler per queue does it).
+    Timers (sleep nodes), version-mismatch and concurrency-limit put-backs and `reconcile`'s
+    pending timers are RQ scheduled jobs (as ``enqueue_at``) of the job's queue, scored with their
+    due time rounded UP to the millisecond. They need an RQ scheduler: ``rq worker
+    --with-scheduler`` (RQ's compares scores with the whole second: a job moves up to a second
+    late, never early), or `RqAdapter.work()`, which moves due jobs itself while it holds RQ's
+    per-queue scheduler lock (one scheduler per queue does it): between jobs, when the next one is
+    due, and at least every 0.1 s (jobs other workers scheduled), so a 0.1 s concurrency put-back
+    comes back in about that time.
 
 Retries
     ``retry_mode="in-process"`` (default): all attempts of a node run inside one RQ job.
@@ -136,7 +141,8 @@ class RqAdapter(DistributedAdapter):
     re-runs of a job whose function raised; one re-run per entry), `result_ttl` (seconds RQ keeps a
     finished job), `reconnect_backoff` ((first, max) seconds between restarts of `work()`'s RQ
     worker after a Redis outage), `poll_timeout` (seconds `work()` blocks on an empty queue between
-    checks for `stop()` and due scheduled jobs); the rest go to `DistributedAdapter`.
+    checks for `stop()` and due scheduled jobs), `queues` (the RQ queues `work()` serves, in
+    priority order; default: `queue_name`); the rest go to `DistributedAdapter`.
     """
 
     queue: RqQueue
@@ -146,7 +152,8 @@ class RqAdapter(DistributedAdapter):
                  state_ttl_seconds: int = 86400, retry_mode: str = "in-process", *, prefix: str = "",
                  job_timeout: int = -1, failure_ttl: Optional[int] = None, result_ttl: int = DEFAULT_RESULT_TTL,
                  retry_intervals: Sequence[int] = DEFAULT_RETRY_INTERVALS,
-                 reconnect_backoff: Tuple[float, float] = (0.1, 5.0), **options: Any) -> None:
+                 reconnect_backoff: Tuple[float, float] = (0.1, 5.0), queues: Optional[Sequence[str]] = None,
+                 **options: Any) -> None:
         if int(options.get("threads", 1)) != 1:
             raise ValueError("RqAdapter does not take threads: its jobs run in RQ worker processes (`rq worker`, "
                              "or RqAdapter.work()), one job at a time each; for N at once run N of them "
@@ -154,7 +161,7 @@ class RqAdapter(DistributedAdapter):
         client = connect(redis_url_or_client)
         settings = RqSettings(prefix, int(state_ttl_seconds), retry_mode, job_timeout, failure_ttl, result_ttl,
                               tuple(retry_intervals))
-        queue = RqQueue(client, queue_name, settings)
+        queue = RqQueue(client, queue_name, settings, queues)
         store = RqRunStore(client, queue, state_ttl_seconds, clock=options.get("clock", time.time))
         super().__init__(runtime, queue, store, RedisCoordinationStore(client, prefix), retry_mode=retry_mode,
                          **options)
@@ -211,7 +218,7 @@ class RqAdapter(DistributedAdapter):
     # --- worker ---------------------------------------------------------------------------
 
     def work(self, burst: bool = False, max_jobs: Optional[int] = None) -> int:
-        """Run an RQ `SimpleWorker` on this adapter's queue in this thread (its jobs run with this
+        """Run an RQ `SimpleWorker` on this adapter's queues (`queues`, in order) in this thread (its jobs run with this
         adapter; due scheduled jobs are moved to the queue as by ``--with-scheduler``) until
         `stop()` (or, with `burst`, until the queue is empty); return how many RQ jobs it ran.
 
@@ -249,7 +256,7 @@ class RqAdapter(DistributedAdapter):
                     break
                 continue
             backoff = min(max(backoff * 2, self.reconnect_backoff[0]), self.reconnect_backoff[1])
-            logger.warning("rq worker on %r stopped on %s: %s; restarting in %.1fs", self.queue_name,
+            logger.warning("rq worker on %s stopped on %s: %s; restarting in %.1fs", ", ".join(self.queue.queues),
                            type(failure).__name__, failure, backoff)
             if self._stop.wait(backoff):
                 break

@@ -13,7 +13,9 @@ so RQ's command line runs Flowcraft jobs; with our worker class, which runs noth
   runtime (the same forms as ``flowcraft --app``: a `FlowRuntime`, a `Flow`, a registry, or a
   callable returning one). An `RqAdapter` is built on the worker's Redis connection, with the
   settings the job carries in ``meta["flowcraft"]`` (key prefix, state TTL, retry mode... of the
-  adapter that enqueued it), once per process: it is cached by (app, queue, settings, connection).
+  adapter that enqueued it) and the default queue of that adapter (``meta["flowcraft_queue"]`` on a
+  routed job, else the job's queue), once per process: it is cached by (app, queue, settings,
+  connection).
   With the forking ``rq.worker.Worker`` every job runs in a fresh work horse, so the cache does not
   outlive the job; ``rq.worker.SimpleWorker`` (and `FlowcraftWorker`, a SimpleWorker) keeps it (and
   is much faster for short nodes). RQ's own classes also run any other job of the queue.
@@ -58,25 +60,31 @@ def unbind(token: contextvars.Token) -> None:
 
 def adapter_for(rq_job: Any) -> Any:
     """The `RqAdapter` that runs `rq_job`: the bound one, else one built from ``FLOWCRAFT_APP``."""
-    from .rq_settings import RqSettings, dead_letter_rq_job
+    from .keys import queue_name_problem
+    from .rq_settings import QUEUE_META_KEY, RqSettings, dead_letter_rq_job
 
     try:
         settings = RqSettings.from_meta(rq_job.meta)
     except ValueError as error:
         dead_letter_rq_job(rq_job, f"malformed job: meta['flowcraft'] is invalid: {error}")
+    # the enqueuer's default queue: a routed job's origin is the queue it was routed to
+    queue_name = rq_job.meta.get(QUEUE_META_KEY, rq_job.origin) if isinstance(rq_job.meta, dict) else rq_job.origin
+    problem = queue_name_problem(queue_name)
+    if problem is not None:
+        dead_letter_rq_job(rq_job, f"malformed job: meta[{QUEUE_META_KEY!r}] is invalid: {problem}")
     bound = _BOUND.get()
     if bound is not None:
-        return bound.with_settings(rq_job.origin, settings)
+        return bound.with_settings(queue_name, settings)
     spec = os.environ.get(APP_ENV, "").strip()
     if not spec:
         raise AppNotConfigured(f"set {APP_ENV}=module:attr (a FlowRuntime) in the environment of the RQ worker "
                                f"that runs Flowcraft jobs")
     connection = rq_job.connection
-    key = (spec, rq_job.origin, settings, id(connection))
+    key = (spec, queue_name, settings, id(connection))
     with _CACHE_LOCK:
         adapter = _CACHE.get(key)
         if adapter is None:
-            adapter = _CACHE[key] = _build(spec, rq_job.origin, settings, connection)
+            adapter = _CACHE[key] = _build(spec, queue_name, settings, connection)
     return adapter
 
 

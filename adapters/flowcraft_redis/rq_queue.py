@@ -34,8 +34,9 @@ from flowcraft.ports import Delivery, Job, WorkerInfo
 
 from . import rq_jobs
 from ._util import load_script, to_text, translate_errors
-from .keys import QueueKeys, validate_simple
-from .rq_settings import DEAD_LETTER_META_KEY, META_KEY, RqSettings, due_second
+from .keys import QueueKeys, queue_name_problem, validate_simple
+from .queue import served_queues
+from .rq_settings import DEAD_LETTER_META_KEY, META_KEY, QUEUE_META_KEY, RqSettings, due_score
 
 logger = logging.getLogger("flowcraft.redis.rq")
 
@@ -73,27 +74,44 @@ class RqQueue:
     running RQ job for RQ's FailedJobRegistry. `outbox` names the keys where the run store's
     commits leave their jobs (`RqRunStore`)."""
 
-    def __init__(self, client: Any, queue_name: str = "flowcraft-queue", settings: RqSettings = RqSettings()) -> None:
+    def __init__(self, client: Any, queue_name: str = "flowcraft-queue", settings: RqSettings = RqSettings(),
+                 queues: Optional[Sequence[str]] = None) -> None:
         self.client = client
         self.queue_name = validate_simple("queue name", queue_name)
+        self.queues = served_queues(queues, queue_name)  # what a worker serves, in priority order
         self.settings = settings
-        self.rq = Queue(queue_name, connection=client, serializer=JSONSerializer)
+        self._rq: Dict[str, Queue] = {}
+        self.rq = self.rq_queue(queue_name)
         self.outbox = QueueKeys(f"{queue_name}.outbox", settings.prefix)
-        self._slug = re.sub(r"[^A-Za-z0-9_-]", "_", queue_name)[:64]
         intervals = list(settings.retry_intervals)
         self._retry = Retry(max=len(intervals), interval=intervals) if intervals else None
         self._meta = {META_KEY: settings.to_meta()}
-        self._fixed_keys = [self.outbox.ready, self.outbox.delayed, self.rq.key,
-                            self.rq.scheduled_job_registry.key, self.rq.redis_queues_keys, self.rq.intermediate_queue_key,
-                            self.rq.deferred_job_registry.key, self.rq.started_job_registry.key]
+        # a routed job's RQ job also names the queue its unrouted successors go to (its origin does not)
+        self._routed_meta = dict(self._meta, **{QUEUE_META_KEY: queue_name})
+        self._fixed_keys = [self.outbox.ready, self.outbox.delayed, self.rq.redis_queues_keys]
         self._publish = load_script(client, "rq_publish.lua")
         self._local = threading.local()
+
+    def rq_queue(self, name: Optional[str]) -> Queue:
+        """RQ's queue `name` (None: the default one)."""
+        name = self.queue_name if name is None else name
+        found = self._rq.get(name)
+        if found is None:
+            found = self._rq[name] = Queue(name, connection=self.client, serializer=JSONSerializer)
+        return found
+
+    def served(self) -> List[Queue]:
+        """RQ's queues this worker serves (the default one first when it serves it too)."""
+        return [self.rq_queue(name) for name in dict.fromkeys((self.queue_name, *self.queues))]
+
+    def queue_name_problem(self, name: str) -> Optional[str]:
+        return queue_name_problem(name)
 
     def job_id(self, job: Job) -> str:
         """The deterministic RQ job id of a Flowcraft job (the same for every enqueue of it)."""
         fields = (self.settings.prefix, job.kind, job.run_id, job.node_id, job.iteration, job.index, job.attempt)
         identity = "\x00".join("" if f is None else str(f) for f in fields)
-        return f"fc-{self._slug}-{hashlib.sha1(identity.encode()).hexdigest()}"
+        return f"fc-{_slug(job.queue or self.queue_name)}-{hashlib.sha1(identity.encode()).hexdigest()}"
 
     # --- producing ------------------------------------------------------------------------
 
@@ -152,8 +170,10 @@ class RqQueue:
         finally:
             self._local.reconciling = None
         if collected:
+            lists = [q for e in collected if e.job is not None for q in [self.rq_queue(e.job.queue)]]
             seen = self._ids_in_lists({self.job_id(e.job) for e in collected if e.job is not None},
-                                      (self.rq.key, self.rq.intermediate_queue_key))
+                                      [k for q in {q.name: q for q in lists}.values()
+                                       for k in (q.key, q.intermediate_queue_key)])
             missing = [e for e in collected if e.job is not None and self.job_id(e.job) not in seen]
             if missing:  # lost, or moved while the scan ran: LPOS decides, atomically with the enqueue
                 self._publish_checked(missing, "L")
@@ -170,7 +190,13 @@ class RqQueue:
         this host, its process no longer exists (a live worker whose connection was re-opened has
         lost its name, but not its process). A worker of another host that lost its connection
         while it lives is taken for gone: its job runs again (at-least-once), never commits twice."""
-        members = [to_text(m) for m in self.client.zrange(self.rq.started_job_registry.key, 0, -1)]
+        run_ids: List[str] = []
+        for rq in self.served():
+            run_ids += self._take_abandoned(rq)
+        return list(dict.fromkeys(run_ids))
+
+    def _take_abandoned(self, rq: Queue) -> List[str]:
+        members = [to_text(m) for m in self.client.zrange(rq.started_job_registry.key, 0, -1)]
         if not members:
             return []
         job_ids = {m.rsplit(":", 1)[0]: m for m in members}
@@ -194,13 +220,13 @@ class RqQueue:
         for job_id, name in names.items():
             if not name or not gone.get(name):
                 continue
-            if not self.client.zrem(self.rq.started_job_registry.key, job_ids[job_id]):
+            if not self.client.zrem(rq.started_job_registry.key, job_ids[job_id]):
                 continue  # finished or taken meanwhile
             try:
                 rq_job = RqJob.fetch(job_id, connection=self.client, serializer=JSONSerializer)
                 payload = json.loads(rq_job.args[0]) if rq_job.args and isinstance(rq_job.args[0], str) else {}
-                self.rq.failed_job_registry.add(rq_job, ttl=self.settings.failure_ttl or None,
-                                                exc_string=f"abandoned: RQ worker {name} is gone")
+                rq.failed_job_registry.add(rq_job, ttl=self.settings.failure_ttl or None,
+                                           exc_string=f"abandoned: RQ worker {name} is gone")
             except Exception as error:  # the hash is gone or unreadable: nothing to run again
                 logger.warning("abandoned RQ job %s of worker %s: %s", job_id, name, error)
                 continue
@@ -208,7 +234,7 @@ class RqQueue:
             if isinstance(run_id, str):
                 logger.warning("RQ worker %s is gone: its job %s (run %s) is enqueued again", name, job_id, run_id)
                 run_ids.append(run_id)
-        return list(dict.fromkeys(run_ids))
+        return run_ids
 
     @translate_errors
     def _publish_checked(self, entries: Sequence[Entry], check: str) -> List[Entry]:
@@ -241,23 +267,35 @@ class RqQueue:
         """The KEYS and ARGV of the `lua/rq_publish.lua` call that publishes `entries` (`check`: see
         the script; "" trusts the status of an existing RQ job hash)."""
         keys: List[Any] = list(self._fixed_keys)
-        args: List[Any] = [len(entries), check, time.time()]
+        numbers: Dict[str, int] = {}
+        for entry in entries:  # the RQ queues they go to (routing: the one its job names)
+            numbers.setdefault(self._queue_of(entry), len(numbers))
+        for name in numbers:
+            rq = self.rq_queue(name)
+            keys += (rq.key, rq.scheduled_job_registry.key, rq.intermediate_queue_key, rq.deferred_job_registry.key,
+                     rq.started_job_registry.key)
+        args: List[Any] = [len(entries), len(numbers), check, time.time()]
         for entry in entries:
-            job_id = self.job_id(entry.job) if entry.job is not None else f"fc-{self._slug}-x{os.urandom(8).hex()}"
+            name = self._queue_of(entry)
+            job_id = self.job_id(entry.job) if entry.job is not None else f"fc-{_slug(name)}-x{os.urandom(8).hex()}"
             spare = f"{job_id}-{os.urandom(4).hex()}"
-            fields = self._hash_fields(entry, job_id)
+            fields = self._hash_fields(entry, job_id, name)
             keys += (RqJob.key_for(job_id), RqJob.key_for(spare), ExecutionRegistry.key_template.format(job_id))
-            args += (entry.source, entry.member, job_id, spare, "" if entry.due is None else due_second(entry.due),
-                     len(fields) // 2, *fields)
+            args += (numbers[name], entry.source, entry.member, job_id, spare,
+                     "" if entry.due is None else due_score(entry.due), len(fields) // 2, *fields)
         return keys, args
 
-    def _hash_fields(self, entry: Entry, job_id: str) -> List[Any]:
-        """The RQ job hash of `entry`, as RQ's ``enqueue`` / ``enqueue_at`` would write it."""
+    def _queue_of(self, entry: Entry) -> str:
+        return entry.job.queue if entry.job is not None and entry.job.queue is not None else self.queue_name
+
+    def _hash_fields(self, entry: Entry, job_id: str, queue_name: str) -> List[Any]:
+        """The RQ job hash of `entry` on RQ's queue `queue_name`, as RQ's ``enqueue`` / ``enqueue_at``
+        would write it."""
         scheduled = entry.due is not None
-        rq_job = self.rq.create_job(
+        rq_job = self.rq_queue(queue_name).create_job(
             RUN_NODE, args=(entry.body,), job_id=job_id, timeout=self.settings.job_timeout,
             result_ttl=self.settings.result_ttl, failure_ttl=self.settings.effective_failure_ttl, retry=self._retry,
-            meta=self._meta, description=_describe(entry.job),
+            meta=self._meta if queue_name == self.queue_name else self._routed_meta, description=_describe(entry.job),
             status=JobStatus.SCHEDULED if scheduled else JobStatus.QUEUED)
         if not scheduled:
             rq_job.enqueued_at = rq_now()
@@ -315,10 +353,9 @@ class RqQueue:
     @translate_errors
     def dead_letters(self) -> List[Dict[str, Any]]:
         """The dead-lettered jobs in RQ's FailedJobRegistry: ``{"body", "reason", "rqJobId"}``."""
-        from .rq_worker import FlowcraftJob, is_job_id  # reads any hash without raising or importing
+        from .rq_worker import FlowcraftJob  # reads any hash without raising or importing
 
-        registry = self.rq.failed_job_registry
-        job_ids = [job_id for job_id in registry.get_job_ids() if is_job_id(job_id)]
+        job_ids = list(self._failed_ids())
         out = []
         for rq_job in FlowcraftJob.fetch_many(job_ids, connection=self.client, serializer=JSONSerializer):
             if rq_job is None:
@@ -333,9 +370,9 @@ class RqQueue:
     @translate_errors
     def list_dead_letters(self, limit: Optional[int] = 100) -> List[DeadLetter]:
         """The dead letters (failed RQ jobs a worker dead-lettered; a failed node's RQ job is not one)."""
-        from .rq_worker import FlowcraftJob, is_job_id
+        from .rq_worker import FlowcraftJob
 
-        job_ids = [j for j in self.rq.failed_job_registry.get_job_ids() if is_job_id(j)]
+        job_ids = list(self._failed_ids())
         out: List[DeadLetter] = []
         for rq_job in FlowcraftJob.fetch_many(job_ids, connection=self.client, serializer=JSONSerializer):
             if rq_job is None:
@@ -358,8 +395,7 @@ class RqQueue:
         letters = [d for d in self.list_dead_letters(None) if d.id == dead_letter_id]
         if not letters:
             return False
-        registry = self.rq.failed_job_registry
-        registry.remove(dead_letter_id, delete_job=True)
+        self._failed_ids()[dead_letter_id].remove(dead_letter_id, delete_job=True)
         if publish:
             delivery = Delivery.parse(letters[0].body, None)
             if delivery.job is not None:
@@ -371,32 +407,45 @@ class RqQueue:
     @translate_errors
     def purge_dead_letters(self) -> int:
         letters = self.list_dead_letters(None)
+        registries = self._failed_ids()
         for letter in letters:
-            self.rq.failed_job_registry.remove(letter.id, delete_job=True)
+            registries[letter.id].remove(letter.id, delete_job=True)
         return len(letters)
+
+    def _failed_ids(self) -> Dict[str, Any]:
+        """RQ job id -> the FailedJobRegistry holding it, over the queues this worker serves."""
+        from .rq_worker import is_job_id
+
+        found: Dict[str, Any] = {}
+        for rq in self.served():
+            registry = rq.failed_job_registry
+            found.update((job_id, registry) for job_id in registry.get_job_ids() if is_job_id(job_id))
+        return found
 
     @translate_errors
     def depth(self, queue: Optional[str] = None) -> int:
-        """RQ jobs queued on this queue, ready to be taken (not scheduled, not running): its depth.
-        (Routing is not on RQ yet: every job is on this queue, and another holds none of ours.)"""
-        return int(self.rq.count) if queue in (None, self.queue_name) else 0
+        """RQ jobs queued on RQ's queue `queue` (None: the default one), ready to be taken (not
+        scheduled, not running): its depth."""
+        return int(self.rq_queue(queue).count)
 
     @translate_errors
     def live_workers(self, queues: Sequence[str] = ()) -> List[WorkerInfo]:
-        """The RQ workers listening on this queue (RQ's worker registry, with their heartbeats)."""
+        """Every RQ worker of this Redis (RQ's worker registry, with their heartbeats), whatever
+        queues it serves: RQ's registry is not under our prefix (`queues` adds none)."""
         from rq.worker import Worker
 
         out = []
-        for worker in Worker.all(queue=self.rq):
+        for worker in Worker.all(connection=self.client):
             beat = worker.last_heartbeat
-            out.append(WorkerInfo(str(worker.name), self.queue_name, beat.timestamp() if beat else None,
-                                  f"rq worker, {worker.get_state()}", tuple(worker.queue_names())))
+            served = tuple(worker.queue_names())
+            out.append(WorkerInfo(str(worker.name), served[0] if served else "", beat.timestamp() if beat else None,
+                                  f"rq worker, {worker.get_state()}", served))
         return sorted(out, key=lambda w: w.id)
 
     @translate_errors
     def pending(self) -> int:
-        """RQ jobs queued, scheduled or running."""
-        return self.rq.count + self.rq.scheduled_job_registry.count + self.rq.started_job_registry.count
+        """RQ jobs queued, scheduled or running on the queues this worker serves."""
+        return sum(rq.count + rq.scheduled_job_registry.count + rq.started_job_registry.count for rq in self.served())
 
 
 def _alive(pid: int) -> bool:
@@ -407,6 +456,11 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
+
+
+def _slug(queue_name: str) -> str:
+    """A queue name as RQ job ids may carry it (RQ's `JOB_ID_PATTERN`)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", queue_name)[:64]
 
 
 def _describe(job: Optional[Job]) -> str:

@@ -15,6 +15,7 @@ from .keys import validate_prefix
 
 META_KEY = "flowcraft"
 DEAD_LETTER_META_KEY = "flowcraft_dead_letter"
+QUEUE_META_KEY = "flowcraft_queue"  # on a routed job: the enqueuer's default queue (absent: the job's origin)
 DEFAULT_RETRY_INTERVALS = (1, 5, 30, 60, 300)
 DEFAULT_RESULT_TTL = 60
 RETRY_MODES = ("in-process", "queue")
@@ -44,10 +45,11 @@ def dead_letter_rq_job(rq_job: Any, reason: str) -> NoReturn:
     raise DeadLettered(reason)
 
 
-def due_second(timestamp: float) -> int:
-    """`timestamp` rounded up to the second: RQ's scheduled registry has one-second resolution,
-    so a job scheduled there never runs early."""
-    return int(math.ceil(timestamp))
+def due_score(timestamp: float) -> str:
+    """The scheduled registry score of a job due at `timestamp`: rounded UP to the millisecond.
+    RQ's own scheduler compares scores with the whole second (``int(now)``), so it never moves a job
+    early (at most a second late); `rq_worker.promote_due_jobs` compares them with the time itself."""
+    return f"{math.ceil(timestamp * 1000) / 1000:.3f}"
 
 
 def retry_interval(delay: float) -> int:
@@ -131,5 +133,5 @@ class RqSettings:
                 "retry_intervals": self.retry_intervals}
 
 
-__all__ = ["DEFAULT_RESULT_TTL", "DEFAULT_RETRY_INTERVALS", "DEAD_LETTER_META_KEY", "DeadLettered", "META_KEY",
-           "RETRY_MODES", "RqSettings", "dead_letter_rq_job", "due_second", "retry_interval"]
+__all__ = ["DEFAULT_RESULT_TTL", "DEFAULT_RETRY_INTERVALS", "DEAD_LETTER_META_KEY", "DeadLettered", "META_KEY", "QUEUE_META_KEY",
+           "RETRY_MODES", "RqSettings", "dead_letter_rq_job", "due_score", "retry_interval"]

@@ -28,7 +28,7 @@ import os
 import re
 import socket
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import redis
 from rq import Queue
@@ -45,6 +45,7 @@ from rq.utils import now as rq_now
 from rq.worker import SimpleWorker, WorkerStatus
 
 from . import rq_jobs
+from ._util import to_text
 from .rq_queue import RUN_NODE
 from .rq_settings import DEAD_LETTER_META_KEY, RqSettings
 
@@ -55,6 +56,7 @@ _MAX_SECONDS = 10 ** 9  # RQ numbers (TTLs, timeouts, intervals, retries): beyon
 _MAX_INTERVALS = 100
 _NUMBERS = ("timeout", "result_ttl", "failure_ttl", "ttl", "retries_left", "number_of_retries")
 _EMPTY_DATA = JSONSerializer.dumps([None, None, [], {}])
+PROMOTE_CHUNK = 1000  # scheduled jobs moved per registry read
 
 
 class FlowcraftJob(RqJob):
@@ -256,14 +258,24 @@ class FlowcraftWorker(SimpleWorker):
             pipe.execute()
 
 
-def promote_due_jobs(queue: Any) -> int:
+def promote_due_jobs(queue: Any) -> Optional[float]:
     """Move the due jobs of `queue`'s scheduled registry to the queue, as RQ's scheduler does, but
     read as `FlowcraftJob`s (RQ's scheduler stops on a hash it cannot read): a job that is not ours
-    is pushed as it is, for the worker to dead-letter; an entry that is not a job id is dropped."""
+    is pushed as it is, for the worker to dead-letter; an entry that is not a job id is dropped.
+    Due means a score up to the time itself (RQ's: up to the whole second). Returns when the next
+    job left is due (None: none is)."""
     registry = ScheduledJobRegistry(queue=queue)
-    job_ids = registry.get_jobs_to_schedule(int(time.time()))
+    now = time.time()
+    with queue.connection.pipeline(transaction=False) as pipe:
+        pipe.zrangebyscore(registry.key, 0, now, start=0, num=PROMOTE_CHUNK)
+        pipe.zrangebyscore(registry.key, f"({now}", "+inf", start=0, num=1, withscores=True)
+        due, later = pipe.execute()
+    job_ids = [to_text(job_id) for job_id in due]
+    next_due = float(later[0][1]) if later else None
+    if len(job_ids) == PROMOTE_CHUNK:
+        next_due = now  # more are due
     if not job_ids:
-        return 0
+        return next_due
     valid = [job_id for job_id in job_ids if is_job_id(job_id)]
     jobs = FlowcraftJob.fetch_many(valid, connection=queue.connection, serializer=JSONSerializer)
     with queue.connection.pipeline() as pipe:
@@ -277,7 +289,7 @@ def promote_due_jobs(queue: Any) -> int:
         pipe.execute()
     if len(valid) < len(job_ids):
         _log_dropped(registry.key, [job_id for job_id in job_ids if not is_job_id(job_id)])
-    return len(job_ids)
+    return next_due
 
 
 class FlowcraftScheduler(RQScheduler):
@@ -356,20 +368,21 @@ class InProcessWorker(FlowcraftWorker):
     moves due scheduled jobs between short blocking dequeues."""
 
     death_penalty_class = TimerDeathPenalty  # no SIGALRM: works off the main thread
-    promote_interval = 0.5
+    lock_interval = 0.5  # seconds between takes (or refreshes) of the queues' scheduler locks
     lock_ttl = 10
+    promote_interval = 0.1  # the holder's longest wait between looks at the scheduled registries
 
     def __init__(self, adapter: Any) -> None:
         self.adapter = adapter
         self.executed = 0
         self.error: Optional[BaseException] = None
         self._poll = max(0.05, float(adapter.poll_timeout))  # read by BaseWorker.__init__
-        self._next_promote = 0.0
-        self._holds_lock = False
+        self._next_lock = 0.0  # (monotonic) when to take or refresh the scheduler locks
+        self._next_promote = 0.0  # (monotonic) when the holder looks at the scheduled registries next
+        self._held: List[str] = []  # the queues whose scheduler lock this worker holds
         connection = _clone(adapter.redis)
-        super().__init__([adapter.queue_name], name=_worker_name(adapter.queue_name), connection=connection)
-        self._queue = self.queues[0]
-        self._lock_key = RQScheduler.get_locking_key(adapter.queue_name)
+        served = list(adapter.queue.queues)  # in priority order: RQ's dequeue takes from the first first
+        super().__init__(served, name=_worker_name(served[0]), connection=connection)
         self._acquire = connection.register_script(_ACQUIRE_LOCK_LUA)
         self._release = connection.register_script(_RELEASE_LOCK_LUA)
 
@@ -395,7 +408,9 @@ class InProcessWorker(FlowcraftWorker):
                 self._promote_due_jobs()
                 if timeout is None:  # burst: one non-blocking look
                     return super().dequeue_job_and_maintain_ttl(None)
-                result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time=timeout)
+                # the holder of a scheduler lock wakes when the next scheduled job is due
+                wait = min(timeout, max(0.01, self._next_promote - time.monotonic())) if self._held else timeout
+                result = super().dequeue_job_and_maintain_ttl(wait, max_idle_time=wait)
                 if result is not None:
                     return result
         except StopRequested:
@@ -416,23 +431,35 @@ class InProcessWorker(FlowcraftWorker):
             rq_jobs.unbind(token)
 
     def _promote_due_jobs(self) -> None:
-        """Move due scheduled jobs to the queue, as RQ's scheduler does, if we hold its lock."""
+        """Move due scheduled jobs to their queues, as RQ's scheduler does, for each queue whose
+        scheduler lock we hold (one pipeline takes or refreshes the locks of all); the holder looks
+        again when the next job is due, or after `promote_interval` (jobs scheduled meanwhile)."""
         now = time.monotonic()
-        if now < self._next_promote:
+        if now >= self._next_lock:
+            self._next_lock = now + self.lock_interval
+            with self.connection.pipeline(transaction=False) as pipe:
+                for queue in self.queues:
+                    self._acquire(keys=[RQScheduler.get_locking_key(queue.name)], args=[self.name, self.lock_ttl],
+                                  client=pipe)
+                held = pipe.execute()
+            self._held = [queue.name for queue, ok in zip(self.queues, held) if ok]
+        if not self._held or now < self._next_promote:
             return
-        self._next_promote = now + self.promote_interval
-        self._holds_lock = bool(self._acquire(keys=[self._lock_key], args=[self.name, self.lock_ttl]))
-        if not self._holds_lock:
-            return
-        promote_due_jobs(self._queue)
+        next_due = time.time() + self.promote_interval
+        for queue in self.queues:
+            if queue.name in self._held:
+                due = promote_due_jobs(queue)
+                if due is not None:
+                    next_due = min(next_due, due)
+        self._next_promote = time.monotonic() + max(0.0, next_due - time.time())
 
     def close(self) -> None:
-        """Give back the scheduler lock and the connections."""
+        """Give back the scheduler locks and the connections."""
         try:
-            if self._holds_lock:
-                self._release(keys=[self._lock_key], args=[self.name])
+            for name in self._held:
+                self._release(keys=[RQScheduler.get_locking_key(name)], args=[self.name])
         except redis.RedisError:
-            pass  # it expires within lock_ttl
+            pass  # they expire within lock_ttl
         self.connection.connection_pool.disconnect()
 
 

@@ -171,8 +171,6 @@ def open_adapter(args: Any, runtime: FlowRuntime) -> Any:
         options["threads"] = threads
     queues = served_queues(args, runtime)
     if queues is not None:
-        if args.backend == "rq":
-            raise CliError("--queue more than once (or a routed queue) is not for rq: routing is not on the rq backend yet")
         options["queues"] = queues
     with _first_connection(args):
         if args.backend == "rabbitmq":

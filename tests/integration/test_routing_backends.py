@@ -107,6 +107,33 @@ def redis_make(redis_client: Any, redis_prefix: str) -> Iterator[Callable[..., A
 
 
 @pytest.fixture
+def rq_make(redis_client: Any, redis_prefix: str) -> Iterator[Callable[..., Any]]:
+    import uuid
+
+    from flowcraft_redis import RqAdapter, create_redis_reconciler
+    from test_rq_adapter import delete_rq_queue
+
+    made: List[Any] = []
+    tag = uuid.uuid4().hex[:8]  # RQ's keys are RQ's (no prefix): every queue of this test is its own
+
+    def make(flows: Sequence[Flow], **options: Any) -> Any:
+        options.setdefault("poll_timeout", 0.1)
+        options.pop("fetch_batch", None)  # (an RQ worker takes one job at a time)
+        options.setdefault("queue_name", f"jobs-{tag}")
+        adapter = RqAdapter(runtime_of(flows), redis_client, prefix=redis_prefix, retry_intervals=(0, 0, 0), **options)
+        made.append(adapter)
+        return adapter
+
+    make.names = lambda name: f"{name}-{tag}"  # type: ignore[attr-defined]
+    make.reconciler = lambda adapter: create_redis_reconciler(adapter, stalled_threshold_seconds=3600)  # type: ignore[attr-defined]
+    yield make
+    for adapter in made:
+        adapter.close()
+    for name in ("jobs", "A", "B"):
+        delete_rq_queue(redis_client, f"{name}-{tag}")
+
+
+@pytest.fixture
 def rabbit_make(amqp_url: str, postgres_dsn: str, redis_url: str, redis_prefix: str, amqp_queue_name: str,
                 pg_table_prefix: str) -> Iterator[Callable[..., Any]]:
     import redis
@@ -137,7 +164,7 @@ def rabbit_make(amqp_url: str, postgres_dsn: str, redis_url: str, redis_prefix: 
         connection.close()
 
 
-BACKENDS = ["redis_make", "rabbit_make"]  # (routing is not on the rq backend yet)
+BACKENDS = ["redis_make", "rq_make", "rabbit_make"]
 RABBIT: List[Any] = []  # the RabbitMQ factory of the running test, if it is one
 
 
@@ -186,5 +213,37 @@ def test_a_worker_serving_two_queues_takes_the_first_ones_jobs_first(make: Calla
     for run_id in runs:
         assert client.wait_for_result(run_id, timeout=10).status == "completed"
     if make not in RABBIT:  # (the broker names no worker: it counts the consumers of each queue)
-        workers = client.live_workers() or []
-        assert any(tuple(w.queues) == (first, second) for w in workers), workers
+        serving = make(flows, queues=[first, second])  # a running worker (RQ's leave when a burst ends)
+        serving.start()
+        try:
+            deadline = time.monotonic() + 10
+            while not any(tuple(w.queues) == (first, second) for w in client.live_workers() or []):
+                assert time.monotonic() < deadline, client.live_workers()
+                time.sleep(0.05)
+        finally:
+            serving.stop(timeout=10)
+
+
+def test_rq_a_routed_jobs_unrouted_successor_goes_to_its_enqueuers_default_queue(rq_make: Callable[..., Any]) -> None:
+    SEEN.calls.clear()
+    queue_b = rq_make.names("B")  # type: ignore[attr-defined]
+    flows = [chain(queue_b)]
+    default = rq_make(flows)
+    run_id = default.start_workflow("routed")
+    burst_until([default], lambda: SEEN.calls == ["a"])
+    # a worker whose own default queue is B: c still goes to the default queue of the run's client
+    b_only = rq_make(flows, queue_name=queue_b)
+    burst_until([b_only], lambda: "b" in SEEN.calls)
+    b_only.work(burst=True)
+    assert SEEN.calls == ["a", "b"]
+    assert default.queue.depth() == 1 and default.queue.depth(queue_b) == 0
+    burst_until([default], lambda: default.get_status(run_id).status != "running")
+    assert default.wait_for_result(run_id, timeout=10).context == runtime_of(flows).run("routed").context
+
+
+def test_rq_refuses_a_queue_name_rq_cannot_use(rq_make: Callable[..., Any]) -> None:
+    from flowcraft.routing import RoutingError
+
+    adapter = rq_make([chain("no,commas")])  # RQ keeps a worker's queues as one comma-separated field
+    with pytest.raises(RoutingError, match="node 'b'"):
+        adapter.start_workflow("routed")
