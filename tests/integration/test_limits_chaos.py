@@ -101,8 +101,8 @@ def _first_full(intervals: List[Tuple[float, float]], after: float) -> Optional[
     return None
 
 
-def test_a_sigkilled_holders_slot_comes_back_within_its_ttl(redis_url: str, redis_client: Any,
-                                                            redis_prefix: str) -> None:
+def test_a_sigkilled_holders_slot_comes_back_within_its_ttl(redis_url: str, redis_client: Any, redis_prefix: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     from flowcraft_redis import RedisAdapter
 
     queue_name, key = f"fcq-{uuid.uuid4().hex[:8]}", f"{redis_prefix}chaos:spans"
@@ -129,7 +129,12 @@ def test_a_sigkilled_holders_slot_comes_back_within_its_ttl(redis_url: str, redi
             worker.close()
         client.close()
 
-    assert result.context == chaos_runtime().run("limitchaos").context
+    # the same blueprint in memory, its node code recording to a list of its own
+    monkeypatch.setenv(URL_ENV, redis_url)
+    monkeypatch.setenv(SPANS_ENV, f"{redis_prefix}chaos:in-memory")
+    in_memory = chaos_runtime().run("limitchaos")
+    assert in_memory.status == "completed", in_memory.errors
+    assert result.context == in_memory.context
     history = client.get_history(run_id)
     finished = Counter(e.payload.get("node_id") for e in history if e.type == "node:finish")
     assert all(finished[f"m{i}"] == 1 for i in range(WIDTH)), finished  # each node committed once
