@@ -122,6 +122,7 @@ class _Link:
         self.connection: Any = connection
         self.channel: Any = None
         self.generation = 0
+        self.closed_on_purpose = False  # the channel was closed by us (`release`): reopening it is no recovery
 
     def ensure(self, first: bool = False) -> Any:
         """The open channel, (re)connecting with backoff; `first`: a refused login raises at once
@@ -137,8 +138,9 @@ class _Link:
                 self.channel = self.connection.channel()
                 self.generation += 1
                 self.setup(self.channel)
-                if self.generation > 1:
+                if self.generation > 1 and not self.closed_on_purpose:
                     logger.warning("RabbitMQ %s connection re-opened", self.name)
+                self.closed_on_purpose = False
                 return self.channel
             except _AMQP_ERRORS as error:
                 self.drop()
@@ -625,6 +627,7 @@ class RabbitMqQueue:
             self._buffer.clear()
             self._unacked.clear()
             channel, link.channel = link.channel, None
+            link.closed_on_purpose = channel is not None
             try:
                 if channel is not None and channel.is_open:
                     channel.close()

@@ -91,9 +91,10 @@ deadline = time.monotonic() + config["seconds"]
 while thread.is_alive() and not finished() and time.monotonic() < deadline:
     time.sleep(0.05)
 alive = thread.is_alive()
+done = finished() if alive else None  # before stopping: a stopped worker gives back what it prefetched
 adapter.stop(timeout=10)
 adapter.close()
-print("ALIVE", alive, "FINISHED", finished() if alive else None, "SERVED", served[0] if served else None)
+print("ALIVE", alive, "FINISHED", done, "SERVED", served[0] if served else None)
 sys.exit(0 if alive else 1)
 """
 
