@@ -93,6 +93,7 @@ while thread.is_alive() and not finished() and time.monotonic() < deadline:
 alive = thread.is_alive()
 done = finished() if alive else None  # before stopping: a stopped worker gives back what it prefetched
 adapter.stop(timeout=10)
+thread.join(10)  # work() returns how many it served
 adapter.close()
 print("ALIVE", alive, "FINISHED", done, "SERVED", served[0] if served else None)
 sys.exit(0 if alive else 1)
