@@ -16,12 +16,11 @@ from ._plan import job_event
 from ..ports import CoordinationStore, Delivery, Job, JobQueue, RunRecord, RunStore
 from ..result import FINAL_STATUSES
 from ..runtime import FlowRuntime
-from ._worker_pool import DEFAULT_FETCH_BUDGET, Committer, FetchPace, Handoff
+from ._worker_pool import DEFAULT_FETCH_BUDGET, Committer, FetchPace, Handoff, LanePool
 from ._common import _OUTAGES
 
 if TYPE_CHECKING:
     from . import DistributedAdapter
-    from .worker import _Pool
 
 logger = logging.getLogger("flowcraft.distributed")
 
@@ -82,8 +81,8 @@ class _DriverBase:
         self._local = threading.local()
         self._lanes: List[Any] = []  # the threads (`_WorkerLoop` lanes) of a running `work(threads > 1)`  # the threads of a running `work(threads > 1)`
         self._conflicts = 0
-        self._pool: Optional[_Pool] = None  # what the lanes of a running `work()` share
-        self._running: Optional[_Pool] = None  # on the adapter whose `work()` runs lanes: their pool
+        self._pool: Optional[LanePool] = None  # what the lanes of a running `work()` share
+        self._running: Optional[LanePool] = None  # on the adapter whose `work()` runs lanes: their pool
         self._own_ports: List[Any] = []  # on a lane: the queue and store it was given of its own
         self._committer: Optional[Committer] = None  # set on the lane that is the pool's committer
         # a worker thread's wave handed to the committer, with its deliveries, to acknowledge once done

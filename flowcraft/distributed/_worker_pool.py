@@ -1,6 +1,7 @@
 """What the threads of one worker share: how many jobs to take per fetch (`FetchPace`), how many
 jobs the worker may still take (`JobBudget`), the delays between retries after an outage
-(`outage_delays`), and the thread that commits for them all (`Committer`).
+(`outage_delays`), the thread that commits for them all (`Committer`), and what the threads of
+one `work()` share (`LanePool`).
 
 A worker holds only what it can start soon (SPEC section 10). `FetchPace` sizes each fetch from
 the recent mean time a job took in this worker: while jobs are fast (a no-op node costs well under
@@ -11,9 +12,11 @@ job, and the size at most doubles from one fetch to the next.
 """
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
-from typing import Any, Callable, Iterator, List, Optional, Sequence
+import time
+from typing import Any, Callable, Iterator, List, Optional, Protocol, Sequence
 
 DEFAULT_FETCH_BUDGET = 0.02  # seconds of jobs one fetch may hold when they run one after the other
 # mean seconds a job takes from which its thread hands the commit round to a committer thread
@@ -124,6 +127,67 @@ class Handoff:
             raise self.error
 
 
+class _Recovers(Protocol):
+    def after_outage(self) -> None: ...
+
+
+class LanePool:
+    """What the threads (lanes) of one `work()` share."""
+
+    def __init__(self, budget: JobBudget, threads: int) -> None:
+        self.budget = budget
+        self.threads = threads
+        self.lock = threading.Lock()
+        self.active = 0  # lanes handling jobs right now
+        self.error: Optional[BaseException] = None
+        self.recovered_at = float("-inf")  # when a lane last ran `after_outage`
+        self.committer: Optional[Committer] = None  # threads > 1: the commit rounds of their waves
+        # the lanes' stop request: never cleared, so lanes left behind by a forced stop (an
+        # exception in the calling thread) still stop once their jobs in hand are done
+        self.stop = threading.Event()
+
+    @contextlib.contextmanager
+    def working(self) -> Iterator[None]:
+        with self.lock:
+            self.active += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.active -= 1
+
+    def fail(self, error: BaseException) -> None:
+        """A lane died of `error`: every lane stops, and `work()` raises the first such error."""
+        with self.lock:
+            if self.error is None:
+                self.error = error
+        self.stop.set()
+
+    def handing(self, delta: int) -> None:
+        """A wave handed to the committer (+1) or settled (-1): its commit may enqueue more jobs,
+        so its thread counts as active until then."""
+        with self.lock:
+            self.active += delta
+
+    def idle_done(self) -> bool:
+        """A burst lane found the queue empty: done once no other lane is handling jobs (their
+        commits may enqueue more); else it waits a moment and looks again."""
+        with self.lock:
+            if self.active == 0:
+                return True
+        time.sleep(0.002)
+        return False
+
+    def after_outage(self, lane: "_Recovers", failed_at: float) -> None:
+        """`lane.after_outage()`, unless another lane ran it since this one failed: the jobs the
+        worker held were given back once, not once per thread."""
+        with self.lock:
+            if self.recovered_at > failed_at:
+                return
+            lane.after_outage()
+            self.recovered_at = time.monotonic()
+
+
 def committer_threads(threads: int) -> int:
     """Committer threads for `threads` worker threads: one per four (each commit round is a few
     round trips; rounds of different committers run at once, on connections of their own)."""
@@ -177,4 +241,4 @@ class Committer:
             self._cond.notify_all()
 
 
-__all__ = ["Committer", "committer_threads", "DEFAULT_FETCH_BUDGET", "HANDOFF_AFTER", "FetchPace", "Handoff", "JobBudget", "OUTAGE_DELAY_MAX", "outage_delays"]
+__all__ = ["Committer", "LanePool", "committer_threads", "DEFAULT_FETCH_BUDGET", "HANDOFF_AFTER", "FetchPace", "Handoff", "JobBudget", "OUTAGE_DELAY_MAX", "outage_delays"]

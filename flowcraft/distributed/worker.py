@@ -7,75 +7,16 @@ import copy
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 from . import _batching as batching
 from ..ports import Delivery
-from ._worker_pool import HANDOFF_AFTER, Committer, JobBudget, committer_threads, outage_delays
+from ._worker_pool import HANDOFF_AFTER, Committer, JobBudget, LanePool, committer_threads, outage_delays
 from ._common import _HANDOFF_IDLE, _OUTAGES, GIVE_BACK_AFTER
 from ._jobs import _JobHandling
 
-if TYPE_CHECKING:
-    pass
 
 logger = logging.getLogger("flowcraft.distributed")
-
-
-class _Pool:
-    """What the threads (lanes) of one `work()` share."""
-
-    def __init__(self, budget: JobBudget, threads: int) -> None:
-        self.budget = budget
-        self.threads = threads
-        self.lock = threading.Lock()
-        self.active = 0  # lanes handling jobs right now
-        self.error: Optional[BaseException] = None
-        self.recovered_at = float("-inf")  # when a lane last ran `after_outage`
-        self.committer: Optional[Committer] = None  # threads > 1: the commit rounds of their waves
-        # the lanes' stop request: never cleared, so lanes left behind by a forced stop (an
-        # exception in the calling thread) still stop once their jobs in hand are done
-        self.stop = threading.Event()
-
-    @contextlib.contextmanager
-    def working(self) -> Iterator[None]:
-        with self.lock:
-            self.active += 1
-        try:
-            yield
-        finally:
-            with self.lock:
-                self.active -= 1
-
-    def fail(self, error: BaseException) -> None:
-        """A lane died of `error`: every lane stops, and `work()` raises the first such error."""
-        with self.lock:
-            if self.error is None:
-                self.error = error
-        self.stop.set()
-
-    def handing(self, delta: int) -> None:
-        """A wave handed to the committer (+1) or settled (-1): its commit may enqueue more jobs,
-        so its thread counts as active until then."""
-        with self.lock:
-            self.active += delta
-
-    def idle_done(self) -> bool:
-        """A burst lane found the queue empty: done once no other lane is handling jobs (their
-        commits may enqueue more); else it waits a moment and looks again."""
-        with self.lock:
-            if self.active == 0:
-                return True
-        time.sleep(0.002)
-        return False
-
-    def after_outage(self, lane: "_WorkerLoop", failed_at: float) -> None:
-        """`lane.after_outage()`, unless another lane ran it since this one failed: the jobs the
-        worker held were given back once, not once per thread."""
-        with self.lock:
-            if self.recovered_at > failed_at:
-                return
-            lane.after_outage()
-            self.recovered_at = time.monotonic()
 
 
 class _WorkerLoop(_JobHandling):
@@ -97,7 +38,7 @@ class _WorkerLoop(_JobHandling):
             self._stop.clear()  # the request is served; the next `work()` runs
 
     def _work(self, burst: bool, max_jobs: Optional[int]) -> int:
-        pool = _Pool(JobBudget(max_jobs), self.threads)
+        pool = LanePool(JobBudget(max_jobs), self.threads)
         if self.threads == 1 and burst:  # (a drain, a test: no committer thread to set up and tear down)
             self._pool = pool
             try:
@@ -230,7 +171,7 @@ class _WorkerLoop(_JobHandling):
         finally:
             self._settle_handoff(quiet=True)
 
-    def _fetch_loop(self, pool: "_Pool", burst: bool) -> None:
+    def _fetch_loop(self, pool: LanePool, burst: bool) -> None:
         budget = pool.budget
         delays: Optional[Iterator[float]] = None
         while not self._stop.is_set():
