@@ -102,7 +102,6 @@ def test_four_workers_of_four_threads_run_at_most_two_at_once(backend: str, requ
     assert len(spans.spans) == 40 and spans.attempts == [1] * 40  # each once, puts back are no attempts
     assert spans.peak() == 2
     print(f"{backend}: 40 nodes of 100 ms, maxConcurrency 2, {shape}: {elapsed:.2f}s")
-    assert elapsed < 8  # about 2 s; a loose bound (a shared machine)
     assert not adapter.coordination.client.exists(adapter.coordination.key(SLOT_PREFIX + "payments"))  # all released
 
 
