@@ -40,6 +40,8 @@ keys of their own.
 """
 from __future__ import annotations
 
+import functools
+
 import re
 import unicodedata
 from typing import Any, Dict, NamedTuple, Optional
@@ -192,6 +194,12 @@ class QueueKeys:
 
     def heartbeat(self, worker_id: str) -> str:
         return f"{self.ready}:worker:{validate_simple('worker id', worker_id)}"
+
+
+@functools.lru_cache(maxsize=1024)
+def keys_of_queue(queue_name: str, prefix: str = "") -> QueueKeys:
+    """The keys of queue `queue_name` under `prefix`, built (and validated) once per name."""
+    return QueueKeys(queue_name, prefix)
 
 
 def coordination_key(prefix: str, key: str) -> str:

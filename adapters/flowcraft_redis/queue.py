@@ -44,7 +44,7 @@ from flowcraft.operations import DeadLetter
 from flowcraft.ports import Delivery, Job, WorkerInfo
 
 from ._util import delayed_member, load_script, to_text, translate_errors
-from .keys import QueueKeys, queue_name_problem, validate_simple
+from .keys import QueueKeys, keys_of_queue, queue_name_problem, validate_simple
 
 logger = logging.getLogger("flowcraft.redis.queue")
 
@@ -97,7 +97,6 @@ class RedisQueue:
         self.queue_name = queue_name
         self.queues = served_queues(queues, queue_name)
         self.poll_interval = float(poll_interval)
-        self._named: Dict[str, QueueKeys] = {queue_name: self.keys}
         self.worker_id = validate_simple("worker id", worker_id or default_worker_id())
         self.served_keys = [self.keys_of(q) for q in self.queues]
         self.processing_key = self.served_keys[0].processing(self.worker_id)
@@ -127,12 +126,7 @@ class RedisQueue:
 
     def keys_of(self, name: Optional[str]) -> QueueKeys:
         """The keys of queue `name` (None: the default queue), under this queue's prefix."""
-        if name is None:
-            return self.keys
-        found = self._named.get(name)
-        if found is None:
-            found = self._named[name] = QueueKeys(name, self.keys.prefix)
-        return found
+        return self.keys if name is None or name == self.keys.name else keys_of_queue(name, self.keys.prefix)
 
     def queue_name_problem(self, name: str) -> Optional[str]:
         return queue_name_problem(name)

@@ -17,7 +17,7 @@ from flowcraft.result import FINAL_STATUSES, RUNNING
 
 from ._util import delayed_member, load_script, to_text, translate_errors
 from .context import decode, decode_hash, encode
-from .keys import QueueKeys, RunKeys
+from .keys import QueueKeys, RunKeys, keys_of_queue
 
 _JSON_FIELDS = ("blueprint_id", "blueprint_version", "awaiting", "errors", "parent", "result", "blueprint_digest",
                 "traceparent", "deadline_at")
@@ -114,7 +114,6 @@ class RedisRunStore:
         self.keys = RunKeys(prefix)
         self.queue = queue
         self.queue_keys: QueueKeys = queue.keys if queue is not None else QueueKeys(queue_name, prefix)
-        self._named: Dict[str, QueueKeys] = {}  # the keys of the queues routed jobs go to (SPEC 14)
         self.state_ttl_seconds = int(state_ttl_seconds)
         self.clock = clock
         self.scan_count = scan_count
@@ -160,12 +159,7 @@ class RedisRunStore:
     routes_jobs = True  # False: every job goes to `queue_keys` (RqRunStore: its outbox, whose publisher routes)
 
     def _queue_keys(self, name: Optional[str]) -> QueueKeys:
-        if name is None:
-            return self.queue_keys
-        found = self._named.get(name)
-        if found is None:
-            found = self._named[name] = QueueKeys(name, self.queue_keys.prefix)
-        return found
+        return self.queue_keys if name is None else keys_of_queue(name, self.queue_keys.prefix)
 
     def _split(self, jobs: Sequence[Job]) -> Tuple[Sequence[Job], List[Job]]:
         """(the jobs for the default queue, the routed ones)."""

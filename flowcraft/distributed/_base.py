@@ -133,6 +133,13 @@ class _DriverBase:
         if self.runtime.event_bus is not None:
             self._emit_all([job_event("job:enqueued", job, delay=delay) for job in jobs])
 
+    def _tell_applied(self, events: Optional[List[Event]], record: RunRecord) -> None:
+        """An applied commit: its events to the event bus, and the run-finished hooks if it ended the run."""
+        if events:
+            self._emit_all(events)
+        if self._finish_hooks and record.status in FINAL_STATUSES:
+            self._run_finished(record)
+
     def _run_finished(self, record: RunRecord) -> None:
         for hook in self._finish_hooks:
             try:

@@ -199,10 +199,7 @@ class _JobHandling(_DriverBase):
                         self.conflicts += 1  # one merged commit lost the race
                     self._guarded(p.delivery, self._recommit, p)  # type: ignore[arg-type]  # a wave's jobs come with their deliveries
                 else:
-                    if p.events:
-                        self._emit_all(p.events)
-                    if self._finish_hooks and c.record.status in FINAL_STATUSES:
-                        self._run_finished(c.record)
+                    self._tell_applied(p.events, c.record)
             if ok:
                 self._emit_reached(merged)
                 first = chain[0][0]
@@ -760,10 +757,7 @@ class _JobHandling(_DriverBase):
                 self._fail_refused(prepared, str(error), "StoreRejected")
                 return set()
             if applied:
-                if prepared.events:
-                    self._emit_all(prepared.events)
-                if self._finish_hooks and commit.record.status in FINAL_STATUSES:
-                    self._run_finished(commit.record)
+                self._tell_applied(prepared.events, commit.record)
                 self._emit_reached(commit)
                 self._settle_if_due(prepared, commit)
                 return {job_node_id(j) for j in commit.made_jobs()}
@@ -803,10 +797,7 @@ class _JobHandling(_DriverBase):
                 self._fail_refused(_Prepared(None, job, graph, node, snap, None), str(error), "StoreRejected")
                 return
             if applied:
-                if plan.events:
-                    self._emit_all(plan.events)
-                if self._finish_hooks and commit.record.status in FINAL_STATUSES:
-                    self._run_finished(commit.record)
+                self._tell_applied(plan.events, commit.record)
                 self._emit_reached(commit)
                 if not due_to_settle(commit.record.status, commit.awaiting_after or {}, commit.outstanding_after or 0):
                     return
